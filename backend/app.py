@@ -1,0 +1,256 @@
+"""The Flask app: Label Studio's ML backend protocol on top of a job runner, plus the model
+versions, training jobs and correction report a project manager uses.
+
+Every handler validates, hands work to the runner or a queue and answers within Label Studio's
+timeouts (/health 1 s, /setup 3 s, /predict 100 s, event webhooks 1 s). No model code runs here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from backend import metrics, webhooks
+from backend.auth import check_basic_auth
+from backend.errors import BadRequest, PrelabelError, ServiceUnavailable
+from backend.feedback import Feedback
+from backend.labelconfig import parse_label_config
+from backend.lswebhooks import WebhookSecurer
+from backend.predictions import to_label_studio
+from backend.projects import project_uid
+from backend.registry import Registry
+from backend.runner import QueueRunner, Runner, make_runner
+from backend.serving import Server, predict_job
+from backend.serving import image_url as _image_url
+from backend.settings import Settings
+from backend.training import Training
+
+log = logging.getLogger(__name__)
+
+MODEL_CLASS = "TagCLIP"
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
+
+bp = Blueprint("prelabel", __name__)
+
+
+@dataclass(frozen=True)
+class State:
+    settings: Settings
+    runner: Runner
+    registry: Registry
+    training: Training | None  # None without Redis: training needs the queue
+    feedback: Feedback | None
+    securer: WebhookSecurer
+    server: Server | None  # the cache and late jobs, in queue mode
+
+    def require_training(self) -> Training:
+        if self.training is None:
+            raise ServiceUnavailable("Training runs on the 'train' queue: set REDIS_URL and start a training worker.")
+        return self.training
+
+
+def create_app(settings: Settings | None = None, runner: Runner | None = None) -> Flask:
+    """Build the app. ``settings`` default to the environment; ``runner`` to the one they imply."""
+    settings = settings or Settings.from_env()
+    runner = runner or make_runner(settings)
+    connection = runner.connection if isinstance(runner, QueueRunner) else None
+    registry = Registry(settings.model_dir, settings.model_version, connection)
+    training = Training(settings, connection, registry) if connection is not None else None
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+    app.extensions["prelabel"] = State(
+        settings=settings,
+        runner=runner,
+        registry=registry,
+        training=training,
+        feedback=Feedback(connection) if connection is not None else None,
+        securer=WebhookSecurer(settings),
+        server=Server(settings, runner) if isinstance(runner, QueueRunner) else None,
+    )
+    app.before_request(lambda: check_basic_auth(request, settings))
+    app.register_blueprint(bp)
+    app.register_error_handler(PrelabelError, _prelabel_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected_error)
+    if training is not None:
+        training.start_schedule()
+    log.info("prelabel backend ready: mode=%s model_version=%s auth=%s", runner.mode, settings.model_version,
+             "basic" if settings.auth_enabled else "off")  # fmt: skip
+    return app
+
+
+def _state() -> State:
+    return current_app.extensions["prelabel"]
+
+
+def _json_body() -> dict[str, Any]:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    return body
+
+
+def _project(value: Any) -> str | None:
+    return project_uid(value) if value not in (None, "") else None
+
+
+@bp.get("/health")
+def health():
+    state = _state()
+    try:
+        details = state.runner.health()
+    except ServiceUnavailable as e:
+        return jsonify(status="DOWN", model_class=MODEL_CLASS, error=str(e)), 503
+    return jsonify(
+        status="UP",
+        model_class=MODEL_CLASS,
+        model_version=state.settings.model_version,
+        random_weights=state.settings.random_weights,
+        **details,
+    )
+
+
+@bp.post("/setup")
+def setup():
+    """Called after every /health: check the label config, report the project's active version.
+    No model work."""
+    state = _state()
+    body = _json_body()
+    schema = body.get("schema") or ""
+    parse_label_config(schema)
+    error = state.runner.setup_error()
+    if error:
+        raise ServiceUnavailable(error)
+    project = _project(body.get("project"))
+    if project and state.training is not None:
+        state.training.remember_project(project, schema)
+    if project:
+        state.securer.schedule(project)
+    return jsonify(model_version=state.registry.active(project))
+
+
+@bp.post("/predict")
+def predict():
+    state = _state()
+    body = _json_body()
+    tasks = body.get("tasks")
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, dict) and "id" in t for t in tasks):
+        raise BadRequest("'tasks' must be a non-empty list of task objects, each with an 'id'.")
+    label_config = body.get("label_config") or ""
+    spec = parse_label_config(label_config)
+    project = _project(body.get("project"))
+    version = state.registry.active(project)
+    images = [_image_url(t, spec.image_key) for t in tasks]
+    started = time.perf_counter()
+    cached = 0
+    if state.server is not None:
+        predictions, cached = state.server.predict(tasks, spec, label_config, project, version, images)
+    else:
+        job = predict_job(spec, project, version, tasks, images)
+        predictions = to_label_studio(state.runner.predict(job), spec, version)
+    seconds = time.perf_counter() - started
+    empty = sum(1 for p in predictions if not p)
+    metrics.record_predict(len(tasks), empty, seconds)
+    if project and state.feedback is not None:
+        served = {task["id"]: p for task, p in zip(tasks, predictions, strict=True) if p}
+        state.feedback.remember_predictions(project, served)
+    log.info("predict: %d tasks (%d cached, %d without prediction) in %.0f ms, model %s, project %s",
+             len(tasks), cached, empty, seconds * 1000, version, project)  # fmt: skip
+    return jsonify(results=predictions)
+
+
+@bp.post("/webhook")
+def webhook():
+    """Project events and Start Training. Answers at once: Label Studio waits on it (an
+    annotator's submit, with "start training on annotation submission"); training is enqueued."""
+    return jsonify(webhooks.handle(_json_body(), _state()))
+
+
+@bp.get("/versions")
+def versions():
+    """The versions Label Studio can show; ``?project=<uid>`` adds each version's report."""
+    state = _state()
+    project = _project(request.args.get("project"))
+    trained = state.registry.versions(project) if project else []
+    active = state.registry.active(project)
+    body: dict[str, Any] = {"versions": [state.settings.model_version] + [v.version for v in trained]}
+    if project:
+        body["active"] = active
+        body["details"] = [
+            {"version": v.version, "created_at": v.created_at, "promoted": v.promoted, "reason": v.reason,
+             "metrics": v.metrics, "trained_on": len(v.trained_on), "active": v.version == active}
+            for v in trained
+        ]  # fmt: skip
+    return jsonify(body)
+
+
+@bp.post("/versions/<path:version>/activate")
+def activate(version: str):
+    """Make ``version`` (or the base model) the project's active one: rollback, or a manual promotion."""
+    state = _state()
+    body = request.get_json(silent=True) or {}
+    project = _project(body.get("project") or request.args.get("project"))
+    if project is None:
+        raise BadRequest("Say which project: {'project': '<id>.<created_at>'} (as /setup receives it).")
+    state.registry.activate(project, version)
+    log.info("project %s: version %s activated by request", project, version)
+    return jsonify(project=project, active=version)
+
+
+@bp.get("/jobs/<job_id>")
+def job_status(job_id: str):
+    job = _state().require_training().job(job_id)
+    status = job.get_status()
+    result = job.latest_result()
+    return jsonify(
+        id=job.id,
+        description=job.description,
+        status=status.value if status else None,
+        progress=job.meta.get("progress"),
+        enqueued_at=job.enqueued_at.isoformat() if job.enqueued_at else None,
+        started_at=job.started_at.isoformat() if job.started_at else None,
+        ended_at=job.ended_at.isoformat() if job.ended_at else None,
+        result=result.return_value if result is not None and result.type == result.Type.SUCCESSFUL else None,
+        error=(result.exc_string or "").strip().splitlines()[-1:] if result is not None and result.exc_string else None,
+    )
+
+
+@bp.post("/jobs/<job_id>/cancel")
+def cancel_job(job_id: str):
+    return jsonify(_state().require_training().cancel(job_id))
+
+
+@bp.get("/report")
+def report():
+    """Labor saved: per project and model version, how predictions fared against corrections."""
+    state = _state()
+    if state.feedback is None:
+        raise ServiceUnavailable("The correction report lives in Redis: set REDIS_URL.")
+    return jsonify(state.feedback.report(_project(request.args.get("project"))))
+
+
+@bp.get("/metrics")
+def prometheus():
+    state = _state()
+    text = metrics.render(state)
+    return Response(text, mimetype="text/plain; version=0.0.4")
+
+
+def _prelabel_error(e: PrelabelError):
+    log.log(logging.ERROR if e.status >= 500 else logging.INFO, "%s %s -> %d: %s",
+            request.method, request.path, e.status, e)  # fmt: skip
+    return jsonify(error=str(e), type=type(e).__name__), e.status
+
+
+def _http_error(e: HTTPException):
+    return jsonify(error=e.description, type=type(e).__name__), e.code or 500
+
+
+def _unexpected_error(e: Exception):
+    log.exception("unhandled error on %s %s", request.method, request.path)
+    return jsonify(error=f"Internal error: {type(e).__name__}", type="InternalError"), 500

@@ -1,0 +1,133 @@
+"""What annotators did with the pre-labels: kept, fixed or replaced them.
+
+The backend keeps each task's prediction when it serves it; when an annotation arrives (webhook)
+the two are compared: tags accepted, added and removed, mask IoU per label between the predicted
+and the final mask, and whether the prediction went through unchanged. Comparisons are kept per
+annotation (an update replaces, a deletion removes) and aggregated per model version and label
+for ``GET /report`` and ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import redis
+from label_studio_sdk.converter.brush import decode_rle
+
+#: Predictions are kept this long for comparison with the corrections that follow them.
+PREDICTION_TTL = 90 * 24 * 3600
+#: A mask this close to the final one counts as accepted as it was.
+UNCHANGED_IOU = 0.99
+
+
+def compare(predicted: list[dict], final: list[dict]) -> dict[str, Any]:
+    """Compare a prediction's result list with an annotation's (Label Studio's result format)."""
+    tags_p, tags_f = _choices(predicted), _choices(final)
+    masks_p, masks_f = _masks(predicted), _masks(final)
+    accepted = sum(len(tags_p.get(k, set()) & v) for k, v in tags_f.items())
+    added = sum(len(v - tags_p.get(k, set())) for k, v in tags_f.items())
+    removed = sum(len(v - tags_f.get(k, set())) for k, v in tags_p.items())
+    ious: dict[str, float] = {}
+    for label in set(masks_p) | set(masks_f):
+        p, f = masks_p.get(label), masks_f.get(label)
+        if p is None or f is None or p.shape != f.shape:
+            ious[label] = 0.0
+        else:
+            union = np.logical_or(p, f).sum()
+            ious[label] = float(np.logical_and(p, f).sum() / union) if union else 1.0
+    unchanged = added == 0 and removed == 0 and all(iou >= UNCHANGED_IOU for iou in ious.values())
+    return {
+        "tags_accepted": accepted,
+        "tags_added": added,
+        "tags_removed": removed,
+        "mask_iou": ious,
+        "unchanged": unchanged,
+    }
+
+
+def _choices(result: Iterable[dict]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = defaultdict(set)
+    for item in result:
+        if item.get("type") == "choices":
+            out[item.get("from_name", "")].update((item.get("value") or {}).get("choices", []))
+    return out
+
+
+def _masks(result: Iterable[dict]) -> dict[str, np.ndarray]:
+    """Union of the brush regions of each label."""
+    out: dict[str, np.ndarray] = {}
+    for item in result:
+        value = item.get("value") or {}
+        if item.get("type") != "brushlabels" or not value.get("rle"):
+            continue
+        height, width = int(item["original_height"]), int(item["original_width"])
+        region = decode_rle(value["rle"]).reshape(height, width, 4)[:, :, 3] > 127
+        for label in value.get("brushlabels", []):
+            out[label] = region | out[label] if label in out and out[label].shape == region.shape else region
+    return out
+
+
+class Feedback:
+    """Predictions served and the corrections that followed, in Redis."""
+
+    def __init__(self, connection: redis.Redis) -> None:
+        self.connection = connection
+
+    def remember_predictions(self, project: str, predictions: dict[Any, dict]) -> None:
+        """Keep what was predicted for each task id (Label Studio prediction dicts)."""
+        if not predictions:
+            return
+        key = f"prelabel:predictions:{project}"
+        pipe = self.connection.pipeline()
+        pipe.hset(key, mapping={str(task): json.dumps(p) for task, p in predictions.items()})
+        pipe.expire(key, PREDICTION_TTL)
+        pipe.execute()
+
+    def record(self, project: str, annotation: dict) -> dict[str, Any] | None:
+        """Compare ``annotation`` with the prediction its task got; None when there was none."""
+        task = annotation.get("task")
+        task = task.get("id") if isinstance(task, dict) else task
+        raw = self.connection.hget(f"prelabel:predictions:{project}", str(task))
+        if raw is None or annotation.get("was_cancelled"):
+            return None
+        prediction = json.loads(raw)
+        record = {"task": task, "version": prediction.get("model_version"),
+                  **compare(prediction.get("result", []), annotation.get("result") or [])}  # fmt: skip
+        self.connection.hset(f"prelabel:corrections:{project}", str(annotation["id"]), json.dumps(record))
+        return record
+
+    def forget(self, project: str, annotation_ids: Iterable[Any]) -> None:
+        ids = [str(i) for i in annotation_ids]
+        if ids:
+            self.connection.hdel(f"prelabel:corrections:{project}", *ids)
+
+    def report(self, project: str | None = None) -> dict[str, Any]:
+        """Per project and model version: corrections, share accepted unchanged, tag counts, and
+        per label the mean IoU between predicted and final masks."""
+        prefix = "prelabel:corrections:"
+        keys = self.connection.scan_iter(f"{prefix}*")
+        projects = [project] if project else sorted(k.decode().removeprefix(prefix) for k in keys)
+        out: dict[str, Any] = {}
+        for p in projects:
+            by_version: dict[str, dict[str, Any]] = {}
+            for raw in self.connection.hvals(f"prelabel:corrections:{p}"):
+                record = json.loads(raw)
+                row = by_version.setdefault(record["version"] or "unknown", {
+                    "corrections": 0, "unchanged": 0, "tags_accepted": 0, "tags_added": 0, "tags_removed": 0,
+                    "mask_iou": defaultdict(list),
+                })  # fmt: skip
+                row["corrections"] += 1
+                row["unchanged"] += int(record["unchanged"])
+                for k in ("tags_accepted", "tags_added", "tags_removed"):
+                    row[k] += record[k]
+                for label, iou in record["mask_iou"].items():
+                    row["mask_iou"][label].append(iou)
+            for row in by_version.values():
+                row["unchanged_share"] = row["unchanged"] / row["corrections"]
+                row["mask_iou"] = {label: float(np.mean(v)) for label, v in row["mask_iou"].items()}
+            out[p] = by_version
+        return out

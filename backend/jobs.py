@@ -1,0 +1,222 @@
+"""The job schema: the only thing the request path (backend) and the compute path (worker) share.
+
+Payloads travel through Redis as JSON (RQ's JSONSerializer), so every type here converts to and
+from plain dicts. This module imports neither Flask nor torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+#: RQ queue that predict jobs go to; ``prelabel-worker`` listens on it by default.
+PREDICT_QUEUE = "predict"
+#: The job function, by dotted path, so the backend never imports the worker.
+PREDICT_FUNCTION = "worker.tasks.predict"
+
+#: Training runs go to their own queue, served by a worker of their own (its own GPU).
+TRAIN_QUEUE = "train"
+TRAIN_FUNCTION = "worker.tasks.train"
+
+TaskId = int | str
+
+
+def cancel_key(job_id: str) -> str:
+    """The Redis key whose existence asks a running job to stop (RQ cannot interrupt a job that
+    runs inside the worker process, so training checks this between steps)."""
+    return f"prelabel:cancel:{job_id}"
+
+
+@dataclass(frozen=True)
+class ClassLabel:
+    """One label of a control: the value Label Studio stores, and the words CLIP reads for it."""
+
+    name: str
+    texts: tuple[str, ...]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ClassLabel:
+        return cls(name=d["name"], texts=tuple(d["texts"]))
+
+
+@dataclass(frozen=True)
+class ChoicesControl:
+    """A ``<Choices>`` control on the image: one multi- or single-label answer per task."""
+
+    from_name: str
+    to_name: str
+    labels: tuple[ClassLabel, ...]
+    multiple: bool
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ChoicesControl:
+        return cls(
+            from_name=d["from_name"],
+            to_name=d["to_name"],
+            labels=tuple(ClassLabel.from_dict(x) for x in d["labels"]),
+            multiple=d["multiple"],
+        )
+
+
+@dataclass(frozen=True)
+class BrushControl:
+    """A ``<BrushLabels>`` control on the image: one mask per label the model finds."""
+
+    from_name: str
+    to_name: str
+    labels: tuple[ClassLabel, ...]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BrushControl:
+        return cls(
+            from_name=d["from_name"],
+            to_name=d["to_name"],
+            labels=tuple(ClassLabel.from_dict(x) for x in d["labels"]),
+        )
+
+
+@dataclass(frozen=True)
+class ImageTask:
+    """One Label Studio task reduced to what the worker needs."""
+
+    task_id: TaskId
+    image_url: str | None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ImageTask:
+        return cls(task_id=d["task_id"], image_url=d["image_url"])
+
+
+@dataclass(frozen=True)
+class PredictJob:
+    """A whole /predict request: all tasks of one call go to one job, so images batch on the GPU."""
+
+    model_version: str
+    image_key: str
+    choices: tuple[ChoicesControl, ...]
+    tasks: tuple[ImageTask, ...]
+    brushes: tuple[BrushControl, ...] = ()
+    project: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PredictJob:
+        return cls(
+            model_version=d["model_version"],
+            image_key=d["image_key"],
+            choices=tuple(ChoicesControl.from_dict(x) for x in d["choices"]),
+            tasks=tuple(ImageTask.from_dict(x) for x in d["tasks"]),
+            brushes=tuple(BrushControl.from_dict(x) for x in d.get("brushes", ())),
+            project=d.get("project"),
+        )
+
+
+@dataclass(frozen=True)
+class ControlTags:
+    """The model's answer for one ``<Choices>`` control.
+
+    ``scores`` holds every label's score (for thresholds, sorting and later calibration);
+    ``selected`` the labels to pre-fill; ``score`` the confidence of the whole answer.
+    """
+
+    from_name: str
+    selected: tuple[str, ...]
+    scores: dict[str, float]
+    score: float
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ControlTags:
+        return cls(
+            from_name=d["from_name"],
+            selected=tuple(d["selected"]),
+            scores=dict(d["scores"]),
+            score=d["score"],
+        )
+
+
+@dataclass(frozen=True)
+class MaskResult:
+    """One label's mask for a ``<BrushLabels>`` control, already in Label Studio's brush RLE at
+    the image's size, with the mean probability inside it."""
+
+    from_name: str
+    label: str
+    rle: list[int]
+    score: float
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MaskResult:
+        return cls(from_name=d["from_name"], label=d["label"], rle=list(d["rle"]), score=d["score"])
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """The answer for one task; ``error`` set (and nothing else) when that task failed."""
+
+    task_id: TaskId
+    choices: tuple[ControlTags, ...] = ()
+    masks: tuple[MaskResult, ...] = ()
+    image_width: int | None = None
+    image_height: int | None = None
+    error: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TaskResult:
+        return cls(
+            task_id=d["task_id"],
+            choices=tuple(ControlTags.from_dict(x) for x in d["choices"]),
+            masks=tuple(MaskResult.from_dict(x) for x in d.get("masks", ())),
+            image_width=d.get("image_width"),
+            image_height=d.get("image_height"),
+            error=d.get("error"),
+        )
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    """What a predict job returns: one ``TaskResult`` per task, in the job's order."""
+
+    model_version: str
+    tasks: tuple[TaskResult, ...]
+    worker: dict[str, Any] = field(default_factory=dict)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PredictResult:
+        return cls(
+            model_version=d["model_version"],
+            tasks=tuple(TaskResult.from_dict(x) for x in d["tasks"]),
+            worker=dict(d.get("worker", {})),
+            timings_ms=dict(d.get("timings_ms", {})),
+        )
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Train ``project`` from its corrections in Label Studio, starting from ``model_version``."""
+
+    project: str
+    model_version: str
+    image_key: str
+    choices: tuple[ChoicesControl, ...]
+    brushes: tuple[BrushControl, ...]
+    trigger: str  # start_training | corrections | schedule
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainJob:
+        return cls(
+            project=d["project"],
+            model_version=d["model_version"],
+            image_key=d["image_key"],
+            choices=tuple(ChoicesControl.from_dict(x) for x in d["choices"]),
+            brushes=tuple(BrushControl.from_dict(x) for x in d["brushes"]),
+            trigger=d["trigger"],
+        )

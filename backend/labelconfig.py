@@ -1,0 +1,109 @@
+"""Read a Label Studio labeling config into what prelabel can predict for it."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+from label_studio_sdk.label_interface import LabelInterface
+
+from backend.errors import LabelConfigError
+from backend.jobs import BrushControl, ChoicesControl, ClassLabel
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_CONTROLS = ("Choices", "BrushLabels")
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """The image a project labels and the controls prelabel fills in for it."""
+
+    image_name: str
+    image_key: str
+    choices: tuple[ChoicesControl, ...]
+    brushes: tuple[BrushControl, ...] = ()
+
+
+@functools.lru_cache(maxsize=64)
+def parse_label_config(xml: str) -> LabelSpec:
+    """Parse ``xml`` (cached: Label Studio sends the same config with every request).
+
+    Raises:
+        LabelConfigError: the config cannot be parsed or has no control prelabel supports.
+    """
+    if not xml or not xml.strip():
+        raise LabelConfigError("The label config is empty.")
+    try:
+        interface = LabelInterface(xml)
+    except Exception as e:  # the SDK raises several types for malformed XML
+        raise LabelConfigError(f"The label config cannot be parsed: {e}") from e
+
+    images = [obj for obj in interface.objects if obj.tag == "Image"]
+    if not images:
+        raise LabelConfigError(
+            "prelabel pre-annotates images, and this label config has no <Image> tag. "
+            'Add <Image name="image" value="$image"/> (see label_config/ for ready configs).'
+        )
+
+    for image in images:
+        controls = [
+            c
+            for c in interface.controls
+            if c.tag in SUPPORTED_CONTROLS and image.name in c.to_name and _has_static_labels(c)
+        ]
+        if controls:
+            if "valueList" in image.attr:
+                raise LabelConfigError(
+                    f'<Image name="{image.name}"> uses valueList (several images per task), '
+                    "which prelabel does not support."
+                )
+            return LabelSpec(
+                image_name=image.name,
+                image_key=(image.value or "").lstrip("$"),
+                choices=tuple(_choices_control(c, image.name) for c in controls if c.tag == "Choices"),
+                brushes=tuple(
+                    BrushControl(c.name, image.name, _class_labels(c)) for c in controls if c.tag == "BrushLabels"
+                ),
+            )
+
+    found = sorted({control.tag for control in interface.controls}) or ["none"]
+    raise LabelConfigError(
+        "The label config has no control prelabel can predict. Supported: "
+        f"{', '.join(f'<{tag}>' for tag in SUPPORTED_CONTROLS)} with toName pointing at an <Image> "
+        f"and fixed <Choice> values; found: {', '.join(found)}."
+    )
+
+
+def _has_static_labels(control) -> bool:
+    """Controls filled from task data (``value="$options"``) have no labels to score up front."""
+    if not control.labels:
+        log.info("Skipping <%s name=%s>: its labels come from task data", control.tag, control.name)
+        return False
+    return True
+
+
+def _class_labels(control) -> tuple[ClassLabel, ...]:
+    return tuple(_class_label(name, tag.attr) for name, tag in control.labels_attrs.items())
+
+
+def _choices_control(control, image_name: str) -> ChoicesControl:
+    return ChoicesControl(
+        from_name=control.name,
+        to_name=image_name,
+        labels=_class_labels(control),
+        multiple=bool(control.is_multiple_choice),
+    )
+
+
+def _class_label(name: str, attr: dict[str, str]) -> ClassLabel:
+    """``name`` is what Label Studio stores (the alias if there is one); the texts CLIP reads are
+    the value first, then the alias, ``hint`` and comma-separated ``predicted_values``."""
+    candidates = [attr.get("value", name), attr.get("alias", ""), attr.get("hint", "")]
+    candidates += attr.get("predicted_values", "").split(",")
+    texts: list[str] = []
+    for text in (c.strip() for c in candidates):
+        if text and text.lower() not in (t.lower() for t in texts):
+            texts.append(text)
+    return ClassLabel(name=name, texts=tuple(texts or [name]))

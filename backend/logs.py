@@ -1,0 +1,22 @@
+"""Logging set-up shared by both entry points: one line per event, time first."""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import urlsplit, urlunsplit
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d]: %(message)s"
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format=FORMAT, force=True)
+
+
+def redact_url(url: str) -> str:
+    """``redis://:secret@host:6379/0`` -> ``redis://***@host:6379/0``, for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -1,0 +1,71 @@
+"""``/metrics`` in Prometheus' text format: traffic, queues, workers and correction figures.
+
+Request counters are per backend process (one gunicorn process by default); queue, worker and
+correction figures come from Redis and are the same from every process.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+from rq import Queue, Worker
+from rq.serializers import JSONSerializer
+
+from backend.jobs import PREDICT_QUEUE, TRAIN_QUEUE
+
+if TYPE_CHECKING:
+    from backend.app import State
+
+_lock = threading.Lock()
+_predict = {"requests": 0, "tasks": 0, "failed": 0, "seconds": 0.0}
+
+
+def record_predict(tasks: int, failed: int, seconds: float) -> None:
+    with _lock:
+        _predict["requests"] += 1
+        _predict["tasks"] += tasks
+        _predict["failed"] += failed
+        _predict["seconds"] += seconds
+
+
+def _labels(**labels: object) -> str:
+    inner = ",".join(f'{k}="{str(v).replace(chr(34), chr(39))}"' for k, v in labels.items())
+    return "{" + inner + "}" if inner else ""
+
+
+def render(state: State) -> str:
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_text: str, samples: list[tuple[dict, float]]) -> None:
+        lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"])
+        lines.extend(f"{name}{_labels(**labels)} {value}" for labels, value in samples)
+
+    with _lock:
+        snapshot = dict(_predict)
+    metric("prelabel_predict_requests_total", "counter", "/predict calls answered.", [({}, snapshot["requests"])])
+    metric("prelabel_predict_tasks_total", "counter", "Tasks predicted.", [({}, snapshot["tasks"])])
+    metric("prelabel_predict_failed_tasks_total", "counter", "Tasks whose image failed.", [({}, snapshot["failed"])])
+    metric("prelabel_predict_seconds_sum", "counter", "Time spent answering /predict.", [({}, snapshot["seconds"])])
+    if state.feedback is not None:
+        connection = state.feedback.connection
+        depth, workers = [], []
+        for name in (PREDICT_QUEUE, TRAIN_QUEUE):
+            queue = Queue(name, connection=connection, serializer=JSONSerializer)
+            depth.append(({"queue": name}, queue.count))
+            workers.append(({"queue": name}, Worker.count(queue=queue)))
+        metric("prelabel_queue_depth", "gauge", "Jobs waiting in each queue.", depth)
+        metric("prelabel_workers", "gauge", "Workers listening on each queue.", workers)
+        gpu = [({"worker": w.decode()}, float(v)) for w, v in connection.hgetall("prelabel:gpu-memory").items()]
+        metric("prelabel_worker_gpu_memory_bytes", "gauge", "GPU memory held by each worker after its last job.", gpu)
+        corrections, unchanged, ious = [], [], []
+        for project, versions in state.feedback.report().items():
+            for version, row in versions.items():
+                corrections.append(({"project": project, "version": version}, row["corrections"]))
+                unchanged.append(({"project": project, "version": version}, round(row["unchanged_share"], 4)))
+                ious += [({"project": project, "version": version, "label": label}, round(iou, 4))
+                         for label, iou in row["mask_iou"].items()]  # fmt: skip
+        metric("prelabel_corrections", "gauge", "Annotations compared with their prediction.", corrections)
+        metric("prelabel_accepted_unchanged_ratio", "gauge", "Share of predictions accepted as they were.", unchanged)
+        metric("prelabel_mask_iou", "gauge", "Mean IoU of predicted and corrected masks.", ious)
+    return "\n".join(lines) + "\n"

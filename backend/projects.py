@@ -1,0 +1,37 @@
+"""Label Studio project identity, the same whichever way Label Studio names the project.
+
+/setup and /predict send ``"<id>.<created_at as an integer timestamp>"``; webhooks send the
+project object. Both become that uid, which a project re-created after a database reset (same
+id, new creation time) never shares with the old one.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any
+
+from backend.errors import BadRequest
+
+_UID = re.compile(r"^(\d+)\.(\d+)$")
+
+
+def project_uid(project: Any) -> str:
+    """The uid of ``project``: a uid string as /predict sends it, or a webhook's project object."""
+    if isinstance(project, str) and _UID.match(project):
+        return project
+    if isinstance(project, dict) and isinstance(project.get("id"), int) and project.get("created_at"):
+        try:
+            created = datetime.fromisoformat(str(project["created_at"]).replace("Z", "+00:00"))
+        except ValueError as e:
+            raise BadRequest(f"Unreadable project created_at {project['created_at']!r}.") from e
+        return f"{project['id']}.{int(created.timestamp())}"
+    raise BadRequest(f"Expected a Label Studio project ('<id>.<created_at>' or a project object), got {project!r:.80}.")
+
+
+def project_id(uid: str) -> int:
+    """Label Studio's numeric project id inside a uid."""
+    match = _UID.match(uid)
+    if not match:
+        raise BadRequest(f"Not a project uid: {uid!r}")
+    return int(match.group(1))

@@ -1,0 +1,146 @@
+"""Model versions per project, and which one is active.
+
+Every project starts on the base model (``Settings.model_version``). A training run adds a
+version directory under ``MODEL_DIR/registry/<project>/v<N>/`` holding its weights, config,
+training data ids, metrics, gate report and a checksum (``meta.json``); the training job writes
+it. Which version is active is recorded on disk (``active.json``, the durable record) and in
+Redis (the fast path /setup and /predict read, shared by every host).
+
+No torch here: the backend lists, activates and resolves versions; the worker loads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from backend.errors import BadRequest, PrelabelError
+
+META_FILE = "meta.json"
+ACTIVE_FILE = "active.json"
+WEIGHTS_FILE = "visual.safetensors"
+
+
+class VersionNotFound(PrelabelError):
+    status = 404
+
+
+@dataclass
+class VersionInfo:
+    """What ``meta.json`` says about one trained version."""
+
+    version: str
+    project: str
+    number: int
+    base: str
+    created_at: float
+    checksum: str  # sha256 of the weights file
+    trained_on: list[int] = field(default_factory=list)  # Label Studio task ids
+    held_out: list[int] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)  # candidate and active, on held_out
+    config: dict[str, Any] = field(default_factory=dict)  # how it was trained
+    promoted: bool = False
+    reason: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VersionInfo:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def file_checksum(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Registry:
+    """Versions of every project, on disk under ``model_dir`` and indexed in Redis."""
+
+    def __init__(self, model_dir: Path, base_version: str, connection: redis.Redis | None = None) -> None:
+        self.root = model_dir / "registry"
+        self.base_version = base_version
+        self.connection = connection
+
+    def project_dir(self, project: str) -> Path:
+        return self.root / re.sub(r"[^0-9A-Za-z_-]", "_", project)
+
+    def version_dir(self, project: str, number: int) -> Path:
+        return self.project_dir(project) / f"v{number}"
+
+    def version_name(self, project: str, number: int) -> str:
+        """``<base version>+p<id>-v<N>``: names the base it was trained from, and the project."""
+        return f"{self.base_version}+p{project.split('.')[0]}-v{number}"
+
+    def _redis_key(self, project: str) -> str:
+        return f"prelabel:active:{project}"
+
+    def active(self, project: str | None) -> str:
+        """The version a project's predictions come from (the base model when none was promoted)."""
+        if not project:
+            return self.base_version
+        if self.connection is not None:
+            value = self.connection.get(self._redis_key(project))
+            if value is not None:
+                return value.decode()
+        path = self.project_dir(project) / ACTIVE_FILE
+        if path.is_file():
+            return json.loads(path.read_text())["version"]
+        return self.base_version
+
+    def versions(self, project: str | None) -> list[VersionInfo]:
+        """Trained versions of ``project`` from the current base, oldest first."""
+        if not project or not self.project_dir(project).is_dir():
+            return []
+        found = []
+        for meta in self.project_dir(project).glob(f"v*/{META_FILE}"):
+            info = VersionInfo.from_dict(json.loads(meta.read_text()))
+            if info.base == self.base_version:
+                found.append(info)
+        return sorted(found, key=lambda v: v.number)
+
+    def get(self, project: str, version: str) -> VersionInfo:
+        for info in self.versions(project):
+            if info.version == version:
+                return info
+        raise VersionNotFound(f"Project {project} has no version {version!r}; GET /versions lists them.")
+
+    def next_number(self, project: str) -> int:
+        numbers = [int(p.name[1:]) for p in self.project_dir(project).glob("v*") if p.name[1:].isdigit()]
+        return max(numbers, default=0) + 1
+
+    def save(self, info: VersionInfo) -> None:
+        """Write ``meta.json`` for a version whose directory and weights already exist."""
+        directory = self.version_dir(info.project, info.number)
+        _write_atomically(directory / META_FILE, json.dumps(asdict(info), indent=2))
+
+    def verify(self, info: VersionInfo) -> None:
+        """Refuse a version whose weights are missing or differ from the checksum taken at save."""
+        weights = self.version_dir(info.project, info.number) / WEIGHTS_FILE
+        if not weights.is_file() or file_checksum(weights) != info.checksum:
+            raise BadRequest(f"Version {info.version} is corrupt (weights missing or changed); not activated.")
+
+    def activate(self, project: str, version: str) -> None:
+        """Make ``version`` (a trained one, checked, or the base) the one the project predicts with."""
+        if version != self.base_version:
+            self.verify(self.get(project, version))
+        record = json.dumps({"version": version, "activated_at": time.time()})
+        _write_atomically(self.project_dir(project) / ACTIVE_FILE, record)
+        if self.connection is not None:
+            self.connection.set(self._redis_key(project), version)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

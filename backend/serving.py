@@ -1,0 +1,164 @@
+"""Serving predictions fast: a cache in front of the queue, and work that outlives a request.
+
+* Every prediction served is cached in Redis under (model version, label config, task id, image
+  URL): asking again, or opening a task whose prediction was precomputed, costs a Redis read.
+* Only the tasks missing from the cache become a job. When the job does not finish within
+  PREDICT_TIMEOUT (a large Retrieve Predictions selection), /predict answers with what is ready
+  and the job carries on; when it finishes, its predictions are cached and posted to Label Studio
+  through its API, so the annotators find them without asking again.
+* TASKS_CREATED (an import) starts that same background work for the new tasks: precomputing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import redis
+from label_studio_sdk import LabelStudio
+from rq.job import Job
+
+from backend.errors import JobTimeout
+from backend.jobs import ImageTask, PredictJob, PredictResult
+from backend.labelconfig import LabelSpec
+from backend.predictions import to_label_studio
+from backend.runner import QueueRunner
+from backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CACHE_TTL = 7 * 24 * 3600
+
+
+class PredictionCache:
+    """Label Studio predictions by (version, label config, task, image URL)."""
+
+    def __init__(self, connection: redis.Redis) -> None:
+        self.connection = connection
+
+    @staticmethod
+    def key(version: str, label_config: str, task_id: Any, image_url: str | None) -> str:
+        digest = hashlib.sha1(f"{label_config}\0{image_url}".encode()).hexdigest()[:16]
+        return f"prelabel:cache:{version}:{task_id}:{digest}"
+
+    def get_many(self, keys: list[str]) -> list[dict | list | None]:
+        return [json.loads(v) if v is not None else None for v in self.connection.mget(keys)] if keys else []
+
+    def put_many(self, items: dict[str, Any]) -> None:
+        if not items:
+            return
+        pipe = self.connection.pipeline()
+        for key, prediction in items.items():
+            pipe.set(key, json.dumps(prediction), ex=CACHE_TTL)
+        pipe.execute()
+
+
+class Server:
+    """Answers /predict from the cache and the queue, and finishes late jobs in the background."""
+
+    def __init__(self, settings: Settings, runner: QueueRunner) -> None:
+        self.settings = settings
+        self.runner = runner
+        self.cache = PredictionCache(runner.connection)
+        self._background = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prelabel-late-jobs")
+
+    def predict(
+        self, tasks: list[dict], spec: LabelSpec, label_config: str, project: str | None, version: str,
+        images: list[str | None],
+    ) -> tuple[list[Any], int]:  # fmt: skip
+        """One prediction per task, in order ([] for a task not ready yet); and how many were cached."""
+        keys = [self.cache.key(version, label_config, t["id"], url) for t, url in zip(tasks, images, strict=True)]
+        with self.runner.redis_errors():
+            answers: list[Any] = self.cache.get_many(keys)
+        missing = [i for i, a in enumerate(answers) if a is None]
+        cached = len(tasks) - len(missing)
+        if not missing:
+            return answers, cached
+        job = predict_job(spec, project, version, [tasks[i] for i in missing], [images[i] for i in missing])
+        rq_job = self.runner.submit_checked(job)
+        try:
+            result = self.runner.wait(rq_job, deadline=self.runner.deadline())
+        except JobTimeout as e:
+            log.warning("%s; answering the %d ready tasks now, the other %d will be posted to Label Studio when done",
+                        e, cached, len(missing))  # fmt: skip
+            self.finish_later(rq_job, spec, label_config, version, [keys[i] for i in missing])
+            return [a if a is not None else [] for a in answers], cached
+        fresh = to_label_studio(result, spec, version)
+        with self.runner.redis_errors():
+            self.cache.put_many({keys[i]: p for i, p in zip(missing, fresh, strict=True) if p})
+        for i, p in zip(missing, fresh, strict=True):
+            answers[i] = p
+        return answers, cached
+
+    def precompute(
+        self, tasks: list[dict], spec: LabelSpec, label_config: str, project: str, version: str
+    ) -> str | None:
+        """Queue predictions for newly imported tasks; they are cached and posted when done."""
+        images = [image_url(t, spec.image_key) for t in tasks]
+        keys = [self.cache.key(version, label_config, t["id"], url) for t, url in zip(tasks, images, strict=True)]
+        with self.runner.redis_errors():
+            todo = [i for i, a in enumerate(self.cache.get_many(keys)) if a is None]
+        if not todo:
+            return None
+        job = predict_job(spec, project, version, [tasks[i] for i in todo], [images[i] for i in todo])
+        rq_job = self.runner.submit(job)
+        self.finish_later(rq_job, spec, label_config, version, [keys[i] for i in todo])
+        return rq_job.id
+
+    def finish_later(self, rq_job: Job, spec: LabelSpec, label_config: str, version: str, keys: list[str]) -> None:
+        self._background.submit(self._finish, rq_job, spec, version, keys)
+
+    def _finish(self, rq_job: Job, spec: LabelSpec, version: str, keys: list[str]) -> None:
+        try:
+            result = self.runner.wait(rq_job, deadline=self.runner.deadline(self.settings.job_timeout + 60))
+        except Exception as e:  # failed or never picked up: nothing to post, the log says why
+            log.warning("background predict job %s gave nothing to post: %s", rq_job.id, e)
+            return
+        predictions = to_label_studio(result, spec, version)
+        self.cache.put_many({k: p for k, p in zip(keys, predictions, strict=True) if p})
+        posted = self._post(result, predictions)
+        log.info("background predict job %s done: %d predictions cached, %d posted to Label Studio",
+                 rq_job.id, sum(1 for p in predictions if p), posted)  # fmt: skip
+
+    def _post(self, result: PredictResult, predictions: list[Any]) -> int:
+        if not (self.settings.label_studio_url and self.settings.label_studio_api_key):
+            return 0
+        client = LabelStudio(base_url=self.settings.label_studio_url, api_key=self.settings.label_studio_api_key)
+        posted = 0
+        for task, prediction in zip(result.tasks, predictions, strict=True):
+            if not prediction:
+                continue
+            try:
+                client.predictions.create(
+                    task=int(task.task_id),
+                    result=prediction["result"],
+                    score=prediction["score"],
+                    model_version=prediction["model_version"],
+                )
+                posted += 1
+            except Exception as e:  # one refused prediction does not stop the others
+                log.warning("could not post the prediction of task %s to Label Studio: %s", task.task_id, e)
+        return posted
+
+
+def image_url(task: dict[str, Any], key: str) -> str | None:
+    data = task.get("data")
+    value = data.get(key) if isinstance(data, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
+def predict_job(
+    spec: LabelSpec, project: str | None, version: str, tasks: list[dict], images: list[str | None]
+) -> PredictJob:
+    """The job for ``tasks`` (Label Studio task dicts) whose image URLs are ``images``."""
+    return PredictJob(
+        model_version=version,
+        image_key=spec.image_key,
+        choices=spec.choices,
+        brushes=spec.brushes,
+        tasks=tuple(ImageTask(t["id"], url) for t, url in zip(tasks, images, strict=True)),
+        project=project,
+    )

@@ -1,0 +1,193 @@
+"""One typed settings object, read once from the environment by each entry point.
+
+The names follow Label Studio's own ML-backend conventions (``LABEL_STUDIO_URL``,
+``LABEL_STUDIO_API_KEY``, ``BASIC_AUTH_USER``/``BASIC_AUTH_PASS``, ``MODEL_DIR``, ``REDIS_URL``).
+Nothing below this module reads ``os.environ``: settings are passed down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from backend.errors import SettingsError
+
+#: Words that are never a project's label but often fill a photo. Pixels and patches that CLIP
+#: finds closer to these than to any label are "something else" instead of a forced guess.
+DEFAULT_BACKGROUND_WORDS: tuple[str, ...] = (
+    "ground", "land", "grass", "tree", "building", "wall", "sky", "lake", "water", "river", "sea",
+    "railway", "railroad", "keyboard", "helmet", "cloud", "house", "mountain", "ocean", "road",
+    "rock", "street", "valley", "bridge", "sign",
+)  # fmt: skip
+
+#: Training-free dense heads for masks (see worker/model/dense.py); maskclip is the baseline.
+DENSE_HEADS = ("clearclip", "naclip", "maskclip")
+
+#: Bumped when a change to the algorithms changes predictions for the same weights, so that
+#: Label Studio re-predicts tasks that hold predictions from the old code.
+ALGORITHM_REVISION = "2"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Service configuration. Every field maps to the environment variable in its metadata."""
+
+    # Request path
+    redis_url: str | None = field(default=None, metadata={"env": "REDIS_URL"})
+    basic_auth_user: str | None = field(default=None, metadata={"env": "BASIC_AUTH_USER"})
+    basic_auth_pass: str | None = field(default=None, repr=False, metadata={"env": "BASIC_AUTH_PASS"})
+    predict_timeout: float = field(default=80.0, metadata={"env": "PREDICT_TIMEOUT"})
+    job_timeout: int = field(default=600, metadata={"env": "JOB_TIMEOUT"})
+    result_ttl: int = field(default=3600, metadata={"env": "RESULT_TTL"})
+    log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL"})
+
+    # Label Studio, for downloading task images
+    label_studio_url: str | None = field(default=None, metadata={"env": "LABEL_STUDIO_URL"})
+    label_studio_api_key: str | None = field(default=None, repr=False, metadata={"env": "LABEL_STUDIO_API_KEY"})
+    allowed_hosts: tuple[str, ...] = field(default=(), metadata={"env": "ALLOWED_HOSTS"})
+    allow_internal_hosts: bool = field(default=False, metadata={"env": "ALLOW_INTERNAL_HOSTS"})
+    fetch_timeout: float = field(default=15.0, metadata={"env": "FETCH_TIMEOUT"})
+    max_image_bytes: int = field(default=40 * 1024 * 1024, metadata={"env": "MAX_IMAGE_BYTES"})
+    max_image_pixels: int = field(default=60_000_000, metadata={"env": "MAX_IMAGE_PIXELS"})
+
+    # Model
+    model_name: str = field(default="ViT-B-16-quickgelu", metadata={"env": "MODEL_NAME"})
+    model_pretrained: str = field(default="openai", metadata={"env": "MODEL_PRETRAINED"})
+    model_checkpoint: str | None = field(default=None, metadata={"env": "MODEL_CHECKPOINT"})
+    model_dir: Path = field(default=Path("~/.cache/prelabel").expanduser(), metadata={"env": "MODEL_DIR"})
+    model_version_override: str | None = field(default=None, metadata={"env": "MODEL_VERSION"})
+    device: str = field(default="auto", metadata={"env": "DEVICE"})
+    batch_size: int = field(default=8, metadata={"env": "BATCH_SIZE"})
+
+    # Algorithm
+    image_size: int = field(default=448, metadata={"env": "IMAGE_SIZE"})
+    tag_threshold: float = field(default=0.5, metadata={"env": "TAG_THRESHOLD"})
+    background_words: tuple[str, ...] = field(default=DEFAULT_BACKGROUND_WORDS, metadata={"env": "BACKGROUND_WORDS"})
+    dense_head: str = field(default="clearclip", metadata={"env": "DENSE_HEAD"})
+    mask_min_area: float = field(default=0.002, metadata={"env": "MASK_MIN_AREA"})
+
+    # Learning from corrections
+    webhook_secret: str | None = field(default=None, repr=False, metadata={"env": "WEBHOOK_SECRET"})
+    train_every: int = field(default=100, metadata={"env": "TRAIN_EVERY"})
+    train_interval: int = field(default=0, metadata={"env": "TRAIN_INTERVAL"})
+    train_timeout: int = field(default=4 * 3600, metadata={"env": "TRAIN_TIMEOUT"})
+    train_min_corrections: int = field(default=10, metadata={"env": "TRAIN_MIN_CORRECTIONS"})
+    train_holdout: float = field(default=0.2, metadata={"env": "TRAIN_HOLDOUT"})
+    train_steps: int = field(default=300, metadata={"env": "TRAIN_STEPS"})
+    train_lr: float = field(default=1e-5, metadata={"env": "TRAIN_LR"})
+    zegclip_min_masks: int = field(default=50, metadata={"env": "ZEGCLIP_MIN_MASKS"})
+    promotion_margin: float = field(default=0.0, metadata={"env": "PROMOTION_MARGIN"})
+
+    def __post_init__(self) -> None:
+        if not 0 < self.predict_timeout < 100:
+            raise SettingsError(
+                f"PREDICT_TIMEOUT={self.predict_timeout} must be between 0 and 100 seconds: "
+                "Label Studio gives up on /predict after 100 s."
+            )
+        if not 0 <= self.tag_threshold < 1:
+            raise SettingsError(f"TAG_THRESHOLD={self.tag_threshold} must be in [0, 1).")
+        if self.image_size < 32:
+            raise SettingsError(f"IMAGE_SIZE={self.image_size} is too small (at least 32 pixels).")
+        if self.dense_head not in DENSE_HEADS:
+            raise SettingsError(f"DENSE_HEAD={self.dense_head} must be one of {', '.join(DENSE_HEADS)}.")
+        if not 0 <= self.mask_min_area < 1:
+            raise SettingsError(f"MASK_MIN_AREA={self.mask_min_area} must be a fraction of the image in [0, 1).")
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            raise SettingsError("Set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither.")
+        if not 0 < self.train_holdout < 1:
+            raise SettingsError(f"TRAIN_HOLDOUT={self.train_holdout} must be a fraction in (0, 1).")
+        if self.train_every < 0 or self.train_interval < 0:
+            raise SettingsError("TRAIN_EVERY and TRAIN_INTERVAL must be 0 (off) or positive.")
+        positive = ("job_timeout", "result_ttl", "max_image_bytes", "max_image_pixels", "batch_size", "train_timeout",
+                    "train_min_corrections", "train_steps", "zegclip_min_masks")  # fmt: skip
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name.upper()} must be a positive number.")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Build settings from ``environ`` (default ``os.environ``); ``overrides`` win."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw is not None and raw.strip() != "":
+                values[f.name] = _parse(f.metadata["env"], raw.strip(), f.default)
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]
+
+    def to_env(self) -> dict[str, str]:
+        """The environment variables that reproduce these settings in another process."""
+        env = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, tuple):
+                value = ",".join(value)
+            env[f.metadata["env"]] = str(value).lower() if isinstance(value, bool) else str(value)
+        return env
+
+    @property
+    def embedded(self) -> bool:
+        """Without Redis, jobs run inside the backend process (a laptop demo, one command)."""
+        return not self.redis_url
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.basic_auth_user)
+
+    @property
+    def random_weights(self) -> bool:
+        return self.model_checkpoint is None and self.model_pretrained == "random"
+
+    @property
+    def model_version(self) -> str:
+        """The version string /setup reports and every prediction carries.
+
+        It names the weights and hashes the settings that change predictions, so that changing
+        either makes Label Studio re-predict, and nothing else does.
+        """
+        if self.model_version_override:
+            return self.model_version_override
+        if self.model_checkpoint:
+            weights = Path(self.model_checkpoint).name or "checkpoint"
+        else:
+            weights = f"{self.model_name}.{self.model_pretrained}"
+        knobs = {
+            "algorithm": ALGORITHM_REVISION,
+            "image_size": self.image_size,
+            "tag_threshold": self.tag_threshold,
+            "background_words": list(self.background_words),
+            "dense_head": self.dense_head,
+            "mask_min_area": self.mask_min_area,
+        }
+        digest = hashlib.sha1(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:6]
+        return f"prelabel-{weights}-{digest}"
+
+
+def _parse(env: str, raw: str, default: object) -> object:
+    """Convert ``raw`` to the type of ``default``, with an error that names the variable."""
+    try:
+        if isinstance(default, bool):
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        if isinstance(default, tuple):
+            return tuple(item.strip() for item in raw.split(",") if item.strip())
+        if isinstance(default, Path):
+            return Path(raw).expanduser()
+        return raw
+    except ValueError as e:
+        kind = type(default).__name__ if default is not None else "str"
+        raise SettingsError(f"{env}={raw!r} is not a valid {kind}: {e}") from e

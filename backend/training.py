@@ -1,0 +1,137 @@
+"""When training runs: Start Training, every N corrections, or on a schedule, and never twice at
+once for a project (one run queued or running at most). The backend only enqueues."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import redis
+from rq import Queue
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+from backend.errors import PrelabelError
+from backend.jobs import TRAIN_FUNCTION, TRAIN_QUEUE, TrainJob, cancel_key
+from backend.labelconfig import LabelSpec, parse_label_config
+from backend.registry import Registry
+from backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PENDING = (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED)
+
+
+class JobNotFound(PrelabelError):
+    status = 404
+
+
+class Training:
+    """Enqueues training runs on the ``train`` queue, deduplicated per project."""
+
+    def __init__(self, settings: Settings, connection: redis.Redis, registry: Registry) -> None:
+        self.settings = settings
+        self.connection = connection
+        self.registry = registry
+        self.queue = Queue(TRAIN_QUEUE, connection=connection, serializer=JSONSerializer)
+
+    def remember_project(self, project: str, label_config: str) -> None:
+        """Keep the project's label config, for scheduled runs that have no request to read it from."""
+        self.connection.hset("prelabel:projects", project, label_config)
+
+    def current(self, project: str) -> Job | None:
+        """The project's training run that is queued or running, if any."""
+        job_id = self.connection.get(f"prelabel:training:{project}")
+        if job_id is None:
+            return None
+        try:
+            job = Job.fetch(job_id.decode(), connection=self.connection, serializer=JSONSerializer)
+        except Exception:  # expired or deleted: no run pending
+            return None
+        return job if job.get_status(refresh=False) in PENDING else None
+
+    def enqueue(self, project: str, spec: LabelSpec, trigger: str) -> tuple[Job, bool]:
+        """Queue a run unless one is pending; returns (the pending or new job, whether it is new)."""
+        with self.connection.lock(f"prelabel:training-lock:{project}", timeout=10, blocking_timeout=5):
+            pending = self.current(project)
+            if pending is not None:
+                log.info("project %s: training already %s as job %s (%s ignored)", project,
+                         pending.get_status(), pending.id, trigger)  # fmt: skip
+                return pending, False
+            payload = TrainJob(
+                project=project,
+                model_version=self.registry.active(project),
+                image_key=spec.image_key,
+                choices=spec.choices,
+                brushes=spec.brushes,
+                trigger=trigger,
+            )
+            job = self.queue.enqueue_call(
+                TRAIN_FUNCTION,
+                args=(payload.to_dict(),),
+                timeout=self.settings.train_timeout,
+                result_ttl=30 * 24 * 3600,
+                failure_ttl=30 * 24 * 3600,
+                description=f"train project {project} ({trigger})",
+            )
+            self.connection.set(f"prelabel:training:{project}", job.id)
+            self.connection.set(f"prelabel:new-corrections:{project}", 0)
+        log.info("project %s: training job %s queued (%s)", project, job.id, trigger)
+        return job, True
+
+    def corrections_arrived(self, project: str, count: int, spec: LabelSpec) -> Job | None:
+        """Count new corrections; every TRAIN_EVERY of them starts a run."""
+        total = self.connection.incrby(f"prelabel:new-corrections:{project}", count)
+        if self.settings.train_every and total >= self.settings.train_every:
+            return self.enqueue(project, spec, "corrections")[0]
+        return None
+
+    def sweep(self) -> list[str]:
+        """The scheduled trigger: a run for every known project with corrections since its last run."""
+        started = []
+        for raw_project, config in self.connection.hgetall("prelabel:projects").items():
+            project = raw_project.decode()
+            if int(self.connection.get(f"prelabel:new-corrections:{project}") or 0) > 0:
+                job, created = self.enqueue(project, parse_label_config(config.decode()), "schedule")
+                if created:
+                    started.append(job.id)
+        return started
+
+    def start_schedule(self) -> threading.Thread | None:
+        """Every TRAIN_INTERVAL seconds, one sweep across all backend processes (a Redis lock)."""
+        interval = self.settings.train_interval
+        if not interval:
+            return None
+
+        def loop() -> None:
+            while True:
+                time.sleep(interval)
+                try:
+                    if self.connection.set("prelabel:sweep", "1", nx=True, ex=max(1, interval - 1)):
+                        self.sweep()
+                except Exception:  # Redis down for a while: try again next interval
+                    log.exception("scheduled training sweep failed")
+
+        thread = threading.Thread(target=loop, name="prelabel-train-schedule", daemon=True)
+        thread.start()
+        return thread
+
+    def job(self, job_id: str) -> Job:
+        try:
+            return Job.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
+        except Exception as e:
+            raise JobNotFound(f"No job {job_id!r} (finished jobs are kept for 30 days).") from e
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Cancel a queued run, or ask a running one to stop at its next step."""
+        job = self.job(job_id)
+        status = job.get_status()
+        if status == JobStatus.QUEUED:
+            job.cancel()
+            return {"id": job_id, "status": "canceled"}
+        if status == JobStatus.STARTED:
+            self.connection.set(cancel_key(job_id), 1, ex=24 * 3600)
+            return {"id": job_id, "status": "stopping"}
+        return {"id": job_id, "status": str(status.value if status else "unknown"), "detail": "not running"}

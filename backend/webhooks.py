@@ -1,0 +1,67 @@
+"""Label Studio's project events (PROTOCOL.md section 3), answered at once.
+
+Label Studio gives event webhooks 1 second and START_TRAINING 100; with "start training on
+annotation submission" the annotator's submit waits for the answer. So nothing here trains or
+calls Label Studio: events are recorded and training is enqueued.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from backend.errors import BadRequest
+from backend.labelconfig import LabelSpec, parse_label_config
+from backend.projects import project_uid
+
+if TYPE_CHECKING:
+    from backend.app import State
+
+log = logging.getLogger(__name__)
+
+ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
+
+
+def handle(body: dict[str, Any], state: State) -> dict[str, Any]:
+    action = body.get("action")
+    if not isinstance(action, str):
+        raise BadRequest("A webhook body needs an 'action' string.")
+    if action == "START_TRAINING":
+        project, spec = _project(body, state)
+        job, created = state.require_training().enqueue(project, spec, "start_training")
+        # Label Studio records a training job when the answer holds "job".
+        return {"action": action, "status": "queued" if created else "already queued", "job": job.id}
+    if action in ANNOTATION_EVENTS and state.training is not None and state.feedback is not None:
+        project, spec = _project(body, state)
+        annotations = body.get("annotation")
+        annotations = annotations if isinstance(annotations, list) else [annotations]
+        annotations = [a for a in annotations if isinstance(a, dict) and "id" in a]
+        compared = [r for r in (state.feedback.record(project, a) for a in annotations) if r is not None]
+        job = state.training.corrections_arrived(project, len(annotations), spec)
+        log.info("webhook %s: project %s, %d annotations (%d compared with predictions)", action, project,
+                 len(annotations), len(compared))  # fmt: skip
+        return {"action": action, "status": "recorded", "compared": len(compared), "job": job.id if job else None}
+    if action == "TASKS_CREATED" and state.server is not None:
+        project, spec = _project(body, state)
+        tasks = [t for t in body.get("tasks") or [] if isinstance(t, dict) and "id" in t]
+        label_config = body["project"]["label_config"]
+        job = state.server.precompute(tasks, spec, label_config, project, state.registry.active(project))
+        return {"action": action, "status": "precomputing" if job else "cached", "job": job}
+    if action == "ANNOTATIONS_DELETED" and state.feedback is not None:
+        project = project_uid(body.get("project"))
+        ids = [a.get("id") for a in body.get("annotations") or [] if isinstance(a, dict)]
+        state.feedback.forget(project, ids)
+        return {"action": action, "status": "recorded", "deleted": len(ids)}
+    log.info("webhook %s acknowledged", action)
+    return {"action": action, "status": "ignored"}
+
+
+def _project(body: dict[str, Any], state: State) -> tuple[str, LabelSpec]:
+    project = body.get("project")
+    uid = project_uid(project)
+    label_config = project.get("label_config") if isinstance(project, dict) else None
+    if not label_config:
+        raise BadRequest("The webhook's project object has no label_config.")
+    if state.training is not None:
+        state.training.remember_project(uid, label_config)
+    return uid, parse_label_config(label_config)
