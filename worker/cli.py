@@ -1,0 +1,82 @@
+"""``prelabel-worker [QUEUE ...]``: an RQ worker that loads the model once and runs every job in
+its own process.
+
+RQ's default ``Worker`` forks a child per job: the child would reload the model (seconds to
+minutes) or inherit a CUDA context that cannot be used after a fork. ``SimpleWorker`` runs jobs
+in the worker process, so the model loaded here stays warm. Run one worker per GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import redis
+from rq import SimpleWorker, worker_registration
+from rq.serializers import JSONSerializer
+
+from backend.errors import ModelUnavailable, SettingsError
+from backend.jobs import PREDICT_QUEUE, TRAIN_QUEUE
+from backend.logs import configure_logging, redact_url
+from backend.settings import Settings
+from worker import tasks
+
+log = logging.getLogger(__name__)
+
+#: Seconds a worker's registration outlives its last heartbeat (heartbeats every WORKER_TTL - 15 s).
+WORKER_TTL = 60
+#: Seconds between the worker's registry clean-ups (abandoned jobs of dead workers are retried).
+MAINTENANCE_INTERVAL = 60
+
+
+class PrelabelWorker(SimpleWorker):
+    """RQ's SimpleWorker (no fork: the model stays loaded) that registers itself again on every
+    heartbeat, so it is found again after Redis restarts without its data."""
+
+    def heartbeat(self, timeout: int | None = None, pipeline=None) -> None:
+        super().heartbeat(timeout, pipeline)
+        worker_registration.register(self, pipeline=pipeline)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="prelabel-worker", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "queues", nargs="*", default=[PREDICT_QUEUE],
+        help=f"queues to serve: {PREDICT_QUEUE} (default) or {TRAIN_QUEUE} (training runs)",
+    )  # fmt: skip
+    parser.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    parser.add_argument("--name", help="worker name shown in RQ (default: host and pid)")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = Settings.from_env()
+    except SettingsError as e:
+        sys.exit(f"prelabel-worker: {e}")
+    if not settings.redis_url:
+        sys.exit("prelabel-worker: set REDIS_URL (e.g. redis://localhost:6379/0) to the backend's Redis.")
+    configure_logging(settings.log_level)
+    if PREDICT_QUEUE in args.queues and TRAIN_QUEUE in args.queues:
+        log.warning("serving both '%s' and '%s': training will share this worker's device with predictions; "
+                    "run a separate `prelabel-worker %s` with its own DEVICE instead", PREDICT_QUEUE, TRAIN_QUEUE,
+                    TRAIN_QUEUE)  # fmt: skip
+
+    provider = tasks.configure(settings)
+    try:
+        provider.get()  # load before taking any job: a missing model stops the worker here
+    except ModelUnavailable as e:
+        sys.exit(f"prelabel-worker: {e}")
+
+    connection = redis.Redis.from_url(settings.redis_url)
+    try:
+        connection.ping()
+    except redis.exceptions.ConnectionError as e:
+        sys.exit(f"prelabel-worker: Redis at {redact_url(settings.redis_url)} is unreachable: {e}")
+    worker = PrelabelWorker(args.queues, connection=connection, serializer=JSONSerializer, name=args.name,
+                            worker_ttl=WORKER_TTL, maintenance_interval=MAINTENANCE_INTERVAL)  # fmt: skip
+    log.info("worker %s serving %s with model %s", worker.name, ", ".join(args.queues), settings.model_version)
+    worker.work(burst=args.burst, logging_level=settings.log_level)
+
+
+if __name__ == "__main__":
+    main()

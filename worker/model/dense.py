@@ -1,0 +1,126 @@
+"""Training-free dense CLIP segmentation on TagCLIP's trunk (ALGORITHMS.md sections 4-5).
+
+CLIP's last block mixes every patch with the whole image, which blurs where things are. The
+dense heads replace only that block, on the tokens the trunk already computed:
+
+* ClearCLIP: query-query attention, no residual, no feed-forward;
+* NACLIP: key-key attention plus a Gaussian bonus for nearby patches, no residual, no FFN;
+* MaskCLIP (the baseline they improve on): each token attends only to itself (the value path),
+  residual and FFN kept.
+
+Patch features are then compared with the class texts at a logit scale of about 50.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from torch import Tensor
+
+from backend.settings import DENSE_HEADS
+from worker.model import vit
+
+#: CLIP's own temperature (100) makes patch-level softmaxes too peaky; the dense papers use ~50.
+DENSE_LOGIT_SCALE = 50.0
+#: Probability maps are computed at most this large; masks are then scaled to the image size.
+MAX_MASK_SIDE = 1024
+
+
+def neighbourhood_bias(grid: tuple[int, int], sigma: float, device: torch.device) -> Tensor:
+    """[L, L] additive attention bonus exp(-d^2 / 2 sigma^2) between patches at distance d
+    (in patches); zero for the class token's row and column."""
+    h, w = grid
+    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    positions = torch.stack([ys.flatten(), xs.flatten()], dim=1).float()
+    gaussian = torch.exp(-torch.cdist(positions, positions).square() / (2 * sigma**2))
+    return F.pad(gaussian, (1, 0, 1, 0))
+
+
+def dense_block(
+    block: ResidualAttentionBlock, x: Tensor, head: str, grid: tuple[int, int], sigma: float = 5.0
+) -> Tensor:
+    """The dense head's last block: attention output only (no residual, no FFN), except for the
+    MaskCLIP baseline, which keeps both."""
+    q, k, v = vit.qkv(block, x)
+    if head == "maskclip":
+        return vit.finish_block(block, x, v)
+    if head == "clearclip":
+        logits = vit.attention_logits(q, q)
+    elif head == "naclip":
+        logits = vit.attention_logits(k, k) + neighbourhood_bias(grid, sigma, x.device)
+    else:
+        raise ValueError(f"Unknown dense head {head!r}; choose one of {DENSE_HEADS}.")
+    return vit.merge_heads(block, logits.softmax(dim=-1).to(v.dtype) @ v)
+
+
+def dense_features(visual: VisionTransformer, tokens: Tensor, grid: tuple[int, int], head: str) -> Tensor:
+    """Trunk tokens [B, L, D] -> normalised patch embeddings [B, h*w, E] in the text space."""
+    x = dense_block(visual.transformer.resblocks[-1], tokens, head, grid)
+    return vit.project(visual, x)[:, 1:]
+
+
+def class_logits(
+    features: Tensor, text: Tensor, grid: tuple[int, int], logit_scale: float = DENSE_LOGIT_SCALE
+) -> Tensor:
+    """[N, E] patch features x [K, E] texts -> [K, h, w] logits."""
+    logits = logit_scale * features.float() @ text.float().T
+    return logits.T.reshape(text.shape[0], *grid)
+
+
+@dataclass(frozen=True)
+class Mask:
+    """One class's region in an image: ``index`` into the classes segmented, a boolean mask at the
+    image's size, and the mean probability of the class inside it."""
+
+    index: int
+    mask: np.ndarray
+    score: float
+
+
+def masks_from_logits(
+    logits: Tensor,
+    n_labels: int,
+    image_size: tuple[int, int],
+    min_area: float,
+    activation: str = "softmax",
+    floor: float = 0.0,
+) -> list[Mask]:
+    """Upsample [K, h, w] logits to the image, give each pixel its best class, keep labels
+    ``0..n_labels-1`` (the rest are background words), drop connected regions smaller than
+    ``min_area`` of the image, and score each mask by its mean probability.
+
+    ``activation`` is ``softmax`` (classes compete, as for CLIP similarities) or ``sigmoid``
+    (independent scores, as ZegCLIP's); pixels whose best probability is under ``floor`` stay
+    unlabeled.
+    """
+    width, height = image_size
+    scale = min(1.0, MAX_MASK_SIDE / max(width, height))
+    work = (max(1, round(height * scale)), max(1, round(width * scale)))
+    upsampled = F.interpolate(logits.detach()[None].float(), size=work, mode="bilinear", align_corners=False)[0]
+    probs = upsampled.softmax(dim=0) if activation == "softmax" else upsampled.sigmoid()
+    best, label = probs.max(dim=0)
+    label = torch.where(best >= floor, label, -1).cpu().numpy()
+    probs_np = probs.cpu().numpy()
+    smallest = min_area * work[0] * work[1]
+    masks = []
+    for c in range(n_labels):
+        region = _drop_small_regions(label == c, smallest)
+        if not region.any():
+            continue
+        score = float(probs_np[c][region].mean())
+        if work != (height, width):
+            region = cv2.resize(region.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
+        masks.append(Mask(c, region, score))
+    return masks
+
+
+def _drop_small_regions(mask: np.ndarray, smallest: float) -> np.ndarray:
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    keep = np.zeros(count, dtype=bool)
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= smallest
+    return keep[labels]

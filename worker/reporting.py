@@ -1,0 +1,45 @@
+"""Progress and cancellation for long jobs: what ``GET /jobs/<id>`` and the logs show."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from rq.job import Job
+
+from backend.jobs import cancel_key
+
+log = logging.getLogger(__name__)
+
+
+class JobReporter:
+    """Writes (stage, step, steps, loss, eta) into the RQ job's meta at most once a second, logs
+    every tenth of a stage, and tells the job when the backend asked it to stop."""
+
+    def __init__(self, job: Job | None, label: str, min_interval: float = 1.0) -> None:
+        self.job = job
+        self.label = label
+        self.min_interval = min_interval
+        self._stage: str | None = None
+        self._stage_started = time.monotonic()
+        self._last_write = 0.0
+
+    def progress(self, stage: str, step: int, steps: int, loss: float | None) -> None:
+        now = time.monotonic()
+        if stage != self._stage:
+            self._stage, self._stage_started, self._last_write = stage, now, 0.0
+        if self.job is None or (now - self._last_write < self.min_interval and step != steps):
+            return
+        self._last_write = now
+        elapsed = now - self._stage_started
+        eta = round(elapsed / step * (steps - step), 1) if step and steps else None
+        self.job.meta["progress"] = {"stage": stage, "step": step, "steps": steps, "loss": loss, "eta_s": eta}
+        self.job.save_meta()
+        if step and steps and (step == steps or step % max(1, steps // 10) == 0):
+            shown = f"{loss:.4f}" if loss is not None else "-"
+            log.info(
+                "%s job %s: %s step %d/%d loss %s eta %s s", self.label, self.job.id, stage, step, steps, shown, eta
+            )
+
+    def should_stop(self) -> bool:
+        return self.job is not None and bool(self.job.connection.exists(cancel_key(self.job.id)))

@@ -1,0 +1,89 @@
+"""RQ job functions. Thin on purpose: parse the payload, call the pipeline, return a dict.
+
+The backend enqueues these by dotted path (``backend.jobs.PREDICT_FUNCTION``). Exceptions
+propagate so RQ records them as failed jobs, with the message the backend passes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+from rq import get_current_job
+
+from backend.errors import ModelUnavailable
+from backend.jobs import PredictJob, TrainJob
+from backend.registry import Registry
+from backend.settings import Settings
+from worker.provider import ModelProvider
+from worker.reporting import JobReporter
+from worker.training.job import run_training
+
+log = logging.getLogger(__name__)
+
+_provider: ModelProvider | None = None
+
+
+def configure(settings: Settings) -> ModelProvider:
+    """Set the process's model provider (done once by ``prelabel-worker`` or the embedded runner)."""
+    global _provider
+    _provider = ModelProvider(settings)
+    return _provider
+
+
+def provider() -> ModelProvider:
+    if _provider is None:
+        raise ModelUnavailable(
+            "This process has no model configured: run jobs with `prelabel-worker`, which loads the "
+            "model once, rather than a plain `rq worker`."
+        )
+    return _provider
+
+
+def warm_up() -> None:
+    """Load the model now; a failure is kept in ``model_status()`` rather than raised."""
+    with contextlib.suppress(ModelUnavailable):
+        provider().get()
+
+
+def model_status() -> dict[str, Any]:
+    return provider().status()
+
+
+def predict(payload: dict[str, Any]) -> dict[str, Any]:
+    """Run one predict job (all tasks of one /predict call) and return ``PredictResult.to_dict()``."""
+    job = PredictJob.from_dict(payload)
+    models = provider()
+    result = models.for_version(job.model_version, job.project).predict(job)
+    result = dataclasses.replace(result, worker=models.identity())
+    rq_job = get_current_job()
+    if rq_job is not None and torch.cuda.is_available():
+        rq_job.connection.hset("prelabel:gpu-memory", rq_job.worker_name or "unknown", torch.cuda.memory_allocated())
+    log.info(
+        "predict job %s: %d tasks (%d failed), model %s, timings %s",
+        rq_job.id if rq_job else "inline", len(result.tasks), sum(1 for t in result.tasks if t.error),
+        job.model_version, result.timings_ms,
+    )  # fmt: skip
+    return result.to_dict()
+
+
+def train(payload: dict[str, Any]) -> dict[str, Any]:
+    """Run one training run for a project (queue ``train``); returns its summary.
+
+    Progress goes to the RQ job's meta (``GET /jobs/<id>`` shows it); the run stops between steps
+    when the backend sets the job's cancel key; the active version only changes at the very end.
+    """
+    job = TrainJob.from_dict(payload)
+    models = provider()
+    rq_job = get_current_job()
+    connection = rq_job.connection if rq_job else None
+    registry = Registry(models.settings.model_dir, models.settings.model_version, connection)
+    reporter = JobReporter(rq_job, f"train (project {job.project})")
+    log.info("train job %s: project %s from %s (trigger %s)", rq_job.id if rq_job else "inline", job.project,
+             job.model_version, job.trigger)  # fmt: skip
+    base = models.get()
+    active = models.for_version(job.model_version, job.project)
+    return run_training(base, active, registry, job, reporter.progress, reporter.should_stop)

@@ -1,0 +1,264 @@
+"""CLIPSelf fine-tuning of the CLIP ViT on a project's corrections (ALGORITHMS.md sections 3-4).
+
+CLIP's image embedding is good, its patch features less so; CLIPSelf makes the dense features of
+a region agree with what the frozen model says about that region cropped out. On top of that
+self-distillation we add what annotators told us:
+
+    L = L_self + sup_weight * L_sup + pix_weight * L_pix
+
+* L_self: 1 - cos(RoIAlign(D, box), teacher(crop)) for each corrected region's box (teacher
+  crop with 1.5x context) and a few random grid cells (exact crops);
+* L_sup: mask-pooled dense features classified (x100, cross-entropy) against the project's
+  labels and background words, whose text embeddings stay frozen so the vocabulary stays open;
+  for corrected tags without masks, the best patch per tag (multiple-instance) instead;
+* L_pix: per-patch cross-entropy against the corrected mask, on labelled patches.
+
+Only the last blocks train (from ``trainable_from`` of the depth: 6..11 of 12); patch embedding,
+positions, class token, ln_pre, ln_post and proj stay frozen. What is saved is the ensemble
+``alpha * student + (1 - alpha) * start`` of the trained blocks.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import VisionTransformer
+from PIL import Image
+from torch import Tensor
+from torchvision.ops import roi_align
+
+from worker.model import vit
+from worker.model.dense import dense_block
+from worker.model.preprocess import to_pixels
+from worker.training.corrections import Correction
+
+
+class TrainingCancelled(Exception):
+    """The training run was asked to stop; nothing is saved."""
+
+
+@dataclass(frozen=True)
+class CLIPSelfConfig:
+    steps: int = 300
+    batch_size: int = 4
+    lr: float = 1e-5  # the paper's; small models and short runs want more
+    weight_decay: float = 0.1
+    trainable_from: float = 0.5  # first trainable block, as a fraction of the depth
+    sup_weight: float = 0.5
+    pix_weight: float = 0.1
+    grid_cells: int = 10  # random grid-cell regions per image
+    context: float = 1.5  # teacher crops of corrected regions are this much larger
+    alpha: float = 0.7
+    size: int = 448  # training images are resized to size x size
+
+
+@dataclass
+class CLIPSelfReport:
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def trainable_blocks(visual: VisionTransformer, cfg: CLIPSelfConfig) -> range:
+    depth = len(visual.transformer.resblocks)
+    return range(min(depth - 1, int(depth * cfg.trainable_from)), depth)
+
+
+def block_state(visual: VisionTransformer, blocks: range) -> dict[str, Tensor]:
+    """The weights of ``blocks``, keyed as in ``visual.state_dict()`` (a version's weights file)."""
+    prefixes = tuple(f"transformer.resblocks.{i}." for i in blocks)
+    return {k: v.detach().clone() for k, v in visual.state_dict().items() if k.startswith(prefixes)}
+
+
+def dense_map(visual: VisionTransformer, pixels: Tensor) -> Tensor:
+    """The student's dense path: blocks 0..L-2, then the last block's value path (residual and
+    FFN kept), ln_post, proj, L2-normalised: [B, E, h, w]."""
+    depth = len(visual.transformer.resblocks)
+    x = vit.run_blocks(visual, vit.embed(visual, pixels), range(depth - 1))
+    p = vit.patch_size(visual)
+    grid = (pixels.shape[-2] // p, pixels.shape[-1] // p)
+    x = dense_block(visual.transformer.resblocks[-1], x, "maskclip", grid)
+    features = vit.project(visual, x)[:, 1:]
+    return features.transpose(1, 2).reshape(pixels.shape[0], -1, *grid)
+
+
+def grid_cells(rng: random.Random, count: int) -> list[tuple[float, float, float, float]]:
+    """CLIPSelf's random grid split: m rows x n columns, boxes (x0, y0, x1, y1) in [0, 1]."""
+    m = rng.randint(1, 6)
+    n = rng.randint((m + 1) // 2, min(2 * m, 6))
+    cells = [(j / n, i / m, (j + 1) / n, (i + 1) / m) for i in range(m) for j in range(n)]
+    rng.shuffle(cells)
+    return cells[:count]
+
+
+def region_boxes(mask: np.ndarray) -> list[tuple[int, tuple[float, float, float, float]]]:
+    """(label k, box in [0, 1]) for each label present in a corrected mask."""
+    height, width = mask.shape
+    out = []
+    for k in sorted(set(np.unique(mask).tolist()) - {0, 255}):
+        ys, xs = np.nonzero(mask == k)
+        out.append((k, (xs.min() / width, ys.min() / height, (xs.max() + 1) / width, (ys.max() + 1) / height)))
+    return out
+
+
+def _enlarge(box: tuple[float, float, float, float], factor: float) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = box
+    cx, cy, w, h = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) * factor, (y1 - y0) * factor
+    return max(0.0, cx - w / 2), max(0.0, cy - h / 2), min(1.0, cx + w / 2), min(1.0, cy + h / 2)
+
+
+def teacher_crops(pixels: Tensor, boxes: Sequence[tuple[float, float, float, float]], size: int) -> Tensor:
+    """Crops of a normalised image [3, H, W], each resized to fit ``size`` x ``size`` keeping its
+    aspect ratio and centred on zero padding (the mean colour), as CLIPSelf feeds its teacher."""
+    _, H, W = pixels.shape
+    out = torch.zeros(len(boxes), 3, size, size, dtype=pixels.dtype, device=pixels.device)
+    for k, (x0, y0, x1, y1) in enumerate(boxes):
+        top, left = int(y0 * H), int(x0 * W)
+        crop = pixels[:, top : max(top + 1, math.ceil(y1 * H)), left : max(left + 1, math.ceil(x1 * W))]
+        scale = size / max(crop.shape[1:])
+        h, w = max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[2] * scale))
+        resized = F.interpolate(crop[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        oy, ox = (size - h) // 2, (size - w) // 2
+        out[k, :, oy : oy + h, ox : ox + w] = resized
+    return out
+
+
+def _patch_targets(mask: np.ndarray, grid: tuple[int, int]) -> Tensor:
+    """The corrected label at each patch centre (0 none, 255 unknown)."""
+    image = Image.fromarray(mask).resize((grid[1], grid[0]), Image.Resampling.NEAREST)
+    return torch.from_numpy(np.asarray(image).astype(np.int64))
+
+
+def _area_weights(mask: np.ndarray, label: int, grid: tuple[int, int]) -> Tensor:
+    """The share of each patch covered by ``label`` ([h, w], for mask pooling)."""
+    region = torch.from_numpy((mask == label).astype(np.float32))[None, None]
+    return F.adaptive_avg_pool2d(region, grid)[0, 0]
+
+
+def train_clipself(
+    student: VisionTransformer,
+    teacher: VisionTransformer,
+    corrections: Sequence[Correction],
+    text: Tensor,
+    label_index: dict[str, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    cfg: CLIPSelfConfig,
+    progress: Callable[[int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, Tensor], CLIPSelfReport]:
+    """Fine-tune a copy of ``student`` on ``corrections`` (with images) and return the weights of
+    its trained blocks (the alpha ensemble) and a report. ``text`` [C, E] holds the classes
+    L_sup and L_pix choose among; ``label_index`` maps a label name to its row.
+
+    Neither argument is modified: the student trains on a copy, the teacher stays frozen.
+    """
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    device = text.device
+    start = copy.deepcopy(student).to(device)
+    model = copy.deepcopy(student).to(device).train()
+    blocks = trainable_blocks(model, cfg)
+    model.requires_grad_(False)
+    params = [p for i in blocks for p in model.transformer.resblocks[i].parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+    )
+    warmup = max(1, cfg.steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))
+    )
+    teacher = teacher.to(device).eval()
+    native = vit.native_grid(teacher)[0] * vit.patch_size(teacher)
+    with_images = [c for c in corrections if c.image is not None]
+    if not with_images:
+        raise ValueError("CLIPSelf needs corrections with their images.")
+    report = CLIPSelfReport(steps=cfg.steps)
+    started = time.perf_counter()
+    for step in range(cfg.steps):
+        if should_stop is not None and should_stop():
+            raise TrainingCancelled(f"stopped at step {step}")
+        batch = [rng.choice(with_images) for _ in range(cfg.batch_size)]
+        loss = _loss(model, teacher, batch, text, label_index, mean, std, cfg, native, rng)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        report.losses.append(loss.item())
+        if progress is not None:
+            progress(step, report.losses[-1])
+    report.seconds = time.perf_counter() - started
+    trained, initial = block_state(model, blocks), block_state(start, blocks)
+    ensemble = {k: cfg.alpha * trained[k] + (1 - cfg.alpha) * initial[k] for k in trained}
+    return {k: v.cpu() for k, v in ensemble.items()}, report
+
+
+def _loss(model, teacher, batch, text, label_index, mean, std, cfg, native, rng) -> Tensor:
+    device = text.device
+    size = (cfg.size, cfg.size)
+    pixels = torch.stack([to_pixels(c.image, size, mean, std) for c in batch]).to(device)
+    dense = dense_map(model, pixels)  # [B, E, h, w]
+    grid = tuple(dense.shape[-2:])
+    rois, teacher_inputs, sup_terms, pix_terms = [], [], [], []
+    for b, correction in enumerate(batch):
+        mask = _resized_mask(correction, size)
+        regions = region_boxes(mask) if mask is not None else []
+        student_boxes = [box for _, box in regions] + grid_cells(rng, cfg.grid_cells)
+        crops = [_enlarge(box, cfg.context) for _, box in regions] + student_boxes[len(regions) :]
+        teacher_inputs.append(teacher_crops(pixels[b], crops, native))
+        rois += [[b, x0 * grid[1], y0 * grid[0], x1 * grid[1], y1 * grid[0]] for x0, y0, x1, y1 in student_boxes]
+        features = dense[b]  # [E, h, w]
+        if mask is not None:
+            for k, _ in regions:
+                name = correction.mask_labels[k - 1]
+                weights = _area_weights(mask, k, grid).to(device)
+                pooled = F.normalize((features * weights).sum((1, 2)) / weights.sum().clamp(min=1e-6), dim=0)
+                sup_terms.append(F.cross_entropy(100 * pooled @ text.T, torch.tensor(label_index[name], device=device)))
+            targets = _patch_targets(mask, grid).to(device).flatten()
+            lookup = torch.full((256,), -100, dtype=torch.long, device=device)
+            for k, name in enumerate(correction.mask_labels, start=1):
+                lookup[k] = label_index[name]
+            labelled = lookup[targets]
+            if (labelled >= 0).any():
+                logits = 50 * features.flatten(1).T @ text.T  # [h*w, C]
+                pix_terms.append(F.cross_entropy(logits, labelled, ignore_index=-100))
+        elif correction.all_tags:
+            patch_logits = 50 * features.flatten(1).T @ text.T  # best patch per class
+            best = patch_logits.max(dim=0).values
+            present = [label_index[t] for t in correction.all_tags if t in label_index]
+            absent = [i for i in range(text.shape[0]) if i not in present]
+            first = torch.zeros(1, dtype=torch.long, device=device)  # the present tag, against the absent ones
+            for c in present:
+                candidates = torch.tensor([c, *absent], device=device)
+                sup_terms.append(F.cross_entropy(best[candidates][None], first))
+    with torch.no_grad():
+        targets = F.normalize(vit.encode_tokens(teacher, torch.cat(teacher_inputs))[:, 0].float(), dim=-1)
+    pooled = roi_align(dense.float(), torch.tensor(rois, dtype=torch.float32, device=device), (1, 1), aligned=True)
+    loss_self = 1 - F.cosine_similarity(pooled.flatten(1), targets, dim=-1).mean()
+    loss = loss_self
+    if sup_terms:
+        loss = loss + cfg.sup_weight * torch.stack(sup_terms).mean()
+    if pix_terms:
+        loss = loss + cfg.pix_weight * torch.stack(pix_terms).mean()
+    return loss
+
+
+def _resized_mask(correction: Correction, size: tuple[int, int]) -> np.ndarray | None:
+    if correction.mask is None or correction.mask.size == 0:
+        return None
+    return np.asarray(Image.fromarray(correction.mask).resize(size, Image.Resampling.NEAREST))

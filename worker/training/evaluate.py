@@ -1,0 +1,77 @@
+"""How good a model version is on a project's held-out corrections, and whether to promote it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from label_studio_sdk.converter.brush import decode_rle
+
+from backend.jobs import BrushControl, ChoicesControl, TaskResult
+from worker.predictor import Predictor
+from worker.training.corrections import Correction
+from worker.training.metrics import iou_table, mean_average_precision, micro_f1
+
+#: Metrics the promotion gate compares, when the held-out corrections allow them.
+GATED = ("tag_map", "mask_miou")
+
+
+def evaluate(
+    predictor: Predictor,
+    corrections: Sequence[Correction],
+    choices: Sequence[ChoicesControl],
+    brushes: Sequence[BrushControl],
+) -> dict[str, float]:
+    """Tag mAP and F1 (per Choices control, averaged) and mask mIoU over the labels present,
+    predicted by ``predictor`` on the corrections' images and scored against the corrections."""
+    results, _ = predictor.run([c.task_id for c in corrections], [c.image for c in corrections], choices, brushes)
+    metrics: dict[str, float] = {"tasks": float(len(corrections))}
+    maps, f1s = [], []
+    for control in choices:
+        names = [label.name for label in control.labels]
+        answers = [next(a for a in r.choices if a.from_name == control.from_name) for r in results]
+        scores = np.array([[a.scores[n] for n in names] for a in answers])
+        truth = np.array([[n in c.tags.get(control.from_name, set()) for n in names] for c in corrections])
+        predicted = np.array([[n in a.selected for n in names] for a in answers])
+        if truth.any():
+            maps.append(mean_average_precision(scores, truth))
+        f1s.append(micro_f1(predicted, truth))
+    if maps:
+        metrics["tag_map"] = float(np.mean(maps))
+    if f1s:
+        metrics["tag_f1"] = float(np.mean(f1s))
+    with_masks = [(r, c) for r, c in zip(results, corrections, strict=True) if c.mask is not None]
+    if brushes and with_masks:
+        labels = with_masks[0][1].mask_labels
+        table = iou_table(
+            [_predicted_map(r, labels) for r, _ in with_masks], [c.mask.astype(np.int64) for _, c in with_masks],
+            len(labels),
+        )  # fmt: skip
+        foreground = table[1:]
+        if not np.all(np.isnan(foreground)):
+            metrics["mask_miou"] = float(np.nanmean(foreground))
+    return metrics
+
+
+def _predicted_map(result: TaskResult, labels: Sequence[str]) -> np.ndarray:
+    out = np.zeros((result.image_height or 0, result.image_width or 0), dtype=np.int64)
+    for mask in result.masks:
+        if mask.label in labels:
+            region = decode_rle(mask.rle).reshape(out.shape[0], out.shape[1], 4)[:, :, 3] > 127
+            out[region] = labels.index(mask.label) + 1
+    return out
+
+
+def gate(candidate: dict[str, float], active: dict[str, float], margin: float) -> tuple[bool, str]:
+    """Promote only if the candidate is not worse than the active version by more than
+    ``margin`` on every gated metric both could be measured on."""
+    compared = [m for m in GATED if m in candidate and m in active and not math.isnan(candidate[m])]
+    if not compared:
+        return False, "no held-out correction to compare the versions on"
+    worse = [
+        f"{m} {candidate[m]:.3f} < {active[m]:.3f} - {margin}" for m in compared if candidate[m] < active[m] - margin
+    ]
+    if worse:
+        return False, "worse than the active version: " + "; ".join(worse)
+    return True, "not worse than the active version on " + ", ".join(compared)

@@ -1,0 +1,168 @@
+"""One training run for one project: corrections in, maybe a new active version out.
+
+1. pull the project's current annotations from Label Studio and fetch their images;
+2. hold out a fifth of the corrected tasks (by task id, so reruns hold out the same ones);
+3. fine-tune the active version's ViT with CLIPSelf + the supervised terms (teacher: the base);
+4. when enough corrected masks exist, train a ZegCLIP head on the new ViT;
+5. measure the candidate and the active version on the held-out tasks, save the candidate as a
+   new version with that report, and make it active only if the gate passes.
+
+A crash or a cancel at any step leaves the active version as it was: activation is the last step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from backend.errors import ImageError
+from backend.jobs import TrainJob
+from backend.registry import Registry, VersionInfo
+from worker.images import decode_image
+from worker.predictor import ClassBank, Predictor
+from worker.training.clipself import CLIPSelfConfig, train_clipself
+from worker.training.corrections import Correction, pull_corrections
+from worker.training.evaluate import evaluate, gate
+from worker.training.zegclip import TrainingSample, calibrate_threshold, train_zegclip
+from worker.versions import predictor_with, save_version, version_visual
+
+log = logging.getLogger(__name__)
+
+#: Called with (stage, step, steps, loss) as training goes.
+Progress = Callable[[str, int, int, float | None], None]
+
+
+@dataclass(frozen=True)
+class Split:
+    train: list[Correction]
+    held_out: list[Correction]
+
+
+def split(corrections: list[Correction], fraction: float) -> Split:
+    """Every k-th task by id goes to the held-out set (at least one, once there are two)."""
+    ordered = sorted(corrections, key=lambda c: str(c.task_id))
+    if len(ordered) < 2:
+        return Split(ordered, [])
+    every = max(2, round(1 / fraction))
+    held = [c for i, c in enumerate(ordered) if i % every == every - 1] or [ordered[-1]]
+    return Split([c for c in ordered if c not in held], held)
+
+
+def fetch_images(predictor: Predictor, corrections: list[Correction], with_masks: bool) -> list[Correction]:
+    """Attach decoded images; drop tasks whose image cannot be had (logged); a project with
+    BrushLabels reads "no region" as "nothing to label here"."""
+    kept = []
+    for correction in corrections:
+        if correction.image_url is None:
+            continue
+        try:
+            data = predictor.fetcher.fetch(correction.image_url)
+            correction.image = decode_image(data, predictor.settings.max_image_pixels)
+        except ImageError as e:
+            log.warning("task %s left out of training: %s", correction.task_id, e)
+            continue
+        if with_masks and correction.mask is None:
+            correction.mask = np.zeros((correction.image.height, correction.image.width), dtype=np.uint8)
+        if correction.mask is not None and correction.mask.shape != (correction.image.height, correction.image.width):
+            log.warning("task %s left out of training: mask and image sizes differ", correction.task_id)
+            continue
+        kept.append(correction)
+    return kept
+
+
+def run_training(
+    base: Predictor,
+    active: Predictor,
+    registry: Registry,
+    job: TrainJob,
+    progress: Progress,
+    should_stop: Callable[[], bool],
+    collect: Callable[..., list[Correction]] = pull_corrections,
+) -> dict[str, Any]:
+    """Train, evaluate, save and maybe promote; returns the summary the job stores as its result.
+    ``collect`` reads the corrections (from Label Studio unless a caller has them already)."""
+    settings = base.settings
+    started = time.perf_counter()
+    progress("collecting corrections", 0, 0, None)
+    corrections = collect(settings, job.project, job.image_key, job.choices, job.brushes)
+    corrections = fetch_images(base, corrections, with_masks=bool(job.brushes))
+    if len(corrections) < settings.train_min_corrections:
+        reason = f"{len(corrections)} usable corrections; training starts at {settings.train_min_corrections}"
+        log.info("project %s: not training: %s", job.project, reason)
+        return {"status": "skipped", "reason": reason, "corrections": len(corrections)}
+    parts = split(corrections, settings.train_holdout)
+
+    labels = [label for control in (*job.choices, *job.brushes) for label in control.labels]
+    bank = ClassBank.build(labels, settings.background_words)
+    text = base.text.classes(bank.synonyms).to(base.bundle.device)
+    index = {label.name: bank.index[label.texts] for label in labels}
+
+    cfg = CLIPSelfConfig(steps=settings.train_steps, lr=settings.train_lr, size=settings.image_size)
+    weights, report = train_clipself(
+        active.bundle.visual, base.bundle.visual, parts.train, text, index, base.bundle.mean, base.bundle.std, cfg,
+        progress=lambda step, loss: progress("clipself", step + 1, cfg.steps, loss), should_stop=should_stop,
+    )  # fmt: skip
+    visual = version_visual(base.bundle.visual, weights)
+    candidate = predictor_with(base, visual, None)
+
+    head, head_meta = None, {}
+    masks = [c for c in parts.train if c.mask is not None and c.mask.any()]
+    if job.brushes and len(masks) >= settings.zegclip_min_masks:
+        names = list(dict.fromkeys(label.name for b in job.brushes for label in b.labels))
+        samples = [TrainingSample(c.image, c.mask, c.mask_labels) for c in masks]
+        head, zeg_report = train_zegclip(
+            candidate.bundle, samples, names, steps=settings.train_steps, size=settings.image_size,
+            progress=lambda step, loss: progress("zegclip", step + 1, settings.train_steps, loss),
+        )  # fmt: skip
+        calibrate_threshold(candidate.bundle, head, samples, names, settings.image_size)
+        head_meta = {"classes": names, "steps": zeg_report.steps, "masks": len(masks)}
+        candidate = predictor_with(base, visual, head)
+
+    progress("evaluating", 0, 0, None)
+    with torch.inference_mode():
+        scores = {
+            "candidate": evaluate(candidate, parts.held_out, job.choices, job.brushes),
+            "active": evaluate(active, parts.held_out, job.choices, job.brushes),
+        }
+    promoted, reason = gate(scores["candidate"], scores["active"], settings.promotion_margin)
+
+    number = registry.next_number(job.project)
+    info = VersionInfo(
+        version=registry.version_name(job.project, number),
+        project=job.project,
+        number=number,
+        base=settings.model_version,
+        created_at=time.time(),
+        checksum="",
+        trained_on=[c.task_id for c in parts.train],
+        held_out=[c.task_id for c in parts.held_out],
+        metrics={**scores, "final_loss": report.losses[-1] if report.losses else None},
+        config={
+            "from_version": job.model_version,
+            "trigger": job.trigger,
+            "clipself": dataclasses.asdict(cfg),
+            "zegclip": head_meta,
+        },  # fmt: skip
+        promoted=promoted,
+        reason=reason,
+    )
+    info = save_version(registry, info, weights, head, head_meta)
+    if promoted:
+        registry.activate(job.project, info.version)
+    log.info("project %s: version %s %s (%s) in %.0f s", job.project, info.version,
+             "promoted" if promoted else "kept as candidate", reason, time.perf_counter() - started)  # fmt: skip
+    return {
+        "status": "promoted" if promoted else "rejected",
+        "version": info.version,
+        "reason": reason,
+        "metrics": scores,
+        "corrections": len(corrections),
+        "seconds": round(time.perf_counter() - started, 1),
+    }

@@ -1,0 +1,44 @@
+"""Quality metrics shared by the training gate and the benchmarks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def mean_average_precision(scores: np.ndarray, truth: np.ndarray) -> float:
+    """Mean over classes (with at least one positive) of the ranking average precision."""
+    aps = []
+    for c in range(scores.shape[1]):
+        if not truth[:, c].any():
+            continue
+        order = np.argsort(-scores[:, c], kind="stable")
+        hits = truth[order, c]
+        precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+        aps.append(float((precision * hits).sum() / hits.sum()))
+    return float(np.mean(aps))
+
+
+def micro_f1(predicted: np.ndarray, truth: np.ndarray) -> float:
+    tp = (predicted & truth).sum()
+    precision = tp / max(1, predicted.sum())
+    recall = tp / max(1, truth.sum())
+    return float(2 * precision * recall / (precision + recall)) if tp else 0.0
+
+
+def iou_table(predicted: Sequence[np.ndarray], truth: Sequence[np.ndarray], classes: int) -> np.ndarray:
+    """Per-class IoU over a dataset of class maps (0 = background, 1..classes); NaN when absent."""
+    confusion = np.zeros((classes + 1, classes + 1), dtype=np.int64)
+    for p, t in zip(predicted, truth, strict=True):
+        confusion += np.bincount(t.ravel() * (classes + 1) + p.ravel(), minlength=(classes + 1) ** 2).reshape(
+            classes + 1, classes + 1
+        )
+    inter = np.diag(confusion).astype(float)
+    union = confusion.sum(0) + confusion.sum(1) - np.diag(confusion)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, inter / union, np.nan)
+
+
+def miou(predicted: Sequence[np.ndarray], truth: Sequence[np.ndarray], classes: int) -> float:
+    return float(np.nanmean(iou_table(predicted, truth, classes)))

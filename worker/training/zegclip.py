@@ -1,0 +1,243 @@
+"""Train a project's ZegCLIP head on corrected masks, and measure it.
+
+``train_zegclip`` is the entry point the training job calls with a project's corrections;
+``python -m worker.training.zegclip DATA_DIR OUT_DIR`` trains from a folder laid out like
+``shared/data/voc-samples`` (``index.json`` + images + class-id masks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from worker.model import vit
+from worker.model.loading import ClipBundle
+from worker.model.preprocess import to_pixels, working_size
+from worker.model.text import TextEmbedder
+from worker.model.zegclip import (
+    IGNORE,
+    NO_CLASS,
+    ZegCLIP,
+    ZegCLIPConfig,
+    save_checkpoint,
+    segmentation_loss,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingSample:
+    """One corrected image. ``mask`` (uint8, the image's size) holds 0 where no label applies,
+    k for ``labels[k - 1]`` and 255 where nothing is known: Pascal VOC's layout."""
+
+    image: Image.Image
+    mask: np.ndarray
+    labels: tuple[str, ...]
+
+
+@dataclass
+class TrainingReport:
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def target_map(sample: TrainingSample, classes: Sequence[str]) -> np.ndarray:
+    """The sample's mask as indices into ``classes`` (NO_CLASS, IGNORE elsewhere); labels that
+    are not among ``classes`` become IGNORE, since nothing is known about them."""
+    index = {name: i for i, name in enumerate(classes)}
+    lookup = np.full(256, IGNORE, dtype=np.int64)
+    lookup[0] = NO_CLASS
+    for k, label in enumerate(sample.labels, start=1):
+        lookup[k] = index.get(label, IGNORE)
+    return lookup[sample.mask]
+
+
+def _crop(sample: TrainingSample, classes: Sequence[str], size: int, rng: random.Random, bundle: ClipBundle):
+    """A random square crop of side ``size`` after resizing the short side to ``size``; random flip."""
+    image, target = sample.image, target_map(sample, classes)
+    scale = size / min(image.size)
+    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    image = image.resize((width, height), Image.Resampling.BICUBIC)
+    target = np.asarray(Image.fromarray(target.astype(np.int32)).resize((width, height), Image.Resampling.NEAREST))
+    x0, y0 = rng.randint(0, width - size), rng.randint(0, height - size)
+    image = image.crop((x0, y0, x0 + size, y0 + size))
+    target = target[y0 : y0 + size, x0 : x0 + size]
+    if rng.random() < 0.5:
+        image, target = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), target[:, ::-1]
+    return to_pixels(image, (size, size), bundle.mean, bundle.std), torch.from_numpy(target.astype(np.int64).copy())
+
+
+def train_zegclip(
+    bundle: ClipBundle,
+    samples: Sequence[TrainingSample],
+    classes: Sequence[str],
+    cfg: ZegCLIPConfig | None = None,
+    steps: int = 2000,
+    batch_size: int = 8,
+    lr: float = 2e-4,
+    size: int = 448,
+    seed: int = 0,
+    progress: Callable[[int, float], None] | None = None,
+) -> tuple[ZegCLIP, TrainingReport]:
+    """Train prompts and head (the CLIP backbone stays frozen) on ``samples`` for ``classes``.
+
+    AdamW (weight decay 0.01), linear warm-up over the first tenth, then polynomial decay (0.9),
+    as ZegCLIP trains its new parameters. ``progress(step, loss)`` is called every step.
+    """
+    if not samples:
+        raise ValueError("ZegCLIP needs at least one corrected mask to train on.")
+    cfg = cfg or ZegCLIPConfig()
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    device = bundle.device
+    text = TextEmbedder(bundle).classes([(name,) for name in classes]).to(device)
+    model = ZegCLIP(bundle.visual, cfg).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (1 - s / steps) ** 0.9
+    )
+    report = TrainingReport(steps=steps)
+    started = time.perf_counter()
+    cuda = device.type == "cuda"
+    for step in range(steps):
+        batch = [_crop(rng.choice(samples), classes, size, rng, bundle) for _ in range(batch_size)]
+        pixels = torch.stack([p for p, _ in batch]).to(device)
+        targets = torch.stack([t for _, t in batch]).to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            logits = model(bundle.visual, pixels, text)
+        logits = F.interpolate(logits.float(), size=targets.shape[-2:], mode="bilinear", align_corners=False)
+        loss = segmentation_loss(logits, targets, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        report.losses.append(loss.item())
+        if progress is not None:
+            progress(step, report.losses[-1])
+    report.seconds = time.perf_counter() - started
+    return model.eval(), report
+
+
+#: Sigmoid floors tried when calibrating "no label" on the training masks.
+THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+@torch.no_grad()
+def _probabilities(
+    bundle: ClipBundle, model: ZegCLIP, samples: Sequence[TrainingSample], classes: Sequence[str], size: int
+) -> list[tuple[torch.Tensor, np.ndarray]]:
+    """Per sample: sigmoid scores [C, H, W] at the mask's size, and the target map."""
+    text = TextEmbedder(bundle).classes([(name,) for name in classes]).to(bundle.device)
+    out = []
+    for sample in samples:
+        target = target_map(sample, classes)
+        work = working_size(sample.image.width, sample.image.height, size, vit.patch_size(bundle.visual))
+        pixels = to_pixels(sample.image, work, bundle.mean, bundle.std)[None].to(bundle.device)
+        logits = model(bundle.visual, pixels, text)
+        out.append((F.interpolate(logits.float(), size=target.shape, mode="bilinear")[0].sigmoid().cpu(), target))
+    return out
+
+
+def _mean_iou(scored: list[tuple[torch.Tensor, np.ndarray]], classes: int, threshold: float) -> float:
+    inter, union = np.zeros(classes), np.zeros(classes)
+    for probs, target in scored:
+        best, label = probs.max(dim=0)
+        predicted = torch.where(best >= threshold, label, NO_CLASS).numpy()
+        known = target != IGNORE
+        for c in range(classes):
+            p, t = (predicted == c) & known, (target == c) & known
+            inter[c] += (p & t).sum()
+            union[c] += (p | t).sum()
+    present = union > 0
+    return float((inter[present] / union[present]).mean()) if present.any() else 0.0
+
+
+def mean_iou(
+    bundle: ClipBundle, model: ZegCLIP, samples: Sequence[TrainingSample], classes: Sequence[str], size: int
+) -> float:
+    """Mean IoU over the classes present in the samples' masks, predicting at short side ``size``."""
+    return _mean_iou(_probabilities(bundle, model, samples, classes, size), len(classes), model.cfg.mask_threshold)
+
+
+def calibrate_threshold(
+    bundle: ClipBundle, model: ZegCLIP, samples: Sequence[TrainingSample], classes: Sequence[str], size: int
+) -> float:
+    """Set the head's "no label" floor to the one that fits the corrected masks best: focal loss
+    keeps sigmoid scores low, so a fixed 0.5 can leave a useful head drawing nothing."""
+    scored = _probabilities(bundle, model, samples, classes, size)
+    best = max(THRESHOLDS, key=lambda t: _mean_iou(scored, len(classes), t))
+    model.cfg = dataclasses.replace(model.cfg, mask_threshold=best)
+    return best
+
+
+def load_voc_folder(directory: Path) -> tuple[list[TrainingSample], list[str]]:
+    """Samples from an ``index.json`` folder (shared/data/voc-samples layout) and its class names."""
+    index = json.loads((directory / "index.json").read_text())
+    names = index["classes"]
+    samples = []
+    for image_name, entry in index["images"].items():
+        ids = np.asarray(Image.open(directory / entry["mask"]))
+        present = [i for i in np.unique(ids).tolist() if 0 < i < len(names)]
+        relabel = np.full(256, 255, dtype=np.uint8)
+        relabel[0] = 0
+        for k, class_id in enumerate(present, start=1):
+            relabel[class_id] = k
+        image = Image.open(directory / image_name).convert("RGB")
+        samples.append(TrainingSample(image, relabel[ids], tuple(names[i] for i in present)))
+    classes = sorted({label for s in samples for label in s.labels})
+    return samples, classes
+
+
+def main(argv: list[str] | None = None) -> None:
+    from backend.logs import configure_logging
+    from backend.settings import Settings
+    from worker.model.loading import load_clip
+
+    parser = argparse.ArgumentParser(description="Train a ZegCLIP head on a folder of corrected masks.")
+    parser.add_argument("data", type=Path, help="folder with index.json, images and class-id masks")
+    parser.add_argument("out", type=Path, help="checkpoint directory to write")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--size", type=int, default=448, help="training crop side in pixels")
+    args = parser.parse_args(argv)
+
+    settings = Settings.from_env()
+    configure_logging(settings.log_level)
+    bundle = load_clip(settings)
+    samples, classes = load_voc_folder(args.data)
+
+    def progress(step: int, loss: float) -> None:
+        if step % 50 == 0 or step == args.steps - 1:
+            log.info("step %d/%d loss %.4f", step + 1, args.steps, loss)
+
+    model, report = train_zegclip(
+        bundle, samples, classes, steps=args.steps, batch_size=args.batch_size, size=args.size, progress=progress
+    )
+    calibrate_threshold(bundle, model, samples, classes, args.size)
+    miou = mean_iou(bundle, model, samples, classes, args.size)
+    save_checkpoint(
+        model,
+        args.out,
+        {"classes": classes, "base_model": settings.model_version, "steps": args.steps, "train_miou": miou},
+    )
+    log.info("saved %s: %d samples, %d classes, train mIoU %.3f, %.0f s", args.out, len(samples), len(classes),
+             miou, report.seconds)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
