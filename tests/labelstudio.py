@@ -1,0 +1,188 @@
+"""Real services for end-to-end tests: Label Studio 1.23.2 started headless from its own
+virtualenv (scripts/setup-label-studio) as PROTOCOL.md section 7 describes and driven through
+its REST API, and prelabel's backend, predict worker and training worker as the README starts them."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from backend.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+LS_BIN = Path(os.environ.get("PRELABEL_LS_VENV", REPO / ".venv-ls")) / "bin" / "label-studio"
+
+
+VENV_BIN = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LabelStudio:
+    """One Label Studio process with an admin whose legacy token drives the API."""
+
+    def __init__(self, data_dir: Path, port: int) -> None:
+        self.data_dir = data_dir
+        self.url = f"http://localhost:{port}"
+        self.port = port
+        self.legacy_token = secrets.token_hex(20)
+        self.email, self.password = "admin@example.com", secrets.token_hex(8)
+        self.log_path = data_dir / "label-studio.log"
+        self._process: subprocess.Popen | None = None
+        self._pat: str | None = None
+
+    def start(self, timeout: float = 180) -> LabelStudio:
+        if not LS_BIN.exists():
+            raise RuntimeError(f"{LS_BIN} not found: run scripts/setup-label-studio (scripts/test does).")
+        env = {
+            **os.environ,
+            "SECRET_KEY": secrets.token_hex(32),
+            "LABEL_STUDIO_BASE_DATA_DIR": str(self.data_dir),
+            "COLLECT_ANALYTICS": "false",
+            "SENTRY_DSN": "",
+            "FRONTEND_SENTRY_DSN": "",
+            "LATEST_VERSION_CHECK": "false",
+            # a backend on localhost is a "reserved network address" to Label Studio >= 1.23.1
+            "ML_BLOCK_LOCAL_IP": "false",
+            "SSRF_PROTECTION_ENABLED": "false",
+        }
+        for key in ("REDIS_URL", "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "VIRTUAL_ENV"):
+            env.pop(key, None)  # prelabel's settings are not Label Studio's
+        command = [
+            str(LS_BIN), "start", "--no-browser", "--port", str(self.port), "--data-dir", str(self.data_dir),
+            "--username", self.email, "--password", self.password,
+            "--user-token", self.legacy_token, "--enable-legacy-api-token",
+        ]  # fmt: skip
+        with open(self.log_path, "w") as log:
+            self._process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"Label Studio exited:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"Label Studio did not start within {timeout} s:\n{self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+
+    def api(self, method: str, path: str, **kwargs: Any) -> Any:
+        headers = {"Authorization": f"Token {self.legacy_token}"}
+        response = requests.request(method, f"{self.url}{path}", headers=headers, timeout=120, **kwargs)
+        if response.status_code >= 400:
+            raise AssertionError(f"{method} {path} -> {response.status_code}: {response.text[:500]}")
+        return response.json() if response.content else None
+
+    def personal_access_token(self) -> str:
+        """The admin's personal access token (a JWT refresh token), created once."""
+        if self._pat is None:
+            self._pat = self.api("POST", "/api/token/")["token"]
+        return self._pat
+
+    # The calls a user makes in the UI, in order.
+
+    def create_project(self, title: str, label_config: str) -> int:
+        return self.api("POST", "/api/projects", json={"title": title, "label_config": label_config})["id"]
+
+    def upload(self, project: int, path: Path) -> None:
+        with open(path, "rb") as f:
+            self.api("POST", f"/api/projects/{project}/import", files={"file": (path.name, f)})
+
+    def connect_backend(self, project: int, url: str, user: str, password: str) -> dict:
+        return self.api("POST", "/api/ml", json={
+            "url": url, "project": project, "title": "prelabel", "is_interactive": False,
+            "auth_method": "BASIC_AUTH", "basic_auth_user": user, "basic_auth_pass": password,
+        })  # fmt: skip
+
+    def retrieve_predictions(self, project: int) -> dict:
+        return self.api(
+            "POST",
+            f"/api/dm/actions?id=retrieve_tasks_predictions&project={project}",
+            json={"selectedItems": {"all": True, "excluded": []}},
+        )
+
+    def tasks(self, project: int) -> list[dict]:
+        body = self.api("GET", f"/api/tasks?project={project}&page_size=1000")
+        return body["tasks"] if isinstance(body, dict) else body
+
+    def predictions(self, task: int) -> list[dict]:
+        return self.api("GET", f"/api/predictions/?task={task}")
+
+    def annotate(self, task: int, result: list[dict]) -> dict:
+        return self.api("POST", f"/api/tasks/{task}/annotations/", json={"result": result})
+
+    def start_training(self, backend: int) -> dict:
+        """The "Start Training" button of the model's settings."""
+        return self.api("POST", f"/api/ml/{backend}/train")
+
+    def webhooks(self, project: int) -> list[dict]:
+        return self.api("GET", f"/api/webhooks/?project={project}")
+
+
+class Prelabel:
+    """prelabel-backend and one prelabel-worker, as the README starts them."""
+
+    def __init__(self, settings: Settings, workdir: Path) -> None:
+        self.settings = settings
+        self.port = free_port()
+        self.url = f"http://localhost:{self.port}"
+        env = {**os.environ, **settings.to_env()}
+        self.backend_log, self.worker_log = workdir / "backend.log", workdir / "worker.log"
+        self.trainer_log = workdir / "trainer.log"
+        self.auth = (settings.basic_auth_user, settings.basic_auth_pass)
+        self.processes = []
+        for command, log_path in (
+            ([VENV_BIN / "prelabel-backend", "--port", str(self.port)], self.backend_log),
+            ([VENV_BIN / "prelabel-worker"], self.worker_log),
+            ([VENV_BIN / "prelabel-worker", "train"], self.trainer_log),
+        ):
+            with open(log_path, "w") as log:
+                self.processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+
+    def get(self, path: str) -> dict:
+        response = requests.get(f"{self.url}{path}", auth=self.auth, timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                health = requests.get(f"{self.url}/health", timeout=2).json()
+                if health.get("workers", {}).get("count") == 1:
+                    return
+            except (requests.RequestException, ValueError):
+                pass
+            if any(p.poll() is not None for p in self.processes):
+                break
+            time.sleep(0.5)
+        raise AssertionError(f"prelabel did not start:\n{self.backend_log.read_text()}\n{self.worker_log.read_text()}")
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()

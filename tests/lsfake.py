@@ -1,0 +1,117 @@
+"""A stand-in for the parts of Label Studio a worker talks to: ``/data/upload/...`` behind token
+auth and ``/api/token/refresh/`` for personal access tokens. It checks the headers exactly as
+Label Studio 1.23.2 does (PROTOCOL.md section 0); the end-to-end test uses the real thing."""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+
+def make_jwt(claims: dict) -> str:
+    """An unsigned JWT-shaped token (Label Studio's PATs and access tokens look like this)."""
+
+    def part(obj: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+    return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(claims)}.{secrets.token_urlsafe(16)}"
+
+
+class FakeLabelStudio:
+    """Serves files from ``files`` (name -> bytes) at ``/data/upload/1/<name>`` and ``/raw/<name>``."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.legacy_token = secrets.token_hex(20)
+        self.pat = make_jwt({"token_type": "refresh", "exp": int(time.time()) + 3600})
+        self.access_tokens: set[str] = set()
+        self.refreshes = 0
+        self.requests: list[tuple[str, str | None]] = []
+        self.extra_routes: dict[str, Callable[[BaseHTTPRequestHandler], None]] = {}
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        """The base URL under the name ``localhost`` (``127.0.0.1`` then counts as another host)."""
+        return f"http://localhost:{self.port}"
+
+    def upload_path(self, name: str) -> str:
+        return f"/data/upload/1/{name}"
+
+    def start(self) -> FakeLabelStudio:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def expire_access_tokens(self) -> None:
+        self.access_tokens.clear()
+
+    def _authorized(self, header: str | None) -> bool:
+        if header == f"Token {self.legacy_token}":
+            return True
+        return bool(header and header.startswith("Bearer ") and header[7:] in self.access_tokens)
+
+    def _handler(self):
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # keep test output clean
+                pass
+
+            def _send(self, status: int, body: bytes, content_type: str = "application/json", **headers) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                body = json.loads(self.rfile.read(length) or b"{}")
+                if self.path == "/api/token/refresh/":
+                    fake.refreshes += 1
+                    if body.get("refresh") != fake.pat:
+                        return self._send(401, b'{"detail": "Token is invalid"}')
+                    access = make_jwt({"token_type": "access", "exp": int(time.time()) + 300})
+                    fake.access_tokens.add(access)
+                    return self._send(200, json.dumps({"access": access}).encode())
+                self._send(404, b"{}")
+
+            def do_GET(self) -> None:
+                parts = urlsplit(self.path)
+                fake.requests.append((parts.path, self.headers.get("Authorization")))
+                if parts.path in fake.extra_routes:
+                    return fake.extra_routes[parts.path](self)
+                if parts.path == "/redirect":
+                    target = parse_qs(parts.query)["to"][0]
+                    return self._send(302, b"", Location=target)
+                if parts.path.startswith("/data/upload/1/"):
+                    if not fake._authorized(self.headers.get("Authorization")):
+                        return self._send(401, b'{"detail": "Authentication credentials were not provided."}')
+                    return self._file(parts.path.removeprefix("/data/upload/1/"))
+                if parts.path.startswith("/raw/"):
+                    return self._file(parts.path.removeprefix("/raw/"))
+                self._send(404, b"{}")
+
+            def _file(self, name: str) -> None:
+                if name not in fake.files:
+                    return self._send(404, b'{"detail": "Not found."}')
+                self._send(200, fake.files[name], "application/octet-stream")
+
+        return Handler

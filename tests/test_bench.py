@@ -1,0 +1,75 @@
+"""The quality instrument: its metrics on known inputs, and a smoke run of the whole benchmark."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from backend.settings import Settings
+from bench import quality
+from worker.model.loading import load_clip
+from worker.model.tagclip import TagCLIPConfig
+from worker.model.text import TextEmbedder
+from worker.training import metrics
+
+
+def test_mean_average_precision_on_known_rankings():
+    truth = np.array([[1, 0], [0, 1], [1, 0], [0, 0]], dtype=bool)
+    perfect = np.array([[0.9, 0.1], [0.2, 0.8], [0.8, 0.3], [0.1, 0.2]])
+    assert metrics.mean_average_precision(perfect, truth) == 1.0
+    swapped = np.array([[0.1, 0.1], [0.9, 0.9], [0.8, 0.3], [0.7, 0.2]])  # class 0: positives ranked 4th and 2nd
+    ap0 = (1 / 2 + 2 / 4) / 2
+    assert metrics.mean_average_precision(swapped, truth) == pytest.approx((ap0 + 1.0) / 2)
+
+
+def test_iou_table_and_acceptance_on_known_maps():
+    truth = [np.array([[0, 1], [1, 2]])]
+    predicted = [np.array([[0, 1], [2, 2]])]
+    table = metrics.iou_table(predicted, truth, classes=3)
+    assert table[0] == 1.0 and table[1] == 0.5 and table[2] == 0.5 and np.isnan(table[3])
+    assert metrics.miou(predicted, truth, 3) == pytest.approx(2 / 3)
+    assert quality.accepted_share(truth, truth) == 1.0
+    assert quality.accepted_share(predicted, truth) == 0.0
+
+
+def test_micro_f1():
+    truth = np.array([[1, 0, 1], [0, 1, 0]], dtype=bool)
+    predicted = np.array([[1, 1, 0], [0, 1, 0]], dtype=bool)
+    assert metrics.micro_f1(predicted, truth) == pytest.approx(2 * (2 / 3) * (2 / 3) / (4 / 3))
+
+
+def test_benchmark_smoke_run(tiny_checkpoint):
+    bundle = load_clip(Settings(model_checkpoint=str(tiny_checkpoint), device="cpu"))
+    bench = quality.Bench(bundle, TextEmbedder(bundle), TagCLIPConfig(), batch_size=4)
+    report = quality.run(bench, n_held_out=6, n_pool=6, ks=[2], steps=2)
+    assert set(report["tagging"]) == {"colour", "shape"}
+    for kind in report["tagging"].values():
+        assert set(kind) == set(quality.TAG_METHODS)
+        assert all(0 <= v["mAP"] <= 1 and 0 <= v["F1"] <= 1 for v in kind.values())
+    assert set(report["segmentation"]) == {f"{h}{r}" for h in quality.HEADS for r in ("", " + tags")}
+    rows = report["learning"]["rows"]
+    assert [(r["strategy"], r["k"]) for r in rows] == [("random", 2), ("least confident", 2)]
+    text = quality.markdown(report, "python -m bench.quality --smoke", bundle.description)
+    assert "## 1. Tagging" in text and "| dmar+cwr |" in text and "least confident" in text
+
+
+def test_throughput_benchmark_smoke_run(tiny_checkpoint, redis_url, tmp_path):
+    from bench import throughput
+
+    out, figures = tmp_path / "benchmarks.md", tmp_path / "benchmarks.json"
+    throughput.main(["--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--size", "64", "--batch", "2",
+                     "--repeats", "1", "--tasks", "2", "--train-steps", "2", "--redis", redis_url,
+                     "--out", str(out), "--json", str(figures)])  # fmt: skip
+    text = out.read_text()
+    assert "| prelabel tags + masks |" in text and "| cached |" in text and "CLIPSelf:" in text
+    report = json.loads(figures.read_text())
+    assert report["pipeline"]["tags"] > 0 and report["serving"]["queue"]["p50"] > 0
+
+
+def test_load_test_smoke_run(tiny_checkpoint, redis_url):
+    from bench import load
+
+    result = load.run(clients=2, seconds=2, tasks=2, redis_url=redis_url, checkpoint=str(tiny_checkpoint), threads=2)
+    assert result["errors"] == 0 and result["requests"] > 0 and result["p50_ms"] > 0

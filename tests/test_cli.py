@@ -1,0 +1,60 @@
+"""The README's start command for real: `prelabel-backend` under gunicorn, over HTTP."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from tests.conftest import settings_env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def backend_server(make_settings, label_studio, tmp_path):
+    settings = make_settings(label_studio_url=label_studio.url, label_studio_api_key=label_studio.legacy_token)
+    port = _free_port()
+    log_path = tmp_path / "backend.log"
+    env = {**os.environ, **settings_env(settings)}
+    command = [sys.executable, "-m", "backend.cli", "--host", "127.0.0.1", "--port", str(port), "--workers", "3"]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if requests.get(f"{url}/health", timeout=1).json()["model"]["state"] == "ready":
+                break
+        except requests.RequestException:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"prelabel-backend did not become ready:\n{log_path.read_text()}")
+        time.sleep(0.2)
+    yield url, settings, log_path
+    process.terminate()
+    process.wait(timeout=20)
+
+
+def test_backend_serves_predictions_for_real_photos_over_http(backend_server, label_studio, voc_config):
+    url, settings, log_path = backend_server
+    setup = requests.post(f"{url}/setup", json={"project": "1.1", "schema": voc_config}, timeout=3)
+    assert setup.json() == {"model_version": settings.model_version}
+    tasks = [{"id": 7, "data": {"image": label_studio.upload_path("2011_000006.jpg")}}]
+    response = requests.post(f"{url}/predict", json={"tasks": tasks, "label_config": voc_config}, timeout=100)
+    assert response.status_code == 200
+    (prediction,) = response.json()["results"]
+    assert prediction["model_version"] == settings.model_version
+    assert prediction["result"][0]["value"]["choices"]
+    log = log_path.read_text()
+    assert "using 1 process so the model loads once" in log  # --workers 3 is refused in embedded mode
+    assert "predict: 1 tasks (0 cached, 0 without prediction)" in log
+    assert label_studio.legacy_token not in log  # secrets never reach the logs

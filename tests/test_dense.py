@@ -1,0 +1,198 @@
+"""Masks: the dense heads, mask extraction on planted inputs, the shared trunk, and Label
+Studio's brush RLE on real VOC masks."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from label_studio_sdk.converter.brush import decode_rle, mask2rle
+from PIL import Image
+
+from backend.jobs import BrushControl, ChoicesControl, ClassLabel, ImageTask, PredictJob
+from tests.conftest import shared_data
+from tests.tiny import build_tiny_clip
+from worker.model import dense, vit
+from worker.model.loading import load_clip
+from worker.model.preprocess import to_pixels, working_size
+from worker.model.tagclip import local_scores, reidentify
+from worker.predictor import ClassBank, Predictor
+
+
+def _text(n: int, seed: int = 0) -> torch.Tensor:
+    return F.normalize(torch.randn(n, 64, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def _planted_features(plan: np.ndarray, text: torch.Tensor) -> torch.Tensor:
+    """An "identity-like model": every patch's feature is the text embedding of its planted class."""
+    return text[torch.from_numpy(plan).flatten()]
+
+
+def test_masks_follow_the_planted_regions_and_background_stays_unlabeled():
+    text = _text(4)  # classes 0, 1 are labels; 2, 3 background words
+    plan = np.full((6, 8), 2)
+    plan[0:3, 0:4] = 0
+    plan[3:6, 4:8] = 1
+    plan[0:3, 6:8] = 3
+    logits = dense.class_logits(_planted_features(plan, text), text, (6, 8))
+    masks = dense.masks_from_logits(logits, n_labels=2, image_size=(400, 300), min_area=0.0)
+    assert [m.index for m in masks] == [0, 1]
+    expected = np.kron(plan, np.ones((50, 50), dtype=int))  # each patch is 50x50 pixels of a 400x300 image
+    for m in masks:
+        assert m.mask.shape == (300, 400)
+        iou = (m.mask & (expected == m.index)).sum() / (m.mask | (expected == m.index)).sum()
+        assert iou > 0.95
+        assert 0.5 < m.score <= 1.0
+    labelled = masks[0].mask | masks[1].mask
+    background = expected >= 2
+    # pixels won by background words stay unlabeled (up to the interpolated seams between patches)
+    assert labelled[background].mean() < 0.01
+
+
+def test_small_regions_are_dropped():
+    text = _text(3)
+    plan = np.full((10, 10), 2)
+    plan[0:5, 0:5] = 0  # 25% of the image
+    plan[8, 8] = 1  # one patch: 1% of the image
+    logits = dense.class_logits(_planted_features(plan, text), text, (10, 10))
+    kept = dense.masks_from_logits(logits, 2, (100, 100), min_area=0.02)
+    assert [m.index for m in kept] == [0]
+    assert [m.index for m in dense.masks_from_logits(logits, 2, (100, 100), min_area=0.0)] == [0, 1]
+
+
+def test_mask_score_is_the_mean_probability_inside():
+    logits = torch.zeros(2, 4, 4)
+    logits[0, :, :2] = 2.0  # class 0 wins the left half with p = e^2 / (e^2 + 1) ...
+    logits[1, :, 2:] = 1.0  # ... and class 1 (a background word) the right half
+    (mask,) = dense.masks_from_logits(logits, 1, (4, 4), min_area=0.0)
+    assert mask.mask[:, :2].all() and not mask.mask[:, 2:].any()
+    assert mask.score == pytest.approx(float(torch.tensor([2.0, 0.0]).softmax(0)[0]), abs=1e-6)
+
+
+def test_sigmoid_masks_leave_low_scores_unlabeled():
+    logits = torch.full((2, 4, 4), -5.0)
+    logits[1, 1:3, 1:3] = 5.0
+    (mask,) = dense.masks_from_logits(logits, 2, (4, 4), min_area=0.0, activation="sigmoid", floor=0.5)
+    assert mask.index == 1 and mask.mask.sum() == 4
+
+
+def test_large_images_get_full_size_masks_without_full_size_probability_maps():
+    text = _text(2)
+    plan = np.zeros((4, 6), dtype=int)
+    plan[:, 3:] = 1
+    logits = dense.class_logits(_planted_features(plan, text), text, (4, 6))
+    (left, right) = dense.masks_from_logits(logits, 2, (3000, 2000), min_area=0.0)
+    assert left.mask.shape == (2000, 3000)
+    assert left.mask[:, :1400].all() and right.mask[:, 1600:].all()
+
+
+def test_clearclip_block_is_qq_attention_without_residual_or_ffn():
+    """Checked against torch's own attention with the key projection replaced by the query's."""
+    visual = build_tiny_clip().visual
+    block = visual.transformer.resblocks[-1]
+    x = vit.embed(visual, torch.randn(1, 3, 64, 64))
+    twin = copy.deepcopy(block.attn)
+    D = x.shape[-1]
+    with torch.no_grad():
+        twin.in_proj_weight[D : 2 * D] = block.attn.in_proj_weight[:D]
+        twin.in_proj_bias[D : 2 * D] = block.attn.in_proj_bias[:D]
+        expected = twin(block.ln_1(x), block.ln_1(x), block.ln_1(x), need_weights=False)[0]
+        ours = dense.dense_block(block, x, "clearclip", (8, 8))
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_naclip_block_is_kk_attention_with_a_gaussian_neighbourhood():
+    visual = build_tiny_clip().visual
+    block = visual.transformer.resblocks[-1]
+    x = vit.embed(visual, torch.randn(1, 3, 48, 64))
+    twin = copy.deepcopy(block.attn)
+    D = x.shape[-1]
+    bias = dense.neighbourhood_bias((6, 8), 5.0, x.device)
+    with torch.no_grad():
+        twin.in_proj_weight[:D] = block.attn.in_proj_weight[D : 2 * D]
+        twin.in_proj_bias[:D] = block.attn.in_proj_bias[D : 2 * D]
+        expected = twin(block.ln_1(x), block.ln_1(x), block.ln_1(x), attn_mask=bias, need_weights=False)[0]
+        ours = dense.dense_block(block, x, "naclip", (6, 8))
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+    assert bias.shape == (49, 49) and bias[0].abs().sum() == 0 and bias[:, 0].abs().sum() == 0
+    assert bias[1, 1] == 1.0 and bias[1, 2] == pytest.approx(np.exp(-1 / 50)) and torch.equal(bias, bias.T)
+
+
+def _data_uri(image: Image.Image, **save) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", **save)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture
+def predictor(make_settings) -> Predictor:
+    settings = make_settings(background_words=(), mask_min_area=0.0)
+    return Predictor(settings, load_clip(settings))
+
+
+LABELS = tuple(ClassLabel(name, (name,)) for name in ("cat", "dog", "person", "car"))
+
+
+def test_shared_trunk_gives_the_same_tags_as_tagclip_alone(predictor, photos):
+    image = Image.open(io.BytesIO(photos["2011_000003.jpg"])).convert("RGB")
+    choices = ChoicesControl("tags", "image", LABELS, True)
+    brush = BrushControl("mask", "image", LABELS)
+    job = PredictJob("v", "image", (choices,), (ImageTask(1, _data_uri(image, quality=100)),), (brush,))
+    shared = predictor.predict(job).tasks[0]
+    assert shared.masks  # the dense head ran on the same trunk
+
+    decoded = Image.open(io.BytesIO(base64.b64decode(job.tasks[0].image_url.split(",")[1]))).convert("RGB")
+    bundle, cfg = predictor.bundle, predictor.config
+    size = working_size(decoded.width, decoded.height, predictor.settings.image_size, 8)
+    pixels = to_pixels(decoded, size, bundle.mean, bundle.std)[None]
+    bank = ClassBank.build(LABELS, ())
+    text = predictor.text.classes(bank.synonyms)
+    with torch.inference_mode():
+        alone = reidentify(bundle, local_scores(bundle, pixels, text, len(LABELS), cfg), text, cfg, 4)[0]
+    expected = {label.name: score for label, score in zip(LABELS, alone.tolist(), strict=True)}
+    assert shared.choices[0].scores == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("orientation", [1, 6, 8])
+def test_masks_have_the_upright_image_size(predictor, orientation):
+    image = Image.new("RGB", (120, 70), (30, 140, 40))
+    image.paste((200, 40, 40), (10, 10, 60, 60))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    task = ImageTask(5, _data_uri(image, exif=exif, quality=95))
+    job = PredictJob("v", "image", (), (task,), (BrushControl("mask", "image", LABELS),))
+    result = predictor.predict(job).tasks[0]
+    upright = (120, 70) if orientation == 1 else (70, 120)
+    assert (result.image_width, result.image_height) == upright
+    assert result.masks
+    for mask in result.masks:
+        decoded = decode_rle(mask.rle).reshape(upright[1], upright[0], 4)[:, :, 3]
+        assert decoded.any() and set(np.unique(decoded)) <= {0, 255}
+
+
+def test_brush_rle_round_trips_every_voc_mask(voc):
+    checked = 0
+    for name, entry in voc["images"].items():
+        ids = np.asarray(Image.open(shared_data() / "voc-samples" / entry["mask"]))
+        for class_id in set(np.unique(ids).tolist()) - {0, voc["ignore_index"]}:
+            mask = (ids == class_id).astype(np.uint8) * 255
+            decoded = decode_rle(mask2rle(mask)).reshape(*mask.shape, 4)[:, :, 3]
+            assert np.array_equal(decoded, mask), (name, class_id)
+            checked += 1
+    assert checked >= len(voc["images"])
+
+
+def test_maskclip_baseline_is_the_value_path_with_residual_and_ffn():
+    """Identity attention: the same as a self-attending block whose off-diagonal is masked out."""
+    visual = build_tiny_clip().visual
+    block = visual.transformer.resblocks[-1]
+    x = vit.embed(visual, torch.randn(1, 3, 64, 64))
+    with torch.no_grad():
+        ours = dense.dense_block(block, x, "maskclip", (8, 8))
+        expected = vit.self_attending_block(block, x, penalty=-1e4)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)

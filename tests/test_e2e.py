@@ -1,0 +1,152 @@
+"""End to end with the real Label Studio 1.23.2: a project from label_config/, real photos
+uploaded (so the worker must fetch /data/upload/... with auth), prelabel connected as an ML
+backend with basic auth, Retrieve Predictions on all tasks, every task checked. Once with a
+legacy token and once with a personal access token."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from label_studio_sdk.converter.brush import decode_rle
+from label_studio_sdk.label_interface import LabelInterface
+from PIL import Image
+
+from backend.settings import Settings
+from tests.conftest import REPO, claim_redis_db, shared_data
+from tests.labelstudio import LabelStudio, Prelabel, free_port
+
+pytestmark = pytest.mark.e2e
+
+PHOTOS = ["voc-samples/2011_000003.jpg", "voc-samples/120.png", "imagenet-samples/n02391049_zebra.JPEG"]
+CONFIG = REPO / "label_config" / "voc_tags_and_masks.xml"
+TOY_CLIP = REPO / "bench" / "models" / "toy-clip"
+
+
+@pytest.fixture(scope="module")
+def label_studio(tmp_path_factory) -> Iterator[LabelStudio]:
+    server = LabelStudio(tmp_path_factory.mktemp("label-studio"), free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("token_kind", ["legacy token", "personal access token"])
+def test_retrieve_predictions_from_label_studio(label_studio, token_kind, tmp_path):
+    token = label_studio.legacy_token if token_kind == "legacy token" else label_studio.personal_access_token()
+    with claim_redis_db() as redis_url:
+        settings = Settings(
+            redis_url=redis_url,
+            label_studio_url=label_studio.url,
+            label_studio_api_key=token,
+            basic_auth_user="labelstudio",
+            basic_auth_pass="s3cret-pass",
+            model_checkpoint=str(TOY_CLIP),
+            image_size=64,
+            background_words=("sky",),  # few background words, so the toy model draws masks
+            mask_min_area=0.0,
+            webhook_secret="hook-s3cret",
+            train_every=0,  # training starts with the button only
+            train_min_corrections=2,
+            train_steps=10,
+            zegclip_min_masks=1,
+            promotion_margin=1.0,  # the gate's own tests are in test_training.py; here, promote
+        )
+        prelabel = Prelabel(settings, tmp_path)
+        try:
+            prelabel.wait_ready()
+            project = label_studio.create_project(f"prelabel e2e ({token_kind})", CONFIG.read_text())
+            for photo in PHOTOS:
+                label_studio.upload(project, shared_data() / photo)
+            backend = label_studio.connect_backend(project, prelabel.url, "labelstudio", "s3cret-pass")
+            assert backend["readable_state"] == "Connected", backend
+            assert backend["model_version"] == settings.model_version
+
+            assert label_studio.retrieve_predictions(project)["processed_items"] == len(PHOTOS)
+            check_predictions(label_studio, project, settings.model_version)
+
+            label_studio.retrieve_predictions(project)  # the same version: nothing new to store
+            for task in label_studio.tasks(project):
+                assert len(label_studio.predictions(task["id"])) == 1
+
+            uid = learn_from_corrections(label_studio, project, backend["id"], prelabel)
+            trained = prelabel.get(f"/versions?project={uid}")["active"]
+            assert trained.startswith(settings.model_version + "+p")
+            label_studio.retrieve_predictions(project)  # /setup now reports the trained version
+            check_predictions(label_studio, project, trained)
+
+            # An import is precomputed (TASKS_CREATED) and posted back without anyone asking.
+            label_studio.upload(project, shared_data() / "voc-samples" / "2011_000006.jpg")
+            new_task = max(task["id"] for task in label_studio.tasks(project))
+            deadline = time.monotonic() + 120
+            while not [p for p in label_studio.predictions(new_task) if p["model_version"] == trained]:
+                assert time.monotonic() < deadline, prelabel.backend_log.read_text()[-3000:]
+                time.sleep(1)
+        finally:
+            prelabel.stop()
+    logs = prelabel.backend_log.read_text() + prelabel.worker_log.read_text() + prelabel.trainer_log.read_text()
+    for secret in (token, "s3cret-pass", "hook-s3cret"):
+        assert secret not in logs  # no secret in the logs
+    if token_kind == "personal access token":
+        assert "POST /api/token/refresh/" in label_studio.log_path.read_text()
+
+
+def learn_from_corrections(label_studio: LabelStudio, project: int, backend: int, prelabel: Prelabel) -> str:
+    """Annotators fix every task (the webhooks reach prelabel with the secret header it added),
+    then Start Training; returns the project's uid once the new version is active."""
+    deadline = time.monotonic() + 30
+    while not all(hook["headers"].get("X-Prelabel-Secret") for hook in label_studio.webhooks(project)):
+        assert time.monotonic() < deadline, "prelabel did not add its secret header to the webhook"
+        label_studio.retrieve_predictions(project)  # each call runs /setup, which schedules the header
+        time.sleep(0.5)
+    for task in label_studio.tasks(project):
+        (prediction,) = [p for p in label_studio.predictions(task["id"]) if p["result"]][:1]
+        corrected = [dict(item) for item in prediction["result"]]
+        corrected[0] = {**corrected[0], "value": {"choices": ["person"]}}  # a fixed tag; masks accepted
+        label_studio.annotate(task["id"], corrected)
+    deadline = time.monotonic() + 30
+    while not (reports := prelabel.get("/report")) or sum(
+        row["corrections"] for rows in reports.values() for row in rows.values()
+    ) < len(PHOTOS):
+        assert time.monotonic() < deadline, f"corrections did not all reach prelabel: {reports}"
+        time.sleep(0.5)
+    (uid,) = reports  # every correction was compared with its prediction
+
+    label_studio.start_training(backend)
+    deadline = time.monotonic() + 600
+    while True:
+        versions = prelabel.get(f"/versions?project={uid}")
+        if versions.get("details"):
+            assert versions["details"][-1]["promoted"], versions
+            return uid
+        assert time.monotonic() < deadline, prelabel.trainer_log.read_text()[-3000:]
+        time.sleep(2)
+
+
+def check_predictions(label_studio: LabelStudio, project: int, version: str) -> None:
+    """Every task holds one prediction from this version, with valid tags and masks that decode
+    to the photo's size."""
+    interface = LabelInterface(CONFIG.read_text())
+    sizes = {}
+    for photo in PHOTOS:
+        with Image.open(shared_data() / photo) as image:
+            sizes[Path(photo).name] = image.size
+    tasks = label_studio.tasks(project)
+    assert len(tasks) == len(PHOTOS)
+    masks = 0
+    for task in tasks:
+        assert task["data"]["image"].startswith("/data/upload/")  # fetched by the worker with auth
+        (prediction,) = [p for p in label_studio.predictions(task["id"]) if p["model_version"] == version]
+        assert interface.validate_prediction(prediction, return_errors=True) == []
+        items = prediction["result"]
+        assert items[0]["type"] == "choices" and items[0]["value"]["choices"]
+        width, height = next(size for name, size in sizes.items() if task["data"]["image"].endswith(name))
+        for item in items[1:]:
+            assert item["type"] == "brushlabels"
+            assert (item["original_width"], item["original_height"]) == (width, height)
+            mask = decode_rle(item["value"]["rle"]).reshape(height, width, 4)[:, :, 3]
+            assert mask.any() and set(np.unique(mask)) <= {0, 255}
+            masks += 1
+    assert masks > 0

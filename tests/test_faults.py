@@ -1,0 +1,125 @@
+"""Faults: Redis going away and coming back, and a worker killed in the middle of a job."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+import redis
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from backend.app import create_app
+from backend.jobs import ChoicesControl, ClassLabel, ImageTask, PredictJob
+from backend.runner import QueueRunner
+from tests.test_queue import start_worker, stop, wait_for_workers
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class OwnRedis:
+    """A redis-server of the test's own, without persistence, that can be stopped and restarted."""
+
+    def __init__(self, tmp_path) -> None:
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.dir = tmp_path
+
+    def start(self) -> None:
+        subprocess.run(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                        "--appendonly", "no", "--daemonize", "yes", "--dir", str(self.dir),
+                        "--logfile", str(self.dir / "redis.log")], check=True)  # fmt: skip
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis.from_url(self.url).ping()
+                return
+            except redis.exceptions.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        with contextlib.suppress(redis.exceptions.ConnectionError):  # SHUTDOWN closes its own connection
+            redis.Redis.from_url(self.url).shutdown(nosave=True)
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    server = OwnRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_redis_down_then_back_recovers_without_restarts(own_redis, make_settings, label_studio, voc_config, tmp_path):
+    settings = make_settings(redis_url=own_redis.url, label_studio_url=label_studio.url,
+                             label_studio_api_key=label_studio.legacy_token)  # fmt: skip
+    worker = start_worker(settings, tmp_path / "worker.log")
+    try:
+        wait_for_workers(settings, worker, tmp_path / "worker.log")
+        client = create_app(settings).test_client()
+        body = {"tasks": [{"id": 1, "data": {"image": label_studio.upload_path("2011_000003.jpg")}}],
+                "label_config": voc_config}  # fmt: skip
+        assert client.post("/predict", json=body).status_code == 200
+
+        own_redis.stop()
+        down = client.post("/predict", json=body)
+        assert down.status_code == 503 and "unreachable" in down.get_json()["error"]
+        assert client.get("/health").status_code == 503
+
+        own_redis.start()  # empty: no persistence, so the worker must register itself again
+        deadline = time.monotonic() + 120
+        while (
+            answer := client.post("/predict", json={**body, "tasks": [{**body["tasks"][0], "id": 2}]})
+        ).status_code != 200:
+            assert time.monotonic() < deadline, answer.get_json()
+            time.sleep(1)
+        assert answer.get_json()["results"][0]["result"]
+        assert worker.poll() is None  # the same worker process, never restarted
+    finally:
+        stop(worker)
+
+
+def test_a_worker_killed_mid_job_has_its_job_retried_by_another(redis_url, make_settings, label_studio, tmp_path):
+    settings = make_settings(redis_url=redis_url, job_timeout=5, label_studio_url=label_studio.url,
+                             label_studio_api_key=label_studio.legacy_token)  # fmt: skip
+    photo = label_studio.files["2011_000003.jpg"]
+
+    def slow(handler):
+        time.sleep(3)
+        handler._send(200, photo, "image/jpeg")
+
+    label_studio.extra_routes["/slow.jpg"] = slow
+    workers = [start_worker(settings, tmp_path / f"worker{i}.log") for i in range(2)]
+    try:
+        wait_for_workers(settings, workers[0], tmp_path / "worker0.log", count=2)
+        runner = QueueRunner(settings)
+        control = ChoicesControl("tags", "image", (ClassLabel("cat", ("cat",)), ClassLabel("dog", ("dog",))), True)
+        rq_job = runner.submit(PredictJob(settings.model_version, "image", (control,), (ImageTask(1, "/slow.jpg"),)))
+        connection = redis.Redis.from_url(redis_url)
+        deadline = time.monotonic() + 30
+        while (job := Job.fetch(rq_job.id, connection=connection, serializer=JSONSerializer)).worker_name is None:
+            assert time.monotonic() < deadline, "no worker took the job"
+            time.sleep(0.1)
+        pid = int(connection.hget(f"rq:worker:{job.worker_name}", "pid"))
+        victim = next(w for w in workers if w.pid == pid)
+        os.kill(victim.pid, signal.SIGKILL)  # mid-job: the image is still downloading
+
+        result = runner.wait(rq_job, runner.deadline(150))  # JOB_TIMEOUT + 60 s to notice, then a retry
+        assert result.tasks[0].choices and not result.tasks[0].error
+        survivor = next(w for w in workers if w is not victim)
+        assert result.worker["pid"] == survivor.pid
+    finally:
+        for w in workers:
+            stop(w)

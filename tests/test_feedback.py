@@ -1,0 +1,66 @@
+"""Comparing pre-labels with corrections, on constructed pairs in Label Studio's real formats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import redis
+from label_studio_sdk.converter.brush import mask2rle
+
+from backend.feedback import Feedback, compare
+
+PROJECT = "5.1795414525"
+
+
+def _tags(*labels: str) -> dict:
+    return {"from_name": "tags", "to_name": "image", "type": "choices", "value": {"choices": list(labels)}}
+
+
+def _mask(label: str, mask: np.ndarray) -> dict:
+    h, w = mask.shape
+    value = {"format": "rle", "rle": mask2rle(mask.astype(np.uint8) * 255), "brushlabels": [label]}
+    return {"from_name": "mask", "to_name": "image", "type": "brushlabels", "original_width": w, "original_height": h,
+            "value": value}  # fmt: skip
+
+
+def _square(top: int, left: int, size: int = 10) -> np.ndarray:
+    mask = np.zeros((40, 60), dtype=bool)
+    mask[top : top + size, left : left + size] = True
+    return mask
+
+
+def test_an_accepted_prediction_is_unchanged():
+    result = [_tags("cat", "dog"), _mask("cat", _square(5, 5))]
+    stats = compare(result, result)
+    assert stats == {"tags_accepted": 2, "tags_added": 0, "tags_removed": 0, "mask_iou": {"cat": 1.0},
+                     "unchanged": True}  # fmt: skip
+
+
+def test_fixed_tags_and_masks_are_counted():
+    predicted = [_tags("cat", "dog"), _mask("cat", _square(5, 5)), _mask("dog", _square(20, 30))]
+    final = [_tags("cat", "person"), _mask("cat", _square(5, 10)), _mask("person", _square(20, 30))]
+    stats = compare(predicted, final)
+    assert (stats["tags_accepted"], stats["tags_added"], stats["tags_removed"]) == (1, 1, 1)
+    assert stats["mask_iou"]["cat"] == pytest.approx(50 / 150)  # shifted by half its width
+    assert stats["mask_iou"]["dog"] == 0.0 and stats["mask_iou"]["person"] == 0.0
+    assert not stats["unchanged"]
+
+
+def test_report_per_version_with_updates_and_deletions(redis_url):
+    feedback = Feedback(redis.Redis.from_url(redis_url))
+    prediction = {"model_version": "v1", "score": 0.5, "result": [_tags("cat"), _mask("cat", _square(5, 5))]}
+    feedback.remember_predictions(PROJECT, {11: prediction, 12: prediction})
+    accepted = {"id": 101, "task": 11, "result": prediction["result"]}
+    fixed = {"id": 102, "task": 12, "result": [_tags("cat", "dog"), _mask("cat", _square(5, 10))]}
+    assert feedback.record(PROJECT, accepted)["unchanged"]
+    assert not feedback.record(PROJECT, fixed)["unchanged"]
+    assert feedback.record(PROJECT, {"id": 103, "task": 99, "result": []}) is None  # never predicted
+
+    row = feedback.report(PROJECT)[PROJECT]["v1"]
+    assert row["corrections"] == 2 and row["unchanged_share"] == 0.5 and row["tags_added"] == 1
+    assert row["mask_iou"]["cat"] == pytest.approx((1.0 + 50 / 150) / 2)
+
+    feedback.record(PROJECT, {**fixed, "result": prediction["result"]})  # the annotator updates it back
+    assert feedback.report(PROJECT)[PROJECT]["v1"]["unchanged_share"] == 1.0
+    feedback.forget(PROJECT, [101])
+    assert feedback.report()[PROJECT]["v1"]["corrections"] == 1

@@ -1,0 +1,107 @@
+"""Untrusted bytes in, upright RGB out, or an ImageDecodeError that says what was wrong."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.errors import ImageDecodeError
+from worker.images import decode_image
+
+LIMIT = 60_000_000
+
+
+def _encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def test_real_photo_decodes_to_rgb_at_its_size(photos):
+    image = decode_image(photos["2011_000003.jpg"], LIMIT)
+    assert image.mode == "RGB" and image.size == (500, 338)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "empty"),
+        (b"\x00\x01garbage" * 100, "Not a recognised image format"),
+        (b"<!DOCTYPE html><html><body>Login</body></html>", "web page"),
+        (b'{"detail": "Authentication credentials were not provided."}', "web page or JSON"),
+        (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg"></svg>', "SVG"),
+    ],
+)
+def test_non_images_are_refused_with_the_reason(data, message):
+    with pytest.raises(ImageDecodeError, match=message):
+        decode_image(data, LIMIT)
+
+
+def test_truncated_jpeg_is_refused(photos):
+    data = photos["2011_000003.jpg"]
+    with pytest.raises(ImageDecodeError, match="corrupt or truncated"):
+        decode_image(data[: len(data) // 2], LIMIT)
+
+
+def test_decompression_bomb_is_refused_from_the_header():
+    bomb = _encode(Image.new("1", (20000, 20000)))  # 400 megapixels in a few kilobytes
+    assert len(bomb) < 200_000
+    with pytest.raises(ImageDecodeError, match="too large"):
+        decode_image(bomb, LIMIT)
+
+
+def test_pixel_limit_is_checked_before_decoding(photos):
+    with pytest.raises(ImageDecodeError, match="500x338 = 169,000 pixels, over MAX_IMAGE_PIXELS=100,000"):
+        decode_image(photos["2011_000003.jpg"], 100_000)
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 10, 20))  # blue stripe on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    decoded = decode_image(_encode(image, "JPEG", exif=exif, quality=95), LIMIT)
+    assert decoded.size == (20, 40)
+    top = np.asarray(decoded)[2, 10]
+    assert top[2] > 200 and top[0] < 60  # the left stripe is now on top
+
+
+def test_cmyk_becomes_rgb():
+    cmyk = Image.new("CMYK", (8, 8), (0, 255, 255, 0))  # pure red in CMYK
+    decoded = decode_image(_encode(cmyk, "JPEG", quality=95), LIMIT)
+    r, g, b = np.asarray(decoded)[4, 4]
+    assert decoded.mode == "RGB" and r > 200 and g < 60 and b < 60
+
+
+def test_sixteen_bit_keeps_its_full_range():
+    array = np.zeros((4, 4), dtype=np.uint16)
+    array[:2] = 65535
+    array[2:] = 32896  # mid grey in 16 bits
+    image = Image.fromarray(array)
+    assert image.mode.startswith("I;16")
+    decoded = np.asarray(decode_image(_encode(image), LIMIT))
+    assert decoded[0, 0].tolist() == [255, 255, 255]
+    assert decoded[3, 0].tolist() == [128, 128, 128]
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_become_white(mode):
+    rgba = Image.new("RGBA", (6, 6), (0, 0, 0, 0))
+    rgba.paste((255, 0, 0, 255), (0, 0, 3, 6))
+    image = rgba if mode == "RGBA" else rgba.convert(mode) if mode == "LA" else rgba.convert("P")
+    if mode == "P":
+        image = Image.new("P", (6, 6), 0)
+        image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+        image.paste(1, (0, 0, 3, 6))
+        image.info["transparency"] = 0
+    decoded = np.asarray(decode_image(_encode(image), LIMIT))
+    assert decoded[0, 5].tolist() == [255, 255, 255]  # transparent half
+    assert decoded[0, 0].tolist() != [255, 255, 255]  # opaque half keeps its colour
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "F"])
+def test_other_modes_become_rgb(mode):
+    image = Image.new("L", (5, 5), 200).convert(mode)
+    data = _encode(image, "TIFF" if mode == "F" else "PNG")
+    assert decode_image(data, LIMIT).mode == "RGB"

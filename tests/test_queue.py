@@ -1,0 +1,248 @@
+"""The queue path for real: the backend enqueues on Redis, a `prelabel-worker` process (RQ's
+SimpleWorker, model loaded once) runs the job, the backend returns its results."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from rq import SimpleWorker, Worker
+from rq.job import JobStatus
+from rq.serializers import JSONSerializer
+
+from backend.app import create_app
+from backend.errors import JobTimeout
+from backend.jobs import ChoicesControl, ClassLabel, ImageTask, PredictJob
+from backend.runner import InlineRunner, QueueRunner
+from backend.settings import Settings
+from tests.conftest import claim_redis_db, settings_env
+from tests.lsfake import FakeLabelStudio
+from worker import tasks
+
+PHOTOS = ["2011_000003.jpg", "120.png", "n02129604_tiger.JPEG", "n03792782_mountain_bike.JPEG"]
+
+
+def start_worker(settings: Settings, log_path: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, **settings_env(settings)}
+    with open(log_path, "w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+
+
+def wait_for_workers(settings: Settings, process: subprocess.Popen, log_path: Path, count: int = 1) -> None:
+    connection = redis.Redis.from_url(settings.redis_url)
+    deadline = time.monotonic() + 90
+    while Worker.count(connection=connection) < count:
+        if process.poll() is not None:
+            pytest.fail(f"prelabel-worker exited with {process.returncode}:\n{log_path.read_text()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"prelabel-worker did not register within 90 s:\n{log_path.read_text()}")
+        time.sleep(0.1)
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_checkpoint, photos, tmp_path_factory) -> Iterator[tuple[Settings, FakeLabelStudio, Path]]:
+    """A fake Label Studio, a claimed Redis database and one worker serving it, for this module."""
+    label_studio = FakeLabelStudio(dict(photos)).start()
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    with claim_redis_db() as url:
+        settings = Settings(
+            redis_url=url,
+            model_checkpoint=str(tiny_checkpoint),
+            image_size=64,
+            batch_size=4,
+            predict_timeout=60.0,
+            label_studio_url=label_studio.url,
+            label_studio_api_key=label_studio.legacy_token,
+        )
+        process = start_worker(settings, log_path)
+        try:
+            wait_for_workers(settings, process, log_path)
+            yield settings, label_studio, log_path
+        finally:
+            stop(process)
+            label_studio.stop()
+
+
+def _request(label_studio: FakeLabelStudio, config: str) -> dict:
+    tasks = [{"id": i, "data": {"image": label_studio.upload_path(name)}} for i, name in enumerate(PHOTOS)]
+    return {"tasks": tasks, "project": "3.1700000000", "label_config": config}
+
+
+def test_queue_results_equal_embedded_results(stack, voc_config):
+    settings, label_studio, _ = stack
+    body = _request(label_studio, voc_config)
+    queued = create_app(settings).test_client().post("/predict", json=body)
+    assert queued.status_code == 200, queued.get_json()
+
+    embedded_settings = dataclasses.replace(settings, redis_url=None)
+    embedded = create_app(embedded_settings).test_client().post("/predict", json=body)
+    assert embedded.status_code == 200
+
+    queued_results, embedded_results = queued.get_json()["results"], embedded.get_json()["results"]
+    assert len(queued_results) == len(PHOTOS)
+    for q, e in zip(queued_results, embedded_results, strict=True):
+        assert q["model_version"] == e["model_version"] == settings.model_version
+        assert q["result"][0]["value"] == e["result"][0]["value"]
+        assert q["score"] == pytest.approx(e["score"], abs=1e-3)
+
+
+def test_one_worker_process_serves_many_jobs_with_the_model_loaded_once(stack, voc_config):
+    settings, label_studio, log_path = stack
+    runner = QueueRunner(settings)
+    control = ChoicesControl("tags", "image", (ClassLabel("cat", ("cat",)), ClassLabel("dog", ("dog",))), True)
+    job = PredictJob(settings.model_version, "image", (control,), (ImageTask(1, label_studio.upload_path(PHOTOS[0])),))
+    first, second = runner.predict(job), runner.predict(job)
+    assert first.worker["pid"] == second.worker["pid"]
+    assert first.worker["model_loaded_at"] == second.worker["model_loaded_at"] is not None
+    assert first.tasks == second.tasks
+    assert "timings" in log_path.read_text()  # the worker logs each job with its timings
+
+
+def test_worker_rejects_a_job_for_another_model_version(stack, voc_config):
+    settings, label_studio, _ = stack
+    other = dataclasses.replace(settings, tag_threshold=0.3)  # a different version string
+    response = create_app(other).test_client().post("/predict", json=_request(label_studio, voc_config))
+    assert response.status_code == 500
+    error = response.get_json()["error"]
+    assert f"serves model version {settings.model_version}" in error and "same MODEL_*" in error
+
+
+def test_a_slow_batch_answers_what_is_ready_and_finishes_in_the_background(stack, voc_config):
+    settings, label_studio, _ = stack
+    photo = label_studio.files[PHOTOS[1]]
+
+    def slow(handler):
+        time.sleep(2.5)
+        handler._send(200, photo, "image/png")
+
+    label_studio.extra_routes["/slow.png"] = slow
+    impatient = dataclasses.replace(settings, predict_timeout=1.0)
+    client = create_app(impatient).test_client()
+    fast = {"id": 1, "data": {"image": label_studio.upload_path(PHOTOS[0])}}
+    slow_task = {"id": 2, "data": {"image": "/slow.png"}}
+    assert client.post("/predict", json={"tasks": [fast], "label_config": voc_config}).status_code == 200
+
+    response = client.post("/predict", json={"tasks": [fast, slow_task], "label_config": voc_config})
+    assert response.status_code == 200  # within PREDICT_TIMEOUT, not a 504
+    ready, pending = response.get_json()["results"]
+    assert ready["result"] and pending == []  # the cached task now, the slow one later
+
+    deadline = time.monotonic() + 30
+    while True:
+        both = client.post("/predict", json={"tasks": [fast, slow_task], "label_config": voc_config})
+        results = both.get_json()["results"]
+        if all(results):
+            break
+        assert time.monotonic() < deadline, "the background job never filled the cache"
+        time.sleep(0.5)
+    assert results[0] == ready and results[1]["result"]
+
+
+def test_health_shows_queue_and_workers(stack):
+    settings, _, _ = stack
+    body = create_app(settings).test_client().get("/health").get_json()
+    assert body["status"] == "UP" and body["mode"] == "queue"
+    assert body["workers"]["count"] == 1
+    assert body["queue"] == {"name": "predict", "pending": body["queue"]["pending"]}
+
+
+def test_no_worker_gives_a_clear_503(redis_url, make_settings, voc_config):
+    client = create_app(make_settings(redis_url=redis_url)).test_client()
+    body = {"tasks": [{"id": 1, "data": {"image": "/data/upload/1/a.jpg"}}], "label_config": voc_config}
+    response = client.post("/predict", json=body)
+    assert response.status_code == 503
+    assert "No prelabel-worker is listening on queue 'predict'" in response.get_json()["error"]
+
+
+def test_redis_down_gives_503_without_leaking_the_password(make_settings, voc_config):
+    settings = make_settings(redis_url="redis://:hunter2@127.0.0.1:1/0")  # nothing listens on port 1
+    client = create_app(settings).test_client()
+    health = client.get("/health")
+    assert health.status_code == 503 and health.get_json()["status"] == "DOWN"
+    body = {"tasks": [{"id": 1, "data": {"image": "/x.jpg"}}], "label_config": voc_config}
+    response = client.post("/predict", json=body)
+    assert response.status_code == 503
+    error = response.get_json()["error"]
+    assert "unreachable" in error and "hunter2" not in error and "***@127.0.0.1:1" in error
+
+
+def test_worker_stops_with_a_clear_message_when_the_model_is_missing(redis_url, tmp_path, make_settings):
+    settings = make_settings(redis_url=redis_url, model_checkpoint=str(tmp_path / "nowhere"))
+    log_path = tmp_path / "worker.log"
+    process = start_worker(settings, log_path)
+    assert process.wait(timeout=90) == 1
+    assert "prelabel-worker: MODEL_CHECKPOINT=" in log_path.read_text()
+    assert "does not exist" in log_path.read_text()
+
+
+def _job(settings: Settings, label_studio: FakeLabelStudio) -> PredictJob:
+    control = ChoicesControl("tags", "image", tuple(ClassLabel(c, (c,)) for c in ("cat", "dog", "person")), True)
+    tasks = tuple(ImageTask(i, label_studio.upload_path(name)) for i, name in enumerate(PHOTOS))
+    return PredictJob(settings.model_version, "image", (control,), tasks)
+
+
+def test_burst_worker_in_process_runs_what_the_backend_enqueued(redis_url, make_settings, label_studio):
+    settings = make_settings(
+        redis_url=redis_url, label_studio_url=label_studio.url, label_studio_api_key=label_studio.legacy_token
+    )
+    runner = QueueRunner(settings)
+    rq_job = runner.submit(_job(settings, label_studio))
+    assert runner.queue.count == 1
+
+    tasks.configure(settings)
+    SimpleWorker([runner.queue], connection=runner.connection, serializer=JSONSerializer).work(burst=True)
+    queued = runner.wait(rq_job, time.monotonic() + 10)
+
+    embedded = InlineRunner(dataclasses.replace(settings, redis_url=None)).predict(_job(settings, label_studio))
+    assert [t.task_id for t in queued.tasks] == list(range(len(PHOTOS)))
+    for q, e in zip(queued.tasks, embedded.tasks, strict=True):
+        assert q.choices[0].selected == e.choices[0].selected
+        assert q.choices[0].scores == pytest.approx(e.choices[0].scores, abs=1e-5)
+
+
+def test_a_job_keeps_its_place_when_the_wait_ends(redis_url, make_settings, label_studio):
+    settings = make_settings(redis_url=redis_url, predict_timeout=1.0)
+    runner = QueueRunner(settings)
+    rq_job = runner.submit(_job(settings, label_studio))
+    with pytest.raises(JobTimeout, match="keeps running"):
+        runner.wait(rq_job, runner.deadline())
+    assert rq_job.get_status(refresh=True) == JobStatus.QUEUED and runner.queue.count == 1
+
+
+def test_imported_tasks_are_precomputed_into_the_cache(stack, voc_config):
+    settings, label_studio, _ = stack
+    app = create_app(settings)
+    client = app.test_client()
+    project = {"id": 8, "created_at": "2026-11-23T06:15:25Z", "label_config": voc_config}
+    tasks = [{"id": 80 + i, "data": {"image": label_studio.upload_path(name)}} for i, name in enumerate(PHOTOS[:2])]
+    answer = client.post("/webhook", json={"action": "TASKS_CREATED", "tasks": tasks, "project": project}).get_json()
+    assert answer["status"] == "precomputing" and answer["job"]
+
+    server = app.extensions["prelabel"].server
+    keys = [server.cache.key(settings.model_version, voc_config, t["id"], t["data"]["image"]) for t in tasks]
+    deadline = time.monotonic() + 30
+    while not all(server.cache.get_many(keys)):
+        assert time.monotonic() < deadline, "precomputed predictions never reached the cache"
+        time.sleep(0.2)
+    again = client.post("/webhook", json={"action": "TASKS_CREATED", "tasks": tasks, "project": project}).get_json()
+    assert again["status"] == "cached" and again["job"] is None
+    results = client.post("/predict", json={"tasks": tasks, "label_config": voc_config,
+                                            "project": "8.1795414525"}).get_json()["results"]  # fmt: skip
+    assert results == server.cache.get_many(keys)

@@ -1,0 +1,71 @@
+"""Versions on disk and in Redis: listing, activation, rollback, and corrupt weights refused."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from backend.errors import BadRequest
+from backend.projects import project_id, project_uid
+from backend.registry import WEIGHTS_FILE, Registry, VersionInfo, VersionNotFound, file_checksum
+
+PROJECT = "3.1795414525"
+BASE = "prelabel-tiny-abc123"
+
+
+def _add_version(registry: Registry, number: int, payload: bytes = b"weights") -> VersionInfo:
+    directory = registry.version_dir(PROJECT, number)
+    directory.mkdir(parents=True)
+    (directory / WEIGHTS_FILE).write_bytes(payload)
+    info = VersionInfo(registry.version_name(PROJECT, number), PROJECT, number, BASE, time.time(),
+                       file_checksum(directory / WEIGHTS_FILE), trained_on=[1, 2])  # fmt: skip
+    registry.save(info)
+    return info
+
+
+def test_project_uids_are_the_same_from_setup_and_from_webhooks():
+    assert project_uid("3.1795414525") == "3.1795414525"
+    webhook_project = {"id": 3, "created_at": "2026-11-23T06:15:25.123456Z", "title": "x"}
+    assert project_uid(webhook_project) == "3.1795414525"
+    assert project_id("3.1795414525") == 3
+    with pytest.raises(BadRequest):
+        project_uid({"title": "no id"})
+
+
+def test_base_until_a_version_is_activated_then_rollback(tmp_path, redis_url):
+    connection = redis.Redis.from_url(redis_url)
+    registry = Registry(tmp_path, BASE, connection)
+    assert registry.active(PROJECT) == BASE and registry.active(None) == BASE
+    v1, v2 = _add_version(registry, 1), _add_version(registry, 2, b"other")
+    assert [v.version for v in registry.versions(PROJECT)] == [v1.version, v2.version]
+    assert v2.version == f"{BASE}+p3-v2" and registry.next_number(PROJECT) == 3
+
+    registry.activate(PROJECT, v2.version)
+    assert registry.active(PROJECT) == v2.version
+    assert Registry(tmp_path, BASE).active(PROJECT) == v2.version  # on disk too, without Redis
+    registry.activate(PROJECT, v1.version)  # rollback
+    assert registry.active(PROJECT) == v1.version
+    registry.activate(PROJECT, BASE)
+    assert registry.active(PROJECT) == BASE
+
+
+def test_unknown_and_corrupt_versions_are_refused_and_the_active_one_stays(tmp_path, redis_url):
+    registry = Registry(tmp_path, BASE, redis.Redis.from_url(redis_url))
+    v1, v2 = _add_version(registry, 1), _add_version(registry, 2)
+    registry.activate(PROJECT, v1.version)
+    (registry.version_dir(PROJECT, 2) / WEIGHTS_FILE).write_bytes(b"bit rot")
+    with pytest.raises(BadRequest, match="corrupt"):
+        registry.activate(PROJECT, v2.version)
+    with pytest.raises(VersionNotFound):
+        registry.activate(PROJECT, "nope")
+    assert registry.active(PROJECT) == v1.version
+
+
+def test_versions_of_another_base_are_not_offered(tmp_path):
+    old = Registry(tmp_path, "prelabel-old-000000")
+    directory = old.version_dir(PROJECT, 1)
+    directory.mkdir(parents=True)
+    old.save(VersionInfo("old+p3-v1", PROJECT, 1, "prelabel-old-000000", 0.0, "x"))
+    assert Registry(tmp_path, BASE).versions(PROJECT) == []

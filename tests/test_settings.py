@@ -1,0 +1,73 @@
+from pathlib import Path
+
+import pytest
+
+from backend.errors import SettingsError
+from backend.settings import DEFAULT_BACKGROUND_WORDS, Settings
+
+
+def test_defaults_without_environment():
+    settings = Settings.from_env({})
+    assert settings.embedded
+    assert not settings.auth_enabled
+    assert settings.model_name == "ViT-B-16-quickgelu" and settings.model_pretrained == "openai"
+    assert settings.background_words == DEFAULT_BACKGROUND_WORDS
+    assert settings.predict_timeout < 100  # below Label Studio's /predict timeout
+
+
+def test_environment_names_and_types():
+    settings = Settings.from_env(
+        {
+            "REDIS_URL": "redis://localhost:6379/3",
+            "LABEL_STUDIO_URL": "http://ls:8080",
+            "LABEL_STUDIO_API_KEY": "secret-token",
+            "BASIC_AUTH_USER": "ls",
+            "BASIC_AUTH_PASS": "pw",
+            "MODEL_DIR": "/models",
+            "PREDICT_TIMEOUT": "30",
+            "ALLOWED_HOSTS": "images.example.com, *.cdn.example.com",
+            "ALLOW_INTERNAL_HOSTS": "true",
+            "TAG_THRESHOLD": "0.4",
+            "BACKGROUND_WORDS": "sky,grass",
+        }
+    )
+    assert not settings.embedded and settings.auth_enabled
+    assert settings.model_dir == Path("/models")
+    assert settings.predict_timeout == 30.0
+    assert settings.allowed_hosts == ("images.example.com", "*.cdn.example.com")
+    assert settings.allow_internal_hosts is True
+    assert settings.background_words == ("sky", "grass")
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"PREDICT_TIMEOUT": "abc"}, "PREDICT_TIMEOUT='abc' is not a valid float"),
+        ({"PREDICT_TIMEOUT": "120"}, "Label Studio gives up"),
+        ({"ALLOW_INTERNAL_HOSTS": "maybe"}, "expected true or false"),
+        ({"BASIC_AUTH_USER": "only-user"}, "Set both BASIC_AUTH_USER and BASIC_AUTH_PASS"),
+        ({"TAG_THRESHOLD": "1.5"}, "TAG_THRESHOLD"),
+        ({"BATCH_SIZE": "0"}, "BATCH_SIZE must be a positive number"),
+    ],
+)
+def test_invalid_values_name_the_variable(env, message):
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env(env)
+
+
+def test_secrets_stay_out_of_repr():
+    env = {"LABEL_STUDIO_API_KEY": "tok-123", "BASIC_AUTH_USER": "u", "BASIC_AUTH_PASS": "pw-456"}
+    settings = Settings.from_env(env)
+    assert "tok-123" not in repr(settings) and "pw-456" not in repr(settings)
+
+
+def test_model_version_tracks_weights_and_prediction_settings():
+    base = Settings.from_env({})
+    assert base.model_version.startswith("prelabel-ViT-B-16-quickgelu.openai-")
+    assert Settings.from_env({}).model_version == base.model_version  # stable across processes
+    assert Settings.from_env({"TAG_THRESHOLD": "0.3"}).model_version != base.model_version
+    assert Settings.from_env({"IMAGE_SIZE": "224"}).model_version != base.model_version
+    assert Settings.from_env({"PREDICT_TIMEOUT": "50"}).model_version == base.model_version  # not a model knob
+    assert "random" in Settings.from_env({"MODEL_PRETRAINED": "random"}).model_version
+    assert Settings.from_env({"MODEL_CHECKPOINT": "/m/toy-clip"}).model_version.startswith("prelabel-toy-clip-")
+    assert Settings.from_env({"MODEL_VERSION": "v7"}).model_version == "v7"

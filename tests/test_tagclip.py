@@ -1,0 +1,149 @@
+"""TagCLIP's pieces on constructed inputs, where the right answer is known by construction."""
+
+import torch
+
+from tests.tiny import build_tiny_clip
+from worker.model import vit
+from worker.model.loading import ClipBundle
+from worker.model.tagclip import (
+    AttentionVotes,
+    LocalScores,
+    TagCLIPConfig,
+    class_box_masks,
+    class_region,
+    cls_attention_mask,
+    crop_inputs,
+    dmar,
+    local_scores,
+    reidentify,
+)
+
+
+def _bundle() -> ClipBundle:
+    model = build_tiny_clip()
+    return ClipBundle(model, None, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"), "tiny")
+
+
+def test_layer_defaults_follow_the_paper_for_twelve_blocks_and_scale_down():
+    assert TagCLIPConfig().layers(12) == ((8, 9, 10), 4)
+    assert TagCLIPConfig().layers(6) == ((2, 3, 4), 2)
+    assert TagCLIPConfig(refine_layers=(1,), vote_min=3).layers(12) == ((1,), 3)
+
+
+def test_attention_votes_count_blocks_above_their_mean_and_average_refine_layers():
+    votes = AttentionVotes(refine_layers=(1, 2))
+    strong = torch.zeros(1, 3, 3)
+    strong[0, 1, 2] = 1.0  # one patch pair above the mean
+    weak = torch.full((1, 3, 3), 1 / 3)  # nothing above the mean
+    for layer, attention in enumerate([strong, strong, weak]):
+        votes(layer, attention)
+    refined = votes.refined(vote_min=2)
+    expected = torch.zeros(1, 2, 2)
+    expected[0, 0, 1] = (strong[0, 1, 2] + weak[0, 1, 2]) / 2  # refine layers 1 and 2, on the voted pair ...
+    torch.testing.assert_close(refined, expected)  # ... and zero wherever fewer than 2 blocks voted
+    assert votes.refined(vote_min=3).sum() == 0
+
+
+def test_box_masks_are_the_union_of_region_boxes_including_the_border():
+    h, w = 6, 7
+    scores = torch.zeros(h, w, 3)
+    scores[1, 1, 0] = scores[2, 2, 0] = 1.0  # a diagonal blob (8-connected): box rows 1-2, cols 1-2
+    scores[5, 6, 0] = 1.0  # a blob in the bottom-right corner: the reference's clipping drops it
+    scores[0, 3:5, 1] = 1.0  # class 1: one row segment
+    scores[..., 2] = 0.3  # class 2: flat, no region
+    masks = class_box_masks(scores.reshape(h * w, 3), (h, w)).reshape(h, w, 3)
+    expected0 = torch.zeros(h, w)
+    expected0[1:3, 1:3] = 1
+    expected0[5, 6] = 1
+    torch.testing.assert_close(masks[..., 0], expected0)
+    expected1 = torch.zeros(h, w)
+    expected1[0, 3:5] = 1
+    torch.testing.assert_close(masks[..., 1], expected1)
+    assert masks[..., 2].sum() == 0
+
+
+def test_dmar_with_identity_attention_keeps_only_patches_inside_the_class_boxes():
+    h, w = 4, 4
+    probs = torch.full((h * w, 2), 0.1)
+    probs[5, 0] = 0.9  # class 0 strong at (1, 1)
+    probs[15, 1] = 0.8  # class 1 strong at (3, 3)
+    refined = dmar(probs, torch.eye(h * w), (h, w))
+    assert torch.nonzero(refined[:, 0]).flatten().tolist() == [5]
+    assert torch.nonzero(refined[:, 1]).flatten().tolist() == [15]
+    assert refined[5, 0] == probs[5, 0]
+
+
+def test_class_region_is_tight_end_exclusive_and_reaches_the_border():
+    scores = torch.zeros(5, 6)
+    scores[3:5, 4:6] = 1.0
+    box, mask = class_region(scores.flatten(), (5, 6))
+    assert box == (3, 5, 4, 6)
+    assert mask.sum() == 4
+    assert class_region(torch.full((30,), 0.2), (5, 6)) is None
+
+
+def test_cwr_mask_lets_the_class_token_see_only_the_class_patches():
+    region = torch.tensor([True, False, False, True] + [False] * 60)  # 8x8 grid, two patches
+    mask = cls_attention_mask(region, -1000.0)
+    assert mask.shape == (65, 65)
+    assert mask[1:].abs().sum() == 0  # patch tokens attend as usual
+    assert mask[0, 0] == 0 and mask[0, 1] == 0 and mask[0, 4] == 0 and mask[0, 2] == -1000.0
+
+    visual = build_tiny_clip().visual
+    seen = []
+    x = vit.embed(visual, torch.randn(1, 3, 64, 64))
+    with torch.no_grad():
+        vit.block_forward(visual.transformer.resblocks[0], x, mask, observe=seen.append)
+    cls_row = seen[0][0, 0]
+    visible = torch.tensor([0, 1, 4])
+    assert cls_row[visible].sum() > 0.999  # all of the class token's attention is on itself and the region
+
+
+def test_crop_inputs_resize_to_the_native_input():
+    pixels = torch.randn(3, 48, 80)  # a 6x10 grid at patch 8
+    region = torch.zeros(6, 10, dtype=torch.bool)
+    region[2:4, 5:9] = True
+    crop, mask = crop_inputs(pixels, (2, 4, 5, 9), region, patch=8, grid=(8, 8), penalty=-1000.0)
+    assert crop.shape == (3, 64, 64)
+    assert mask.shape == (65, 65)
+    assert (mask[0, 1:] == 0).all()  # the whole crop is the class region here
+
+
+def test_reidentify_skips_an_empty_region_and_goes_on_to_the_next_class():
+    bundle = _bundle()
+    text = torch.nn.functional.normalize(torch.randn(3, 64), dim=-1)
+    patch_scores = torch.full((64, 3), 0.01)
+    patch_scores[:, 0] = 0.9  # class 0: top score but flat, so no region (the reference stops here)
+    patch_scores[10, 1] = 0.8  # class 1: one strong patch
+    item = LocalScores(torch.randn(3, 64, 64), (8, 8), patch_scores, patch_scores, patch_scores[:, :2].amax(dim=0))
+    fused = reidentify(bundle, [item], text, TagCLIPConfig(), batch_size=4)[0]
+    assert fused[0] == item.scores[0]  # no crop for class 0
+    assert fused[1] != item.scores[1]  # class 1 was still re-identified
+    assert 0 <= fused[1] <= 1
+
+
+def test_local_scores_shapes_for_a_batch_of_non_square_images():
+    bundle = _bundle()
+    text = torch.nn.functional.normalize(torch.randn(5, 64), dim=-1)
+    out = local_scores(bundle, torch.randn(2, 3, 48, 80), text, n_fg=3, cfg=TagCLIPConfig())
+    assert len(out) == 2
+    for item in out:
+        assert item.grid == (6, 10)
+        assert item.patch_scores.shape == (60, 5)
+        assert item.scores.shape == (3,)
+        torch.testing.assert_close(item.scores, item.patch_scores[:, :3].amax(dim=0))
+
+
+def test_bf16_autocast_path_agrees_with_fp32():
+    """GPUs run under bf16 autocast; the same code on the CPU's bf16 autocast must run and agree."""
+    bundle = _bundle()
+    text = torch.nn.functional.normalize(torch.randn(6, 64), dim=-1)
+    pixels = torch.randn(2, 3, 64, 96)
+    with torch.inference_mode():
+        exact = reidentify(bundle, local_scores(bundle, pixels, text, 4, TagCLIPConfig()), text, TagCLIPConfig(), 4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            local = local_scores(bundle, pixels, text, 4, TagCLIPConfig())
+            fast = reidentify(bundle, local, text, TagCLIPConfig(), 4)
+    for a, b in zip(exact, fast, strict=True):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(b, a, atol=0.02, rtol=0.1)

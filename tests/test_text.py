@@ -1,0 +1,38 @@
+import torch
+import torch.nn.functional as F
+
+from worker.model.loading import load_clip
+from worker.model.text import TEMPLATES, TextEmbedder, encode_text_trimmed
+
+
+def test_templates_are_clips_eighty_plus_tagclips_five():
+    assert len(TEMPLATES) == 85 and len(set(TEMPLATES)) == 85
+    assert all(t.count("{}") == 1 for t in TEMPLATES)
+
+
+def test_trimmed_text_encoding_equals_open_clips(make_settings):
+    bundle = load_clip(make_settings(model_checkpoint=None, model_name="ViT-S-32", model_pretrained="random"))
+    tokens = bundle.tokenizer(["a photo of a dog.", "there is a dining table in the scene.", "cat"])
+    assert tokens.shape[1] == 77
+    with torch.no_grad():
+        torch.testing.assert_close(
+            encode_text_trimmed(bundle.model, tokens), bundle.model.encode_text(tokens), atol=1e-5, rtol=1e-5
+        )
+
+
+def test_words_are_encoded_once_and_classes_average_their_synonyms(make_settings):
+    embedder = TextEmbedder(load_clip(make_settings()))
+    calls = []
+    encode = embedder._encode
+    embedder._encode = lambda words: calls.append(list(words)) or encode(words)
+
+    first = embedder.words(["cat", "dog"])
+    again = embedder.words(["dog", "cat", "cow"])
+    assert calls == [["cat", "dog"], ["cow"]]
+    torch.testing.assert_close(again[:2], first.flip(0))
+    torch.testing.assert_close(first.norm(dim=-1), torch.ones(2))
+
+    classes = embedder.classes([("dog", "puppy"), ("cat",)])
+    expected_dog = F.normalize(embedder.words(["dog", "puppy"]).mean(dim=0), dim=-1)
+    torch.testing.assert_close(classes[0], expected_dog)
+    torch.testing.assert_close(classes[1], embedder.words(["cat"])[0])

@@ -1,0 +1,311 @@
+"""Learning from corrections: triggers and webhooks on real Redis and RQ, the training run's
+core on real photos, the promotion gate, and workers switching versions between jobs."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+from rq import Queue, SimpleWorker
+from rq.serializers import JSONSerializer
+
+from backend.app import create_app
+from backend.jobs import TRAIN_QUEUE, BrushControl, ChoicesControl, ClassLabel, ImageTask, PredictJob, TrainJob
+from backend.labelconfig import parse_label_config
+from backend.lswebhooks import SECRET_HEADER
+from backend.registry import Registry
+from backend.runner import QueueRunner
+from tests.conftest import shared_data
+from worker import tasks
+from worker.model.loading import load_clip
+from worker.predictor import Predictor
+from worker.provider import ModelProvider
+from worker.training.clipself import TrainingCancelled
+from worker.training.corrections import Correction
+from worker.training.evaluate import gate
+from worker.training.job import run_training
+
+PROJECT = {"id": 4, "created_at": "2026-11-23T06:15:25Z", "title": "photos", "label_config": ""}
+UID = "4.1795414525"
+CONFIG = """<View><Image name="image" value="$image"/>
+  <Choices name="tags" toName="image" choice="multiple">
+    <Choice value="aeroplane"/><Choice value="bird"/><Choice value="bicycle"/><Choice value="bottle"/></Choices>
+  <BrushLabels name="mask" toName="image">
+    <Label value="aeroplane"/><Label value="bird"/><Label value="bicycle"/><Label value="bottle"/></BrushLabels>
+</View>"""
+
+
+def _project() -> dict:
+    return {**PROJECT, "label_config": CONFIG}
+
+
+def _annotation(annotation_id: int, task_id: int) -> dict:
+    return {"id": annotation_id, "task": task_id, "project": 4, "result": [], "was_cancelled": False,
+            "ground_truth": False, "completed_by": 1, "lead_time": 3.2}  # fmt: skip
+
+
+@pytest.fixture
+def queue_app(make_settings, redis_url):
+    def build(**overrides):
+        settings = make_settings(redis_url=redis_url, **overrides)
+        return create_app(settings), settings
+
+    return build
+
+
+def test_start_training_queues_exactly_one_run(queue_app, redis_url):
+    app, _ = queue_app()
+    client = app.test_client()
+    first = client.post("/webhook", json={"action": "START_TRAINING", "project": _project()}).get_json()
+    again = client.post("/webhook", json={"action": "START_TRAINING", "project": _project()}).get_json()
+    assert first["status"] == "queued" and again["status"] == "already queued"
+    assert first["job"] == again["job"]
+    queue = Queue(TRAIN_QUEUE, connection=redis.Redis.from_url(redis_url), serializer=JSONSerializer)
+    assert queue.count == 1
+    status = client.get(f"/jobs/{first['job']}").get_json()
+    assert status["status"] == "queued" and status["description"].startswith(f"train project {UID}")
+    payload = TrainJob.from_dict(queue.jobs[0].args[0])
+    assert payload.project == UID and payload.trigger == "start_training"
+    assert [c.from_name for c in payload.choices] == ["tags"] and [b.from_name for b in payload.brushes] == ["mask"]
+
+    cancelled = client.post(f"/jobs/{first['job']}/cancel").get_json()
+    assert cancelled["status"] == "canceled" and queue.count == 0
+    third = client.post("/webhook", json={"action": "START_TRAINING", "project": _project()}).get_json()
+    assert third["status"] == "queued" and third["job"] != first["job"]  # a cancelled run does not block
+
+
+def test_every_n_corrections_start_one_run(queue_app, redis_url):
+    app, _ = queue_app(train_every=3)
+    client = app.test_client()
+    events = [
+        {"action": "ANNOTATION_CREATED", "annotation": _annotation(1, 10), "task": {"id": 10}, "project": _project()},
+        {"action": "ANNOTATION_UPDATED", "annotation": _annotation(1, 10), "task": {"id": 10}, "project": _project()},
+    ]
+    assert [client.post("/webhook", json=e).get_json()["job"] for e in events] == [None, None]
+    bulk = {"action": "ANNOTATIONS_CREATED", "annotation": [_annotation(i, 20 + i) for i in range(2, 7)],
+            "task": [{"id": 20 + i} for i in range(2, 7)], "project": _project()}  # fmt: skip
+    started = client.post("/webhook", json=bulk).get_json()
+    assert started["status"] == "recorded" and started["job"] is not None
+    more = client.post("/webhook", json={**events[0], "annotation": _annotation(9, 30)}).get_json()
+    assert more["job"] is None  # the counter restarted with the run
+    assert Queue(TRAIN_QUEUE, connection=redis.Redis.from_url(redis_url), serializer=JSONSerializer).count == 1
+
+
+def test_concurrent_triggers_never_queue_two_runs(queue_app, redis_url):
+    app, _ = queue_app()
+    training = app.extensions["prelabel"].training
+    spec = parse_label_config(CONFIG)
+    ids: list[str] = []
+    threads = [threading.Thread(target=lambda: ids.append(training.enqueue(UID, spec, "schedule")[0].id))
+               for _ in range(8)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(ids)) == 1 and len(ids) == 8
+
+
+def test_schedule_trains_only_projects_with_new_corrections(queue_app):
+    app, _ = queue_app(train_every=0)
+    client = app.test_client()
+    quiet = {**_project(), "id": 5}
+    client.post("/setup", json={"project": "5.1795414525", "schema": CONFIG})
+    client.post(
+        "/webhook", json={"action": "ANNOTATION_CREATED", "annotation": _annotation(1, 10), "project": _project()}
+    )
+    assert client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": quiet}).status_code == 200
+    training = app.extensions["prelabel"].training
+    started = training.sweep()
+    assert len(started) == 1 and training.current(UID).id == started[0]
+    assert training.current("5.1795414525") is None
+    assert training.sweep() == []  # already queued: nothing new
+
+
+def test_forged_webhooks_are_refused(queue_app):
+    app, _ = queue_app(basic_auth_user="ls", basic_auth_pass="pw", webhook_secret="hook-secret")
+    client = app.test_client()
+    event = {"action": "ANNOTATION_CREATED", "annotation": _annotation(1, 10), "project": _project()}
+    assert client.post("/webhook", json=event).status_code == 401
+    assert client.post("/webhook", json=event, headers={SECRET_HEADER: "guess"}).status_code == 401
+    assert client.post("/webhook", json=event, headers={SECRET_HEADER: "hook-secret"}).status_code == 200
+    basic = {"Authorization": "Basic " + base64.b64encode(b"ls:pw").decode()}
+    assert client.post("/webhook", json=event, headers=basic).status_code == 200  # START_TRAINING's way
+    assert client.post("/predict", json={}, headers={SECRET_HEADER: "hook-secret"}).status_code == 401
+
+
+def test_gate_refuses_a_worse_model():
+    assert gate({"tag_map": 0.8, "mask_miou": 0.5}, {"tag_map": 0.7, "mask_miou": 0.5}, 0.0)[0]
+    ok, reason = gate({"tag_map": 0.8, "mask_miou": 0.4}, {"tag_map": 0.7, "mask_miou": 0.5}, 0.0)
+    assert not ok and "mask_miou 0.400 < 0.500" in reason
+    assert gate({"tag_map": 0.8, "mask_miou": 0.45}, {"tag_map": 0.7, "mask_miou": 0.5}, 0.1)[0]
+    assert not gate({"tasks": 3}, {"tasks": 3}, 0.0)[0]  # nothing measurable: no promotion
+
+
+# The training run itself, with corrections made from the VOC samples.
+
+LABELS = ("aeroplane", "bird", "bicycle", "bottle")
+JOB = TrainJob(UID, "", "image", parse_label_config(CONFIG).choices, parse_label_config(CONFIG).brushes, "test")
+
+
+def _corrections(settings, project, image_key, choices, brushes) -> list[Correction]:
+    """What pull_corrections would read from Label Studio, made from the VOC samples whose labels
+    this project has: tags from their labels, masks from their class-id masks."""
+    root = shared_data() / "voc-samples"
+    index = json.loads((root / "index.json").read_text())
+    out = []
+    for name, entry in index["images"].items():
+        if not set(entry["labels"]) <= set(LABELS):
+            continue
+        ids = np.asarray(Image.open(root / entry["mask"]))
+        lookup = np.zeros(256, dtype=np.uint8)
+        for label in entry["labels"]:
+            lookup[index["classes"].index(label)] = LABELS.index(label) + 1
+        url = "data:image/png;base64," + base64.b64encode((root / name).read_bytes()).decode()
+        out.append(Correction(100 + len(out), url, {"tags": set(entry["labels"])}, lookup[ids], LABELS))
+    return out
+
+
+@pytest.fixture
+def trainer(make_settings, redis_url):
+    settings = make_settings(redis_url=redis_url, train_steps=6, train_lr=1e-4, train_min_corrections=4,
+                             zegclip_min_masks=1, promotion_margin=1.0, mask_min_area=0.0)  # fmt: skip
+    base = Predictor(settings, load_clip(settings))
+    registry = Registry(settings.model_dir, settings.model_version, redis.Redis.from_url(redis_url))
+    return settings, base, registry
+
+
+def _noop(*args) -> None:
+    pass
+
+
+def test_a_training_run_saves_a_version_with_its_report_and_promotes_it(trainer):
+    settings, base, registry = trainer
+    job = dataclasses.replace(JOB, model_version=settings.model_version)
+    stages = []
+    summary = run_training(base, base, registry, job, lambda stage, *a: stages.append(stage), lambda: False,
+                           collect=_corrections)  # fmt: skip
+    assert summary["status"] == "promoted", summary
+    assert registry.active(UID) == summary["version"] == f"{settings.model_version}+p4-v1"
+    (info,) = registry.versions(UID)
+    assert info.promoted and len(info.trained_on) + len(info.held_out) == summary["corrections"] >= 4
+    assert set(info.held_out).isdisjoint(info.trained_on) and info.held_out
+    assert {"tag_map", "tag_f1", "mask_miou"} <= set(info.metrics["candidate"]) and "active" in info.metrics
+    registry.verify(info)  # the checksum matches the saved weights
+    assert (registry.version_dir(UID, 1) / "zegclip" / "zegclip.safetensors").is_file()
+    assert {"collecting corrections", "clipself", "zegclip", "evaluating"} <= set(stages)
+
+
+def test_a_refused_candidate_is_kept_but_not_activated(trainer):
+    settings, base, registry = trainer
+    strict = dataclasses.replace(settings, promotion_margin=-1.0)  # must beat the active one by 1.0: impossible
+    base = Predictor(strict, base.bundle)
+    job = dataclasses.replace(JOB, model_version=settings.model_version)
+    summary = run_training(base, base, registry, job, _noop, lambda: False, collect=_corrections)
+    assert summary["status"] == "rejected" and "worse than the active version" in summary["reason"]
+    assert registry.active(UID) == settings.model_version
+    assert [v.promoted for v in registry.versions(UID)] == [False]
+
+
+def test_a_crash_or_a_cancel_leaves_the_active_version_alone(trainer):
+    settings, base, registry = trainer
+    job = dataclasses.replace(JOB, model_version=settings.model_version)
+
+    def broken(*args):
+        raise ConnectionError("Label Studio went away")
+
+    with pytest.raises(ConnectionError):
+        run_training(base, base, registry, job, _noop, lambda: False, collect=broken)
+    with pytest.raises(TrainingCancelled):
+        run_training(base, base, registry, job, _noop, lambda: True, collect=_corrections)
+    assert registry.active(UID) == settings.model_version and registry.versions(UID) == []
+
+
+def test_too_few_corrections_train_nothing(trainer):
+    settings, base, registry = trainer
+    job = dataclasses.replace(JOB, model_version=settings.model_version)
+    summary = run_training(base, base, registry, job, _noop, lambda: False, collect=lambda *a: _corrections(*a)[:2])
+    assert summary["status"] == "skipped" and "training starts at 4" in summary["reason"]
+
+
+def test_workers_switch_versions_between_jobs_without_dropping_one(trainer, redis_url):
+    settings, base, registry = trainer
+    job = dataclasses.replace(JOB, model_version=settings.model_version)
+    trained = run_training(base, base, registry, job, _noop, lambda: False, collect=_corrections)["version"]
+
+    runner = QueueRunner(settings)
+    control = ChoicesControl("tags", "image", tuple(ClassLabel(n, (n,)) for n in LABELS), True)
+    brush = BrushControl("mask", "image", tuple(ClassLabel(n, (n,)) for n in LABELS))
+    url = _corrections(settings, UID, "image", (), ())[0].image_url
+    jobs = [
+        runner.submit(PredictJob(version, "image", (control,), (ImageTask(1, url),), (brush,), project=UID))
+        for version in (settings.model_version, trained, settings.model_version, trained)
+    ]
+    provider = tasks.configure(settings)
+    SimpleWorker([runner.queue], connection=runner.connection, serializer=JSONSerializer).work(burst=True)
+    results = [runner.wait(j, time.monotonic() + 5) for j in jobs]
+    assert [r.model_version for r in results] == [settings.model_version, trained] * 2
+    assert all(not t.error for r in results for t in r.tasks)
+    assert results[0].tasks == results[2].tasks and results[1].tasks == results[3].tasks
+    assert results[0].tasks != results[1].tasks  # the trained version answers differently
+    assert isinstance(provider, ModelProvider) and trained in provider._versions  # loaded once, kept warm
+
+
+def test_progress_reaches_the_job_status_and_cancel_reaches_the_job(queue_app, redis_url):
+    from worker.reporting import JobReporter
+
+    app, _ = queue_app()
+    client = app.test_client()
+    job_id = client.post("/webhook", json={"action": "START_TRAINING", "project": _project()}).get_json()["job"]
+    job = app.extensions["prelabel"].training.job(job_id)
+    reporter = JobReporter(job, "train", min_interval=0.0)
+    reporter.progress("clipself", 0, 0, None)
+    reporter.progress("clipself", 25, 100, 0.75)
+    progress = client.get(f"/jobs/{job_id}").get_json()["progress"]
+    assert progress["stage"] == "clipself" and progress["step"] == 25 and progress["steps"] == 100
+    assert progress["loss"] == 0.75 and progress["eta_s"] >= 0
+
+    assert not reporter.should_stop()
+    job.set_status("started")  # as a worker would
+    assert client.post(f"/jobs/{job_id}/cancel").get_json()["status"] == "stopping"
+    assert reporter.should_stop()
+
+
+def test_metrics_expose_queues_and_correction_figures(queue_app):
+    app, _ = queue_app()
+    client = app.test_client()
+    state = app.extensions["prelabel"]
+    prediction = {"model_version": "v1", "score": 0.5, "result": [{"from_name": "tags", "to_name": "image",
+                  "type": "choices", "value": {"choices": ["bird"]}}]}  # fmt: skip
+    state.feedback.remember_predictions(UID, {10: prediction})
+    annotation = {**_annotation(1, 10), "result": prediction["result"]}
+    assert client.post("/webhook", json={"action": "ANNOTATION_CREATED", "annotation": annotation,
+                                         "project": _project()}).get_json()["compared"] == 1  # fmt: skip
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'prelabel_queue_depth{queue="predict"} 0' in text
+    assert f'prelabel_corrections{{project="{UID}",version="v1"}} 1' in text
+    assert f'prelabel_accepted_unchanged_ratio{{project="{UID}",version="v1"}} 1.0' in text
+    assert "# TYPE prelabel_predict_requests_total counter" in text
+    assert client.get(f"/report?project={UID}").get_json()[UID]["v1"]["unchanged"] == 1
+
+
+def test_a_corrupt_version_is_refused_by_the_worker_too(trainer):
+    from backend.errors import ModelUnavailable
+    from backend.registry import WEIGHTS_FILE
+
+    settings, base, registry = trainer
+    job = dataclasses.replace(JOB, model_version=settings.model_version)
+    version = run_training(base, base, registry, job, _noop, lambda: False, collect=_corrections)["version"]
+    info = registry.get(UID, version)
+    assert info.config["clipself"]["steps"] == 6 and info.config["from_version"] == settings.model_version
+    (registry.version_dir(UID, info.number) / WEIGHTS_FILE).write_bytes(b"bit rot")
+    provider = ModelProvider(settings)
+    with pytest.raises(ModelUnavailable, match="corrupt"):
+        provider.for_version(version, UID)
+    assert provider.for_version(settings.model_version, UID) is provider.get()  # the base keeps serving
