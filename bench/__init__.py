@@ -1,0 +1,1 @@
+"""Benchmarks and the toy world they measure on (not part of the installed package)."""

@@ -1,0 +1,250 @@
+"""Throughput benchmark: how close prelabel runs to the bare encoder, and what serving costs.
+
+    python -m bench.throughput --out docs/benchmarks.md --json docs/benchmarks.json
+
+Side by side, in one run, on one device (ViT-B/16 with random weights by default: speed does not
+depend on the weights, except for how many classes CWR re-identifies, which the table reports):
+
+1. the ceiling: open_clip's ``encode_image`` at 224 and at the pipeline's working size;
+2. prelabel's tags only, and tags + masks, in images/s and as a ratio to (1) at the same size;
+3. one task per request through backend + Redis + a worker process vs in-process: p50/p95
+   latency per task and the queue's overhead;
+4. /predict answered from the prediction cache: p50/p95;
+5. CLIPSelf training: steps/s, and the time a run of TRAIN_STEPS takes (it does not depend on
+   how many corrections there are: 200 corrections or 20, a run is TRAIN_STEPS steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import datetime as dt
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+import torch
+from PIL import Image
+
+from backend.app import create_app
+from backend.jobs import BrushControl, ChoicesControl, ClassLabel
+from backend.settings import Settings
+from bench.report import write_report
+from worker.model import vit
+from worker.model.loading import load_clip
+from worker.predictor import Predictor
+from worker.training.clipself import CLIPSelfConfig, train_clipself
+from worker.training.corrections import Correction
+from worker.training.zegclip import load_voc_folder
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("PRELABEL_SHARED_DATA", REPO / ".." / "shared" / "data")).resolve()
+VOC = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
+       "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")  # fmt: skip
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def images_per_second(run, count: int, device: torch.device, repeats: int) -> float:
+    run()  # warm-up (and CUDA kernel selection)
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    _sync(device)
+    return count * repeats / (time.perf_counter() - started)
+
+
+def photos(count: int) -> list[Image.Image]:
+    paths = sorted((DATA / "voc-samples").glob("*.jpg")) + sorted((DATA / "imagenet-samples").glob("*.JPEG"))
+    return [Image.open(p).convert("RGB") for p in (paths * count)[:count]]
+
+
+def ceiling(predictor: Predictor, batch: int, sizes: list[int], repeats: int) -> dict[str, float]:
+    bundle = predictor.bundle
+    out = {}
+    cuda = bundle.device.type == "cuda"
+    for size in sizes:
+        pixels = torch.randn(batch, 3, size, size, device=bundle.device)
+
+        def run(pixels=pixels):
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                vit.encode_tokens(bundle.visual, pixels)
+
+        out[str(size)] = images_per_second(run, batch, bundle.device, repeats)
+    return out
+
+
+def pipeline(predictor: Predictor, images: list[Image.Image], repeats: int) -> dict[str, float]:
+    labels = tuple(ClassLabel(name, (name,)) for name in VOC)
+    choices = (ChoicesControl("tags", "image", labels, True),)
+    brushes = (BrushControl("mask", "image", labels),)
+    ids = list(range(len(images)))
+    out = {}
+    for name, controls in (("tags", (choices, ())), ("tags+masks", (choices, brushes))):
+        out[name] = images_per_second(lambda c=controls: predictor.run(ids, images, *c), len(images),
+                                      predictor.bundle.device, repeats)  # fmt: skip
+    return out
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {"p50": statistics.median(ordered), "p95": ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]}
+
+
+def serving(settings: Settings, count: int, redis_url: str) -> dict[str, dict[str, float]]:
+    """Per-task latency through the queue and in-process, and from the cache."""
+    config = (REPO / "label_config" / "voc_tags_and_masks.xml").read_text()
+    tasks = []
+    for i, image in enumerate(photos(count)):
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=90)
+        tasks.append(
+            {"id": i, "data": {"image": "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()}}
+        )
+
+    def latencies(client, tasks) -> list[float]:
+        out = []
+        for task in tasks:
+            started = time.perf_counter()
+            response = client.post("/predict", json={"tasks": [task], "label_config": config})
+            assert response.status_code == 200, response.get_json()
+            out.append((time.perf_counter() - started) * 1000)
+        return out
+
+    inline = create_app(dataclasses.replace(settings, redis_url=None)).test_client()
+    latencies(inline, tasks[:1])  # warm-up: the model loads in the background on the first call
+    embedded = latencies(inline, tasks)
+
+    queued_settings = dataclasses.replace(settings, redis_url=redis_url)
+    env = {**os.environ, **queued_settings.to_env()}
+    worker = subprocess.Popen([sys.executable, "-m", "worker.cli"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        client = create_app(queued_settings).test_client()
+        deadline = time.monotonic() + 300
+        while client.get("/health").get_json().get("workers", {}).get("count") != 1:
+            if time.monotonic() > deadline or worker.poll() is not None:
+                raise RuntimeError("the benchmark's worker did not start")
+            time.sleep(0.2)
+        latencies(client, tasks[:1])
+        queued = latencies(client, [{**t, "id": t["id"] + 1000} for t in tasks])  # new ids: not cached
+        cached = latencies(client, [{**t, "id": t["id"] + 1000} for t in tasks])
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    result = {"in-process": percentiles(embedded), "queue": percentiles(queued), "cached": percentiles(cached)}
+    result["queue overhead"] = {k: result["queue"][k] - result["in-process"][k] for k in ("p50", "p95")}
+    return result
+
+
+def training(predictor: Predictor, steps: int, batch: int, size: int, train_steps: int) -> dict[str, float]:
+    samples, classes = load_voc_folder(DATA / "voc-samples")
+    corrections = [Correction(i, None, {}, s.mask, s.labels, s.image) for i, s in enumerate(samples)]
+    text = predictor.text.classes([(c,) for c in classes])
+    index = {c: i for i, c in enumerate(classes)}
+    bundle = predictor.bundle
+    cfg = CLIPSelfConfig(steps=steps, batch_size=batch, size=size)
+    started = time.perf_counter()
+    train_clipself(bundle.visual, bundle.visual, corrections, text, index, bundle.mean, bundle.std, cfg)
+    per_second = steps / (time.perf_counter() - started)
+    return {"steps_per_s": per_second, "run_minutes": train_steps / per_second / 60, "batch": batch, "size": size}
+
+
+def markdown(report: dict, command: str) -> str:
+    c, p = report["ceiling"], report["pipeline"]
+    size = str(report["size"])
+    lines = [
+        "# Throughput",
+        "",
+        f"Produced by `{command}` on {report['date']}, device: {report['device']}, model: {report['model']},",
+        f"batch {report['batch']}, working size {size} px (short side), torch {torch.__version__}.",
+        "",
+        "| what | images/s | ratio to the encoder at the same size |",
+        "|---|---|---|",
+        f"| encode_image at 224 | {c['224']:.2f} | |",
+        f"| encode_image at {size} | {c[size]:.2f} | 1.00 |",
+        f"| prelabel tags | {p['tags']:.2f} | {p['tags'] / c[size]:.2f} |",
+        f"| prelabel tags + masks | {p['tags+masks']:.2f} | {p['tags+masks'] / c[size]:.2f} |",
+    ]
+    if "serving" in report:
+        s = report["serving"]
+        lines += ["", "| one task per /predict | p50 ms | p95 ms |", "|---|---|---|"]
+        lines += [f"| {k} | {v['p50']:.1f} | {v['p95']:.1f} |" for k, v in s.items()]
+    if "training" in report:
+        t = report["training"]
+        lines += [
+            "",
+            f"CLIPSelf: {t['steps_per_s']:.2f} steps/s (batch {t['batch']}, {t['size']} px); a run of "
+            f"{report['train_steps']} steps takes {t['run_minutes']:.1f} min, whatever the number of corrections.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="ViT-B-16-quickgelu", help="open_clip model, random weights")
+    parser.add_argument("--checkpoint", help="a model directory instead (e.g. bench/models/toy-clip)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--size", type=int, default=448, help="working short side")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tasks", type=int, default=16, help="requests for the serving figures (0 = skip)")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/14", help="a Redis database the run may flush")
+    parser.add_argument("--train-steps", type=int, default=10, help="CLIPSelf steps to time (0 = skip)")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+
+    model_dir = Path(tempfile.mkdtemp())
+    settings = Settings(
+        model_name=args.model,
+        model_pretrained="random" if not args.checkpoint else "openai",
+        model_checkpoint=args.checkpoint,
+        model_dir=model_dir,
+        device=args.device,
+        image_size=args.size,
+        batch_size=args.batch,
+    )
+    predictor = Predictor(settings, load_clip(settings))
+    device = predictor.bundle.device
+    report: dict = {
+        "date": dt.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}, "
+        f"{torch.get_num_threads()} threads)",
+        "model": predictor.bundle.description,
+        "batch": args.batch,
+        "size": args.size,
+        "train_steps": settings.train_steps,
+    }  # fmt: skip
+    report["ceiling"] = ceiling(predictor, args.batch, sorted({224, args.size}), args.repeats)
+    report["pipeline"] = pipeline(predictor, photos(args.batch), args.repeats)
+    if args.tasks:
+        redis.Redis.from_url(args.redis).flushdb()
+        report["serving"] = serving(settings, args.tasks, args.redis)
+        redis.Redis.from_url(args.redis).flushdb()
+    if args.train_steps:
+        report["training"] = training(predictor, args.train_steps, 4, args.size, settings.train_steps)
+    command = "python -m bench.throughput " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = markdown(report, command)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    if args.out:
+        write_report(args.out, text)
+
+
+if __name__ == "__main__":
+    main()
