@@ -124,7 +124,12 @@ class QueueRunner:
         if result.type != Result.Type.SUCCESSFUL:
             reason = (result.exc_string or result.type.name).strip().splitlines()[-1]
             raise JobFailed(f"Predict job {rq_job.id} failed in the worker: {reason}")
-        return PredictResult.from_dict(result.return_value)
+        answer = PredictResult.from_dict(result.return_value)
+        waited = (time.monotonic() - started) * 1000
+        worker_ms = answer.timings_ms.get("total", 0.0)
+        log.info("predict job %s answered in %.0f ms (worker %.0f ms, queue %.0f ms)", rq_job.id, waited, worker_ms,
+                 waited - worker_ms)  # fmt: skip
+        return answer
 
     @contextlib.contextmanager
     def redis_errors(self) -> Iterator[None]:

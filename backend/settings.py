@@ -27,9 +27,12 @@ DEFAULT_BACKGROUND_WORDS: tuple[str, ...] = (
 #: Training-free dense heads for masks (see worker/model/dense.py); maskclip is the baseline.
 DENSE_HEADS = ("clearclip", "naclip", "maskclip")
 
+#: Inference precision of the ViT: auto = bf16 where the hardware computes it natively.
+PRECISIONS = ("auto", "bf16", "fp32")
+
 #: Bumped when a change to the algorithms changes predictions for the same weights, so that
 #: Label Studio re-predicts tasks that hold predictions from the old code.
-ALGORITHM_REVISION = "2"
+ALGORITHM_REVISION = "3"
 
 
 @dataclass(frozen=True)
@@ -62,10 +65,12 @@ class Settings:
     model_version_override: str | None = field(default=None, metadata={"env": "MODEL_VERSION"})
     device: str = field(default="auto", metadata={"env": "DEVICE"})
     batch_size: int = field(default=8, metadata={"env": "BATCH_SIZE"})
+    precision: str = field(default="auto", metadata={"env": "PRECISION"})
 
     # Algorithm
     image_size: int = field(default=448, metadata={"env": "IMAGE_SIZE"})
     tag_threshold: float = field(default=0.5, metadata={"env": "TAG_THRESHOLD"})
+    cwr_max_classes: int = field(default=6, metadata={"env": "CWR_MAX_CLASSES"})
     background_words: tuple[str, ...] = field(default=DEFAULT_BACKGROUND_WORDS, metadata={"env": "BACKGROUND_WORDS"})
     dense_head: str = field(default="clearclip", metadata={"env": "DENSE_HEAD"})
     mask_min_area: float = field(default=0.002, metadata={"env": "MASK_MIN_AREA"})
@@ -94,6 +99,10 @@ class Settings:
             raise SettingsError(f"IMAGE_SIZE={self.image_size} is too small (at least 32 pixels).")
         if self.dense_head not in DENSE_HEADS:
             raise SettingsError(f"DENSE_HEAD={self.dense_head} must be one of {', '.join(DENSE_HEADS)}.")
+        if self.cwr_max_classes < 0:
+            raise SettingsError(f"CWR_MAX_CLASSES={self.cwr_max_classes} must be 0 (no limit) or positive.")
+        if self.precision not in PRECISIONS:
+            raise SettingsError(f"PRECISION={self.precision} must be one of {', '.join(PRECISIONS)}.")
         if not 0 <= self.mask_min_area < 1:
             raise SettingsError(f"MASK_MIN_AREA={self.mask_min_area} must be a fraction of the image in [0, 1).")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
@@ -162,6 +171,7 @@ class Settings:
             "algorithm": ALGORITHM_REVISION,
             "image_size": self.image_size,
             "tag_threshold": self.tag_threshold,
+            "cwr_max_classes": self.cwr_max_classes,
             "background_words": list(self.background_words),
             "dense_head": self.dense_head,
             "mask_min_area": self.mask_min_area,

@@ -65,7 +65,9 @@ def test_throughput_benchmark_smoke_run(tiny_checkpoint, redis_url, tmp_path):
     text = out.read_text()
     assert "| prelabel tags + masks |" in text and "| cached |" in text and "CLIPSelf:" in text
     report = json.loads(figures.read_text())
-    assert report["pipeline"]["tags"] > 0 and report["serving"]["queue"]["p50"] > 0
+    assert report["pipeline"]["tags"] > 0 and report["pipeline"]["one 512 px image s"] > 0
+    serving = report["serving"]
+    assert serving["queue"]["p50"] > 0 and 0 < serving["queue overhead"]["p50"] < serving["queue"]["p50"]
 
 
 def test_load_test_smoke_run(tiny_checkpoint, redis_url):

@@ -18,7 +18,7 @@ from backend.jobs import BrushControl, ChoicesControl, ClassLabel, ImageTask, Pr
 from tests.conftest import shared_data
 from tests.tiny import build_tiny_clip
 from worker.model import dense, vit
-from worker.model.loading import load_clip
+from worker.model.loading import autocast, load_clip
 from worker.model.preprocess import to_pixels, working_size
 from worker.model.tagclip import local_scores, reidentify
 from worker.predictor import ClassBank, Predictor
@@ -152,7 +152,7 @@ def test_shared_trunk_gives_the_same_tags_as_tagclip_alone(predictor, photos):
     pixels = to_pixels(decoded, size, bundle.mean, bundle.std)[None]
     bank = ClassBank.build(LABELS, ())
     text = predictor.text.classes(bank.synonyms)
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(bundle):  # the precision the predictor ran in
         alone = reidentify(bundle, local_scores(bundle, pixels, text, len(LABELS), cfg), text, cfg, 4)[0]
     expected = {label.name: score for label, score in zip(LABELS, alone.tolist(), strict=True)}
     assert shared.choices[0].scores == pytest.approx(expected, abs=1e-6)

@@ -105,3 +105,19 @@ def test_other_modes_become_rgb(mode):
     image = Image.new("L", (5, 5), 200).convert(mode)
     data = _encode(image, "TIFF" if mode == "F" else "PNG")
     assert decode_image(data, LIMIT).mode == "RGB"
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ((1024, 768), (608, 448)),  # large photo: short side brought to 448, 4:3 kept (rounded up to 16)
+        ((512, 384), (512, 384)),  # smaller than the working size: its own resolution, never upsampled
+        ((500, 375), (512, 384)),  # ... rounded up to whole patches, as TagCLIP does
+        ((4000, 500), (896, 112)),  # a panorama: shrunk until the long side is twice the working size
+        ((10, 10), (16, 16)),  # tiny: one patch
+    ],
+)
+def test_working_size(size, expected):
+    from worker.model.preprocess import working_size
+
+    assert working_size(*size, short_side=448, patch=16) == expected

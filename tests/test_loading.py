@@ -91,3 +91,20 @@ def test_default_device_is_cpu_without_cuda():
     with pytest.raises(ModelUnavailable, match="no CUDA device"):
         resolve_device("cuda")
     assert Settings().device == "auto"
+
+
+def test_precision_follows_the_setting_and_the_hardware(monkeypatch):
+    from worker.model import loading
+
+    cpu = torch.device("cpu")
+    assert loading.resolve_precision("fp32", cpu) == torch.float32
+    assert loading.resolve_precision("bf16", cpu) == torch.bfloat16
+    monkeypatch.setattr(loading, "cpu_flags", lambda: {"avx2", "avx512f"})  # bf16 would be emulated: slower
+    assert loading.resolve_precision("auto", cpu) == torch.float32
+    monkeypatch.setattr(loading, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert loading.resolve_precision("auto", cpu) == torch.bfloat16
+
+
+def test_loaded_model_reports_its_precision(make_settings):
+    assert load_clip(make_settings(precision="fp32")).precision == torch.float32
+    assert load_clip(make_settings(precision="bf16")).precision == torch.bfloat16

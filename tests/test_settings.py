@@ -48,6 +48,8 @@ def test_environment_names_and_types():
         ({"BASIC_AUTH_USER": "only-user"}, "Set both BASIC_AUTH_USER and BASIC_AUTH_PASS"),
         ({"TAG_THRESHOLD": "1.5"}, "TAG_THRESHOLD"),
         ({"BATCH_SIZE": "0"}, "BATCH_SIZE must be a positive number"),
+        ({"PRECISION": "fp16"}, "PRECISION=fp16 must be one of auto, bf16, fp32"),
+        ({"CWR_MAX_CLASSES": "-1"}, "CWR_MAX_CLASSES"),
     ],
 )
 def test_invalid_values_name_the_variable(env, message):
@@ -67,7 +69,9 @@ def test_model_version_tracks_weights_and_prediction_settings():
     assert Settings.from_env({}).model_version == base.model_version  # stable across processes
     assert Settings.from_env({"TAG_THRESHOLD": "0.3"}).model_version != base.model_version
     assert Settings.from_env({"IMAGE_SIZE": "224"}).model_version != base.model_version
+    assert Settings.from_env({"CWR_MAX_CLASSES": "0"}).model_version != base.model_version
     assert Settings.from_env({"PREDICT_TIMEOUT": "50"}).model_version == base.model_version  # not a model knob
+    assert Settings.from_env({"PRECISION": "fp32"}).model_version == base.model_version  # numerics, like DEVICE
     assert "random" in Settings.from_env({"MODEL_PRETRAINED": "random"}).model_version
     assert Settings.from_env({"MODEL_CHECKPOINT": "/m/toy-clip"}).model_version.startswith("prelabel-toy-clip-")
     assert Settings.from_env({"MODEL_VERSION": "v7"}).model_version == "v7"

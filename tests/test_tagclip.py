@@ -9,6 +9,7 @@ from worker.model.tagclip import (
     AttentionVotes,
     LocalScores,
     TagCLIPConfig,
+    candidates,
     class_box_masks,
     class_region,
     cls_attention_mask,
@@ -120,6 +121,25 @@ def test_reidentify_skips_an_empty_region_and_goes_on_to_the_next_class():
     assert fused[0] == item.scores[0]  # no crop for class 0
     assert fused[1] != item.scores[1]  # class 1 was still re-identified
     assert 0 <= fused[1] <= 1
+
+
+def test_cwr_candidates_are_the_best_classes_over_the_threshold_up_to_the_limit():
+    scores = torch.tensor([0.2, 0.9, 0.6, 0.7, 0.1])
+    assert candidates(scores, torch.tensor(0.5), None) == [1, 3, 2]
+    assert candidates(scores, torch.tensor(0.5), 2) == [1, 3]
+    assert candidates(scores, torch.tensor(0.95), 2) == []
+
+
+def test_reidentify_crops_only_the_capped_candidates():
+    bundle = _bundle()
+    text = torch.nn.functional.normalize(torch.randn(4, 64), dim=-1)
+    patch_scores = torch.full((64, 4), 0.01)
+    for c, value in enumerate((0.6, 0.9, 0.7, 0.8)):  # each class strong on its own patch
+        patch_scores[c * 9, c] = value
+    item = LocalScores(torch.randn(3, 64, 64), (8, 8), patch_scores, patch_scores, patch_scores.amax(dim=0))
+    fused = reidentify(bundle, [item], text, TagCLIPConfig(cwr_max_classes=2), batch_size=4)[0]
+    changed = [c for c in range(4) if fused[c] != item.scores[c]]
+    assert changed == [1, 3]  # the two best; classes 0 and 2 keep their local scores
 
 
 def test_local_scores_shapes_for_a_batch_of_non_square_images():

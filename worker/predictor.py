@@ -34,7 +34,7 @@ from backend.settings import Settings
 from worker.fetch import ImageFetcher
 from worker.images import decode_image
 from worker.model import dense, vit
-from worker.model.loading import ClipBundle
+from worker.model.loading import ClipBundle, autocast
 from worker.model.preprocess import to_pixels, working_size
 from worker.model.selection import select_tags
 from worker.model.tagclip import LocalScores, TagCLIPConfig, reidentify, run_trunk, tagclip_head
@@ -91,7 +91,9 @@ class Predictor:
         self.text = text or TextEmbedder(bundle)
         self.fetcher = fetcher or ImageFetcher(settings)
         self.head = head
-        self.config = TagCLIPConfig(tag_threshold=settings.tag_threshold)
+        self.config = TagCLIPConfig(
+            tag_threshold=settings.tag_threshold, cwr_max_classes=settings.cwr_max_classes or None
+        )
         self._pool = ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="prelabel-fetch")
 
     def warm_up(self) -> None:
@@ -187,9 +189,8 @@ class Predictor:
 
     @contextlib.contextmanager
     def _inference(self) -> Iterator[None]:
-        """No autograd; bf16 autocast on a GPU, plain fp32 on the CPU."""
-        cuda = self.bundle.device.type == "cuda"
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        """No autograd; bf16 autocast when the bundle computes in bf16 (see ``PRECISION``)."""
+        with torch.inference_mode(), autocast(self.bundle):
             yield
 
     def _answer(self, control: ChoicesControl, bank: ClassBank, scores: ImageScores) -> ControlTags:

@@ -32,6 +32,7 @@ class ClipBundle:
     std: tuple[float, float, float]
     device: torch.device
     description: str
+    precision: torch.dtype = torch.float32  # what the ViT computes in (under autocast when bf16)
     visual: VisionTransformer = None  # type: ignore[assignment]  # model.visual, or a trained version's
 
     def __post_init__(self) -> None:
@@ -53,6 +54,33 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """``PRECISION`` -> a dtype. ``auto`` picks bf16 where the hardware has bf16 arithmetic (CUDA
+    GPUs since Ampere; CPUs with AVX512-BF16 or AMX, where it about halves the time) and fp32
+    elsewhere, where bf16 would be emulated and slower."""
+    if name == "fp32":
+        return torch.float32
+    if name == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu" and cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+        return torch.bfloat16
+    return torch.float32
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def load_clip(settings: Settings) -> ClipBundle:
     """Build the model that ``settings`` name, on ``settings.device``, frozen and in eval mode.
 
@@ -61,6 +89,7 @@ def load_clip(settings: Settings) -> ClipBundle:
             cannot run on. The message says what to do.
     """
     device = resolve_device(settings.device)
+    precision = resolve_precision(settings.precision, device)
     if settings.model_checkpoint:
         model, tokenizer, description = _from_checkpoint(settings)
     elif settings.random_weights:
@@ -75,7 +104,7 @@ def load_clip(settings: Settings) -> ClipBundle:
     _check_architecture(model, description)
     model = model.to(device).eval().requires_grad_(False)
     preprocess = getattr(model.visual, "preprocess_cfg", {}) or {}
-    log.info("loaded %s on %s", description, device)
+    log.info("loaded %s on %s, computing in %s", description, device, str(precision).removeprefix("torch."))
     return ClipBundle(
         model=model,
         tokenizer=tokenizer,
@@ -83,6 +112,7 @@ def load_clip(settings: Settings) -> ClipBundle:
         std=tuple(preprocess.get("std", OPENAI_DATASET_STD)),
         device=device,
         description=description,
+        precision=precision,
     )
 
 
@@ -155,3 +185,8 @@ def _check_architecture(model: nn.Module, description: str) -> None:
         raise ModelUnavailable(
             f"{description} cannot run TagCLIP: {problem}. Use a CLIP ViT such as ViT-B-16-quickgelu."
         )
+
+
+def autocast(bundle: ClipBundle) -> torch.autocast:
+    """Autocast to the bundle's precision; a no-op in fp32."""
+    return torch.autocast(bundle.device.type, dtype=torch.bfloat16, enabled=bundle.precision == torch.bfloat16)

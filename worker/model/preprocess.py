@@ -14,8 +14,10 @@ MAX_ASPECT = 2.0
 
 
 def working_size(width: int, height: int, short_side: int, patch: int) -> tuple[int, int]:
-    """(W, H) with the short side near ``short_side``, both multiples of ``patch`` (rounded up as
-    TagCLIP does), the long side capped at ``MAX_ASPECT`` short sides."""
+    """(W, H) with the short side near ``short_side``, or the image's own when that is smaller
+    (TagCLIP runs at native resolution: upsampling adds tokens, not information); both multiples
+    of ``patch`` (rounded up as TagCLIP does), the long side capped at ``MAX_ASPECT`` short sides."""
+    short_side = min(short_side, width, height)
     scale = short_side / min(width, height)
     scale = min(scale, short_side * MAX_ASPECT / max(width, height))
     return (

@@ -30,6 +30,7 @@ class TagCLIPConfig:
     tag_threshold: float = 0.5  # relative: tag if score > min + t * (max - min)
     cwr_threshold: float = 0.5  # relative, over all refined patch scores: which classes get a crop
     cwr_weight: float = 0.5  # fused score = (1 - w) * local + w * crop
+    cwr_max_classes: int | None = None  # crops per image at most, for the best-scoring candidates
     self_penalty: float = -100.0  # last block: added to off-diagonal attention logits
     cwr_penalty: float = -1000.0  # CWR: added where the class token may not look
     refine_layers: tuple[int, ...] | None = None  # default: the 3 blocks before the last (8, 9, 10)
@@ -198,6 +199,14 @@ def local_scores(bundle: ClipBundle, pixels: Tensor, text: Tensor, n_fg: int, cf
     return tagclip_head(bundle, run_trunk(bundle, pixels, cfg), text, n_fg, cfg)
 
 
+def candidates(scores: Tensor, threshold: Tensor, limit: int | None) -> list[int]:
+    """The classes CWR re-identifies: those scoring over ``threshold``, best first, at most ``limit``
+    (each costs a forward pass; a photo rarely holds more than a few real candidates)."""
+    above = torch.nonzero(scores > threshold).flatten()
+    ranked = above[scores[above].argsort(descending=True)].tolist()
+    return ranked[:limit] if limit is not None else ranked
+
+
 @torch.no_grad()
 def reidentify(
     bundle: ClipBundle, images: list[LocalScores], text: Tensor, cfg: TagCLIPConfig, batch_size: int
@@ -212,7 +221,7 @@ def reidentify(
     for i, item in enumerate(images):
         lo, hi = item.patch_scores.min(), item.patch_scores.max()
         threshold = lo + cfg.cwr_threshold * (hi - lo)
-        for c in torch.nonzero(item.scores > threshold).flatten().tolist():
+        for c in candidates(item.scores, threshold, cfg.cwr_max_classes):
             found = class_region(item.patch_scores[:, c], item.grid)
             if found is None:
                 continue  # the reference stops CWR here; other classes still deserve their crop
