@@ -49,13 +49,15 @@ def dense_block(
     q, k, v = vit.qkv(block, x)
     if head == "maskclip":
         return vit.finish_block(block, x, v)
+    # No attention map is read here, so SDPA computes it (fused, no [B, H, L, L] tensor in memory).
     if head == "clearclip":
-        logits = vit.attention_logits(q, q)
+        attended = F.scaled_dot_product_attention(q, q, v)
     elif head == "naclip":
-        logits = vit.attention_logits(k, k) + neighbourhood_bias(grid, sigma, x.device)
+        bias = neighbourhood_bias(grid, sigma, x.device).to(k.dtype)
+        attended = F.scaled_dot_product_attention(k, k, v, attn_mask=bias)
     else:
         raise ValueError(f"Unknown dense head {head!r}; choose one of {DENSE_HEADS}.")
-    return vit.merge_heads(block, logits.softmax(dim=-1).to(v.dtype) @ v)
+    return vit.merge_heads(block, attended)
 
 
 def dense_features(visual: VisionTransformer, tokens: Tensor, grid: tuple[int, int], head: str) -> Tensor:
