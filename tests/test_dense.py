@@ -17,9 +17,9 @@ from PIL import Image
 from backend.jobs import BrushControl, ChoicesControl, ClassLabel, ImageTask, PredictJob
 from tests.conftest import shared_data
 from tests.tiny import build_tiny_clip
+from worker.images import decode_for_model
 from worker.model import dense, vit
 from worker.model.loading import autocast, load_clip
-from worker.model.preprocess import to_pixels, working_size
 from worker.model.tagclip import local_scores, reidentify
 from worker.predictor import ClassBank, Predictor
 
@@ -146,10 +146,10 @@ def test_shared_trunk_gives_the_same_tags_as_tagclip_alone(predictor, photos):
     shared = predictor.predict(job).tasks[0]
     assert shared.masks  # the dense head ran on the same trunk
 
-    decoded = Image.open(io.BytesIO(base64.b64decode(job.tasks[0].image_url.split(",")[1]))).convert("RGB")
+    data = base64.b64decode(job.tasks[0].image_url.split(",")[1])
+    decoded, size = decode_for_model(data, predictor.settings.max_image_pixels, predictor.settings.image_size)
     bundle, cfg = predictor.bundle, predictor.config
-    size = working_size(decoded.width, decoded.height, predictor.settings.image_size, 8)
-    pixels = to_pixels(decoded, size, bundle.mean, bundle.std)[None]
+    pixels = predictor.prepare_image(decoded, size).pixels[None]
     bank = ClassBank.build(LABELS, ())
     text = predictor.text.classes(bank.synonyms)
     with torch.inference_mode(), autocast(bundle):  # the precision the predictor ran in
@@ -159,15 +159,17 @@ def test_shared_trunk_gives_the_same_tags_as_tagclip_alone(predictor, photos):
 
 
 @pytest.mark.parametrize("orientation", [1, 6, 8])
-def test_masks_have_the_upright_image_size(predictor, orientation):
+@pytest.mark.parametrize("scale", [1, 10])  # 1200 x 700: decoded at a reduced scale, masks at full size
+def test_masks_have_the_upright_image_size(predictor, orientation, scale):
     image = Image.new("RGB", (120, 70), (30, 140, 40))
     image.paste((200, 40, 40), (10, 10, 60, 60))
+    image = image.resize((120 * scale, 70 * scale))
     exif = Image.Exif()
     exif[0x0112] = orientation
     task = ImageTask(5, _data_uri(image, exif=exif, quality=95))
     job = PredictJob("v", "image", (), (task,), (BrushControl("mask", "image", LABELS),))
     result = predictor.predict(job).tasks[0]
-    upright = (120, 70) if orientation == 1 else (70, 120)
+    upright = (120 * scale, 70 * scale) if orientation == 1 else (70 * scale, 120 * scale)
     assert (result.image_width, result.image_height) == upright
     assert result.masks
     for mask in result.masks:

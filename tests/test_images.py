@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from backend.errors import ImageDecodeError
-from worker.images import decode_image
+from worker.images import decode_for_model, decode_image
 
 LIMIT = 60_000_000
 
@@ -65,6 +65,28 @@ def test_exif_orientation_is_applied():
     assert decoded.size == (20, 40)
     top = np.asarray(decoded)[2, 10]
     assert top[2] > 200 and top[0] < 60  # the left stripe is now on top
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_large_jpeg_is_decoded_at_a_reduced_scale_that_still_covers_the_working_size(orientation):
+    image = Image.new("RGB", (2000, 1500), (0, 128, 0))
+    image.paste((255, 0, 0), (0, 0, 500, 1500))  # red stripe on the left
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _encode(image, "JPEG", exif=exif, quality=90)
+    decoded, size = decode_for_model(data, LIMIT, min_side=448)
+    upright = (2000, 1500) if orientation == 1 else (1500, 2000)
+    assert size == upright  # what masks are drawn at
+    assert decoded.size == (upright[0] // 2, upright[1] // 2)  # 1/2 keeps both sides >= 448; 1/4 would not
+    corner = np.asarray(decoded)[5, 5] if orientation == 1 else np.asarray(decoded)[5, -5]
+    assert corner[0] > 200 and corner[1] < 60  # the red stripe, turned with the picture
+    assert decode_for_model(data, LIMIT, min_side=2000)[0].size == upright  # never below what is asked
+
+
+def test_other_formats_decode_in_full_for_the_model():
+    data = _encode(Image.new("RGB", (1200, 900), (1, 2, 3)), "PNG")
+    decoded, size = decode_for_model(data, LIMIT, min_side=100)
+    assert decoded.size == size == (1200, 900)
 
 
 def test_cmyk_becomes_rgb():

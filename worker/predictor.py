@@ -32,7 +32,7 @@ from backend.jobs import (
 )
 from backend.settings import Settings
 from worker.fetch import ImageFetcher
-from worker.images import decode_image
+from worker.images import decode_for_model
 from worker.model import dense, vit
 from worker.model.loading import ClipBundle, autocast
 from worker.model.preprocess import to_pixels, working_size
@@ -61,6 +61,16 @@ class ClassBank:
         taken = {text.lower() for group in texts for text in group}
         extra = [(word,) for word in dict.fromkeys(background) if word.lower() not in taken]
         return cls(tuple(texts + extra), len(texts), {group: i for i, group in enumerate(texts)})
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One image ready for the models (made in the fetch threads, so decoding and resizing
+    overlap): its pixels at the working size, and the upright size of the full image, at which
+    masks are drawn."""
+
+    pixels: Tensor  # [3, H, W], normalised
+    size: tuple[int, int]  # (width, height)
 
 
 @dataclass
@@ -105,17 +115,21 @@ class Predictor:
         images = list(self._pool.map(self._load, job.tasks))
         fetched = _ms_since(started)
         results, timings = self.run([t.task_id for t in job.tasks], images, job.choices, job.brushes)
-        timings = {"fetch_decode": fetched, **timings, "total": _ms_since(started)}
+        timings = {"fetch_prepare": fetched, **timings, "total": _ms_since(started)}
         return PredictResult(model_version=job.model_version, tasks=tuple(results), timings_ms=timings)
+
+    def prepare(self, images: Sequence[Image.Image]) -> list[Prepared]:
+        """Decoded images -> model inputs, on the fetch threads."""
+        return list(self._pool.map(lambda image: self.prepare_image(image, image.size), images))
 
     def run(
         self,
         task_ids: Sequence[TaskId],
-        images: Sequence[Image.Image | str],
+        images: Sequence[Prepared | str],
         choices: Sequence[ChoicesControl],
         brushes: Sequence[BrushControl],
     ) -> tuple[list[TaskResult], dict[str, float]]:
-        """Tags and masks for decoded images (a string in place of an image is that task's error)."""
+        """Tags and masks for prepared images (a string in place of an image is that task's error)."""
         timings: dict[str, float] = {}
         mark = time.perf_counter()
         labels = [label for control in (*choices, *brushes) for label in control.labels]
@@ -124,52 +138,58 @@ class Predictor:
         timings["text"] = _ms_since(mark)
 
         mark = time.perf_counter()
-        good = {i: image for i, image in enumerate(images) if isinstance(image, Image.Image)}
+        good = {i: image for i, image in enumerate(images) if isinstance(image, Prepared)}
         scores = self._run_models(good, text, bank.n_labels, with_dense=bool(brushes))
         timings["model"] = _ms_since(mark)
 
         mark = time.perf_counter()
         results = []
         for i, (task_id, image) in enumerate(zip(task_ids, images, strict=True)):
-            if not isinstance(image, Image.Image):
+            if not isinstance(image, Prepared):
                 results.append(TaskResult(task_id, error=image))
                 continue
             answers = tuple(self._answer(control, bank, scores[i]) for control in choices)
             masks = tuple(m for brush in brushes for m in self._masks(brush, bank, text, scores[i], image.size))
-            results.append(TaskResult(task_id, answers, masks, image.width, image.height))
+            results.append(TaskResult(task_id, answers, masks, *image.size))
         timings["masks"] = _ms_since(mark)
         return results, timings
 
-    def _load(self, task: ImageTask) -> Image.Image | str:
-        """The decoded image, or the reason it failed (one bad task never fails the batch)."""
+    def _load(self, task: ImageTask) -> Prepared | str:
+        """The task's image ready for the models, or the reason it failed (one bad task never
+        fails the batch). Decoded no larger than the working size needs."""
         if task.image_url is None:
             return "The task has no image URL in its data."
         try:
             data = self.fetcher.fetch(task.image_url)
-            return decode_image(data, self.settings.max_image_pixels)
+            image, size = decode_for_model(data, self.settings.max_image_pixels, self.settings.image_size)
         except ImageError as e:
             log.warning("task %s: %s", task.task_id, e)
             return str(e)
+        return self.prepare_image(image, size)
+
+    def prepare_image(self, image: Image.Image, size: tuple[int, int]) -> Prepared:
+        """``image`` (the picture of ``size``, possibly decoded smaller) at its working size."""
+        work = working_size(*size, self.settings.image_size, vit.patch_size(self.bundle.visual))
+        return Prepared(to_pixels(image, work, self.bundle.mean, self.bundle.std), size)
 
     def _run_models(
-        self, images: dict[int, Image.Image], text: Tensor, n_labels: int, with_dense: bool
+        self, images: dict[int, Prepared], text: Tensor, n_labels: int, with_dense: bool
     ) -> dict[int, ImageScores]:
         """Same-size images share forward passes: one trunk (blocks 0..L-2) feeds both TagCLIP and
         the dense head; then the CWR crops of all images share batches. A project's ZegCLIP head,
         when it has one, replaces the dense head with its own prompted pass."""
         visual = self.bundle.visual
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, image in images.items():
-            groups[working_size(image.width, image.height, self.settings.image_size, vit.patch_size(visual))].append(i)
+            groups[tuple(image.pixels.shape)].append(i)
         order: list[int] = []
         local: list[LocalScores] = []
         extras: list[dict[str, Tensor]] = []
         with self._inference():
-            for size, indices in groups.items():
+            for indices in groups.values():
                 for start in range(0, len(indices), self.settings.batch_size):
                     chunk = indices[start : start + self.settings.batch_size]
-                    pixels = torch.stack([to_pixels(images[i], size, self.bundle.mean, self.bundle.std) for i in chunk])
-                    pixels = pixels.to(self.bundle.device)
+                    pixels = torch.stack([images[i].pixels for i in chunk]).to(self.bundle.device)
                     trunk = run_trunk(self.bundle, pixels, self.config)
                     if self.head is not None and with_dense:
                         logits = self.head(visual, pixels, text[:n_labels])

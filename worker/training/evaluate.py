@@ -25,7 +25,8 @@ def evaluate(
 ) -> dict[str, float]:
     """Tag mAP and F1 (per Choices control, averaged) and mask mIoU over the labels present,
     predicted by ``predictor`` on the corrections' images and scored against the corrections."""
-    results, _ = predictor.run([c.task_id for c in corrections], [c.image for c in corrections], choices, brushes)
+    images = predictor.prepare([c.image for c in corrections])
+    results, _ = predictor.run([c.task_id for c in corrections], images, choices, brushes)
     metrics: dict[str, float] = {"tasks": float(len(corrections))}
     maps, f1s = [], []
     for control in choices:
