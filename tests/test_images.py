@@ -83,6 +83,21 @@ def test_large_jpeg_is_decoded_at_a_reduced_scale_that_still_covers_the_working_
     assert decode_for_model(data, LIMIT, min_side=2000)[0].size == upright  # never below what is asked
 
 
+@pytest.mark.parametrize(("mode", "save"), [("CMYK", {}), ("RGB", {"progressive": True}), ("L", {})])
+def test_reduced_decoding_keeps_colours_of_every_jpeg_kind(mode, save):
+    image = Image.new("RGB", (2000, 1500), (200, 30, 30)).convert(mode)
+    decoded, size = decode_for_model(_encode(image, "JPEG", **save), LIMIT, min_side=448)
+    assert decoded.mode == "RGB" and decoded.size == (1000, 750) and size == (2000, 1500)
+    expected = np.asarray(image.convert("RGB"))[5, 5]
+    assert np.abs(np.asarray(decoded)[5, 5].astype(int) - expected).max() <= 4
+
+
+def test_truncated_jpeg_is_refused_at_a_reduced_scale_too(photos):
+    data = _encode(Image.open(io.BytesIO(photos["2011_000003.jpg"])).resize((2000, 1352)), "JPEG")
+    with pytest.raises(ImageDecodeError, match="corrupt or truncated"):
+        decode_for_model(data[: len(data) // 2], LIMIT, min_side=448)
+
+
 def test_other_formats_decode_in_full_for_the_model():
     data = _encode(Image.new("RGB", (1200, 900), (1, 2, 3)), "PNG")
     decoded, size = decode_for_model(data, LIMIT, min_side=100)
