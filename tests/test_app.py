@@ -53,6 +53,8 @@ def test_setup_returns_the_version_every_prediction_carries(client, voc_config, 
     response = client.post("/predict", json={"tasks": _tasks(label_studio, PHOTOS[:2]), "label_config": voc_config})
     assert [r["model_version"] for r in response.get_json()["results"]] == [version, version]
     assert client.get("/versions").get_json() == {"versions": [version]}
+    model = client.get("/health").get_json()["model"]  # what the operator sees once the model is warm
+    assert model["state"] == "ready" and model["device"] == "cpu" and model["precision"] in ("float32", "bfloat16")
 
 
 def test_predict_a_batch_of_real_photos_in_order_with_one_broken(client, voc_config, voc, label_studio):

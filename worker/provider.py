@@ -87,6 +87,7 @@ class ModelProvider:
             status["error"] = self._error
         if self._predictor is not None:
             status["device"] = str(self._predictor.bundle.device)
+            status["precision"] = str(self._predictor.bundle.precision).removeprefix("torch.")
             status["weights"] = self._predictor.bundle.description
         return status
 
