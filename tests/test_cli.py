@@ -1,7 +1,6 @@
 """The README's start command for real: `prelabel-backend` under gunicorn, over HTTP."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -10,18 +9,13 @@ import pytest
 import requests
 
 from tests.conftest import settings_env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.labelstudio import free_port
 
 
 @pytest.fixture
 def backend_server(make_settings, label_studio, tmp_path):
     settings = make_settings(label_studio_url=label_studio.url, label_studio_api_key=label_studio.legacy_token)
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "backend.log"
     env = {**os.environ, **settings_env(settings)}
     command = [sys.executable, "-m", "backend.cli", "--host", "127.0.0.1", "--port", str(port), "--workers", "3"]

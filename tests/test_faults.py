@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 
@@ -17,22 +16,17 @@ from rq.serializers import JSONSerializer
 from backend.app import create_app
 from backend.jobs import ChoicesControl, ClassLabel, ImageTask, PredictJob
 from backend.runner import QueueRunner
+from tests.labelstudio import free_port
 from tests.test_queue import start_worker, stop, wait_for_workers
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class OwnRedis:
     """A redis-server of the test's own, without persistence, that can be stopped and restarted."""
 
     def __init__(self, tmp_path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.dir = tmp_path
 
