@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
 import os
 import socket
 import statistics
@@ -25,12 +24,9 @@ from pathlib import Path
 
 import redis
 import requests
-from PIL import Image
 
 from backend.settings import Settings
-
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("PRELABEL_SHARED_DATA", REPO / ".." / "shared" / "data")).resolve()
+from bench.photos import REPO, jpeg, photos
 
 
 def _free_port() -> int:
@@ -40,14 +36,8 @@ def _free_port() -> int:
 
 
 def _tasks(count: int) -> list[dict]:
-    paths = sorted((DATA / "voc-samples").glob("*.jpg")) + sorted((DATA / "imagenet-samples").glob("*.JPEG"))
-    tasks = []
-    for i, path in enumerate((paths * count)[:count]):
-        buffer = io.BytesIO()
-        Image.open(path).convert("RGB").save(buffer, "JPEG", quality=85)
-        uri = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
-        tasks.append({"id": i, "data": {"image": uri}})
-    return tasks
+    uris = ["data:image/jpeg;base64," + base64.b64encode(jpeg(image, quality=85)).decode() for image in photos(count)]
+    return [{"id": i, "data": {"image": uri}} for i, uri in enumerate(uris)]
 
 
 def run(clients: int, seconds: float, tasks: int, redis_url: str, checkpoint: str, threads: int) -> dict:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.report import write_report
+from bench.report import publish
 from bench.toyworld import BACKGROUNDS, COLOURS, SHAPES, Scene, scenes
 from worker.model import dense, vit
 from worker.model.loading import ClipBundle
@@ -309,12 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     bench = Bench(bundle, TextEmbedder(bundle), TagCLIPConfig(), batch_size=32)
     report = run(bench, args.scenes, args.pool, args.k, args.steps, lr=args.lr)
     command = "python -m bench.quality " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = markdown(report, command, bundle.description)
-    print(text)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-    if args.out:
-        write_report(args.out, text)
+    publish(markdown(report, command, bundle.description), report, args.json, args.out)
 
 
 if __name__ == "__main__":

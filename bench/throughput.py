@@ -26,8 +26,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import http.server
-import io
-import json
 import os
 import platform
 import statistics
@@ -36,7 +34,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,18 +47,16 @@ from rq.serializers import JSONSerializer
 from backend.app import create_app
 from backend.jobs import PREDICT_QUEUE, BrushControl, ChoicesControl, ClassLabel
 from backend.settings import Settings
-from bench.report import write_report
+from bench.photos import DATA, REPO, jpeg, photos
+from bench.report import publish
 from worker.images import decode_for_model, decode_image
 from worker.model import vit
 from worker.model.loading import autocast, load_clip
-from worker.model.preprocess import to_pixels, working_size
-from worker.predictor import Predictor
+from worker.predictor import Predictor, same_size_batches
 from worker.training.clipself import CLIPSelfConfig, train_clipself
 from worker.training.corrections import Correction
 from worker.training.zegclip import load_voc_folder
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("PRELABEL_SHARED_DATA", REPO / ".." / "shared" / "data")).resolve()
 VOC = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
        "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")  # fmt: skip
 
@@ -81,22 +76,13 @@ def images_per_second(run, count: int, device: torch.device, repeats: int) -> fl
     return count * repeats / (time.perf_counter() - started)
 
 
-def photos(count: int) -> list[Image.Image]:
-    paths = sorted((DATA / "voc-samples").glob("*.jpg")) + sorted((DATA / "imagenet-samples").glob("*.JPEG"))
-    return [Image.open(p).convert("RGB") for p in (paths * count)[:count]]
-
-
 def ceiling(predictor: Predictor, images: list[Image.Image], batch: int, repeats: int) -> dict[str, float]:
     """The bare encoder (SDPA attention, no TagCLIP) in the pipeline's precision: on square 224
     inputs, and on the pipeline's own inputs (the same photos at the same working sizes, batched
     the same way), which is the ceiling the pipeline is compared with."""
     bundle = predictor.bundle
-    patch = vit.patch_size(bundle.visual)
-    groups: dict[tuple[int, int], list[torch.Tensor]] = defaultdict(list)
-    for im in images:
-        size = working_size(im.width, im.height, predictor.settings.image_size, patch)
-        groups[size].append(to_pixels(im, size, bundle.mean, bundle.std))
-    working = [torch.stack(g[i : i + batch]) for g in groups.values() for i in range(0, len(g), batch)]
+    prepared = dict(enumerate(predictor.prepare(images)))
+    working = [torch.stack([prepared[i].pixels for i in chunk]) for chunk in same_size_batches(prepared, batch)]
     working = [pixels.to(bundle.device) for pixels in working]
     square = [torch.randn(batch, 3, 224, 224, device=bundle.device)]
 
@@ -184,12 +170,6 @@ def image_server(images: list[bytes]) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
-
-
-def jpeg(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
 
 
 def serving(settings: Settings, count: int, redis_url: str) -> dict[str, dict[str, float]]:
@@ -350,12 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.train_steps:
         report["training"] = training(predictor, args.train_steps, 4, args.size, settings.train_steps)
     command = "python -m bench.throughput " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = markdown(report, command)
-    print(text)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-    if args.out:
-        write_report(args.out, text)
+    publish(markdown(report, command), report, args.json, args.out)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -71,6 +71,14 @@ class Prepared:
 
     pixels: Tensor  # [3, H, W], normalised
     size: tuple[int, int]  # (width, height)
+
+
+def same_size_batches(images: Mapping[int, Prepared], batch_size: int) -> list[list[int]]:
+    """The keys of ``images`` in batches of at most ``batch_size`` images of one working size."""
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i, image in images.items():
+        groups[tuple(image.pixels.shape)].append(i)
+    return [indices[i : i + batch_size] for indices in groups.values() for i in range(0, len(indices), batch_size)]
 
 
 @dataclass
@@ -179,28 +187,23 @@ class Predictor:
         the dense head; then the CWR crops of all images share batches. A project's ZegCLIP head,
         when it has one, replaces the dense head with its own prompted pass."""
         visual = self.bundle.visual
-        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for i, image in images.items():
-            groups[tuple(image.pixels.shape)].append(i)
         order: list[int] = []
         local: list[LocalScores] = []
         extras: list[dict[str, Tensor]] = []
         with self._inference():
-            for indices in groups.values():
-                for start in range(0, len(indices), self.settings.batch_size):
-                    chunk = indices[start : start + self.settings.batch_size]
-                    pixels = torch.stack([images[i].pixels for i in chunk]).to(self.bundle.device)
-                    trunk = run_trunk(self.bundle, pixels, self.config)
-                    if self.head is not None and with_dense:
-                        logits = self.head(visual, pixels, text[:n_labels])
-                        extras += [{"zegclip": image_logits.float()} for image_logits in logits]
-                    elif with_dense:
-                        features = dense.dense_features(visual, trunk.tokens, trunk.grid, self.settings.dense_head)
-                        extras += [{"dense": f.float()} for f in features]
-                    else:
-                        extras += [{} for _ in chunk]
-                    local += tagclip_head(self.bundle, trunk, text, n_labels, self.config)
-                    order += chunk
+            for chunk in same_size_batches(images, self.settings.batch_size):
+                pixels = torch.stack([images[i].pixels for i in chunk]).to(self.bundle.device)
+                trunk = run_trunk(self.bundle, pixels, self.config)
+                if self.head is not None and with_dense:
+                    logits = self.head(visual, pixels, text[:n_labels])
+                    extras += [{"zegclip": image_logits.float()} for image_logits in logits]
+                elif with_dense:
+                    features = dense.dense_features(visual, trunk.tokens, trunk.grid, self.settings.dense_head)
+                    extras += [{"dense": f.float()} for f in features]
+                else:
+                    extras += [{} for _ in chunk]
+                local += tagclip_head(self.bundle, trunk, text, n_labels, self.config)
+                order += chunk
             fused = reidentify(self.bundle, local, text, self.config, self.settings.batch_size)
         return {
             i: ImageScores(scores.float().cpu().tolist(), item.grid, **extra)
