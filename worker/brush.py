@@ -1,0 +1,80 @@
+"""Label Studio's brush RLE, vectorised.
+
+``label_studio_sdk.converter.brush.mask2rle`` builds the bit string with a Python loop over the
+runs of the RGBA-expanded mask: about 120 ms per mask of a 12-megapixel photo, which would cap a
+GPU worker at a few images a second. ``mask_to_rle`` returns the same numbers (tested against the
+SDK on every VOC mask and on random masks) with numpy: the runs of the mask itself (each pixel is
+four equal RGBA values, so RGBA runs are pixel runs times four), one variable-length code per run,
+all codes packed into bytes at once.
+
+The format (the SDK's ``encode_rle``, 8-bit words, run sizes 3, 4, 8 and 16 bits): a header of the
+value count (32 bits), word size - 1 (5 bits) and each run size - 1 (4 bits each); then per run
+either ``0 00 000 <value>`` for a single value, or ``1 <size index> <length - 1> <value>`` with the
+smallest run size that holds the length; runs over 2**16 are written as chunks of 2**16 first;
+zeros up to the next byte (a whole zero byte when already aligned).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_CHANNELS = 4  # RGBA: Label Studio paints the mask's value into all four
+_WORD_BITS = 8
+_RUN_SIZES = (3, 4, 8, 16)
+_LONGEST = 2**16
+_RUNS_PER_CHUNK = 1 << 16  # bounds the [runs, 32] bit matrix to a few MB
+
+
+def mask_to_rle(mask: np.ndarray) -> list[int]:
+    """A 2-D uint8 mask (0 = empty, 255 = painted) -> the RLE numbers of a ``brushlabels`` result."""
+    if mask.ndim != 2 or mask.dtype != np.uint8:
+        raise ValueError(f"expected a 2-D uint8 mask, got {mask.ndim}-D {mask.dtype}")
+    flat = mask.ravel()
+    if flat.size == 0:
+        raise ValueError("the mask is empty (no pixels)")
+    ends = np.append(np.flatnonzero(flat[1:] != flat[:-1]), flat.size - 1)
+    lengths = np.diff(ends, prepend=-1).astype(np.int64) * _CHANNELS
+    codes, widths = _run_codes(lengths, flat[ends].astype(np.int64))
+    header_codes = np.array([flat.size * _CHANNELS, _WORD_BITS - 1, *(s - 1 for s in _RUN_SIZES)], dtype=np.int64)
+    header_widths = np.array([32, 5, *(4 for _ in _RUN_SIZES)], dtype=np.int64)
+    codes, widths = np.concatenate([header_codes, codes]), np.concatenate([header_widths, widths])
+    bits = np.concatenate([_bits(codes[i : i + _RUNS_PER_CHUNK], widths[i : i + _RUNS_PER_CHUNK])
+                           for i in range(0, codes.size, _RUNS_PER_CHUNK)])  # fmt: skip
+    packed = np.packbits(bits)  # pads the last byte with zeros
+    if bits.size % 8 == 0:
+        packed = np.append(packed, np.uint8(0))  # the SDK always adds at least one zero bit
+    return packed.tolist()
+
+
+def _run_codes(lengths: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each run's code and bit width, runs over 2**16 preceded by their 2**16-long chunks."""
+    flag = np.select(
+        [lengths == 1, lengths <= 8, lengths <= 16, lengths <= 256],
+        [0b000, 0b100, 0b101, 0b110],
+        0b111,
+    )
+    size = np.select([lengths == 1, lengths <= 8, lengths <= 16, lengths <= 256], [3, 3, 4, 8], 16)
+    chunks = np.where(lengths > 256, (lengths - 1) // _LONGEST, 0)
+    last = lengths - chunks * _LONGEST
+    tail = np.where(lengths == 1, 0, last - 1)
+    final = (flag << (size + _WORD_BITS)) | (tail << _WORD_BITS) | values
+    width = 3 + size + _WORD_BITS
+    if not chunks.any():
+        return final, width
+    # Interleave: run i's chunks (all the same code), then its final code.
+    chunk_code = (0b111 << (16 + _WORD_BITS)) | ((_LONGEST - 1) << _WORD_BITS) | values
+    repeats = chunks + 1
+    starts = np.cumsum(repeats) - repeats
+    codes = np.repeat(chunk_code, repeats)
+    widths = np.full(codes.size, 3 + 16 + _WORD_BITS, dtype=np.int64)
+    codes[starts + chunks] = final
+    widths[starts + chunks] = width
+    return codes, widths
+
+
+def _bits(codes: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """The low ``widths[i]`` bits of each ``codes[i]``, most significant first, concatenated."""
+    position = np.arange(32, dtype=np.int64)
+    shifts = widths[:, None] - 1 - position
+    bits = (codes[:, None] >> np.clip(shifts, 0, None)) & 1
+    return bits[shifts >= 0].astype(np.uint8)
