@@ -56,6 +56,7 @@ class Settings:
     fetch_timeout: float = field(default=15.0, metadata={"env": "FETCH_TIMEOUT"})
     max_image_bytes: int = field(default=40 * 1024 * 1024, metadata={"env": "MAX_IMAGE_BYTES"})
     max_image_pixels: int = field(default=60_000_000, metadata={"env": "MAX_IMAGE_PIXELS"})
+    fetch_threads: int = field(default=0, metadata={"env": "FETCH_THREADS"})  # 0: max(8, CPU cores)
 
     # Model
     model_name: str = field(default="ViT-B-16-quickgelu", metadata={"env": "MODEL_NAME"})
@@ -109,6 +110,8 @@ class Settings:
             raise SettingsError("Set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither.")
         if not 0 < self.train_holdout < 1:
             raise SettingsError(f"TRAIN_HOLDOUT={self.train_holdout} must be a fraction in (0, 1).")
+        if self.fetch_threads < 0:
+            raise SettingsError(f"FETCH_THREADS={self.fetch_threads} must be 0 (automatic) or positive.")
         if self.train_every < 0 or self.train_interval < 0:
             raise SettingsError("TRAIN_EVERY and TRAIN_INTERVAL must be 0 (off) or positive.")
         positive = ("job_timeout", "result_ttl", "max_image_bytes", "max_image_pixels", "batch_size", "train_timeout",

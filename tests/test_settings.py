@@ -50,6 +50,7 @@ def test_environment_names_and_types():
         ({"BATCH_SIZE": "0"}, "BATCH_SIZE must be a positive number"),
         ({"PRECISION": "fp16"}, "PRECISION=fp16 must be one of auto, bf16, fp32"),
         ({"CWR_MAX_CLASSES": "-1"}, "CWR_MAX_CLASSES"),
+        ({"FETCH_THREADS": "-2"}, r"FETCH_THREADS=-2 must be 0 \(automatic\) or positive"),
     ],
 )
 def test_invalid_values_name_the_variable(env, message):

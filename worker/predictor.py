@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from label_studio_sdk.converter.brush import mask2rle
 from PIL import Image
 from torch import Tensor
 
@@ -31,6 +31,7 @@ from backend.jobs import (
     TaskResult,
 )
 from backend.settings import Settings
+from worker.brush import mask_to_rle
 from worker.fetch import ImageFetcher
 from worker.images import decode_for_model
 from worker.model import dense, vit
@@ -42,8 +43,6 @@ from worker.model.text import TextEmbedder
 from worker.model.zegclip import ZegCLIP
 
 log = logging.getLogger(__name__)
-
-FETCH_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -73,12 +72,40 @@ class Prepared:
     size: tuple[int, int]  # (width, height)
 
 
-def same_size_batches(images: Mapping[int, Prepared], batch_size: int) -> list[list[int]]:
-    """The keys of ``images`` in batches of at most ``batch_size`` images of one working size."""
-    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for i, image in images.items():
-        groups[tuple(image.pixels.shape)].append(i)
-    return [indices[i : i + batch_size] for indices in groups.values() for i in range(0, len(indices), batch_size)]
+def same_size_batches(images: Iterable[tuple[int, Prepared]], batch_size: int) -> Iterator[list[tuple[int, Prepared]]]:
+    """``(index, image)`` pairs in batches of at most ``batch_size`` images of one working size.
+    A batch is yielded as soon as it is full, while later images may still be on their way (so
+    the model runs while the fetch threads work); the incomplete ones follow at the end."""
+    groups: dict[tuple[int, ...], list[tuple[int, Prepared]]] = defaultdict(list)
+    for i, image in images:
+        group = groups[tuple(image.pixels.shape)]
+        group.append((i, image))
+        if len(group) == batch_size:
+            yield group.copy()
+            group.clear()
+    yield from (group for group in groups.values() if group)
+
+
+class Arrivals:
+    """A job's images in task order as the fetch threads finish them: every one is kept (a string
+    is a task's error), the good ones are passed on with their index, and the time spent waiting
+    for them is counted."""
+
+    def __init__(self, images: Iterable[Prepared | str]) -> None:
+        self._images = iter(images)
+        self.received: list[Prepared | str] = []
+        self.waited_ms = 0.0
+
+    def __iter__(self) -> Iterator[tuple[int, Prepared]]:
+        while True:
+            mark = time.perf_counter()
+            image = next(self._images, None)
+            self.waited_ms += (time.perf_counter() - mark) * 1000
+            if image is None:
+                return
+            self.received.append(image)
+            if isinstance(image, Prepared):
+                yield len(self.received) - 1, image
 
 
 @dataclass
@@ -112,7 +139,8 @@ class Predictor:
         self.config = TagCLIPConfig(
             tag_threshold=settings.tag_threshold, cwr_max_classes=settings.cwr_max_classes or None
         )
-        self._pool = ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="prelabel-fetch")
+        threads = settings.fetch_threads or max(8, os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="prelabel-fetch")
 
     def warm_up(self) -> None:
         """Embed the background words now: every job needs them, so no job should pay for them."""
@@ -120,24 +148,26 @@ class Predictor:
 
     def predict(self, job: PredictJob) -> PredictResult:
         started = time.perf_counter()
-        images = list(self._pool.map(self._load, job.tasks))
-        fetched = _ms_since(started)
+        images = self._pool.map(self._load, job.tasks)  # all submitted now; the models take them as they come
         results, timings = self.run([t.task_id for t in job.tasks], images, job.choices, job.brushes)
-        timings = {"fetch_prepare": fetched, **timings, "total": _ms_since(started)}
+        timings["total"] = _ms_since(started)
         return PredictResult(model_version=job.model_version, tasks=tuple(results), timings_ms=timings)
 
-    def prepare(self, images: Sequence[Image.Image]) -> list[Prepared]:
-        """Decoded images -> model inputs, on the fetch threads."""
-        return list(self._pool.map(lambda image: self.prepare_image(image, image.size), images))
+    def prepare(self, images: Sequence[Image.Image]) -> Iterator[Prepared]:
+        """Decoded images -> model inputs, made on the fetch threads and yielded in order as they
+        are ready (``run`` starts on them before the last one is)."""
+        return self._pool.map(lambda image: self.prepare_image(image, image.size), images)
 
     def run(
         self,
         task_ids: Sequence[TaskId],
-        images: Sequence[Prepared | str],
+        images: Iterable[Prepared | str],
         choices: Sequence[ChoicesControl],
         brushes: Sequence[BrushControl],
     ) -> tuple[list[TaskResult], dict[str, float]]:
-        """Tags and masks for prepared images (a string in place of an image is that task's error)."""
+        """Tags and masks for prepared images, in task order (a string in place of an image is that
+        task's error). ``images`` may still be arriving: full batches run as soon as they are ready.
+        Timings: ``waiting_for_images`` is the time the models had nothing to do, ``model`` the rest."""
         timings: dict[str, float] = {}
         mark = time.perf_counter()
         labels = [label for control in (*choices, *brushes) for label in control.labels]
@@ -146,19 +176,25 @@ class Predictor:
         timings["text"] = _ms_since(mark)
 
         mark = time.perf_counter()
-        good = {i: image for i, image in enumerate(images) if isinstance(image, Prepared)}
-        scores = self._run_models(good, text, bank.n_labels, with_dense=bool(brushes))
-        timings["model"] = _ms_since(mark)
+        arrivals = Arrivals(images)
+        scores = self._run_models(arrivals, text, bank.n_labels, with_dense=bool(brushes))
+        timings["waiting_for_images"] = round(arrivals.waited_ms, 1)
+        timings["model"] = round(_ms_since(mark) - arrivals.waited_ms, 1)
 
-        mark = time.perf_counter()
-        results = []
-        for i, (task_id, image) in enumerate(zip(task_ids, images, strict=True)):
+        def finish(i: int) -> TaskResult:
+            image = arrivals.received[i]
             if not isinstance(image, Prepared):
-                results.append(TaskResult(task_id, error=image))
-                continue
+                return TaskResult(task_ids[i], error=image)
             answers = tuple(self._answer(control, bank, scores[i]) for control in choices)
             masks = tuple(m for brush in brushes for m in self._masks(brush, bank, text, scores[i], image.size))
-            results.append(TaskResult(task_id, answers, masks, *image.size))
+            return TaskResult(task_ids[i], answers, masks, *image.size)
+
+        if len(arrivals.received) != len(task_ids):
+            raise ValueError(f"{len(task_ids)} tasks but {len(arrivals.received)} images")
+        mark = time.perf_counter()
+        # Masks and their RLE are CPU work per image (upsampling, connected regions, encoding):
+        # spread over the fetch threads, idle by now, so a GPU worker is not held up by one core.
+        results = list(self._pool.map(finish, range(len(task_ids))))
         timings["masks"] = _ms_since(mark)
         return results, timings
 
@@ -181,7 +217,7 @@ class Predictor:
         return Prepared(to_pixels(image, work, self.bundle.mean, self.bundle.std), size)
 
     def _run_models(
-        self, images: dict[int, Prepared], text: Tensor, n_labels: int, with_dense: bool
+        self, images: Iterable[tuple[int, Prepared]], text: Tensor, n_labels: int, with_dense: bool
     ) -> dict[int, ImageScores]:
         """Same-size images share forward passes: one trunk (blocks 0..L-2) feeds both TagCLIP and
         the dense head; then the CWR crops of all images share batches. A project's ZegCLIP head,
@@ -191,8 +227,9 @@ class Predictor:
         local: list[LocalScores] = []
         extras: list[dict[str, Tensor]] = []
         with self._inference():
-            for chunk in same_size_batches(images, self.settings.batch_size):
-                pixels = torch.stack([images[i].pixels for i in chunk]).to(self.bundle.device)
+            for batch in same_size_batches(images, self.settings.batch_size):
+                chunk = [i for i, _ in batch]
+                pixels = torch.stack([image.pixels for _, image in batch]).to(self.bundle.device)
                 trunk = run_trunk(self.bundle, pixels, self.config)
                 if self.head is not None and with_dense:
                     logits = self.head(visual, pixels, text[:n_labels])
@@ -229,6 +266,8 @@ class Predictor:
         by_label = {label.name: scores.tags[bank.index[label.texts]] for label in brush.labels}
         found, _ = select_tags(by_label, True, self.config.tag_threshold)
         labels = [label for label in brush.labels if label.name in found]
+        if not labels:
+            return []
         rows = [bank.index[label.texts] for label in labels]
         min_area = self.settings.mask_min_area
         with torch.inference_mode():
@@ -241,7 +280,7 @@ class Predictor:
                 logits = dense.class_logits(scores.dense, text[rows], scores.grid)
                 masks = dense.masks_from_logits(logits, len(labels), size, min_area)
         return [
-            MaskResult(brush.from_name, labels[m.index].name, mask2rle(m.mask.astype(np.uint8) * 255), m.score)
+            MaskResult(brush.from_name, labels[m.index].name, mask_to_rle(m.mask.astype(np.uint8) * 255), m.score)
             for m in masks
         ]
 
