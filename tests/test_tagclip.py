@@ -1,5 +1,7 @@
 """TagCLIP's pieces on constructed inputs, where the right answer is known by construction."""
 
+import cv2
+import numpy as np
 import torch
 
 from tests.tiny import build_tiny_clip
@@ -61,6 +63,36 @@ def test_box_masks_are_the_union_of_region_boxes_including_the_border():
     expected1[0, 3:5] = 1
     torch.testing.assert_close(masks[..., 1], expected1)
     assert masks[..., 2].sum() == 0
+
+
+def _box_masks_one_class_at_a_time(scores: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The reference's loop, per class: normalise, threshold at the mean, union of region boxes."""
+    h, w = grid
+    values = scores.float().numpy()
+    masks = np.zeros((values.shape[1], h, w), dtype=np.float32)
+    for c in range(values.shape[1]):
+        s = values[:, c] - values[:, c].min()
+        if s.max() <= 0:
+            continue
+        s = s / s.max()
+        foreground = (np.floor(s * 255) > np.floor(s.mean() * 255)).reshape(h, w).astype(np.uint8)
+        count, _, stats, _ = cv2.connectedComponentsWithStats(foreground, connectivity=8)
+        for x, y, bw, bh, _area in stats[1:count]:
+            masks[c, y : y + bh, x : x + bw] = 1.0
+    return torch.from_numpy(masks.reshape(values.shape[1], h * w).T.copy())
+
+
+def test_batched_box_masks_equal_the_per_class_loop():
+    generator = torch.Generator().manual_seed(0)
+    grid = (9, 13)
+    blobs = torch.nn.functional.avg_pool2d(torch.rand(4, 30, *grid, generator=generator), 3, 1, 1)
+    scores = blobs.flatten(2).transpose(1, 2)  # [4 images, N, 30 classes], smooth: several regions each
+    scores[1, :, 3] = 0.5  # a flat class: no region
+    scores[2, :, 4] = torch.rand(grid[0] * grid[1], generator=generator)  # noise: many small regions
+    batched = class_box_masks(scores, grid)
+    for b in range(4):
+        torch.testing.assert_close(batched[b], _box_masks_one_class_at_a_time(scores[b], grid), rtol=0, atol=0)
+    assert batched[1, :, 3].sum() == 0 and batched[2, :, 4].sum() > 0
 
 
 def test_dmar_with_identity_attention_keeps_only_patches_inside_the_class_boxes():

@@ -76,27 +76,38 @@ class AttentionVotes:
 
 
 def class_box_masks(scores: Tensor, grid: tuple[int, int]) -> Tensor:
-    """[N, C] patch scores -> [N, C] 0/1 masks: per class, the union of the bounding boxes of the
-    connected regions scoring above the class's mean (scores min-max normalised, 8-bit as in the
-    reference). Boxes include their last row and column."""
+    """[..., N, C] patch scores -> [..., N, C] 0/1 masks: per image and class, the union of the
+    bounding boxes of the connected regions scoring above the class's mean (scores min-max
+    normalised, 8-bit as in the reference). Boxes include their last row and column.
+
+    All images and classes go through one connected-components call (each class's grid is a tile
+    of one tall image, tiles apart by an empty row) and one box fill, with one copy off the device:
+    this runs once per batch on the worker's main thread, not once per image and class."""
     h, w = grid
     values = scores.detach().float().cpu().numpy()
-    masks = np.zeros((values.shape[1], h, w), dtype=np.float32)
-    for c in range(values.shape[1]):
-        s = values[:, c] - values[:, c].min()
-        top = s.max()
-        if top <= 0:
-            continue
-        s = s / top
-        foreground = (np.floor(s * 255) > np.floor(s.mean() * 255)).reshape(h, w).astype(np.uint8)
-        count, _, stats, _ = cv2.connectedComponentsWithStats(foreground, connectivity=8)
-        for x, y, bw, bh, _area in stats[1:count]:
-            masks[c, y : y + bh, x : x + bw] = 1.0
-    return torch.from_numpy(masks.reshape(values.shape[1], h * w).T.copy()).to(scores.device)
+    lead, (n, classes) = values.shape[:-2], values.shape[-2:]
+    values = values.reshape(-1, n, classes).transpose(0, 2, 1).reshape(-1, n)  # [tiles, N]
+    shifted = values - values.min(axis=1, keepdims=True)
+    top = shifted.max(axis=1, keepdims=True)
+    normalised = np.divide(shifted, top, out=np.zeros_like(shifted), where=top > 0)
+    level = np.floor(normalised.mean(axis=1, keepdims=True) * 255)
+    foreground = (np.floor(normalised * 255) > level) & (top > 0)
+    tiles = np.zeros((len(values), h + 1, w), dtype=np.uint8)  # the last row of each tile stays empty
+    tiles[:, :h] = foreground.reshape(-1, h, w)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(tiles.reshape(-1, w), connectivity=8)
+    x, y, bw, bh = (stats[1:count, i] for i in range(4))
+    tile, y = np.divmod(y, h + 1)
+    # Paint every box at once: +1/-1 at its corners, then running sums over rows and columns.
+    corners = np.zeros((len(values), h + 1, w + 1), dtype=np.int32)
+    for dy, dx, sign in ((0, 0, 1), (0, bw, -1), (bh, 0, -1), (bh, bw, 1)):
+        np.add.at(corners, (tile, y + dy, x + dx), sign)
+    boxes = corners.cumsum(axis=1).cumsum(axis=2)[:, :h, :w] > 0
+    out = boxes.reshape(-1, classes, n).transpose(0, 2, 1).reshape(*lead, n, classes)
+    return torch.from_numpy(out.astype(np.float32)).to(scores.device)
 
 
 def dmar(patch_probs: Tensor, refined_attention: Tensor, grid: tuple[int, int]) -> Tensor:
-    """Dual-masking attention refinement for one image: [N, C] -> [N, C].
+    """Dual-masking attention refinement: [..., N, C] -> [..., N, C] (one image or a batch).
 
     Patch scores propagate along refined attention, then again with each class's attention
     restricted to the boxes where that class is strong."""
@@ -186,11 +197,10 @@ def tagclip_head(bundle: ClipBundle, trunk: Trunk, text: Tensor, n_fg: int, cfg:
     out = []
     with full_precision(trunk.pixels.device):
         probs = class_probabilities(features, text, bundle.logit_scale)  # [B, N, C]
-        attention = trunk.votes.refined(cfg.layers(depth)[1])
+        refined = dmar(probs, trunk.votes.refined(cfg.layers(depth)[1]), trunk.grid)
+        scores = refined[:, :, :n_fg].amax(dim=1)
         for b in range(trunk.pixels.shape[0]):
-            refined = dmar(probs[b], attention[b], trunk.grid)
-            scores = refined[:, :n_fg].amax(dim=0)
-            out.append(LocalScores(trunk.pixels[b], trunk.grid, probs[b], refined, scores))
+            out.append(LocalScores(trunk.pixels[b], trunk.grid, probs[b], refined[b], scores[b]))
     return out
 
 
