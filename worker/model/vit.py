@@ -71,8 +71,10 @@ def finish_block(block: ResidualAttentionBlock, x: Tensor, attended: Tensor) -> 
 
 
 def attention_logits(q: Tensor, k: Tensor) -> Tensor:
-    """Scaled dot-product logits [B, H, L, L], in float32 so softmaxes of long sequences stay exact."""
-    return (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5
+    """Scaled dot-product logits [B, H, L, L], in float32 so softmaxes of long sequences stay exact.
+    ``q`` is scaled before the product, not the [L, L] result (one pass fewer over the largest
+    tensor of the trunk; exact for head widths whose scale is a power of two, such as 64)."""
+    return (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-2, -1)
 
 
 def block_forward(
@@ -81,18 +83,17 @@ def block_forward(
     attn_mask: Tensor | None = None,
     observe: Callable[[Tensor], None] | None = None,
 ) -> Tensor:
-    """One residual block. ``attn_mask`` is additive ([L, L] or [B, 1, L, L]); with ``observe``
-    the head-averaged attention is computed explicitly and passed to it, else SDPA runs."""
+    """One residual block through SDPA. ``attn_mask`` is additive ([L, L] or [B, 1, L, L]); with
+    ``observe``, the head-averaged attention is also computed explicitly and passed to it (the
+    output still comes from SDPA: cheaper than casting the [B, H, L, L] weights and multiplying)."""
     q, k, v = qkv(block, x)
-    if observe is None:
-        mask = attn_mask.to(q.dtype) if attn_mask is not None else None
-        return finish_block(block, x, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
-    logits = attention_logits(q, k)
-    if attn_mask is not None:
-        logits = logits + attn_mask
-    weights = logits.softmax(dim=-1)
-    observe(weights.mean(dim=1))
-    return finish_block(block, x, (weights.to(v.dtype) @ v))
+    if observe is not None:
+        logits = attention_logits(q, k)
+        if attn_mask is not None:
+            logits = logits + attn_mask
+        observe(logits.softmax(dim=-1).mean(dim=1))
+    mask = attn_mask.to(q.dtype) if attn_mask is not None else None
+    return finish_block(block, x, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
 def run_blocks(
@@ -115,13 +116,11 @@ def self_attending_block(
     """TagCLIP's last block: every token attends (almost) only to itself, which keeps patch tokens
     local. ``observe`` receives the block's unmasked attention."""
     q, k, v = qkv(block, x)
-    logits = attention_logits(q, k)
     if observe is not None:
-        observe(logits.softmax(dim=-1).mean(dim=1))
-    L = logits.shape[-1]
-    off_diagonal = 1.0 - torch.eye(L, device=logits.device, dtype=logits.dtype)
-    weights = (logits + penalty * off_diagonal).softmax(dim=-1)
-    return finish_block(block, x, weights.to(v.dtype) @ v)
+        observe(attention_logits(q, k).softmax(dim=-1).mean(dim=1))
+    L = q.shape[-2]
+    off_diagonal = penalty * (1.0 - torch.eye(L, device=q.device, dtype=q.dtype))
+    return finish_block(block, x, F.scaled_dot_product_attention(q, k, v, attn_mask=off_diagonal))
 
 
 def project(visual: VisionTransformer, x: Tensor) -> Tensor:
