@@ -16,6 +16,8 @@ def _assert_same_as_the_sdk(mask: np.ndarray) -> None:
     ours = mask_to_rle(mask)
     assert ours == mask2rle(mask)
     assert np.array_equal(decode_rle(ours).reshape(*mask.shape, 4)[:, :, 3], mask)
+    if set(np.unique(mask).tolist()) <= {0, 255}:  # the same mask as booleans: True is 255
+        assert mask_to_rle(mask == 255) == ours
 
 
 def test_every_voc_mask_encodes_as_the_sdk_does(voc):
@@ -49,7 +51,7 @@ def test_masks_of_every_run_length_encode_as_the_sdk_does(mask):
     _assert_same_as_the_sdk(mask)
 
 
-@pytest.mark.parametrize("mask", [np.zeros((4, 4), bool), np.zeros((2, 2, 2), np.uint8), np.zeros((0, 5), np.uint8)])
+@pytest.mark.parametrize("mask", [np.zeros((4, 4), np.int64), np.zeros((2, 2, 2), np.uint8), np.zeros((0, 5), bool)])
 def test_wrong_masks_are_refused_with_a_reason(mask):
     with pytest.raises(ValueError, match="mask"):
         mask_to_rle(mask)

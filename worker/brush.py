@@ -26,15 +26,17 @@ _RUNS_PER_CHUNK = 1 << 16  # bounds the [runs, 32] bit matrix to a few MB
 
 
 def mask_to_rle(mask: np.ndarray) -> list[int]:
-    """A 2-D uint8 mask (0 = empty, 255 = painted) -> the RLE numbers of a ``brushlabels`` result."""
-    if mask.ndim != 2 or mask.dtype != np.uint8:
-        raise ValueError(f"expected a 2-D uint8 mask, got {mask.ndim}-D {mask.dtype}")
+    """A 2-D mask -> the RLE numbers of a ``brushlabels`` result: boolean (True is painted, as
+    255) or uint8 (0 = empty, 255 = painted). A boolean mask needs no full-size copy first."""
+    if mask.ndim != 2 or mask.dtype not in (np.bool_, np.uint8):
+        raise ValueError(f"expected a 2-D boolean or uint8 mask, got {mask.ndim}-D {mask.dtype}")
     flat = mask.ravel()
     if flat.size == 0:
         raise ValueError("the mask is empty (no pixels)")
     ends = np.append(np.flatnonzero(flat[1:] != flat[:-1]), flat.size - 1)
     lengths = np.diff(ends, prepend=-1).astype(np.int64) * _CHANNELS
-    codes, widths = _run_codes(lengths, flat[ends].astype(np.int64))
+    values = flat[ends].astype(np.int64) * (255 if mask.dtype == np.bool_ else 1)
+    codes, widths = _run_codes(lengths, values)
     header_codes = np.array([flat.size * _CHANNELS, _WORD_BITS - 1, *(s - 1 for s in _RUN_SIZES)], dtype=np.int64)
     header_widths = np.array([32, 5, *(4 for _ in _RUN_SIZES)], dtype=np.int64)
     codes, widths = np.concatenate([header_codes, codes]), np.concatenate([header_widths, widths])

@@ -12,7 +12,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -279,10 +278,7 @@ class Predictor:
                 rows += list(range(bank.n_labels, len(bank.synonyms)))
                 logits = dense.class_logits(scores.dense, text[rows], scores.grid)
                 masks = dense.masks_from_logits(logits, len(labels), size, min_area)
-        return [
-            MaskResult(brush.from_name, labels[m.index].name, mask_to_rle(m.mask.astype(np.uint8) * 255), m.score)
-            for m in masks
-        ]
+        return [MaskResult(brush.from_name, labels[m.index].name, mask_to_rle(m.mask), m.score) for m in masks]
 
 
 def _ms_since(start: float) -> float:

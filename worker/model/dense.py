@@ -118,7 +118,7 @@ def masks_from_logits(
             continue
         score = float(best[region].mean())
         if work != (height, width):
-            region = cv2.resize(region.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
+            region = cv2.resize(region.view(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST).view(bool)
         masks.append(Mask(c, region, score))
     return masks
 
