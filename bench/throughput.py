@@ -17,6 +17,10 @@ CWR_MAX_CLASSES crops):
 4. /predict answered from the prediction cache: p50/p95;
 5. CLIPSelf training: steps/s, and the time a run of TRAIN_STEPS takes (it does not depend on
    how many corrections there are: 200 corrections or 20, a run is TRAIN_STEPS steps).
+
+Beside each images/s figure of (1) and (2), the floating-point operations per image (counted, so
+the same on every device): their ratio is what a compute-bound device, a GPU at large batch,
+approaches, and they say what throughput target asks what share of a GPU's peak.
 """
 
 from __future__ import annotations
@@ -34,28 +38,37 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import redis
 import torch
+from label_studio_sdk.converter.brush import mask2rle
 from PIL import Image
 from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from backend.app import create_app
 from backend.jobs import PREDICT_QUEUE, BrushControl, ChoicesControl, ClassLabel
 from backend.settings import Settings
 from bench.photos import DATA, REPO, jpeg, photos
 from bench.report import publish
+from worker.brush import mask_to_rle
 from worker.images import decode_for_model, decode_image
-from worker.model import vit
+from worker.model import dense, vit
 from worker.model.loading import autocast, load_clip
 from worker.predictor import Predictor, same_size_batches
 from worker.training.clipself import CLIPSelfConfig, train_clipself
 from worker.training.corrections import Correction
 from worker.training.zegclip import load_voc_folder
+
+#: NVIDIA's dense bf16 tensor-core peak of an H100 SXM, TFLOP/s (datasheet, without sparsity).
+H100_BF16_TFLOPS = 989.4
+#: The issue's throughput target on one H100, images/s of tags + masks.
+TARGET_IMAGES_PER_S = 300
 
 VOC = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
        "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")  # fmt: skip
@@ -76,46 +89,66 @@ def images_per_second(run, count: int, device: torch.device, repeats: int) -> fl
     return count * repeats / (time.perf_counter() - started)
 
 
+def gigaflops(run, count: int) -> float:
+    """GFLOP per image of ``run`` over ``count`` images: matrix products, convolutions and attention
+    (SDPA counted through its math form), as torch's FlopCounterMode counts them. Elementwise work,
+    softmaxes and the CPU parts (connected components, RLE) are left out: they are small next to the
+    ViT's products."""
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        run()
+    return counter.get_total_flops() / count / 1e9
+
+
 def ceiling(predictor: Predictor, images: list[Image.Image], batch: int, repeats: int) -> dict[str, float]:
     """The bare encoder (SDPA attention, no TagCLIP) in the pipeline's precision: on square 224
     inputs, and on the pipeline's own inputs (the same photos at the same working sizes, batched
-    the same way), which is the ceiling the pipeline is compared with."""
+    the same way), which is the ceiling the pipeline is compared with; and its GFLOP per image."""
     bundle = predictor.bundle
-    prepared = dict(enumerate(predictor.prepare(images)))
-    working = [torch.stack([prepared[i].pixels for i in chunk]) for chunk in same_size_batches(prepared, batch)]
-    working = [pixels.to(bundle.device) for pixels in working]
+    batches = same_size_batches(enumerate(predictor.prepare(images)), batch)
+    working = [torch.stack([image.pixels for _, image in chunk]).to(bundle.device) for chunk in batches]
     square = [torch.randn(batch, 3, 224, 224, device=bundle.device)]
 
-    def encoder(batches: list[torch.Tensor]) -> float:
+    def encoder(batches: list[torch.Tensor]) -> tuple[Callable[[], None], int]:
         def run() -> None:
             with torch.inference_mode(), autocast(bundle):
                 for pixels in batches:
                     vit.encode_tokens(bundle.visual, pixels)
 
-        return images_per_second(run, sum(len(b) for b in batches), bundle.device, repeats)
+        return run, sum(len(b) for b in batches)
 
-    return {"224": encoder(square), "working": encoder(working)}
+    return {
+        "224": images_per_second(*encoder(square), bundle.device, repeats),
+        "working": images_per_second(*encoder(working), bundle.device, repeats),
+        "working GFLOP": gigaflops(*encoder(working)),
+    }
 
 
 def pipeline(predictor: Predictor, images: list[Image.Image], repeats: int) -> dict[str, float]:
-    """Images/s from decoded photos to tags and masks (resizing to the working size included)."""
+    """Images/s from decoded photos to tags and masks (resizing to the working size included), and
+    GFLOP per image of each row."""
     labels = tuple(ClassLabel(name, (name,)) for name in VOC)
     choices = (ChoicesControl("tags", "image", labels, True),)
     brushes = (BrushControl("mask", "image", labels),)
 
-    def rate(controls: tuple, batch: list[Image.Image] = images) -> float:
+    def runner(controls: tuple, batch: list[Image.Image] = images) -> tuple[Callable[[], None], int]:
         def run() -> None:
             predictor.run(list(range(len(batch))), predictor.prepare(batch), *controls)
 
-        return images_per_second(run, len(batch), predictor.bundle.device, repeats)
+        return run, len(batch)
 
-    out = {"tags": rate((choices, ())), "tags+masks": rate((choices, brushes))}
+    def rate(controls: tuple, batch: list[Image.Image] = images) -> float:
+        return images_per_second(*runner(controls, batch), predictor.bundle.device, repeats)
+
+    out = {}
+    for name, controls in (("tags", (choices, ())), ("tags+masks", (choices, brushes))):
+        out[name], out[f"{name} GFLOP"] = rate(controls), gigaflops(*runner(controls))
     # Random weights make every class a CWR candidate, so each image costs the most crops; with real
     # weights a photo has a few candidates. The same run with at most 2 crops shows what that is worth.
     full = predictor.config
     predictor.config = dataclasses.replace(full, cwr_max_classes=2)
     try:
         out["tags+masks, 2 crops"] = rate((choices, brushes))
+        out["tags+masks, 2 crops GFLOP"] = gigaflops(*runner((choices, brushes)))
     finally:
         predictor.config = full
     # One 512 x 384 photo alone, as a CPU host meets it: the latency of its tags + masks.
@@ -131,7 +164,7 @@ def decoding(predictor: Predictor, repeats: int) -> dict[str, float]:
 
     def full() -> None:
         image = decode_image(data, limit)
-        predictor.prepare([image])
+        predictor.prepare_image(image, image.size)
 
     def reduced() -> None:
         image, size = decode_for_model(data, limit, predictor.settings.image_size)
@@ -139,6 +172,28 @@ def decoding(predictor: Predictor, repeats: int) -> dict[str, float]:
 
     return {name: 1000 / images_per_second(run, 1, torch.device("cpu"), repeats) for name, run in
             (("full", full), ("reduced", reduced))}  # fmt: skip
+
+
+def mask_output(repeats: int) -> dict[str, float]:
+    """Milliseconds to turn one 12-megapixel photo's class logits into 3 brush masks (upsampling,
+    best class per pixel, connected regions, full-size masks) and to encode them as Label Studio's
+    RLE, ours and the SDK's: CPU work after the model for every image with masks."""
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, 28, 28, 37, generator=generator) * 3  # 3 labels and 25 background words
+    logits = torch.nn.functional.avg_pool2d(noise, 5, 1, 2)[0] * 5  # smooth, blob-like regions
+    size = (4032, 3024)
+    masks = dense.masks_from_logits(logits, 3, size, 0.002)
+    painted = [m.mask.astype("uint8") * 255 for m in masks]
+
+    def timed(run) -> float:
+        return 1000 / images_per_second(run, 1, torch.device("cpu"), repeats)
+
+    return {
+        "masks": timed(lambda: dense.masks_from_logits(logits, 3, size, 0.002)),
+        "rle": timed(lambda: [mask_to_rle(m.mask) for m in masks]),
+        "sdk rle": timed(lambda: [mask2rle(m) for m in painted]),
+        "count": len(masks),
+    }
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -244,8 +299,18 @@ def training(predictor: Predictor, steps: int, batch: int, size: int, train_step
     return {"steps_per_s": per_second, "run_minutes": train_steps / per_second / 60, "batch": batch, "size": size}
 
 
+def cpu_name() -> str:
+    """The CPU's model name and the threads torch uses: CPU figures depend on both (and on AMX)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
 def markdown(report: dict, command: str) -> str:
     c, p = report["ceiling"], report["pipeline"]
+    flop = c["working GFLOP"]
+    m = report["mask_output"]
     size = str(report["size"])
     lines = [
         "# Throughput",
@@ -254,18 +319,27 @@ def markdown(report: dict, command: str) -> str:
         f"batch {report['batch']}, working size {size} px short side at most, {report['precision']}, "
         f"at most {report['cwr_max_classes']} CWR crops per image, torch {torch.__version__}.",
         "",
-        "| what | images/s | ratio to the encoder at the same size |",
-        "|---|---|---|",
-        f"| bare encoder, 224 x 224 | {c['224']:.2f} | |",
-        f"| bare encoder, same photos and working sizes | {c['working']:.2f} | 1.00 |",
-        f"| prelabel tags | {p['tags']:.2f} | {p['tags'] / c['working']:.2f} |",
-        f"| prelabel tags + masks | {p['tags+masks']:.2f} | {p['tags+masks'] / c['working']:.2f} |",
-        f"| prelabel tags + masks, at most 2 CWR crops | {p['tags+masks, 2 crops']:.2f} | "
-        f"{p['tags+masks, 2 crops'] / c['working']:.2f} |",
+        "| what | images/s | ratio to the encoder at the same size | GFLOP per image | ratio if compute-bound |",
+        "|---|---|---|---|---|",
+        f"| bare encoder, 224 x 224 | {c['224']:.2f} | | | |",
+        f"| bare encoder, same photos and working sizes | {c['working']:.2f} | 1.00 | {flop:.1f} | 1.00 |",
+    ]
+    for name, row in (("tags", "prelabel tags"), ("tags+masks", "prelabel tags + masks"),
+                      ("tags+masks, 2 crops", "prelabel tags + masks, at most 2 CWR crops")):  # fmt: skip
+        lines.append(f"| {row} | {p[name]:.2f} | {p[name] / c['working']:.2f} | {p[name + ' GFLOP']:.1f} | "
+                     f"{flop / p[name + ' GFLOP']:.2f} |")  # fmt: skip
+    needed = TARGET_IMAGES_PER_S * p["tags+masks GFLOP"] / 1000
+    lines += [
+        "",
+        f"{TARGET_IMAGES_PER_S} images/s of tags + masks at {p['tags+masks GFLOP']:.1f} GFLOP each need "
+        f"{needed:.0f} TFLOP/s sustained: {needed / H100_BF16_TFLOPS:.0%} of an H100's dense bf16 peak "
+        f"({H100_BF16_TFLOPS:.0f} TFLOP/s).",
         "",
         f"Tags + masks for one 512 x 384 photo: {p['one 512 px image s']:.2f} s. A 12-megapixel JPEG to model "
         f"input: {report['decoding']['reduced']:.0f} ms (decoded at a reduced scale; "
-        f"{report['decoding']['full']:.0f} ms decoded in full).",
+        f"{report['decoding']['full']:.0f} ms decoded in full). Its {m['count']} masks from the logits: "
+        f"{m['masks']:.0f} ms, and {m['rle']:.0f} ms to encode them as brush RLE (the SDK's mask2rle: "
+        f"{m['sdk rle']:.0f} ms).",
     ]
     if "serving" in report:
         s = report["serving"]
@@ -310,8 +384,7 @@ def main(argv: list[str] | None = None) -> None:
     device = predictor.bundle.device
     report: dict = {
         "date": dt.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}, "
-        f"{torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "model": predictor.bundle.description,
         "batch": args.batch,
         "size": args.size,
@@ -323,6 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     report["ceiling"] = ceiling(predictor, images, args.batch, args.repeats)
     report["pipeline"] = pipeline(predictor, images, args.repeats)
     report["decoding"] = decoding(predictor, args.repeats)
+    report["mask_output"] = mask_output(args.repeats)
     if args.tasks:
         redis.Redis.from_url(args.redis).flushdb()
         report["serving"] = serving(settings, args.tasks, args.redis)

@@ -66,6 +66,10 @@ def test_throughput_benchmark_smoke_run(tiny_checkpoint, redis_url, tmp_path):
     assert "| prelabel tags + masks |" in text and "| cached |" in text and "CLIPSelf:" in text
     report = json.loads(figures.read_text())
     assert report["pipeline"]["tags"] > 0 and report["pipeline"]["one 512 px image s"] > 0
+    # Counted work: the pipeline runs the encoder's trunk and more (TagCLIP's block, CWR crops).
+    pipeline, encoder = report["pipeline"], report["ceiling"]["working GFLOP"]
+    assert pipeline["tags+masks GFLOP"] >= pipeline["tags+masks, 2 crops GFLOP"] > encoder > 0
+    assert report["mask_output"]["count"] > 0 and report["mask_output"]["rle"] > 0
     serving = report["serving"]
     assert serving["queue"]["p50"] > 0 and 0 < serving["queue overhead"]["p50"] < serving["queue"]["p50"]
 
