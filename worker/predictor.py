@@ -179,6 +179,8 @@ class Predictor:
         scores = self._run_models(arrivals, text, bank.n_labels, with_dense=bool(brushes))
         timings["waiting_for_images"] = round(arrivals.waited_ms, 1)
         timings["model"] = round(_ms_since(mark) - arrivals.waited_ms, 1)
+        if len(arrivals.received) != len(task_ids):
+            raise ValueError(f"{len(task_ids)} tasks but {len(arrivals.received)} images")
 
         def finish(i: int) -> TaskResult:
             image = arrivals.received[i]
@@ -188,8 +190,6 @@ class Predictor:
             masks = tuple(m for brush in brushes for m in self._masks(brush, bank, text, scores[i], image.size))
             return TaskResult(task_ids[i], answers, masks, *image.size)
 
-        if len(arrivals.received) != len(task_ids):
-            raise ValueError(f"{len(task_ids)} tasks but {len(arrivals.received)} images")
         mark = time.perf_counter()
         # Masks and their RLE are CPU work per image (upsampling, connected regions, encoding):
         # spread over the fetch threads, idle by now, so a GPU worker is not held up by one core.
