@@ -145,7 +145,8 @@ def crop_inputs(
     pixels: Tensor, box: tuple[int, int, int, int], region: Tensor, patch: int, grid: tuple[int, int],
     penalty: float,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """The CWR crop resized to the model's native input, and its class-token mask."""
+    """The CWR crop resized to the model's native input (on the pixels' device), and its class-token
+    mask (on the region's)."""
     y0, y1, x0, x1 = box
     crop = pixels[:, y0 * patch : y1 * patch, x0 * patch : x1 * patch]
     size = (grid[0] * patch, grid[1] * patch)
@@ -222,17 +223,22 @@ def reidentify(
     bundle: ClipBundle, images: list[LocalScores], text: Tensor, cfg: TagCLIPConfig, batch_size: int
 ) -> list[Tensor]:
     """Class-wise reidentification for all images at once: the crops of every candidate class of
-    every image go through the model in batches. Returns the fused [C_fg] scores per image."""
+    every image go through the model in batches. Returns the fused [C_fg] scores per image.
+
+    Candidates, regions and class-token masks are worked out on the CPU from one copy of each
+    image's scores (on a GPU, per-class decisions on device tensors would each wait for the GPU);
+    only the crops are cut and resized on the device."""
     visual = bundle.visual
     patch, grid = vit.patch_size(visual), vit.native_grid(visual)
     fused = [item.scores.clone() for item in images]
     jobs: list[tuple[int, int]] = []
     crops, masks = [], []
     for i, item in enumerate(images):
-        lo, hi = item.patch_scores.min(), item.patch_scores.max()
+        scores, patch_scores = item.scores.float().cpu(), item.patch_scores.float().cpu()
+        lo, hi = patch_scores.min(), patch_scores.max()
         threshold = lo + cfg.cwr_threshold * (hi - lo)
-        for c in candidates(item.scores, threshold, cfg.cwr_max_classes):
-            found = class_region(item.patch_scores[:, c], item.grid)
+        for c in candidates(scores, threshold, cfg.cwr_max_classes):
+            found = class_region(patch_scores[:, c], item.grid)
             if found is None:
                 continue  # the reference stops CWR here; other classes still deserve their crop
             crop, mask = crop_inputs(item.pixels, found[0], found[1], patch, grid, cfg.cwr_penalty)
@@ -241,7 +247,7 @@ def reidentify(
             masks.append(mask)
     for start in range(0, len(jobs), batch_size):
         batch = torch.stack(crops[start : start + batch_size])
-        mask = torch.stack(masks[start : start + batch_size])[:, None]  # [K, 1, L, L], all heads
+        mask = torch.stack(masks[start : start + batch_size])[:, None].to(batch.device)  # [K, 1, L, L], all heads
         cls = vit.encode_tokens(visual, batch, attn_mask=mask)[:, 0]
         with full_precision(cls.device):
             probs = class_probabilities(F.normalize(cls.float(), dim=-1), text, bundle.logit_scale)
