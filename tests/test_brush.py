@@ -9,7 +9,7 @@ from label_studio_sdk.converter.brush import decode_rle, mask2rle
 from PIL import Image
 
 from tests.conftest import shared_data
-from worker.brush import mask_to_rle
+from worker.brush import draw_scaled, mask_to_rle, scaled_mask_to_rle
 
 
 def _assert_same_as_the_sdk(mask: np.ndarray) -> None:
@@ -55,3 +55,23 @@ def test_masks_of_every_run_length_encode_as_the_sdk_does(mask):
 def test_wrong_masks_are_refused_with_a_reason(mask):
     with pytest.raises(ValueError, match="mask"):
         mask_to_rle(mask)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_scaled_mask_encodes_as_the_sdk_encodes_it_drawn_at_full_size(seed):
+    """Encoding from the working-size mask equals drawing it at the photo's size first, for up- and
+    down-scaling by any ratio, sparse and dense masks, runs that continue into the next row."""
+    rng = np.random.default_rng(seed)
+    h, w = rng.integers(1, 40, 2)
+    width, height = rng.integers(1, 120, 2)
+    mask = rng.random((h, w)) > (0.1, 0.5, 0.9, 1.0)[seed % 4]
+    drawn = draw_scaled(mask, (int(width), int(height)))
+    assert drawn.shape == (height, width)
+    rle = scaled_mask_to_rle(mask, (int(width), int(height)))
+    assert rle == mask2rle(drawn.astype(np.uint8) * 255)
+
+
+def test_nearest_drawing_repeats_each_source_pixel_evenly():
+    mask = np.array([[True, False], [False, True]])
+    drawn = draw_scaled(mask, (4, 6))
+    assert drawn[:3, :2].all() and drawn[3:, 2:].all() and not drawn[:3, 2:].any() and not drawn[3:, :2].any()

@@ -12,6 +12,11 @@ value count (32 bits), word size - 1 (5 bits) and each run size - 1 (4 bits each
 either ``0 00 000 <value>`` for a single value, or ``1 <size index> <length - 1> <value>`` with the
 smallest run size that holds the length; runs over 2**16 are written as chunks of 2**16 first;
 zeros up to the next byte (a whole zero byte when already aligned).
+
+Masks are computed at a working resolution (at most 1024 px) and shown on the full photo.
+``scaled_mask_to_rle`` encodes a mask as drawn at the photo's size by nearest neighbour without
+drawing it: each output row repeats the runs of its source row, stretched to output columns, so a
+12-megapixel mask costs what its working-size mask does.
 """
 
 from __future__ import annotations
@@ -27,17 +32,65 @@ _RUNS_PER_CHUNK = 1 << 16  # bounds the [runs, 32] bit matrix to a few MB
 
 def mask_to_rle(mask: np.ndarray) -> list[int]:
     """A 2-D mask -> the RLE numbers of a ``brushlabels`` result: boolean (True is painted, as
-    255) or uint8 (0 = empty, 255 = painted). A boolean mask needs no full-size copy first."""
+    255) or uint8 (0 = empty, 255 = painted)."""
+    _check(mask)
+    flat = mask.ravel()
+    ends = np.append(np.flatnonzero(flat[1:] != flat[:-1]), flat.size - 1)
+    return _encode(_painted(mask, flat[ends]), np.diff(ends, prepend=-1), flat.size)
+
+
+def scaled_mask_to_rle(mask: np.ndarray, size: tuple[int, int]) -> list[int]:
+    """``mask_to_rle(draw_scaled(mask, size))``, computed from the runs of ``mask`` itself."""
+    _check(mask)
+    width, height = size
+    h, w = mask.shape
+    starts = np.ones((h, w), dtype=bool)
+    starts[:, 1:] = mask[:, 1:] != mask[:, :-1]
+    row, col = np.nonzero(starts)  # every run of every source row, in order
+    per_row = np.bincount(row, minlength=h)
+    end = np.append(col[1:], w)
+    end[np.cumsum(per_row) - 1] = w  # a row's last run ends at the row's end
+    edge = -(-np.arange(w + 1) * width // w)  # first output column of each source column
+    run_lengths, run_values = edge[end] - edge[col], mask[row, col]
+    # Output row y repeats the runs of source row source[y].
+    source = nearest_index(h, height)
+    counts = per_row[source]
+    first = (np.cumsum(per_row) - per_row)[source]
+    index = np.repeat(first - (np.cumsum(counts) - counts), counts) + np.arange(counts.sum())
+    lengths, values = run_lengths[index], run_values[index]
+    keep = lengths > 0  # a source column no output column reads (only when shrinking)
+    lengths, values = lengths[keep], values[keep]
+    joined = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])  # a run may go on into the next row
+    return _encode(_painted(mask, values[joined]), np.add.reduceat(lengths, joined), width * height)
+
+
+def nearest_index(source: int, target: int) -> np.ndarray:
+    """For each of ``target`` output positions, the source position nearest-neighbour scaling reads."""
+    return np.arange(target) * source // target
+
+
+def draw_scaled(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``mask`` [h, w] drawn at ``size`` = (width, height) by nearest neighbour."""
+    width, height = size
+    return mask[nearest_index(mask.shape[0], height)][:, nearest_index(mask.shape[1], width)]
+
+
+def _check(mask: np.ndarray) -> None:
     if mask.ndim != 2 or mask.dtype not in (np.bool_, np.uint8):
         raise ValueError(f"expected a 2-D boolean or uint8 mask, got {mask.ndim}-D {mask.dtype}")
-    flat = mask.ravel()
-    if flat.size == 0:
+    if mask.size == 0:
         raise ValueError("the mask is empty (no pixels)")
-    ends = np.append(np.flatnonzero(flat[1:] != flat[:-1]), flat.size - 1)
-    lengths = np.diff(ends, prepend=-1).astype(np.int64) * _CHANNELS
-    values = flat[ends].astype(np.int64) * (255 if mask.dtype == np.bool_ else 1)
-    codes, widths = _run_codes(lengths, values)
-    header_codes = np.array([flat.size * _CHANNELS, _WORD_BITS - 1, *(s - 1 for s in _RUN_SIZES)], dtype=np.int64)
+
+
+def _painted(mask: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Run values as the 8-bit words Label Studio stores: True is 255."""
+    return values.astype(np.int64) * (255 if mask.dtype == np.bool_ else 1)
+
+
+def _encode(values: np.ndarray, pixel_runs: np.ndarray, pixels: int) -> list[int]:
+    """Header and run codes of an image of ``pixels`` pixels, packed into bytes."""
+    codes, widths = _run_codes(pixel_runs.astype(np.int64) * _CHANNELS, values)
+    header_codes = np.array([pixels * _CHANNELS, _WORD_BITS - 1, *(s - 1 for s in _RUN_SIZES)], dtype=np.int64)
     header_widths = np.array([32, 5, *(4 for _ in _RUN_SIZES)], dtype=np.int64)
     codes, widths = np.concatenate([header_codes, codes]), np.concatenate([header_widths, widths])
     bits = np.concatenate([_bits(codes[i : i + _RUNS_PER_CHUNK], widths[i : i + _RUNS_PER_CHUNK])

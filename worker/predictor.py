@@ -30,7 +30,6 @@ from backend.jobs import (
     TaskResult,
 )
 from backend.settings import Settings
-from worker.brush import mask_to_rle
 from worker.fetch import ImageFetcher
 from worker.images import decode_for_model
 from worker.model import dense, vit
@@ -278,7 +277,7 @@ class Predictor:
                 rows += list(range(bank.n_labels, len(bank.synonyms)))
                 logits = dense.class_logits(scores.dense, text[rows], scores.grid)
                 masks = dense.masks_from_logits(logits, len(labels), size, min_area)
-        return [MaskResult(brush.from_name, labels[m.index].name, mask_to_rle(m.mask), m.score) for m in masks]
+        return [MaskResult(brush.from_name, labels[m.index].name, m.rle(), m.score) for m in masks]
 
 
 def _ms_since(start: float) -> float:

@@ -23,6 +23,7 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor
 
 from backend.settings import DENSE_HEADS
+from worker.brush import draw_scaled, scaled_mask_to_rle
 from worker.model import vit
 
 #: CLIP's own temperature (100) makes patch-level softmaxes too peaky; the dense papers use ~50.
@@ -78,11 +79,23 @@ def class_logits(
 @dataclass(frozen=True)
 class Mask:
     """One class's region in an image: ``index`` into the classes segmented, a boolean mask at the
-    image's size, and the mean probability of the class inside it."""
+    working resolution of the probability maps, the image's size, and the mean probability of the
+    class inside the mask. The mask is encoded for Label Studio at the image's size without being
+    drawn there (a 12-megapixel boolean image per mask costs more than encoding it)."""
 
     index: int
-    mask: np.ndarray
+    region: np.ndarray  # [h, w] booleans, h and w at most MAX_MASK_SIDE
+    size: tuple[int, int]  # (width, height) of the image
     score: float
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The mask drawn at the image's size (nearest neighbour), [height, width] booleans."""
+        return draw_scaled(self.region, self.size)
+
+    def rle(self) -> list[int]:
+        """Label Studio's brush RLE of the mask at the image's size."""
+        return scaled_mask_to_rle(self.region, self.size)
 
 
 def masks_from_logits(
@@ -117,14 +130,13 @@ def masks_from_logits(
         if not region.any():
             continue
         score = float(best[region].mean())
-        if work != (height, width):
-            region = cv2.resize(region.view(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST).view(bool)
-        masks.append(Mask(c, region, score))
+        masks.append(Mask(c, region, (width, height), score))
     return masks
 
 
 def _drop_small_regions(mask: np.ndarray, smallest: float) -> np.ndarray:
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    keep = np.zeros(count, dtype=bool)
-    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= smallest
-    return keep[labels]
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8)
+    keep = stats[1:count, cv2.CC_STAT_AREA] >= smallest
+    if keep.all():
+        return mask  # the usual case: nothing to drop
+    return np.r_[False, keep][labels]
