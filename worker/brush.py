@@ -44,6 +44,8 @@ def scaled_mask_to_rle(mask: np.ndarray, size: tuple[int, int]) -> list[int]:
     _check(mask)
     width, height = size
     h, w = mask.shape
+    if (h, w) == (height, width):
+        return mask_to_rle(mask)
     starts = np.ones((h, w), dtype=bool)
     starts[:, 1:] = mask[:, 1:] != mask[:, :-1]
     row, col = np.nonzero(starts)  # every run of every source row, in order
@@ -72,7 +74,8 @@ def nearest_index(source: int, target: int) -> np.ndarray:
 def draw_scaled(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """``mask`` [h, w] drawn at ``size`` = (width, height) by nearest neighbour."""
     width, height = size
-    return mask[nearest_index(mask.shape[0], height)][:, nearest_index(mask.shape[1], width)]
+    rows, cols = nearest_index(mask.shape[0], height), nearest_index(mask.shape[1], width)
+    return mask[rows[:, None], cols[None, :]]
 
 
 def _check(mask: np.ndarray) -> None:
