@@ -1,3 +1,5 @@
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -36,3 +38,11 @@ def test_words_are_encoded_once_and_classes_average_their_synonyms(make_settings
     expected_dog = F.normalize(embedder.words(["dog", "puppy"]).mean(dim=0), dim=-1)
     torch.testing.assert_close(classes[0], expected_dog)
     torch.testing.assert_close(classes[1], embedder.words(["cat"])[0])
+
+
+def test_words_in_bf16_agree_with_fp32(make_settings):
+    bundle = load_clip(make_settings(model_checkpoint=None, model_name="ViT-S-32", model_pretrained="random"))
+    fp32 = TextEmbedder(dataclasses.replace(bundle, precision=torch.float32)).words(["cat", "dining table"])
+    bf16 = TextEmbedder(dataclasses.replace(bundle, precision=torch.bfloat16)).words(["cat", "dining table"])
+    assert bf16.dtype == torch.float32
+    assert (fp32 * bf16).sum(dim=-1).min() > 0.999

@@ -13,7 +13,7 @@ from open_clip.transformer import text_global_pool
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from torch import Tensor
 
-from worker.model.loading import ClipBundle
+from worker.model.loading import ClipBundle, autocast
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +59,17 @@ class TextEmbedder:
 
     @torch.no_grad()
     def _encode(self, words: list[str]) -> list[Tensor]:
+        """In the bundle's precision (``PRECISION``): a new label set's 85 prompts per word are the
+        one wait a project's first job has (20 labels on 2 CPU cores: 8 s in fp32, 4.5 s in bf16,
+        embeddings within 1e-4 in cosine)."""
         prompts = [t.format(w) for w in words for t in self.templates]
         model, device = self.bundle.model, self.bundle.device
         chunks = []
         for start in range(0, len(prompts), _TEXT_BATCH):
             tokens = self.bundle.tokenizer(prompts[start : start + _TEXT_BATCH]).to(device)
-            chunks.append(F.normalize(encode_text_trimmed(model, tokens).float(), dim=-1))
+            with autocast(self.bundle):
+                embedded = encode_text_trimmed(model, tokens)
+            chunks.append(F.normalize(embedded.float(), dim=-1))
         per_word = torch.cat(chunks).reshape(len(words), len(self.templates), -1).mean(dim=1)
         log.debug("encoded %d words (%d prompts)", len(words), len(prompts))
         return list(F.normalize(per_word, dim=-1))
