@@ -25,7 +25,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from worker.model import vit
 from worker.model.dense import dense_block
 from worker.model.preprocess import to_pixels
 from worker.training.corrections import Correction
+from worker.training.report import TrainingReport
 
 
 class TrainingCancelled(Exception):
@@ -58,13 +59,6 @@ class CLIPSelfConfig:
     context: float = 1.5  # teacher crops of corrected regions are this much larger
     alpha: float = 0.7
     size: int = 448  # training images are resized to size x size
-
-
-@dataclass
-class CLIPSelfReport:
-    steps: int
-    losses: list[float] = field(default_factory=list)
-    seconds: float = 0.0
 
 
 def trainable_blocks(visual: VisionTransformer, cfg: CLIPSelfConfig) -> range:
@@ -155,7 +149,7 @@ def train_clipself(
     progress: Callable[[int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     seed: int = 0,
-) -> tuple[dict[str, Tensor], CLIPSelfReport]:
+) -> tuple[dict[str, Tensor], TrainingReport]:
     """Fine-tune a copy of ``student`` on ``corrections`` (with images) and return the weights of
     its trained blocks (the alpha ensemble) and a report. ``text`` [C, E] holds the classes
     L_sup and L_pix choose among; ``label_index`` maps a label name to its row.
@@ -188,20 +182,14 @@ def train_clipself(
     with_images = [c for c in corrections if c.image is not None]
     if not with_images:
         raise ValueError("CLIPSelf needs corrections with their images.")
-    report = CLIPSelfReport(steps=cfg.steps)
+    report = TrainingReport(steps=cfg.steps)
     started = time.perf_counter()
     for step in range(cfg.steps):
         if should_stop is not None and should_stop():
             raise TrainingCancelled(f"stopped at step {step}")
         batch = [rng.choice(with_images) for _ in range(cfg.batch_size)]
         loss = _loss(model, teacher, batch, text, label_index, mean, std, cfg, native, rng)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        report.losses.append(loss.item())
-        if progress is not None:
-            progress(step, report.losses[-1])
+        report.optimise(loss, optimizer, schedule, progress)
     report.seconds = time.perf_counter() - started
     trained, initial = block_state(model, blocks), block_state(start, blocks)
     ensemble = {k: cfg.alpha * trained[k] + (1 - cfg.alpha) * initial[k] for k in trained}

@@ -14,7 +14,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from worker.model.zegclip import (
     save_checkpoint,
     segmentation_loss,
 )
+from worker.training.report import TrainingReport
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +47,6 @@ class TrainingSample:
     image: Image.Image
     mask: np.ndarray
     labels: tuple[str, ...]
-
-
-@dataclass
-class TrainingReport:
-    steps: int
-    losses: list[float] = field(default_factory=list)
-    seconds: float = 0.0
 
 
 def target_map(sample: TrainingSample, classes: Sequence[str]) -> np.ndarray:
@@ -114,7 +108,7 @@ def train_zegclip(
     report = TrainingReport(steps=steps)
     started = time.perf_counter()
     cuda = device.type == "cuda"
-    for step in range(steps):
+    for _ in range(steps):
         batch = [_crop(rng.choice(samples), classes, size, rng, bundle) for _ in range(batch_size)]
         pixels = torch.stack([p for p, _ in batch]).to(device)
         targets = torch.stack([t for _, t in batch]).to(device)
@@ -122,13 +116,7 @@ def train_zegclip(
             logits = model(bundle.visual, pixels, text)
         logits = F.interpolate(logits.float(), size=targets.shape[-2:], mode="bilinear", align_corners=False)
         loss = segmentation_loss(logits, targets, cfg)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        report.losses.append(loss.item())
-        if progress is not None:
-            progress(step, report.losses[-1])
+        report.optimise(loss, optimizer, schedule, progress)
     report.seconds = time.perf_counter() - started
     return model.eval(), report
 
