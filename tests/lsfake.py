@@ -24,7 +24,8 @@ def make_jwt(claims: dict) -> str:
 
 
 class FakeLabelStudio:
-    """Serves files from ``files`` (name -> bytes) at ``/data/upload/1/<name>`` and ``/raw/<name>``."""
+    """Serves files from ``files`` (name -> bytes) at ``/data/upload/1/<name>`` and ``/raw/<name>``;
+    redirects to ``?to=`` at ``/redirect`` and (with auth, as a storage resolve) ``/tasks/1/resolve/``."""
 
     def __init__(self, files: dict[str, bytes]) -> None:
         self.files = files
@@ -32,7 +33,8 @@ class FakeLabelStudio:
         self.pat = make_jwt({"token_type": "refresh", "exp": int(time.time()) + 3600})
         self.access_tokens: set[str] = set()
         self.refreshes = 0
-        self.requests: list[tuple[str, str | None]] = []
+        self.requests: list[tuple[str, str | None]] = []  # (path, Authorization header) of every GET
+        self.headers: list[dict[str, str]] = []  # all headers of every GET
         self.extra_routes: dict[str, Callable[[BaseHTTPRequestHandler], None]] = {}
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
@@ -96,9 +98,12 @@ class FakeLabelStudio:
             def do_GET(self) -> None:
                 parts = urlsplit(self.path)
                 fake.requests.append((parts.path, self.headers.get("Authorization")))
+                fake.headers.append(dict(self.headers.items()))
                 if parts.path in fake.extra_routes:
                     return fake.extra_routes[parts.path](self)
-                if parts.path == "/redirect":
+                if parts.path in ("/redirect", "/tasks/1/resolve/"):  # resolve: storage, as Label Studio's
+                    if parts.path != "/redirect" and not fake._authorized(self.headers.get("Authorization")):
+                        return self._send(401, b'{"detail": "Authentication credentials were not provided."}')
                     target = parse_qs(parts.query)["to"][0]
                     return self._send(302, b"", Location=target)
                 if parts.path.startswith("/data/upload/1/"):

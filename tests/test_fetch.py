@@ -1,29 +1,55 @@
-"""Image fetching: Label Studio auth (legacy token and PAT), and every refusal rule."""
+"""Image fetching: Label Studio auth (legacy token and PAT), and every refusal rule, each tried
+against real loopback servers that record what reaches them."""
+
+from __future__ import annotations
 
 import base64
+import gzip
+import http.server
+import ssl
+import subprocess
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from backend.errors import ImageFetchError
-from worker.fetch import ImageFetcher, is_personal_access_token
+from tests.lsfake import FakeLabelStudio
+from worker.fetch import ImageFetcher, address_refusal, is_personal_access_token, parse_strict
 
 PHOTO = "2011_000003.jpg"
 
 
 @pytest.fixture
 def fetcher_for(make_settings, label_studio):
-    def build(api_key=None, **overrides) -> ImageFetcher:
+    def build(api_key=None, resolver=None, ca_certs=None, **overrides) -> ImageFetcher:
         overrides.setdefault("label_studio_url", label_studio.url)
-        return ImageFetcher(make_settings(label_studio_api_key=api_key, **overrides))
+        settings = make_settings(label_studio_api_key=api_key, **overrides)
+        return ImageFetcher(settings, **({"resolver": resolver} if resolver else {}), ca_certs=ca_certs)
 
     return build
+
+
+@pytest.fixture
+def attacker(photos):
+    """Another host, which must never see the API key: it records every request it gets."""
+    server = FakeLabelStudio(dict(photos)).start()
+    yield server
+    server.stop()
+
+
+def no_key_reached(server: FakeLabelStudio) -> bool:
+    return all(auth is None for _, auth in server.requests)
 
 
 def test_relative_upload_path_uses_the_legacy_token(fetcher_for, label_studio, photos):
     data = fetcher_for(label_studio.legacy_token).fetch(label_studio.upload_path(PHOTO))
     assert data == photos[PHOTO]
     assert label_studio.requests[-1] == (f"/data/upload/1/{PHOTO}", f"Token {label_studio.legacy_token}")
+    headers = label_studio.headers[-1]
+    assert headers["Host"] == f"localhost:{label_studio.port}"  # the name, though the address was pinned
+    assert headers["Accept-Encoding"] == "identity"
 
 
 def test_absolute_url_on_label_studio_gets_the_token_too(fetcher_for, label_studio, photos):
@@ -69,14 +95,63 @@ def test_label_studio_path_without_label_studio_url(make_settings):
         ("file:///etc/passwd", "scheme 'file:'"),
         ("ftp://example.com/a.jpg", "scheme 'ftp:'"),
         ("s3://bucket/a.jpg", "Cloud storage"),
+        ("//images.example.com/a.jpg", "scheme '\\(none\\):'"),
         ("/data/local-files/?d=../../etc/passwd", "'\\.\\.'"),
         ("/data/local-files/?d=%2e%2e/%2e%2e/etc/passwd", "'\\.\\.'"),
-        ("http://images.example.com/a.jpg", "not in ALLOWED_HOSTS|neither LABEL_STUDIO_URL nor in ALLOWED_HOSTS"),
+        ("/api/projects/", "outside the paths that serve task data"),
+        ("/api/current-user/token", "outside the paths that serve task data"),
+        ("/static/images/logo.png", "outside the paths that serve task data"),
+        ("http://images.example.com/a.jpg", "neither LABEL_STUDIO_URL nor in ALLOWED_HOSTS"),
     ],
 )
-def test_refused_urls(fetcher_for, url, message):
+def test_refused_urls(fetcher_for, label_studio, url, message):
     with pytest.raises(ImageFetchError, match=message):
         fetcher_for("t" * 40).fetch(url)
+    assert label_studio.requests == []  # refused before any connection
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "http://127.0.0.1:{attacker}\\@localhost:{ls}/data/upload/1/x.png",  # urlsplit and urllib3 disagree
+        "http://127.0.0.1:{attacker}\\\\@localhost:{ls}/data/upload/1/x.png",
+        "http://localhost:{ls}\\/data/upload/1/x.png",
+        "http://localhost:{ls}/data/upload/1/x.png\n",
+        "http://localhost:{ls}/data/upload/1/x.png\r\nX-Injected: 1",
+        " http://localhost:{ls}/data/upload/1/x.png",
+        "http://localhost:{ls}/data/upload/1/x\tpng",
+        "http://localhost:{ls}/data/upload/1/\x00x.png",
+    ],
+)
+def test_backslash_whitespace_and_control_characters_are_refused(fetcher_for, label_studio, attacker, template):
+    """The reported attack: Label Studio's host after a backslash, the attacker's before it."""
+    url = template.format(attacker=attacker.port, ls=label_studio.port)
+    for fetcher in (
+        fetcher_for(label_studio.legacy_token),
+        fetcher_for(label_studio.legacy_token, allowed_hosts=("127.0.0.1",), allow_internal_hosts=True),
+    ):
+        with pytest.raises(ImageFetchError, match="backslash, whitespace or control character"):
+            fetcher.fetch(url)
+    assert attacker.requests == [] and label_studio.requests == []
+
+
+def test_userinfo_is_refused_and_never_shown(fetcher_for, label_studio):
+    url = f"http://admin:hunter2@localhost:{label_studio.port}/data/upload/1/{PHOTO}"
+    with pytest.raises(ImageFetchError, match="user name or password") as refused:
+        fetcher_for(label_studio.legacy_token).fetch(url)
+    assert "hunter2" not in str(refused.value)
+    with pytest.raises(ImageFetchError, match="user name or password"):
+        fetcher_for(label_studio.legacy_token).fetch(f"http://@localhost:{label_studio.port}/data/upload/1/{PHOTO}")
+    assert label_studio.requests == []
+
+
+@pytest.mark.parametrize(
+    "host", ["2130706433", "0x7f000001", "0177.0.0.1", "127.1", "0x7f.1", "017700000001", "127.0.1"]
+)
+def test_non_standard_ipv4_forms_are_refused(fetcher_for, host):
+    fetcher = fetcher_for(allowed_hosts=("*",), allow_internal_hosts=True)
+    with pytest.raises(ImageFetchError, match="four decimal numbers"):
+        fetcher.fetch(f"http://{host}/a.jpg")
 
 
 @pytest.mark.parametrize(
@@ -89,8 +164,8 @@ def test_refused_urls(fetcher_for, url, message):
         "http://172.16.5.4/a.jpg",
         "http://100.64.0.1/a.jpg",  # carrier-grade NAT
         "http://[::1]/a.jpg",
-        "http://[::ffff:127.0.0.1]/a.jpg",
-        "http://0.0.0.0/a.jpg",
+        "http://[fd00::1]/a.jpg",  # unique local
+        "http://[fe80::1]/a.jpg",
     ],
 )
 def test_internal_addresses_are_refused_even_when_every_host_is_allowed(fetcher_for, url):
@@ -98,26 +173,105 @@ def test_internal_addresses_are_refused_even_when_every_host_is_allowed(fetcher_
         fetcher_for(allowed_hosts=("*",)).fetch(url)
 
 
-def test_internal_host_can_be_allowed_explicitly_and_gets_no_token(fetcher_for, label_studio, photos):
+@pytest.mark.parametrize(
+    "address",
+    [
+        "::ffff:127.0.0.1",  # IPv4-mapped
+        "64:ff9b::7f00:1",  # NAT64 of 127.0.0.1
+        "64:ff9b:1::a00:1",  # local-use NAT64
+        "2002:7f00:1::1",  # 6to4 of 127.0.0.1
+        "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # Teredo
+        "::7f00:1",  # IPv4-compatible
+        "0.0.0.0",
+        "::",
+        "224.0.0.1",
+    ],
+)
+def test_ipv4_in_ipv6_and_unspecified_addresses_are_always_refused(fetcher_for, address):
+    """As literals and as what a name resolves to, even with ALLOW_INTERNAL_HOSTS."""
+    fetcher = fetcher_for(allowed_hosts=("*",), allow_internal_hosts=True, resolver=lambda host, port: [address])
+    literal = f"[{address}]" if ":" in address else address
+    for url in (f"http://{literal}/a.jpg", "http://images.example.com/a.jpg"):
+        with pytest.raises(ImageFetchError, match="never fetched"):
+            fetcher.fetch(url)
+    assert address_refusal(address, allow_internal=True) is not None
+
+
+def test_a_name_resolving_to_any_internal_address_is_refused(fetcher_for):
+    resolver = lambda host, port: ["93.184.216.34", "10.0.0.7"]  # noqa: E731
+    with pytest.raises(ImageFetchError, match="internal address 10.0.0.7"):
+        fetcher_for(allowed_hosts=("*",), resolver=resolver).fetch("http://images.example.com/a.jpg")
+
+
+def test_zone_ids_are_refused(fetcher_for):
+    with pytest.raises(ImageFetchError, match="zone id"):
+        fetcher_for(allowed_hosts=("*",), allow_internal_hosts=True).fetch("http://[fe80::1%25eth0]/a.jpg")
+
+
+def test_the_connection_goes_to_the_address_that_was_checked(fetcher_for, attacker, photos):
+    """DNS rebinding: a second lookup would answer 127.0.0.2, where nothing listens. One lookup
+    per fetch, and the connection to its answer, keeping the name in Host."""
+    answers = iter([["127.0.0.1"], ["127.0.0.2"], ["127.0.0.2"]])
+    asked = []
+
+    def resolver(host: str, port: int) -> list[str]:
+        asked.append(host)
+        return next(answers)
+
+    fetcher = fetcher_for(allowed_hosts=("images.test",), allow_internal_hosts=True, resolver=resolver)
+    assert fetcher.fetch(f"http://images.test:{attacker.port}/raw/{PHOTO}") == photos[PHOTO]
+    assert asked == ["images.test"]
+    assert attacker.headers[-1]["Host"] == f"images.test:{attacker.port}"
+
+
+def test_key_never_reaches_another_host_than_label_studio(fetcher_for, label_studio, attacker, photos):
     fetcher = fetcher_for(label_studio.legacy_token, allowed_hosts=("127.0.0.1",), allow_internal_hosts=True)
-    assert fetcher.fetch(f"http://127.0.0.1:{label_studio.port}/raw/{PHOTO}") == photos[PHOTO]
-    assert label_studio.requests[-1] == (f"/raw/{PHOTO}", None)  # the API key only goes to Label Studio
+    # Label Studio's own port under another name, a foreign server, a redirect out of Label Studio
+    with pytest.raises(ImageFetchError, match="HTTP 401"):
+        fetcher.fetch(f"http://127.0.0.1:{label_studio.port}/data/upload/1/{PHOTO}")
+    assert fetcher.fetch(f"http://127.0.0.1:{attacker.port}/raw/{PHOTO}") == photos[PHOTO]
+    assert fetcher.fetch(f"/tasks/1/resolve/?to=http://127.0.0.1:{attacker.port}/raw/{PHOTO}") == photos[PHOTO]
+    assert label_studio.requests[-1] == ("/tasks/1/resolve/", f"Token {label_studio.legacy_token}")
+    assert attacker.requests and no_key_reached(attacker)
+    assert label_studio.requests[0] == (f"/data/upload/1/{PHOTO}", None)
+
+
+def test_a_foreign_redirect_into_label_studio_gets_no_key(fetcher_for, label_studio, attacker):
+    fetcher = fetcher_for(label_studio.legacy_token, allowed_hosts=("127.0.0.1",), allow_internal_hosts=True)
+    bounce = f"http://127.0.0.1:{attacker.port}/redirect?to={label_studio.url}{label_studio.upload_path(PHOTO)}"
+    with pytest.raises(ImageFetchError, match="redirect from another host, which never gets the API key"):
+        fetcher.fetch(bounce)
+    assert label_studio.requests == [(f"/data/upload/1/{PHOTO}", None)]
 
 
 def test_every_redirect_hop_is_checked(fetcher_for, label_studio, photos):
     fetcher = fetcher_for(label_studio.legacy_token, allowed_hosts=("*",))
     with pytest.raises(ImageFetchError, match="internal address 169.254.169.254"):
-        fetcher.fetch("/redirect?to=http://169.254.169.254/latest/meta-data/")
-    # a redirect that stays on Label Studio keeps working, with the token
-    assert fetcher.fetch(f"/redirect?to={label_studio.upload_path(PHOTO)}") == photos[PHOTO]
+        fetcher.fetch("/tasks/1/resolve/?to=http://169.254.169.254/latest/meta-data/")
+    with pytest.raises(ImageFetchError, match="backslash"):
+        fetcher.fetch("/tasks/1/resolve/?to=http://evil.example\\@localhost/data/upload/1/x.png")
+    with pytest.raises(ImageFetchError, match="outside the paths that serve task data"):
+        fetcher.fetch("/tasks/1/resolve/?to=/api/projects/")
+    # a redirect that stays on Label Studio's data keeps working, with the token
+    assert fetcher.fetch(f"/tasks/1/resolve/?to={label_studio.upload_path(PHOTO)}") == photos[PHOTO]
     assert label_studio.requests[-1][1] == f"Token {label_studio.legacy_token}"
 
 
-def test_token_is_not_forwarded_across_a_redirect(fetcher_for, label_studio, photos):
-    fetcher = fetcher_for(label_studio.legacy_token, allowed_hosts=("127.0.0.1",), allow_internal_hosts=True)
-    target = f"http://127.0.0.1:{label_studio.port}/raw/{PHOTO}"
-    assert fetcher.fetch(f"/redirect?to={target}") == photos[PHOTO]
-    assert label_studio.requests[-1] == (f"/raw/{PHOTO}", None)
+def test_https_is_pinned_with_the_name_in_sni_and_the_certificate_check(fetcher_for, tmp_path, photos):
+    cert = _certificate(tmp_path, "images.test")
+    server = _tls_server(cert, photos[PHOTO])
+    try:
+        port = server.server_address[1]
+        resolver = lambda host, port: ["127.0.0.1"]  # noqa: E731
+        fetcher = fetcher_for(allowed_hosts=("*.test",), allow_internal_hosts=True, resolver=resolver,
+                              ca_certs=str(cert))  # fmt: skip
+        assert fetcher.fetch(f"https://images.test:{port}/a.jpg") == photos[PHOTO]
+        assert server.seen == [("images.test", f"images.test:{port}")]  # (SNI, Host)
+        with pytest.raises(ImageFetchError, match="Could not download"):
+            fetcher.fetch(f"https://other.test:{port}/a.jpg")  # the certificate is not for this name
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_size_limit_from_the_header_and_while_streaming(fetcher_for, label_studio):
@@ -132,9 +286,21 @@ def test_size_limit_from_the_header_and_while_streaming(fetcher_for, label_studi
         for _ in range(50):
             handler.wfile.write(b"\xff" * 1000)
 
-    label_studio.extra_routes["/stream"] = no_length
+    label_studio.extra_routes["/data/upload/1/stream"] = no_length
     with pytest.raises(ImageFetchError, match="over MAX_IMAGE_BYTES"):
-        fetcher.fetch("/stream")
+        fetcher.fetch("/data/upload/1/stream")
+
+
+def test_a_compressed_bomb_is_cut_at_the_size_limit(fetcher_for, label_studio):
+    """A server that answers gzip although asked for identity: 200 MB of zeros in 200 kB."""
+    bomb = gzip.compress(b"\0" * 200_000_000, compresslevel=9)
+
+    def gzipped(handler):
+        handler._send(200, bomb, "image/png", **{"Content-Encoding": "gzip"})
+
+    label_studio.extra_routes["/data/upload/1/bomb.png"] = gzipped
+    with pytest.raises(ImageFetchError, match="over MAX_IMAGE_BYTES=1,000,000"):
+        fetcher_for(label_studio.legacy_token, max_image_bytes=1_000_000).fetch("/data/upload/1/bomb.png")
 
 
 def test_slow_server_hits_the_time_limit(fetcher_for, label_studio):
@@ -143,17 +309,60 @@ def test_slow_server_hits_the_time_limit(fetcher_for, label_studio):
         handler.send_response(200)
         handler.end_headers()
 
-    label_studio.extra_routes["/slow"] = slow
+    label_studio.extra_routes["/data/upload/1/slow"] = slow
     fetcher = fetcher_for(label_studio.legacy_token, fetch_timeout=0.5)
     started = time.monotonic()
     with pytest.raises(ImageFetchError, match="Timed out"):
-        fetcher.fetch("/slow")
+        fetcher.fetch("/data/upload/1/slow")
     assert time.monotonic() - started < 2.5
+
+
+def test_a_server_that_trickles_bytes_hits_the_time_limit(fetcher_for, label_studio):
+    def trickle(handler):  # one byte every 0.1 s: no single read ever times out
+        handler.send_response(200)
+        handler.send_header("Content-Length", "1000")
+        handler.end_headers()
+        for _ in range(1000):
+            handler.wfile.write(b"\xff")
+            handler.wfile.flush()
+            time.sleep(0.1)
+
+    label_studio.extra_routes["/data/upload/1/trickle"] = trickle
+    fetcher = fetcher_for(label_studio.legacy_token, fetch_timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(ImageFetchError, match="FETCH_TIMEOUT"):
+        fetcher.fetch("/data/upload/1/trickle")
+    assert time.monotonic() - started < 3
+
+
+def test_messages_carry_no_query_string(fetcher_for, label_studio):
+    signed = "X-Amz-Signature=SECRETSIGNATURE&X-Amz-Credential=AKIASECRET"
+    fetcher = fetcher_for(label_studio.legacy_token, allowed_hosts=("127.0.0.1",), allow_internal_hosts=True)
+    for url in (
+        f"{label_studio.upload_path('missing.jpg')}?{signed}",  # HTTP 404
+        f"http://127.0.0.1:1/a.jpg?{signed}",  # connection refused
+        f"http://unresolvable.invalid/a.jpg?{signed}",
+        f"http://127.0.0.1:{label_studio.port}\\x?{signed}",  # refused before parsing
+    ):
+        with pytest.raises(ImageFetchError) as refused:
+            fetcher_for(label_studio.legacy_token, allowed_hosts=("*",), allow_internal_hosts=True).fetch(url)
+        assert "SECRET" not in str(refused.value), refused.value
+    with pytest.raises(ImageFetchError, match="Connection refused"):
+        fetcher.fetch(f"http://127.0.0.1:1/a.jpg?{signed}")
 
 
 def test_missing_file_reports_the_status(fetcher_for, label_studio):
     with pytest.raises(ImageFetchError, match="HTTP 404"):
         fetcher_for(label_studio.legacy_token).fetch(label_studio.upload_path("nope.jpg"))
+
+
+def test_label_studio_under_a_path_prefix(fetcher_for, label_studio, photos):
+    label_studio.extra_routes["/ls/data/upload/1/photo.jpg"] = lambda h: h._file(PHOTO)
+    fetcher = fetcher_for(label_studio.legacy_token, label_studio_url=f"{label_studio.url}/ls/")
+    assert fetcher.fetch("/data/upload/1/photo.jpg") == photos[PHOTO]
+    assert label_studio.requests[-1] == ("/ls/data/upload/1/photo.jpg", f"Token {label_studio.legacy_token}")
+    with pytest.raises(ImageFetchError, match="outside the paths"):
+        fetcher.fetch(f"{label_studio.url}/data/upload/1/{PHOTO}")  # outside the prefix
 
 
 def test_data_uris(fetcher_for, photos):
@@ -165,3 +374,46 @@ def test_data_uris(fetcher_for, photos):
         fetcher.fetch("data:image/png;base64,@@@")
     with pytest.raises(ImageFetchError, match="over MAX_IMAGE_BYTES"):
         fetcher.fetch("data:image/png;base64," + "A" * 200_000)
+
+
+def test_parse_strict_reserialises_what_it_checked():
+    url = parse_strict("HTTP://Images.Example.COM:8080/a%20b/ä.jpg?x=1")
+    assert (url.scheme, url.host, url.port) == ("http", "images.example.com", 8080)
+    assert url.request_uri == "/a%20b/%C3%A4.jpg?x=1"
+
+
+def _certificate(directory: Path, name: str) -> Path:
+    """A self-signed certificate and key for ``name`` in one PEM file (openssl, as on any server)."""
+    path = directory / f"{name}.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}",
+         "-addext", f"subjectAltName=DNS:{name}", "-keyout", str(path), "-out", str(path)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return path
+
+
+def _tls_server(cert: Path, body: bytes):
+    """An HTTPS server on 127.0.0.1 that records the (SNI, Host) of every request."""
+    seen: list[tuple[str | None, str | None]] = []
+    names: dict[int, str | None] = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            seen.append((names.get(id(self.request)), self.headers.get("Host")))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert)
+    context.sni_callback = lambda sock, name, ctx: names.__setitem__(id(sock), name)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    server.seen = seen
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    return server

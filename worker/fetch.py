@@ -1,14 +1,27 @@
-"""Download task images without becoming an SSRF proxy.
+"""Download task images without becoming an SSRF proxy or handing the API key to anyone.
 
-Task data is user input: an image URL may point anywhere. The rules:
+Task data is untrusted: anyone who can import a task chooses its image URL. The rules:
 
-* relative paths (``/data/upload/...``) and URLs on ``LABEL_STUDIO_URL`` go to Label Studio with
-  its API key (``Token`` for a legacy token; a personal access token is exchanged for a short-lived
-  ``Bearer`` access token and refreshed);
-* other http(s) URLs only to ``ALLOWED_HOSTS`` (``*`` for any public host), and never to loopback,
-  private, link-local or other non-public addresses unless ``ALLOW_INTERNAL_HOSTS`` is set;
-* ``data:`` URIs are decoded in memory; ``file://`` and every other scheme is refused;
-* every redirect hop is checked again; size and time are capped.
+* **One parse.** A URL is parsed once, by urllib3 (the library that connects), and refused when
+  it holds a backslash, whitespace, a control character, userinfo (``user@``), a zone id or an
+  IPv4 address in a non-standard form (``2130706433``, ``0x7f.1``); the request then goes to the
+  host, port and path of that parse, never to a string parsed again by someone else.
+* **The key goes to Label Studio's data, only.** ``Authorization`` is sent only to the exact
+  origin (scheme, host, port) of ``LABEL_STUDIO_URL``, only on the paths that serve task data
+  (uploads, local files, storage resolve/presign), and only while every hop so far was on Label
+  Studio: a foreign URL that redirects into Label Studio gets no key. Other Label Studio paths
+  are refused.
+* **Other hosts** only when ``ALLOWED_HOSTS`` names them (``*`` for any public host), and never
+  when they resolve to a loopback, private, link-local, reserved or multicast address unless
+  ``ALLOW_INTERNAL_HOSTS`` is set; IPv6 forms that carry an IPv4 address (IPv4-mapped, NAT64,
+  6to4, Teredo) and the unspecified address are always refused.
+* **Connect to the address that was checked.** The host is resolved once per hop; the connection
+  goes to the vetted IP, with the original ``Host`` header and TLS server name (DNS rebinding
+  cannot swap the address between check and connect).
+* ``data:`` URIs are decoded in memory; ``file://`` and every other scheme is refused; every
+  redirect hop goes through all of the above again; size and time are capped; responses are
+  asked for without content encoding.
+* Messages never carry a URL's query string or userinfo (presigned URLs hold credentials there).
 """
 
 from __future__ import annotations
@@ -19,12 +32,20 @@ import fnmatch
 import ipaddress
 import json
 import logging
+import re
 import socket
 import threading
 import time
-from urllib.parse import unquote, urljoin, urlsplit
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import unquote, urljoin
 
-import requests
+import certifi
+import urllib3
+from urllib3.exceptions import HTTPError, LocationParseError, NewConnectionError
+from urllib3.exceptions import TimeoutError as Urllib3Timeout
+from urllib3.util import Url, parse_url
 
 from backend.errors import ImageFetchError
 from backend.settings import Settings
@@ -32,7 +53,29 @@ from backend.settings import Settings
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 3
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 _CHUNK = 256 * 1024
+#: Connection pools kept open (one per address and host), least recently used closed first.
+_POOLS = 64
+
+#: Label Studio paths that serve task data: uploads, local storage, storage resolve / presign.
+LABEL_STUDIO_DATA_PATH = re.compile(
+    r"/(?:data/upload/|data/local-files/|storage-data/uploaded/|(?:tasks|projects)/\d+/(?:resolve|presign)/)"
+)
+#: IPv6 ranges that carry an IPv4 address: a way to reach an internal IPv4 host by an IPv6 name.
+_EMBEDDED_IPV4 = tuple(
+    ipaddress.ip_network(n)
+    for n in ("::/96", "::ffff:0:0/96", "::ffff:0:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "2001::/32")
+)
+_FORBIDDEN_CHARACTERS = re.compile(r"[\\\s\x00-\x1f\x7f]")
+
+#: ``host, port -> addresses``: the system resolver, or another for tests.
+Resolver = Callable[[str, int], list[str]]
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 def is_personal_access_token(key: str) -> bool:
@@ -40,14 +83,152 @@ def is_personal_access_token(key: str) -> bool:
     return key.count(".") == 2 and key.startswith("eyJ")
 
 
+def parse_strict(raw: str) -> Url:
+    """Parse an absolute http(s) URL the way it will be requested, refusing every ambiguous form.
+
+    Raises:
+        ImageFetchError: the reason, with the URL shown without query or userinfo.
+    """
+    if _FORBIDDEN_CHARACTERS.search(raw):
+        raise ImageFetchError(
+            f"Refused an image URL with a backslash, whitespace or control character in it ({describe(raw)}): "
+            "percent-encode such characters."
+        )
+    try:
+        url = parse_url(raw)
+    except LocationParseError as e:
+        raise ImageFetchError(f"Unreadable image URL: {describe(raw)}") from e
+    if url.scheme not in ("http", "https"):
+        raise ImageFetchError(
+            f"Refused image URL scheme '{url.scheme or '(none)'}:' ({describe(raw)}): only http(s) URLs, Label "
+            "Studio paths and data: URIs are fetched. Cloud storage URIs (s3://, gs://, azure-blob://) need "
+            "Label Studio's presigned URLs."
+        )
+    authority = re.split(r"[/?#]", raw.split("//", 1)[-1], maxsplit=1)[0]
+    if url.auth is not None or "@" in authority:
+        raise ImageFetchError(f"Refused an image URL with a user name or password in it: {describe(raw)}")
+    if not url.host:
+        raise ImageFetchError(f"The image URL has no host: {describe(raw)}")
+    if "%" in url.host:
+        raise ImageFetchError(f"Refused an image URL with an IPv6 zone id: {describe(raw)}")
+    if url.port == 0:
+        raise ImageFetchError(f"Refused an image URL with port 0: {describe(raw)}")
+    if not url.host.startswith("[") and _is_loose_ipv4(url.host):
+        raise ImageFetchError(
+            f"Refused image host '{url.host}': write an IPv4 address as four decimal numbers (a.b.c.d)."
+        )
+    return url
+
+
+def _is_loose_ipv4(host: str) -> bool:
+    """True for IPv4 spellings the C resolver accepts but a.b.c.d is not (decimal, octal, hex, short)."""
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        return False
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return True
+    return False
+
+
+def address_refusal(address: str, allow_internal: bool) -> str | None:
+    """Why the worker must not connect to ``address`` (the end of a sentence), or None when it may."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if ip.is_unspecified or ip.is_multicast:
+        return f"the {'unspecified' if ip.is_unspecified else 'multicast'} address {ip}, which is never fetched"
+    if isinstance(ip, ipaddress.IPv6Address) and any(ip in net for net in _EMBEDDED_IPV4) and not ip.is_loopback:
+        return f"{ip}, an IPv6 form of an IPv4 address (mapped, NAT64, 6to4 or Teredo), which is never fetched"
+    if allow_internal:
+        return None
+    if not ip.is_global or ip.is_reserved or ip.is_private or ip.is_loopback or ip.is_link_local:
+        return (
+            f"the internal address {ip}. Set ALLOW_INTERNAL_HOSTS=true only if the worker may reach your "
+            "private network"
+        )
+    return None
+
+
+def describe(raw: str) -> str:
+    """``raw`` fit for a message or a log: no query string, fragment or userinfo, at most 200 chars."""
+    cut = re.split(r"[?#]", raw, maxsplit=1)[0]
+    cut = re.sub(r"//[^/]*@", "//***@", cut)
+    return repr(cut[:200])
+
+
+def short(url: Url) -> str:
+    """A parsed URL for messages: scheme, host, port and path; never the query (presigned
+    signatures) or userinfo."""
+    port = f":{url.port}" if url.port else ""
+    return f"{url.scheme}://{url.host}{port}{url.path or ''}"[:200]
+
+
+def _origin(url: Url) -> tuple[str, str, int]:
+    return url.scheme or "", url.host or "", url.port or (443 if url.scheme == "https" else 80)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One checked request: what is sent, to which address, and whether it carries the key."""
+
+    url: Url
+    address: str
+    with_key: bool
+    on_label_studio: bool
+
+
+class Connector:
+    """HTTP(S) to a vetted address, keeping the URL's host in ``Host`` and in TLS (SNI and
+    certificate check). Pools are kept per (address, host) so Label Studio downloads reuse
+    their connections."""
+
+    def __init__(self, threads: int, ca_certs: str | None = None) -> None:
+        self._threads = threads
+        self._ca_certs = ca_certs or certifi.where()
+        self._pools: OrderedDict[tuple, urllib3.HTTPConnectionPool] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def request(
+        self, method: str, url: Url, address: str, headers: dict[str, str], timeout: float, body: bytes | None = None
+    ) -> urllib3.BaseHTTPResponse:
+        host = url.host or ""
+        port = url.port or (443 if url.scheme == "https" else 80)
+        default_port = port == (443 if url.scheme == "https" else 80)
+        headers = {"Host": host if default_port else f"{host}:{port}", **headers}
+        pool = self._pool(url.scheme or "http", address, port, host.strip("[]"))
+        return pool.urlopen(
+            method, url.request_uri, body=body, headers=headers, redirect=False, retries=False,
+            preload_content=False, decode_content=True, assert_same_host=False,
+            timeout=urllib3.Timeout(connect=min(timeout, 5.0), read=timeout),
+        )  # fmt: skip
+
+    def _pool(self, scheme: str, address: str, port: int, host: str) -> urllib3.HTTPConnectionPool:
+        key = (scheme, address, port, host)
+        with self._lock:
+            pool = self._pools.get(key)
+            if pool is not None:
+                self._pools.move_to_end(key)
+                return pool
+            if scheme == "https":
+                pool = urllib3.HTTPSConnectionPool(
+                    address, port, maxsize=self._threads, server_hostname=host, assert_hostname=host,
+                    cert_reqs="CERT_REQUIRED", ca_certs=self._ca_certs,
+                )  # fmt: skip
+            else:
+                pool = urllib3.HTTPConnectionPool(address, port, maxsize=self._threads)
+            self._pools[key] = pool
+            while len(self._pools) > _POOLS:
+                self._pools.popitem(last=False)[1].close()
+            return pool
+
+
 class LabelStudioAuth:
     """The Authorization header for Label Studio, refreshing a PAT's access token when needed."""
 
-    def __init__(self, base_url: str, api_key: str | None, session: requests.Session, timeout: float) -> None:
-        self.base_url = base_url.rstrip("/")
+    def __init__(self, fetcher: ImageFetcher, api_key: str | None) -> None:
+        self._fetcher = fetcher
         self._key = api_key
-        self._session = session
-        self._timeout = timeout
         self._lock = threading.Lock()
         self._access: str | None = None
         self._access_expires = 0.0
@@ -72,130 +253,186 @@ class LabelStudioAuth:
             self._access = None
 
     def _refresh(self) -> None:
-        url = f"{self.base_url}/api/token/refresh/"
-        try:
-            response = self._session.post(url, json={"refresh": self._key}, timeout=self._timeout)
-        except requests.RequestException as e:
-            raise ImageFetchError(f"Could not reach Label Studio at {self.base_url} to refresh the token: {e}") from e
-        if response.status_code != 200 or "access" not in _json_or_empty(response):
+        status, body = self._fetcher.post_to_label_studio("/api/token/refresh/", {"refresh": self._key})
+        access = body.get("access") if isinstance(body, dict) else None
+        if status != 200 or not isinstance(access, str):
             raise ImageFetchError(
-                f"Label Studio refused the personal access token (HTTP {response.status_code} from "
+                f"Label Studio refused the personal access token (HTTP {status} from "
                 "/api/token/refresh/): check LABEL_STUDIO_API_KEY; the token may be revoked or expired."
             )
-        self._access = response.json()["access"]
-        self._access_expires = _jwt_expiry(self._access) - 30
+        self._access = access
+        self._access_expires = _jwt_expiry(access) - 30
 
 
 class ImageFetcher:
     """Fetch image bytes for a task, by the rules in this module's docstring."""
 
-    def __init__(self, settings: Settings, session: requests.Session | None = None) -> None:
+    def __init__(self, settings: Settings, resolver: Resolver = system_resolver, ca_certs: str | None = None) -> None:
         self.settings = settings
-        self.session = session or requests.Session()
-        self.session.trust_env = False  # no proxies or .netrc credentials picked up by accident
-        self.ls_origin = _origin(settings.label_studio_url) if settings.label_studio_url else None
-        self.ls_auth = (
-            LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key, self.session,
-                            settings.fetch_timeout)
-            if settings.label_studio_url
-            else None
-        )  # fmt: skip
+        self.resolver = resolver
+        self.connector = Connector(settings.fetch_threads or 8, ca_certs)
+        self.allowed_hosts = tuple(pattern.lower().rstrip(".") for pattern in settings.allowed_hosts)
+        self.ls_url = parse_url(settings.label_studio_url.rstrip("/")) if settings.label_studio_url else None
+        self.ls_auth = LabelStudioAuth(self, settings.label_studio_api_key) if self.ls_url else None
 
-    def fetch(self, url: str) -> bytes:
-        """Return the bytes behind ``url``. Raises ImageFetchError with the reason."""
-        url = url.strip()
-        if url.startswith("data:"):
-            return self._data_uri(url)
-        if url.startswith("/"):
-            if ".." in unquote(url):
-                raise ImageFetchError(f"Refused a Label Studio path with '..' in it: {url[:80]}")
-            if self.ls_auth is None:
-                raise ImageFetchError(
-                    f"The image is a path on Label Studio ({url[:80]}), but LABEL_STUDIO_URL is not set: "
-                    "set it (and LABEL_STUDIO_API_KEY) so the worker can download it."
-                )
-            url = self.ls_auth.base_url + url
+    def fetch(self, raw: str) -> bytes:
+        """Return the bytes behind ``raw`` (a task's image value). Raises ImageFetchError with the reason."""
+        if not isinstance(raw, str) or not raw:
+            raise ImageFetchError("The task's image value is not a URL.")
+        if raw.startswith("data:"):
+            return self._data_uri(raw)
+        url = self._absolute(raw)
         deadline = time.monotonic() + self.settings.fetch_timeout
+        chain_on_label_studio = True
         for _ in range(MAX_REDIRECTS + 1):
-            response = self._get(url, deadline)
-            if not response.is_redirect:
-                return self._read(response, url, deadline)
+            target = self._check(url, chain_on_label_studio)
+            response = self._get(target, deadline)
+            if response.status not in REDIRECT_STATUSES:
+                return self._read(response, target, deadline)
             location = response.headers.get("Location", "")
-            response.close()
-            url = urljoin(url, location)
+            _discard(response)
+            if not location:
+                raise ImageFetchError(f"A redirect without a Location header: {short(target.url)}")
+            chain_on_label_studio = target.on_label_studio
+            url = parse_strict(urljoin(target.url.url, location))
         raise ImageFetchError(f"Too many redirects (more than {MAX_REDIRECTS}) for the image URL.")
 
-    def _get(self, url: str, deadline: float) -> requests.Response:
-        to_label_studio = self._check(url)
-        headers = self.ls_auth.headers() if to_label_studio and self.ls_auth else {}
-        response = self._request(url, headers, deadline)
-        if response.status_code == 401 and to_label_studio and self.ls_auth and self.ls_auth.uses_pat:
-            response.close()
-            self.ls_auth.invalidate()
-            response = self._request(url, self.ls_auth.headers(), deadline)
-        if response.status_code in (401, 403) and to_label_studio:
-            raise ImageFetchError(
-                f"Label Studio refused the image download (HTTP {response.status_code}): check "
-                "LABEL_STUDIO_API_KEY. A legacy token only works when legacy tokens are enabled for the "
-                "organisation; a personal access token works as is."
-            )
-        if response.status_code >= 400:
-            raise ImageFetchError(f"The image URL answered HTTP {response.status_code}: {_short(url)}")
-        return response
-
-    def _request(self, url: str, headers: dict[str, str], deadline: float) -> requests.Response:
-        timeout = max(0.1, deadline - time.monotonic())
+    def post_to_label_studio(self, path: str, payload: dict) -> tuple[int, object]:
+        """POST JSON to ``LABEL_STUDIO_URL`` + ``path`` (the token refresh); returns (status, JSON or None)."""
+        assert self.ls_url is not None
+        url = parse_url(self.ls_url.url + path)
+        address = self._resolve(url)
+        body = json.dumps(payload).encode()
         try:
-            return self.session.get(url, headers=headers, stream=True, allow_redirects=False,
-                                    timeout=(min(timeout, 5.0), timeout))  # fmt: skip
-        except requests.Timeout as e:
-            raise ImageFetchError(f"Timed out after {self.settings.fetch_timeout:.0f} s: {_short(url)}") from e
-        except requests.RequestException as e:
-            raise ImageFetchError(f"Could not download {_short(url)}: {e}") from e
-
-    def _check(self, url: str) -> bool:
-        """Refuse URLs outside the rules; return True when the URL is on Label Studio."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https"):
-            raise ImageFetchError(
-                f"Refused image URL scheme '{parts.scheme or '(none)'}:' ({_short(url)}): only http(s) "
-                "URLs, Label Studio paths and data: URIs are fetched. Cloud storage URIs "
-                "(s3://, gs://, azure-blob://) need Label Studio's presigned URLs."
+            response = self.connector.request(
+                "POST", url, address, {"Content-Type": "application/json"}, self.settings.fetch_timeout, body
             )
-        if self.ls_origin and _origin(url) == self.ls_origin:
-            return True
-        host = (parts.hostname or "").lower()
-        if not host:
-            raise ImageFetchError(f"The image URL has no host: {_short(url)}")
-        if not any(fnmatch.fnmatchcase(host, pattern.lower()) for pattern in self.settings.allowed_hosts):
+            with response:
+                data = response.read(1 << 20)
+        except HTTPError as e:
+            raise ImageFetchError(f"Could not reach Label Studio at {short(self.ls_url)}: {_reason(e)}") from e
+        try:
+            return response.status, json.loads(data)
+        except ValueError:
+            return response.status, None
+
+    def _absolute(self, raw: str) -> Url:
+        """A Label Studio path becomes a URL on LABEL_STUDIO_URL; anything else must be absolute."""
+        if raw.startswith("/") and not raw.startswith("//"):
+            if self.ls_url is None:
+                raise ImageFetchError(
+                    f"The image is a path on Label Studio ({describe(raw)}), but LABEL_STUDIO_URL is not set: "
+                    "set it (and LABEL_STUDIO_API_KEY) so the worker can download it."
+                )
+            raw = self.ls_url.url + raw
+        return parse_strict(raw)
+
+    def _check(self, url: Url, chain_on_label_studio: bool) -> Target:
+        """Refuse ``url`` outside the rules; otherwise say where it goes and whether with the key."""
+        if self.ls_url is not None and _origin(url) == _origin(self.ls_url):
+            base = (self.ls_url.path or "").rstrip("/")
+            path = url.path or "/"
+            if ".." in unquote(url.request_uri):
+                raise ImageFetchError(f"Refused a Label Studio URL with '..' in it: {short(url)}")
+            if not path.startswith(base + "/") or not LABEL_STUDIO_DATA_PATH.match(path[len(base) :]):
+                raise ImageFetchError(
+                    f"Refused a Label Studio URL outside the paths that serve task data ({short(url)}): "
+                    "uploads, local files and storage resolve/presign are fetched."
+                )
+            return Target(url, self._resolve(url), with_key=chain_on_label_studio, on_label_studio=True)
+        host = (url.host or "").strip("[]").rstrip(".")
+        if not any(fnmatch.fnmatchcase(host, pattern) for pattern in self.allowed_hosts):
             raise ImageFetchError(
                 f"Refused image host '{host}': it is neither LABEL_STUDIO_URL nor in ALLOWED_HOSTS "
                 "(a comma-separated list; '*.example.com' and '*' work)."
             )
-        if not self.settings.allow_internal_hosts:
-            _refuse_internal(host, parts.port or (443 if parts.scheme == "https" else 80))
-        return False
+        addresses = self._resolve_all(url)
+        for address in addresses:
+            reason = address_refusal(address, self.settings.allow_internal_hosts)
+            if reason:
+                raise ImageFetchError(f"Refused image host '{host}': it resolves to {reason}.")
+        return Target(url, addresses[0], with_key=False, on_label_studio=False)
 
-    def _read(self, response: requests.Response, url: str, deadline: float) -> bytes:
+    def _resolve(self, url: Url) -> str:
+        return self._resolve_all(url)[0]
+
+    def _resolve_all(self, url: Url) -> list[str]:
+        host = (url.host or "").strip("[]")
+        try:
+            ipaddress.ip_address(host)
+            return [host]
+        except ValueError:
+            pass
+        try:
+            addresses = self.resolver(host, url.port or (443 if url.scheme == "https" else 80))
+        except (OSError, UnicodeError) as e:
+            raise ImageFetchError(f"Cannot resolve image host '{host}': {_reason(e)}") from e
+        if not addresses:
+            raise ImageFetchError(f"Cannot resolve image host '{host}': no address.")
+        return addresses
+
+    def _get(self, target: Target, deadline: float) -> urllib3.BaseHTTPResponse:
+        auth = self.ls_auth if target.with_key else None
+        response = self._request(target, auth.headers() if auth else {}, deadline)
+        if response.status == 401 and auth and auth.uses_pat:
+            _discard(response)
+            auth.invalidate()
+            response = self._request(target, auth.headers(), deadline)
+        if response.status in (401, 403) and target.on_label_studio:
+            _discard(response)
+            if not target.with_key:
+                raise ImageFetchError(
+                    f"Label Studio refused the image download (HTTP {response.status}): it was reached through a "
+                    "redirect from another host, which never gets the API key."
+                )
+            raise ImageFetchError(
+                f"Label Studio refused the image download (HTTP {response.status}): check "
+                "LABEL_STUDIO_API_KEY. A legacy token only works when legacy tokens are enabled for the "
+                "organisation; a personal access token works as is."
+            )
+        if response.status >= 400:
+            _discard(response)
+            raise ImageFetchError(f"The image URL answered HTTP {response.status}: {short(target.url)}")
+        return response
+
+    def _request(self, target: Target, headers: dict[str, str], deadline: float) -> urllib3.BaseHTTPResponse:
+        timeout = max(0.1, deadline - time.monotonic())
+        headers = {"Accept-Encoding": "identity", "User-Agent": "prelabel", **headers}
+        try:
+            return self.connector.request("GET", target.url, target.address, headers, timeout)
+        except NewConnectionError as e:  # a subclass of urllib3's timeout error, for history's sake
+            raise ImageFetchError(f"Could not connect to {short(target.url)}: {_reason(e)}") from e
+        except Urllib3Timeout as e:
+            raise ImageFetchError(f"Timed out after {self.settings.fetch_timeout:.0f} s: {short(target.url)}") from e
+        except HTTPError as e:
+            raise ImageFetchError(f"Could not download {short(target.url)}: {_reason(e)}") from e
+
+    def _read(self, response: urllib3.BaseHTTPResponse, target: Target, deadline: float) -> bytes:
         limit = self.settings.max_image_bytes
-        with response:
-            declared = response.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > limit:
-                raise ImageFetchError(f"The image is {int(declared):,} bytes, over MAX_IMAGE_BYTES={limit:,}.")
-            chunks: list[bytes] = []
-            size = 0
-            try:
-                for chunk in response.iter_content(_CHUNK):
-                    size += len(chunk)
-                    if size > limit:
-                        raise ImageFetchError(f"The image is over MAX_IMAGE_BYTES={limit:,} bytes.")
-                    if time.monotonic() > deadline:
-                        raise ImageFetchError(
-                            f"Download took longer than FETCH_TIMEOUT={self.settings.fetch_timeout:.0f} s."
-                        )
-                    chunks.append(chunk)
-            except requests.RequestException as e:
-                raise ImageFetchError(f"The download of {_short(url)} broke off: {e}") from e
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > limit:
+            _discard(response)
+            raise ImageFetchError(f"The image is {int(declared):,} bytes, over MAX_IMAGE_BYTES={limit:,}.")
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            # read1: one socket read at a time, so a server that trickles bytes meets the deadline.
+            while chunk := response.read1(_CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise ImageFetchError(f"The image is over MAX_IMAGE_BYTES={limit:,} bytes.")
+                if time.monotonic() > deadline:
+                    raise ImageFetchError(
+                        f"Download took longer than FETCH_TIMEOUT={self.settings.fetch_timeout:.0f} s."
+                    )
+                chunks.append(chunk)
+        except ImageFetchError:
+            _discard(response)
+            raise
+        except (HTTPError, OSError) as e:
+            _discard(response)
+            raise ImageFetchError(f"The download of {short(target.url)} broke off: {_reason(e)}") from e
+        response.release_conn()
         return b"".join(chunks)
 
     def _data_uri(self, url: str) -> bytes:
@@ -210,41 +447,22 @@ class ImageFetcher:
             raise ImageFetchError(f"The data: URI is not valid base64: {e}") from e
 
 
-def _refuse_internal(host: str, port: int) -> None:
-    """Refuse hosts that resolve to any non-public address (checked for every address)."""
-    try:
-        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
-    except (socket.gaierror, UnicodeError) as e:
-        raise ImageFetchError(f"Cannot resolve image host '{host}': {e}") from e
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%")[0])
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        if not address.is_global or address.is_multicast:
-            raise ImageFetchError(
-                f"Refused image host '{host}': it resolves to the internal address {address}. "
-                "Set ALLOW_INTERNAL_HOSTS=true only if the worker may reach your private network."
-            )
+def _discard(response: urllib3.BaseHTTPResponse) -> None:
+    """Close a response we will not read (its connection is not reused mid-body)."""
+    response.close()
+    response.release_conn()
 
 
-def _origin(url: str) -> tuple[str, str, int]:
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return parts.scheme, (parts.hostname or "").lower(), port
-
-
-def _short(url: str) -> str:
-    """URLs in messages lose their query (presigned URLs carry credentials there)."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}"[:200] if parts.scheme else url[:80]
-
-
-def _json_or_empty(response: requests.Response) -> dict:
-    try:
-        body = response.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
+def _reason(error: BaseException) -> str:
+    """An error's cause without the URL urllib3 writes into its messages (it may hold a query)."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        if isinstance(seen, socket.gaierror | UnicodeError):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return type(error).__name__
 
 
 def _jwt_expiry(token: str) -> float:
