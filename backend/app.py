@@ -12,14 +12,17 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from backend import metrics, webhooks
-from backend.auth import check_basic_auth
-from backend.errors import BadRequest, PrelabelError, ServiceUnavailable
+from backend.auth import check_request
+from backend.errors import BadRequest, JobTimeout, PrelabelError, ServiceUnavailable
 from backend.feedback import Feedback
+from backend.jobs import PREDICT_QUEUE
 from backend.labelconfig import parse_label_config
+from backend.logs import redact_url, redact_urls
 from backend.lswebhooks import WebhookSecurer
 from backend.predictions import to_label_studio
 from backend.projects import project_uid
@@ -61,6 +64,7 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
     connection = runner.connection if isinstance(runner, QueueRunner) else None
     registry = Registry(settings.model_dir, settings.model_version, connection)
     training = Training(settings, connection, registry) if connection is not None else None
+    feedback = Feedback(connection, settings.max_image_pixels) if connection is not None else None
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     app.extensions["prelabel"] = State(
@@ -68,20 +72,30 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
         runner=runner,
         registry=registry,
         training=training,
-        feedback=Feedback(connection) if connection is not None else None,
+        feedback=feedback,
         securer=WebhookSecurer(settings),
         server=Server(settings, runner) if isinstance(runner, QueueRunner) else None,
     )
-    app.before_request(lambda: check_basic_auth(request, settings))
+    app.before_request(lambda: check_request(request, settings))
     app.register_blueprint(bp)
     app.register_error_handler(PrelabelError, _prelabel_error)
     app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(redis.exceptions.ConnectionError, _redis_error)
+    app.register_error_handler(redis.exceptions.TimeoutError, _redis_error)
     app.register_error_handler(Exception, _unexpected_error)
-    if training is not None:
-        training.start_schedule()
     log.info("prelabel backend ready: mode=%s model_version=%s auth=%s", runner.mode, settings.model_version,
              "basic" if settings.auth_enabled else "off")  # fmt: skip
     return app
+
+
+def start_background(app: Flask) -> None:
+    """The backend's own threads: the scheduled training sweep and the comparison of corrections.
+    ``prelabel-backend`` starts them in each server process; an app built only for a test has none."""
+    state: State = app.extensions["prelabel"]
+    if state.training is not None:
+        state.training.start_schedule()
+    if state.feedback is not None:
+        state.feedback.start_comparing()
 
 
 def _state() -> State:
@@ -122,7 +136,7 @@ def setup():
     state = _state()
     body = _json_body()
     schema = body.get("schema") or ""
-    parse_label_config(schema)
+    parse_label_config(schema, state.settings.max_labels)
     error = state.runner.setup_error()
     if error:
         raise ServiceUnavailable(error)
@@ -142,7 +156,7 @@ def predict():
     if not isinstance(tasks, list) or not tasks or not all(isinstance(t, dict) and "id" in t for t in tasks):
         raise BadRequest("'tasks' must be a non-empty list of task objects, each with an 'id'.")
     label_config = body.get("label_config") or ""
-    spec = parse_label_config(label_config)
+    spec = parse_label_config(label_config, state.settings.max_labels)
     project = _project(body.get("project"))
     version = state.registry.active(project)
     images = [_image_url(t, spec.image_key) for t in tasks]
@@ -151,8 +165,7 @@ def predict():
     if state.server is not None:
         predictions, cached = state.server.predict(tasks, spec, label_config, project, version, images)
     else:
-        job = predict_job(spec, project, version, tasks, images)
-        predictions = to_label_studio(state.runner.predict(job), spec, version)
+        predictions = _predict_embedded(state, tasks, spec, project, version, images)
     seconds = time.perf_counter() - started
     empty = sum(1 for p in predictions if not p)
     metrics.record_predict(len(tasks), empty, seconds)
@@ -162,6 +175,28 @@ def predict():
     log.info("predict: %d tasks (%d cached, %d without prediction) in %.0f ms, model %s, project %s",
              len(tasks), cached, empty, seconds * 1000, version, project)  # fmt: skip
     return jsonify(results=predictions)
+
+
+def _predict_embedded(
+    state: State, tasks: list[dict], spec, project: str | None, version: str, images: list[str | None]
+) -> list[Any]:
+    """In-process, MAX_TASKS_PER_JOB tasks at a time, until PREDICT_TIMEOUT: the tasks left then get
+    no prediction, and Label Studio asks for them again on the next Retrieve Predictions."""
+    size = state.settings.max_tasks_per_job
+    deadline = time.monotonic() + state.settings.predict_timeout
+    predictions: list[Any] = []
+    for start in range(0, len(tasks), size):
+        if time.monotonic() >= deadline:
+            predictions += [[] for _ in tasks[start:]]
+            break
+        job = predict_job(spec, project, version, tasks[start : start + size], images[start : start + size])
+        try:
+            predictions += to_label_studio(state.runner.predict(job), spec, version)
+        except JobTimeout as e:
+            log.warning("%s", e)
+            predictions += [[] for _ in tasks[start:]]
+            break
+    return predictions
 
 
 @bp.post("/webhook")
@@ -193,8 +228,7 @@ def versions():
 def activate(version: str):
     """Make ``version`` (or the base model) the project's active one: rollback, or a manual promotion."""
     state = _state()
-    body = request.get_json(silent=True) or {}
-    project = _project(body.get("project") or request.args.get("project"))
+    project = _project(_json_body().get("project"))
     if project is None:
         raise BadRequest("Say which project: {'project': '<id>.<created_at>'} (as /setup receives it).")
     state.registry.activate(project, version)
@@ -204,9 +238,15 @@ def activate(version: str):
 
 @bp.get("/jobs/<job_id>")
 def job_status(job_id: str):
+    """A training run's progress and result, or a predict job's status and task counts. Errors
+    carry no URL query strings or userinfo."""
     job = _state().require_training().job(job_id)
     status = job.get_status()
     result = job.latest_result()
+    value = result.return_value if result is not None and result.type == result.Type.SUCCESSFUL else None
+    if value is not None and job.origin == PREDICT_QUEUE:  # the masks are Label Studio's to show
+        value = {"tasks": len(value["tasks"]), "failed": sum(1 for t in value["tasks"] if t.get("error"))}
+    error = (result.exc_string or "").strip().splitlines()[-1:] if result is not None and result.exc_string else None
     return jsonify(
         id=job.id,
         description=job.description,
@@ -215,8 +255,8 @@ def job_status(job_id: str):
         enqueued_at=job.enqueued_at.isoformat() if job.enqueued_at else None,
         started_at=job.started_at.isoformat() if job.started_at else None,
         ended_at=job.ended_at.isoformat() if job.ended_at else None,
-        result=result.return_value if result is not None and result.type == result.Type.SUCCESSFUL else None,
-        error=(result.exc_string or "").strip().splitlines()[-1:] if result is not None and result.exc_string else None,
+        result=value,
+        error=[redact_urls(line) for line in error] if error else None,
     )
 
 
@@ -245,6 +285,13 @@ def _prelabel_error(e: PrelabelError):
     log.log(logging.ERROR if e.status >= 500 else logging.INFO, "%s %s -> %d: %s",
             request.method, request.path, e.status, e)  # fmt: skip
     return jsonify(error=str(e), type=type(e).__name__), e.status
+
+
+def _redis_error(e: redis.exceptions.RedisError):
+    """Every route that touches Redis answers 503 naming it while Redis is away."""
+    where = redact_url(_state().settings.redis_url or "")
+    log.error("%s %s -> 503: Redis at %s is unreachable: %s", request.method, request.path, where, e)
+    return jsonify(error=f"Redis at {where} is unreachable: {e}", type="ServiceUnavailable"), 503
 
 
 def _http_error(e: HTTPException):

@@ -1,4 +1,5 @@
-"""HTTP Basic auth, as Label Studio sends it when the ML backend is added with BASIC_AUTH."""
+"""Who may call what: HTTP Basic auth as Label Studio sends it, the per-project webhook secret
+for Label Studio's event webhooks, and JSON bodies for every state change."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import hmac
 
 from flask import Request, Response, jsonify
 
-from backend.lswebhooks import SECRET_HEADER
+from backend.lswebhooks import SECRET_HEADER, project_secret
 from backend.settings import Settings
 
 #: Label Studio calls /health without credentials when listing backends; it reveals nothing secret.
@@ -17,18 +18,26 @@ def _same(given: str | None, expected: str | None) -> bool:
     return hmac.compare_digest((given or "").encode(), (expected or "").encode())
 
 
-def check_basic_auth(request: Request, settings: Settings) -> Response | None:
-    """Return a 401 response when auth is on and the request lacks the right credentials.
+def check_request(request: Request, settings: Settings) -> Response | None:
+    """Return the refusal for a request that may not go on, or None.
 
-    /webhook also takes the WEBHOOK_SECRET header: Label Studio sends event webhooks without the
-    basic auth it uses everywhere else (see backend/lswebhooks.py)."""
+    * every POST carries a JSON body (``Content-Type: application/json``): a browser cannot send
+      one cross-site without asking first, so a page a project manager visits cannot change state;
+    * with basic auth configured, every route but /health needs it;
+    * /webhook also takes the project's webhook secret (see backend/lswebhooks.py): Label Studio
+      sends event webhooks without the basic auth it uses everywhere else.
+    """
+    if request.method == "POST" and not request.is_json:
+        response = jsonify(error="Send a JSON body with Content-Type: application/json.")
+        response.status_code = 415
+        return response
     if request.endpoint in PUBLIC_ENDPOINTS:
         return None
     if request.endpoint == "prelabel.webhook" and settings.webhook_secret:
-        if _same(request.headers.get(SECRET_HEADER), settings.webhook_secret):
+        if _webhook_secret_matches(request, settings.webhook_secret):
             return None
         if not settings.auth_enabled:
-            return _refuse(f"Webhooks need the {SECRET_HEADER} header (WEBHOOK_SECRET).")
+            return _refuse(f"Webhooks need the project's {SECRET_HEADER} header (WEBHOOK_SECRET).")
     if not settings.auth_enabled:
         return None
     auth = request.authorization
@@ -42,6 +51,18 @@ def check_basic_auth(request: Request, settings: Settings) -> Response | None:
     if request.endpoint == "prelabel.webhook":
         message += f" Label Studio's event webhooks carry no auth: set WEBHOOK_SECRET (header {SECRET_HEADER})."
     return _refuse(message)
+
+
+def _webhook_secret_matches(request: Request, secret: str) -> bool:
+    """The header holds the secret of the project the event names (so one project's webhook
+    secret is worth nothing for another)."""
+    given = request.headers.get(SECRET_HEADER)
+    body = request.get_json(silent=True)
+    project = body.get("project") if isinstance(body, dict) else None
+    pid = project.get("id") if isinstance(project, dict) else None
+    if not given or not isinstance(pid, int) or isinstance(pid, bool):
+        return False
+    return _same(given, project_secret(secret, pid))
 
 
 def _refuse(message: str) -> Response:

@@ -1,17 +1,22 @@
-"""``prelabel-backend``: serve the app with gunicorn (threads, no fork after the app loads)."""
+"""``prelabel-backend``: serve the app with gunicorn (threads, no fork after the app loads).
+
+Safe by default: without basic auth it binds 127.0.0.1 only, and it refuses to serve another
+interface without auth (the backend can run jobs with the Label Studio API key)."""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
 
 from gunicorn.app.base import BaseApplication
 
-from backend.app import create_app
+from backend.app import create_app, start_background
 from backend.errors import SettingsError
 from backend.logs import configure_logging
+from backend.lswebhooks import SECRET_HEADER, project_secret
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -31,22 +36,41 @@ class _Server(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self):
-        return create_app(self.settings)
+        app = create_app(self.settings)
+        start_background(app)
+        return app
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="prelabel-backend", description=__doc__)
-    parser.add_argument("--host", default="0.0.0.0", help="interface to bind (default 0.0.0.0)")
+    parser.add_argument("--host", help="interface to bind (default: 0.0.0.0 with basic auth, else 127.0.0.1)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 9090)), help="default 9090")
     parser.add_argument("--workers", type=int, default=1, help="gunicorn processes (queue mode only)")
     parser.add_argument("--threads", type=int, default=8, help="threads per process: concurrent requests")
+    parser.add_argument("--webhook-header", type=int, metavar="PROJECT_ID",
+                        help="print the webhook header for a Label Studio project and exit")  # fmt: skip
     args = parser.parse_args(argv)
 
     try:
         settings = Settings.from_env()
     except SettingsError as e:
         sys.exit(f"prelabel-backend: {e}")
+    if args.webhook_header is not None:
+        if not settings.webhook_secret:
+            sys.exit("prelabel-backend: set WEBHOOK_SECRET first (the header is derived from it).")
+        print(f"{SECRET_HEADER}: {project_secret(settings.webhook_secret, args.webhook_header)}")
+        return
+    host = args.host or ("0.0.0.0" if settings.auth_enabled else "127.0.0.1")
+    if not settings.auth_enabled and not _is_loopback(host):
+        sys.exit(
+            f"prelabel-backend: refusing to serve {host} without auth: anyone who reaches it could run jobs with "
+            "your Label Studio API key and change model versions. Set BASIC_AUTH_USER and BASIC_AUTH_PASS (and "
+            "the same pair in Label Studio's model settings), or bind 127.0.0.1."
+        )
     configure_logging(settings.log_level)
+    if settings.auth_enabled and not settings.webhook_secret:
+        log.warning("basic auth is on and WEBHOOK_SECRET is unset: Label Studio's event webhooks (which carry no "
+                    "auth) are refused, so corrections reach prelabel only through training runs")  # fmt: skip
     workers = args.workers
     if settings.embedded and workers != 1:
         log.warning("REDIS_URL is unset (embedded mode): using 1 process so the model loads once")
@@ -54,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     _Server(
         settings,
         {
-            "bind": f"{args.host}:{args.port}",
+            "bind": f"[{host}]:{args.port}" if ":" in host else f"{host}:{args.port}",
             "workers": workers,
             "threads": args.threads,
             "worker_class": "gthread",
@@ -66,6 +90,15 @@ def main(argv: list[str] | None = None) -> None:
             "preload_app": False,
         },
     ).run()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 if __name__ == "__main__":

@@ -24,6 +24,10 @@ class LabelConfigError(BadRequest):
     """The labeling config has nothing prelabel can predict, or cannot be parsed."""
 
 
+class AnnotationError(BadRequest):
+    """An annotation's result cannot be read (a brush region with wrong sizes or a corrupt RLE)."""
+
+
 class ServiceUnavailable(PrelabelError):
     """A dependency (Redis, a worker, the model) is not there right now; retry later."""
 

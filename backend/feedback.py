@@ -5,29 +5,43 @@ the two are compared: tags accepted, added and removed, mask IoU per label betwe
 and the final mask, and whether the prediction went through unchanged. Comparisons are kept per
 annotation (an update replaces, a deletion removes) and aggregated per model version and label
 for ``GET /report`` and ``/metrics``.
+
+Decoding masks takes time and memory, and Label Studio gives an event webhook one second, so the
+webhook only checks an annotation's brush regions (sizes and RLE headers, without decoding) and
+puts it in an inbox in Redis; a thread of the backend compares it later. An annotation taken
+from the inbox stays in a processing list until its comparison is stored, and a backend that
+starts moves what a dead one left there back to the inbox (comparisons are idempotent).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import threading
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import redis
-from label_studio_sdk.converter.brush import decode_rle
+
+from backend.brush import region_mask, region_size
+from backend.errors import AnnotationError
+
+log = logging.getLogger(__name__)
 
 #: Predictions are kept this long for comparison with the corrections that follow them.
 PREDICTION_TTL = 90 * 24 * 3600
 #: A mask this close to the final one counts as accepted as it was.
 UNCHANGED_IOU = 0.99
+INBOX = "prelabel:feedback:inbox"
+PROCESSING = "prelabel:feedback:processing"
 
 
-def compare(predicted: list[dict], final: list[dict]) -> dict[str, Any]:
+def compare(predicted: list[dict], final: list[dict], max_pixels: int) -> dict[str, Any]:
     """Compare a prediction's result list with an annotation's (Label Studio's result format)."""
     tags_p, tags_f = _choices(predicted), _choices(final)
-    masks_p, masks_f = _masks(predicted), _masks(final)
+    masks_p, masks_f = _masks(predicted, max_pixels), _masks(final, max_pixels)
     accepted = sum(len(tags_p.get(k, set()) & v) for k, v in tags_f.items())
     added = sum(len(v - tags_p.get(k, set())) for k, v in tags_f.items())
     removed = sum(len(v - tags_f.get(k, set())) for k, v in tags_p.items())
@@ -49,23 +63,42 @@ def compare(predicted: list[dict], final: list[dict]) -> dict[str, Any]:
     }
 
 
+def check_annotation(annotation: dict, max_pixels: int) -> None:
+    """What the webhook checks before accepting an annotation: its shape, and every brush
+    region's sizes and RLE header (nothing is decoded).
+
+    Raises:
+        AnnotationError: with the reason.
+    """
+    if not isinstance(annotation.get("id"), int | str):
+        raise AnnotationError("An annotation needs an 'id'.")
+    result = annotation.get("result") or []
+    if not isinstance(result, list) or not all(isinstance(item, dict) for item in result):
+        raise AnnotationError(f"Annotation {annotation['id']}: 'result' must be a list of objects.")
+    for item in result:
+        if item.get("type") == "brushlabels":
+            try:
+                region_size(item, max_pixels)
+            except AnnotationError as e:
+                raise AnnotationError(f"Annotation {annotation['id']}: {e}") from e
+
+
 def _choices(result: Iterable[dict]) -> dict[str, set[str]]:
     out: dict[str, set[str]] = defaultdict(set)
     for item in result:
-        if item.get("type") == "choices":
-            out[item.get("from_name", "")].update((item.get("value") or {}).get("choices", []))
+        choices = (item.get("value") or {}).get("choices", []) if item.get("type") == "choices" else []
+        out[str(item.get("from_name", ""))].update(c for c in choices if isinstance(c, str))
     return out
 
 
-def _masks(result: Iterable[dict]) -> dict[str, np.ndarray]:
+def _masks(result: Iterable[dict], max_pixels: int) -> dict[str, np.ndarray]:
     """Union of the brush regions of each label."""
     out: dict[str, np.ndarray] = {}
     for item in result:
         value = item.get("value") or {}
         if item.get("type") != "brushlabels" or not value.get("rle"):
             continue
-        height, width = int(item["original_height"]), int(item["original_width"])
-        region = decode_rle(value["rle"]).reshape(height, width, 4)[:, :, 3] > 127
+        region = region_mask(item, max_pixels)
         for label in value.get("brushlabels", []):
             out[label] = region | out[label] if label in out and out[label].shape == region.shape else region
     return out
@@ -74,8 +107,10 @@ def _masks(result: Iterable[dict]) -> dict[str, np.ndarray]:
 class Feedback:
     """Predictions served and the corrections that followed, in Redis."""
 
-    def __init__(self, connection: redis.Redis) -> None:
+    def __init__(self, connection: redis.Redis, max_pixels: int) -> None:
         self.connection = connection
+        self.max_pixels = max_pixels
+        self._stop = threading.Event()
 
     def remember_predictions(self, project: str, predictions: dict[Any, dict]) -> None:
         """Keep what was predicted for each task id (Label Studio prediction dicts)."""
@@ -87,6 +122,21 @@ class Feedback:
         pipe.expire(key, PREDICTION_TTL)
         pipe.execute()
 
+    def accept(self, project: str, annotations: list[dict]) -> tuple[int, list[dict[str, Any]]]:
+        """Check each annotation and put the good ones in the inbox; returns how many were queued
+        and, for the others, their id and the reason."""
+        queued, refused = [], []
+        for annotation in annotations:
+            try:
+                check_annotation(annotation, self.max_pixels)
+            except AnnotationError as e:
+                refused.append({"id": annotation.get("id"), "error": str(e)})
+                continue
+            queued.append(json.dumps({"project": project, "annotation": annotation}))
+        if queued:
+            self.connection.rpush(INBOX, *queued)
+        return len(queued), refused
+
     def record(self, project: str, annotation: dict) -> dict[str, Any] | None:
         """Compare ``annotation`` with the prediction its task got; None when there was none."""
         task = annotation.get("task")
@@ -96,9 +146,45 @@ class Feedback:
             return None
         prediction = json.loads(raw)
         record = {"task": task, "version": prediction.get("model_version"),
-                  **compare(prediction.get("result", []), annotation.get("result") or [])}  # fmt: skip
+                  **compare(prediction.get("result", []), annotation.get("result") or [], self.max_pixels)}  # fmt: skip
         self.connection.hset(f"prelabel:corrections:{project}", str(annotation["id"]), json.dumps(record))
         return record
+
+    def process_one(self, timeout: float = 1.0) -> bool:
+        """Compare the inbox's oldest annotation; False when the inbox stayed empty for ``timeout``."""
+        raw = self.connection.blmove(INBOX, PROCESSING, timeout)
+        if raw is None:
+            return False
+        try:
+            item = json.loads(raw)
+            self.record(item["project"], item["annotation"])
+        except redis.exceptions.RedisError:
+            raise  # stays in the processing list, taken back when Redis answers again
+        except Exception as e:  # e.g. an RLE corrupt past its header: dropped, said once
+            log.warning("a correction was not compared: %s: %s", type(e).__name__, e)
+        self.connection.lrem(PROCESSING, 1, raw)
+        return True
+
+    def start_comparing(self) -> threading.Thread:
+        """The thread that empties the inbox, after taking back what a dead backend left half done."""
+
+        def loop() -> None:
+            while not self._stop.is_set():
+                try:
+                    while self.connection.lmove(PROCESSING, INBOX):
+                        pass
+                    while not self._stop.is_set():
+                        self.process_one(timeout=1)
+                except redis.exceptions.RedisError as e:  # Redis away for a while: try again shortly
+                    log.warning("comparing corrections paused: Redis: %s", e)
+                    self._stop.wait(2)
+
+        thread = threading.Thread(target=loop, name="prelabel-feedback", daemon=True)
+        thread.start()
+        return thread
+
+    def stop_comparing(self) -> None:
+        self._stop.set()
 
     def forget(self, project: str, annotation_ids: Iterable[Any]) -> None:
         ids = [str(i) for i in annotation_ids]

@@ -14,6 +14,9 @@ from backend.jobs import BrushControl, ChoicesControl, ClassLabel
 log = logging.getLogger(__name__)
 
 SUPPORTED_CONTROLS = ("Choices", "BrushLabels")
+#: Label configs are untrusted input (any /predict or webhook body carries one); real ones are a
+#: few kB, a 1,000-class taxonomy about 60 kB.
+MAX_LABEL_CONFIG_BYTES = 512 * 1024
 
 
 @dataclass(frozen=True)
@@ -27,14 +30,23 @@ class LabelSpec:
 
 
 @functools.lru_cache(maxsize=64)
-def parse_label_config(xml: str) -> LabelSpec:
+def parse_label_config(xml: str, max_labels: int) -> LabelSpec:
     """Parse ``xml`` (cached: Label Studio sends the same config with every request).
 
     Raises:
-        LabelConfigError: the config cannot be parsed or has no control prelabel supports.
+        LabelConfigError: the config is too large, declares a DTD or entities, cannot be parsed,
+            has more than ``max_labels`` labels (``MAX_LABELS``) or no control prelabel supports.
     """
-    if not xml or not xml.strip():
+    if not isinstance(xml, str) or not xml.strip():
         raise LabelConfigError("The label config is empty.")
+    if len(xml.encode()) > MAX_LABEL_CONFIG_BYTES:
+        raise LabelConfigError(
+            f"The label config is {len(xml.encode()):,} bytes, over the {MAX_LABEL_CONFIG_BYTES:,} prelabel reads."
+        )
+    if "<!" in xml.replace("<![CDATA[", "").replace("<!--", ""):
+        raise LabelConfigError(
+            "The label config declares a DTD or entities (<!DOCTYPE, <!ENTITY), which prelabel refuses."
+        )
     try:
         interface = LabelInterface(xml)
     except Exception as e:  # the SDK raises several types for malformed XML
@@ -58,6 +70,11 @@ def parse_label_config(xml: str) -> LabelSpec:
                 raise LabelConfigError(
                     f'<Image name="{image.name}"> uses valueList (several images per task), '
                     "which prelabel does not support."
+                )
+            count = sum(len(c.labels) for c in controls)
+            if count > max_labels:
+                raise LabelConfigError(
+                    f"The label config has {count:,} labels; prelabel scores at most MAX_LABELS={max_labels:,}."
                 )
             return LabelSpec(
                 image_name=image.name,

@@ -2,14 +2,23 @@
 
 Adding an ML backend makes Label Studio create a project webhook ``<backend url>/webhook`` that
 sends events with no auth headers (PROTOCOL.md section 2). With ``WEBHOOK_SECRET`` set, prelabel
-accepts a webhook that carries ``X-Prelabel-Secret: <secret>``, and adds that header to its own
-webhooks through Label Studio's API (the admin can also add it by hand in the project's
-Webhooks settings).
+accepts an event that carries ``X-Prelabel-Secret: <the project's secret>``, where a project's
+secret is an HMAC of its id under ``WEBHOOK_SECRET``: anyone who can read one project's webhook
+settings (its managers) cannot forge events for another project.
+
+With ``PRELABEL_URL`` set (this backend's URL as Label Studio calls it), prelabel adds that header
+to the project's webhook whose URL is ``PRELABEL_URL/webhook`` through Label Studio's API, and to
+no other: another ML backend connected to the same project never receives it. Without
+``PRELABEL_URL``, add it by hand (Project > Settings > Webhooks); ``prelabel-backend
+--webhook-header <project id>`` prints it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import re
 import threading
 
 from label_studio_sdk import LabelStudio
@@ -22,17 +31,33 @@ log = logging.getLogger(__name__)
 SECRET_HEADER = "X-Prelabel-Secret"
 
 
+def project_secret(secret: str, project: int) -> str:
+    """The value of ``X-Prelabel-Secret`` for Label Studio project ``project`` (its numeric id)."""
+    return hmac.new(secret.encode(), f"prelabel-webhook:{project}".encode(), hashlib.sha256).hexdigest()
+
+
+def webhook_url(prelabel_url: str) -> str:
+    """The URL of the webhook Label Studio creates for an ML backend at ``prelabel_url``."""
+    return _normalised(prelabel_url.rstrip("/") + "/webhook")
+
+
+def _normalised(url: str) -> str:
+    return re.sub(r"/+webhook/*$", "/webhook", url.strip())
+
+
 def secure_project_webhooks(settings: Settings, project: str) -> bool:
-    """Add the secret header to ``project``'s webhooks that point at one of its ML backends.
-    Returns True once every such webhook carries it (False while Label Studio has none yet)."""
+    """Add the project's secret header to its webhook that points at this backend. Returns True
+    once it carries it (False while Label Studio has no such webhook yet)."""
+    assert settings.prelabel_url and settings.webhook_secret
     client = LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key)
     pid = project_id(project)
-    urls = {backend.url.rstrip("/") + "/webhook" for backend in client.ml.list(project=pid)}
-    hooks = [hook for hook in client.webhooks.list(project=str(pid)) if hook.url in urls]
+    ours = webhook_url(settings.prelabel_url)
+    value = project_secret(settings.webhook_secret, pid)
+    hooks = [hook for hook in client.webhooks.list(project=str(pid)) if _normalised(hook.url or "") == ours]
     for hook in hooks:
         headers = dict(hook.headers or {})
-        if headers.get(SECRET_HEADER) != settings.webhook_secret:
-            headers[SECRET_HEADER] = settings.webhook_secret
+        if headers.get(SECRET_HEADER) != value:
+            headers[SECRET_HEADER] = value
             client.webhooks.update(hook.id, headers=headers)
             log.info("project %s: added the webhook secret header to webhook %s (%s)", project, hook.id, hook.url)
     return bool(hooks)
@@ -43,7 +68,14 @@ class WebhookSecurer:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.enabled = bool(settings.webhook_secret and settings.label_studio_url and settings.label_studio_api_key)
+        self.enabled = bool(
+            settings.webhook_secret and settings.prelabel_url and settings.label_studio_url
+            and settings.label_studio_api_key
+        )  # fmt: skip
+        if settings.webhook_secret and not settings.prelabel_url:
+            log.warning("WEBHOOK_SECRET is set but PRELABEL_URL is not: add the %s header to each project's "
+                        "webhook by hand (`prelabel-backend --webhook-header <project id>` prints it)",
+                        SECRET_HEADER)  # fmt: skip
         self._done: set[str] = set()
         self._lock = threading.Lock()
 
@@ -58,7 +90,7 @@ class WebhookSecurer:
         try:
             secured = secure_project_webhooks(self.settings, project)
         except Exception as e:  # Label Studio unreachable, key without rights...: try on a later /setup
-            log.warning("project %s: could not add the webhook secret header: %s", project, e)
+            log.warning("project %s: could not add the webhook secret header: %s", project, type(e).__name__)
             secured = False
         if not secured:
             with self._lock:

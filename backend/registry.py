@@ -134,9 +134,9 @@ class Registry:
         if version != self.base_version:
             self.verify(self.get(project, version))
         record = json.dumps({"version": version, "activated_at": time.time()})
-        _write_atomically(self.project_dir(project) / ACTIVE_FILE, record)
-        if self.connection is not None:
+        if self.connection is not None:  # first: with Redis away, nothing changes
             self.connection.set(self._redis_key(project), version)
+        _write_atomically(self.project_dir(project) / ACTIVE_FILE, record)
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -2,10 +2,11 @@
 
 * Every prediction served is cached in Redis under (model version, label config, task id, image
   URL): asking again, or opening a task whose prediction was precomputed, costs a Redis read.
-* Only the tasks missing from the cache become a job. When the job does not finish within
-  PREDICT_TIMEOUT (a large Retrieve Predictions selection), /predict answers with what is ready
-  and the job carries on; when it finishes, its predictions are cached and posted to Label Studio
-  through its API, so the annotators find them without asking again.
+* Only the tasks missing from the cache become jobs, of at most MAX_TASKS_PER_JOB tasks each.
+  When a job does not finish within PREDICT_TIMEOUT (a large Retrieve Predictions selection),
+  /predict answers with what is ready and the job carries on; when it finishes, its predictions
+  are cached and posted to Label Studio through its API (to tasks of the job's project only), so
+  the annotators find them without asking again.
 * TASKS_CREATED (an import) starts that same background work for the new tasks: precomputing.
 """
 
@@ -22,9 +23,10 @@ from label_studio_sdk import LabelStudio
 from rq.job import Job
 
 from backend.errors import JobTimeout
-from backend.jobs import ImageTask, PredictJob, PredictResult
+from backend.jobs import ImageTask, PredictJob
 from backend.labelconfig import LabelSpec
 from backend.predictions import to_label_studio
+from backend.projects import project_id
 from backend.runner import QueueRunner
 from backend.settings import Settings
 
@@ -69,69 +71,85 @@ class Server:
         self, tasks: list[dict], spec: LabelSpec, label_config: str, project: str | None, version: str,
         images: list[str | None],
     ) -> tuple[list[Any], int]:  # fmt: skip
-        """One prediction per task, in order ([] for a task not ready yet); and how many were cached."""
+        """One prediction per task, in order ([] for a task not ready yet); and how many were cached.
+        The missing tasks become jobs of at most MAX_TASKS_PER_JOB tasks, all queued at once."""
         keys = [self.cache.key(version, label_config, t["id"], url) for t, url in zip(tasks, images, strict=True)]
         with self.runner.redis_errors():
             answers: list[Any] = self.cache.get_many(keys)
         missing = [i for i, a in enumerate(answers) if a is None]
         cached = len(tasks) - len(missing)
-        if not missing:
-            return answers, cached
-        job = predict_job(spec, project, version, [tasks[i] for i in missing], [images[i] for i in missing])
-        rq_job = self.runner.submit_checked(job)
-        try:
-            result = self.runner.wait(rq_job, deadline=self.runner.deadline())
-        except JobTimeout as e:
-            log.warning("%s; answering the %d ready tasks now, the other %d will be posted to Label Studio when done",
-                        e, cached, len(missing))  # fmt: skip
-            self.finish_later(rq_job, spec, label_config, version, [keys[i] for i in missing])
-            return [a if a is not None else [] for a in answers], cached
-        fresh = to_label_studio(result, spec, version)
-        with self.runner.redis_errors():
-            self.cache.put_many({keys[i]: p for i, p in zip(missing, fresh, strict=True) if p})
-        for i, p in zip(missing, fresh, strict=True):
-            answers[i] = p
-        return answers, cached
+        chunks = [missing[i : i + self.settings.max_tasks_per_job]
+                  for i in range(0, len(missing), self.settings.max_tasks_per_job)]  # fmt: skip
+        submitted = []
+        for chunk in chunks:
+            job = predict_job(spec, project, version, [tasks[i] for i in chunk], [images[i] for i in chunk])
+            submitted.append((chunk, job, self.runner.submit_checked(job)))
+        deadline = self.runner.deadline()
+        for chunk, job, rq_job in submitted:
+            try:
+                result = self.runner.wait(rq_job, deadline=deadline)
+            except JobTimeout as e:
+                log.warning("%s; its %d tasks will be posted to Label Studio when done", e, len(chunk))
+                self.finish_later(rq_job, job, spec, [keys[i] for i in chunk])
+                continue
+            fresh = to_label_studio(result, spec, version)
+            with self.runner.redis_errors():
+                self.cache.put_many({keys[i]: p for i, p in zip(chunk, fresh, strict=True) if p})
+            for i, p in zip(chunk, fresh, strict=True):
+                answers[i] = p
+        return [a if a is not None else [] for a in answers], cached
 
     def precompute(
         self, tasks: list[dict], spec: LabelSpec, label_config: str, project: str, version: str
-    ) -> str | None:
-        """Queue predictions for newly imported tasks; they are cached and posted when done."""
+    ) -> list[str]:
+        """Queue predictions for newly imported tasks (jobs of at most MAX_TASKS_PER_JOB); they
+        are cached and posted when done. Returns the job ids."""
         images = [image_url(t, spec.image_key) for t in tasks]
         keys = [self.cache.key(version, label_config, t["id"], url) for t, url in zip(tasks, images, strict=True)]
         with self.runner.redis_errors():
             todo = [i for i, a in enumerate(self.cache.get_many(keys)) if a is None]
-        if not todo:
-            return None
-        job = predict_job(spec, project, version, [tasks[i] for i in todo], [images[i] for i in todo])
-        rq_job = self.runner.submit(job)
-        self.finish_later(rq_job, spec, label_config, version, [keys[i] for i in todo])
-        return rq_job.id
+        ids = []
+        for start in range(0, len(todo), self.settings.max_tasks_per_job):
+            chunk = todo[start : start + self.settings.max_tasks_per_job]
+            job = predict_job(spec, project, version, [tasks[i] for i in chunk], [images[i] for i in chunk])
+            rq_job = self.runner.submit(job)
+            self.finish_later(rq_job, job, spec, [keys[i] for i in chunk])
+            ids.append(rq_job.id)
+        return ids
 
-    def finish_later(self, rq_job: Job, spec: LabelSpec, label_config: str, version: str, keys: list[str]) -> None:
-        self._background.submit(self._finish, rq_job, spec, version, keys)
+    def finish_later(self, rq_job: Job, job: PredictJob, spec: LabelSpec, keys: list[str]) -> None:
+        self._background.submit(self._finish, rq_job, job, spec, keys)
 
-    def _finish(self, rq_job: Job, spec: LabelSpec, version: str, keys: list[str]) -> None:
+    def _finish(self, rq_job: Job, job: PredictJob, spec: LabelSpec, keys: list[str]) -> None:
         try:
             result = self.runner.wait(rq_job, deadline=self.runner.deadline(self.settings.job_timeout + 60))
         except Exception as e:  # failed or never picked up: nothing to post, the log says why
             log.warning("background predict job %s gave nothing to post: %s", rq_job.id, e)
             return
-        predictions = to_label_studio(result, spec, version)
+        predictions = to_label_studio(result, spec, job.model_version)
         self.cache.put_many({k: p for k, p in zip(keys, predictions, strict=True) if p})
-        posted = self._post(result, predictions)
+        posted = self._post(job, predictions)
         log.info("background predict job %s done: %d predictions cached, %d posted to Label Studio",
                  rq_job.id, sum(1 for p in predictions if p), posted)  # fmt: skip
 
-    def _post(self, result: PredictResult, predictions: list[Any]) -> int:
-        if not (self.settings.label_studio_url and self.settings.label_studio_api_key):
+    def _post(self, job: PredictJob, predictions: list[Any]) -> int:
+        """Post each prediction to its task, only when Label Studio says the task belongs to the
+        job's project and still shows the image the prediction was made from (a forged
+        TASKS_CREATED must not write into another project)."""
+        if not (self.settings.label_studio_url and self.settings.label_studio_api_key) or not job.project:
             return 0
         client = LabelStudio(base_url=self.settings.label_studio_url, api_key=self.settings.label_studio_api_key)
+        pid = project_id(job.project)
         posted = 0
-        for task, prediction in zip(result.tasks, predictions, strict=True):
+        for task, prediction in zip(job.tasks, predictions, strict=True):
             if not prediction:
                 continue
             try:
+                stored = client.tasks.get(int(task.task_id))
+                if stored.project != pid or (stored.data or {}).get(job.image_key) != task.image_url:
+                    log.warning("task %s: prediction not posted: the task is not project %s's, or its image "
+                                "changed", task.task_id, pid)  # fmt: skip
+                    continue
                 client.predictions.create(
                     task=int(task.task_id),
                     result=prediction["result"],
@@ -140,7 +158,8 @@ class Server:
                 )
                 posted += 1
             except Exception as e:  # one refused prediction does not stop the others
-                log.warning("could not post the prediction of task %s to Label Studio: %s", task.task_id, e)
+                log.warning("could not post the prediction of task %s to Label Studio: %s", task.task_id,
+                            type(e).__name__)  # fmt: skip
         return posted
 
 

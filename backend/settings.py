@@ -47,6 +47,8 @@ class Settings:
     job_timeout: int = field(default=600, metadata={"env": "JOB_TIMEOUT"})
     result_ttl: int = field(default=3600, metadata={"env": "RESULT_TTL"})
     log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL"})
+    max_tasks_per_job: int = field(default=32, metadata={"env": "MAX_TASKS_PER_JOB"})
+    max_labels: int = field(default=1000, metadata={"env": "MAX_LABELS"})
 
     # Label Studio, for downloading task images
     label_studio_url: str | None = field(default=None, metadata={"env": "LABEL_STUDIO_URL"})
@@ -78,6 +80,7 @@ class Settings:
 
     # Learning from corrections
     webhook_secret: str | None = field(default=None, repr=False, metadata={"env": "WEBHOOK_SECRET"})
+    prelabel_url: str | None = field(default=None, metadata={"env": "PRELABEL_URL"})
     train_every: int = field(default=100, metadata={"env": "TRAIN_EVERY"})
     train_interval: int = field(default=0, metadata={"env": "TRAIN_INTERVAL"})
     train_timeout: int = field(default=4 * 3600, metadata={"env": "TRAIN_TIMEOUT"})
@@ -115,7 +118,8 @@ class Settings:
         if self.train_every < 0 or self.train_interval < 0:
             raise SettingsError("TRAIN_EVERY and TRAIN_INTERVAL must be 0 (off) or positive.")
         positive = ("job_timeout", "result_ttl", "max_image_bytes", "max_image_pixels", "batch_size", "train_timeout",
-                    "train_min_corrections", "train_steps", "zegclip_min_masks")  # fmt: skip
+                    "train_min_corrections", "train_steps", "zegclip_min_masks", "max_tasks_per_job",
+                    "max_labels")  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()} must be a positive number.")

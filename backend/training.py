@@ -94,7 +94,9 @@ class Training:
         for raw_project, config in self.connection.hgetall("prelabel:projects").items():
             project = raw_project.decode()
             if int(self.connection.get(f"prelabel:new-corrections:{project}") or 0) > 0:
-                job, created = self.enqueue(project, parse_label_config(config.decode()), "schedule")
+                job, created = self.enqueue(
+                    project, parse_label_config(config.decode(), self.settings.max_labels), "schedule"
+                )
                 if created:
                     started.append(job.id)
         return started

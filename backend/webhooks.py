@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from backend.errors import BadRequest
+from backend.errors import AnnotationError, BadRequest
 from backend.labelconfig import LabelSpec, parse_label_config
 from backend.projects import project_uid
 
@@ -35,18 +35,21 @@ def handle(body: dict[str, Any], state: State) -> dict[str, Any]:
         project, spec = _project(body, state)
         annotations = body.get("annotation")
         annotations = annotations if isinstance(annotations, list) else [annotations]
-        annotations = [a for a in annotations if isinstance(a, dict) and "id" in a]
-        compared = [r for r in (state.feedback.record(project, a) for a in annotations) if r is not None]
-        job = state.training.corrections_arrived(project, len(annotations), spec)
-        log.info("webhook %s: project %s, %d annotations (%d compared with predictions)", action, project,
-                 len(annotations), len(compared))  # fmt: skip
-        return {"action": action, "status": "recorded", "compared": len(compared), "job": job.id if job else None}
+        annotations = [a for a in annotations if isinstance(a, dict)]
+        queued, refused = state.feedback.accept(project, annotations)
+        job = state.training.corrections_arrived(project, queued, spec) if queued else None
+        log.info("webhook %s: project %s, %d annotations queued for comparison, %d refused", action, project,
+                 queued, len(refused))  # fmt: skip
+        if refused and not queued:
+            raise AnnotationError("; ".join(r["error"] for r in refused[:5]))
+        answer = {"action": action, "status": "recorded", "queued": queued, "job": job.id if job else None}
+        return answer | ({"refused": refused} if refused else {})
     if action == "TASKS_CREATED" and state.server is not None:
         project, spec = _project(body, state)
         tasks = [t for t in body.get("tasks") or [] if isinstance(t, dict) and "id" in t]
         label_config = body["project"]["label_config"]
-        job = state.server.precompute(tasks, spec, label_config, project, state.registry.active(project))
-        return {"action": action, "status": "precomputing" if job else "cached", "job": job}
+        jobs = state.server.precompute(tasks, spec, label_config, project, state.registry.active(project))
+        return {"action": action, "status": "precomputing" if jobs else "cached", "jobs": jobs}
     if action == "ANNOTATIONS_DELETED" and state.feedback is not None:
         project = project_uid(body.get("project"))
         ids = [a.get("id") for a in body.get("annotations") or [] if isinstance(a, dict)]
@@ -62,6 +65,7 @@ def _project(body: dict[str, Any], state: State) -> tuple[str, LabelSpec]:
     label_config = project.get("label_config") if isinstance(project, dict) else None
     if not label_config:
         raise BadRequest("The webhook's project object has no label_config.")
+    spec = parse_label_config(label_config, state.settings.max_labels)
     if state.training is not None:
         state.training.remember_project(uid, label_config)
-    return uid, parse_label_config(label_config)
+    return uid, spec

@@ -146,7 +146,8 @@ class Prelabel:
         self.settings = settings
         self.port = free_port()
         self.url = f"http://localhost:{self.port}"
-        env = {**os.environ, **settings.to_env()}
+        # Label Studio calls the backend at this URL, which is the one the webhook secret goes to.
+        env = {**os.environ, "PRELABEL_URL": self.url, **settings.to_env()}
         self.backend_log, self.worker_log = workdir / "backend.log", workdir / "worker.log"
         self.trainer_log = workdir / "trainer.log"
         self.auth = (settings.basic_auth_user, settings.basic_auth_pass)

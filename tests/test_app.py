@@ -125,6 +125,21 @@ def test_webhook_is_acknowledged_and_validated(client):
     assert client.post("/webhook", json={"annotation": {}}).status_code == 400
 
 
+@pytest.mark.parametrize("path", ["/setup", "/predict", "/webhook", "/versions/v1/activate", "/jobs/j1/cancel"])
+def test_state_changes_take_json_bodies_only(client, path):
+    """A form or text body is what a page in a project manager's browser could send cross-site."""
+    for kwargs in ({"data": {"project": "1.1"}}, {"data": '{"project": "1.1"}', "content_type": "text/plain"}):
+        response = client.post(path, **kwargs)
+        assert response.status_code == 415 and "application/json" in response.get_json()["error"]
+
+
+def test_a_large_selection_runs_as_several_jobs_in_order(app_for, voc_config, label_studio):
+    client = app_for(max_tasks_per_job=2).test_client()
+    tasks = _tasks(label_studio, PHOTOS)  # 5 tasks: jobs of 2, 2 and 1
+    results = client.post("/predict", json={"tasks": tasks, "label_config": voc_config}).get_json()["results"]
+    assert [r["result"][0]["id"] for r in results] == [f"tags-{t['id']}" for t in tasks]
+
+
 def test_unknown_route_is_a_json_404(client):
     response = client.get("/nope")
     assert response.status_code == 404 and "error" in response.get_json()

@@ -1,21 +1,26 @@
-"""Our vectorised brush RLE against the real label-studio-sdk: the same numbers as its mask2rle,
-and its decode_rle gives the mask back."""
+"""Our brush RLE against the real label-studio-sdk: the same numbers as its mask2rle, its
+decode_rle gives the mask back, and our checked decoder reads what the SDK reads, refusing
+every size it could not afford before allocating it."""
 
 from __future__ import annotations
+
+import tracemalloc
 
 import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle, mask2rle
 from PIL import Image
 
+from backend.brush import draw_scaled, mask_to_rle, region_mask, region_size, rle_to_mask, scaled_mask_to_rle
+from backend.errors import AnnotationError
 from tests.conftest import shared_data
-from worker.brush import draw_scaled, mask_to_rle, scaled_mask_to_rle
 
 
 def _assert_same_as_the_sdk(mask: np.ndarray) -> None:
     ours = mask_to_rle(mask)
     assert ours == mask2rle(mask)
     assert np.array_equal(decode_rle(ours).reshape(*mask.shape, 4)[:, :, 3], mask)
+    assert np.array_equal(rle_to_mask(ours, mask.shape[1], mask.shape[0]), mask > 127)  # our decoder agrees
     if set(np.unique(mask).tolist()) <= {0, 255}:  # the same mask as booleans: True is 255
         assert mask_to_rle(mask == 255) == ours
 
@@ -75,3 +80,82 @@ def test_nearest_drawing_repeats_each_source_pixel_evenly():
     mask = np.array([[True, False], [False, True]])
     drawn = draw_scaled(mask, (4, 6))
     assert drawn[:3, :2].all() and drawn[3:, 2:].all() and not drawn[:3, 2:].any() and not drawn[3:, :2].any()
+
+
+def _region(mask: np.ndarray, **changes) -> dict:
+    h, w = mask.shape
+    item = {"type": "brushlabels", "original_width": w, "original_height": h,
+            "value": {"format": "rle", "rle": mask2rle(mask), "brushlabels": ["cat"]}}  # fmt: skip
+    for key, value in changes.items():
+        if key == "rle":
+            item["value"]["rle"] = value
+        else:
+            item[key] = value
+    return item
+
+
+MAX_PIXELS = 60_000_000
+SQUARE = np.kron(np.eye(2, dtype=np.uint8), np.ones((20, 30), np.uint8)) * 255  # 40 x 60
+
+
+def test_a_checked_region_decodes_to_its_painted_pixels():
+    assert region_size(_region(SQUARE), MAX_PIXELS) == (60, 40)
+    assert np.array_equal(region_mask(_region(SQUARE), MAX_PIXELS), SQUARE == 255)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"original_width": 60_000, "original_height": 40_000}, "over MAX_IMAGE_PIXELS"),
+        ({"original_width": 0}, "positive integer"),
+        ({"original_width": -60}, "positive integer"),
+        ({"original_width": 60.0}, "positive integer"),
+        ({"original_width": True}, "positive integer"),
+        ({"original_height": "40"}, "positive integer"),
+        ({"original_width": 6000, "original_height": 4000}, "announces 9,600 values, not the 96,000,000"),
+        ({"rle": "0,1,2"}, "must be a list"),
+        ({"rle": [0, 0, 37]}, "at least 7 bytes"),
+        ({"rle": [0, 0, 37, 128, 57, 27, 254, "x"]}, "integers from 0 to 255"),
+        ({"rle": [0, 0, 37, 128, 57, 27, 254, 300]}, "integers from 0 to 255"),
+        ({"rle": [0, 0, 37, 128, 57, 27, 254, -1]}, "integers from 0 to 255"),
+        ({"rle": [0, 0, 37, 128, 57, 27, 254, [1]]}, "integers|flat list"),
+        ({"rle": [0, 0, 37, 128, 57, 27, 254, 1.5]}, "integers from 0 to 255"),
+        ({"rle": [0, 0, 37, 128] + [0] * 50_000}, "longer than a 60x40 mask can need"),
+        ({"rle": mask2rle(SQUARE)[:12]}, "ends in the middle of a run"),
+        ({"rle": [0, 0, 37, 128, 0b01110111, 27, 254] + [0] * 40}, "uses 15-bit words"),
+    ],
+)
+def test_bad_regions_are_refused_with_the_reason(changes, message):
+    with pytest.raises(AnnotationError, match=message):
+        region_mask(_region(SQUARE, **changes), MAX_PIXELS)
+
+
+def test_a_small_rle_announcing_a_huge_image_is_refused_before_any_allocation():
+    """The reported bomb: a few bytes of RLE whose header announces 4 GB of values."""
+    rle = mask2rle(np.full((10, 10), 255, np.uint8))
+    rle[:4] = list((4 * 32_768 * 32_767).to_bytes(4, "big"))
+    bomb = _region(np.zeros((1, 1), np.uint8), original_width=32_768, original_height=32_767, rle=rle)
+    with pytest.raises(AnnotationError, match="over MAX_IMAGE_PIXELS"):
+        region_size(bomb, MAX_PIXELS)
+
+
+def test_runs_that_overrun_the_image_are_refused():
+    rle = mask2rle(np.full((10, 10), 255, np.uint8))  # one run of 400 values
+    rle[:4] = list((4 * 50).to_bytes(4, "big"))  # a header of 50 pixels
+    with pytest.raises(AnnotationError, match="runs cover 400 values, not the 200"):
+        rle_to_mask(rle, 10, 5)
+
+
+def test_decoding_a_12_megapixel_region_allocates_one_byte_a_pixel_not_four():
+    """The SDK's decode_rle builds the RGBA image (48 MB here); ours the alpha only."""
+    mask = np.zeros((3000, 4000), np.uint8)
+    mask[500:2500, 1000:3000] = 255
+    rle = mask_to_rle(mask)
+    tracemalloc.start()
+    try:
+        decoded = rle_to_mask(rle, 4000, 3000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(decoded, mask == 255)
+    assert peak < 2.5 * 12_000_000, peak

@@ -52,3 +52,26 @@ def test_backend_serves_predictions_for_real_photos_over_http(backend_server, la
     assert "using 1 process so the model loads once" in log  # --workers 3 is refused in embedded mode
     assert "predict: 1 tasks (0 cached, 0 without prediction)" in log
     assert label_studio.legacy_token not in log  # secrets never reach the logs
+
+
+def _backend(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k not in ("BASIC_AUTH_USER", "BASIC_AUTH_PASS", "WEBHOOK_SECRET")}
+    command = [sys.executable, "-m", "backend.cli", *args]
+    return subprocess.run(command, env={**clean, **env}, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10"])
+def test_the_backend_refuses_to_serve_the_network_without_auth(host):
+    done = _backend(["--host", host, "--port", str(free_port())], {"LABEL_STUDIO_API_KEY": "x" * 40})
+    assert done.returncode != 0
+    assert f"refusing to serve {host} without auth" in done.stderr and "BASIC_AUTH_USER" in done.stderr
+
+
+def test_the_webhook_header_for_a_project_is_printed_for_manual_setup():
+    from backend.lswebhooks import project_secret
+
+    done = _backend(["--webhook-header", "7"], {"WEBHOOK_SECRET": "hook-s3cret"})
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"X-Prelabel-Secret: {project_secret('hook-s3cret', 7)}"
+    assert "hook-s3cret" not in done.stdout
+    assert _backend(["--webhook-header", "7"], {}).returncode != 0  # no secret to derive it from

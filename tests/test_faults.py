@@ -94,13 +94,15 @@ def test_a_worker_killed_mid_job_has_its_job_retried_by_another(redis_url, make_
         time.sleep(3)
         handler._send(200, photo, "image/jpeg")
 
-    label_studio.extra_routes["/slow.jpg"] = slow
+    label_studio.extra_routes["/data/upload/1/slow.jpg"] = slow
     workers = [start_worker(settings, tmp_path / f"worker{i}.log") for i in range(2)]
     try:
         wait_for_workers(settings, workers[0], tmp_path / "worker0.log", count=2)
         runner = QueueRunner(settings)
         control = ChoicesControl("tags", "image", (ClassLabel("cat", ("cat",)), ClassLabel("dog", ("dog",))), True)
-        rq_job = runner.submit(PredictJob(settings.model_version, "image", (control,), (ImageTask(1, "/slow.jpg"),)))
+        rq_job = runner.submit(
+            PredictJob(settings.model_version, "image", (control,), (ImageTask(1, "/data/upload/1/slow.jpg"),))
+        )
         connection = redis.Redis.from_url(redis_url)
         deadline = time.monotonic() + 30
         while (job := Job.fetch(rq_job.id, connection=connection, serializer=JSONSerializer)).worker_name is None:
@@ -117,3 +119,33 @@ def test_a_worker_killed_mid_job_has_its_job_retried_by_another(redis_url, make_
     finally:
         for w in workers:
             stop(w)
+
+
+def test_with_redis_down_every_route_but_health_answers_a_503_naming_redis(own_redis, make_settings, voc_config):
+    settings = make_settings(redis_url=own_redis.url)
+    client = create_app(settings).test_client()
+    project = {"id": 4, "created_at": "2026-11-23T06:15:25Z", "label_config": voc_config}
+    task = {"id": 1, "data": {"image": "/data/upload/1/a.jpg"}}
+    routes = [
+        ("post", "/setup", {"project": "4.1795414525", "schema": voc_config}),
+        ("post", "/predict", {"tasks": [task], "label_config": voc_config, "project": "4.1795414525"}),
+        ("post", "/predict", {"tasks": [task], "label_config": voc_config}),
+        ("post", "/webhook", {"action": "START_TRAINING", "project": project}),
+        ("post", "/webhook", {"action": "ANNOTATION_CREATED", "annotation": {"id": 1, "task": 1}, "project": project}),
+        ("post", "/webhook", {"action": "TASKS_CREATED", "tasks": [task], "project": project}),
+        ("post", "/webhook", {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 1}], "project": project}),
+        ("get", "/versions?project=4.1795414525", None),
+        ("post", f"/versions/{settings.model_version}/activate", {"project": "4.1795414525"}),
+        ("get", "/jobs/some-job", None),
+        ("post", "/jobs/some-job/cancel", {}),
+        ("get", "/report", None),
+        ("get", "/metrics", None),
+    ]
+    assert client.get("/health").status_code == 200
+    own_redis.stop()
+    for method, path, body in routes:
+        response = client.post(path, json=body) if method == "post" else client.get(path)
+        error = response.get_json()["error"]
+        assert response.status_code == 503 and f"Redis at 127.0.0.1:{own_redis.port}" in error, (path, error)
+    health = client.get("/health")
+    assert health.status_code == 503 and health.get_json()["status"] == "DOWN"

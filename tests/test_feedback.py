@@ -1,15 +1,19 @@
-"""Comparing pre-labels with corrections, on constructed pairs in Label Studio's real formats."""
+"""Comparing pre-labels with corrections, on constructed pairs in Label Studio's real formats, and
+the inbox that keeps that work off the webhook's request thread, on a real Redis."""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pytest
 import redis
 from label_studio_sdk.converter.brush import mask2rle
 
-from backend.feedback import Feedback, compare
+from backend.feedback import INBOX, PROCESSING, Feedback, compare
 
 PROJECT = "5.1795414525"
+MAX_PIXELS = 60_000_000
 
 
 def _tags(*labels: str) -> dict:
@@ -31,7 +35,7 @@ def _square(top: int, left: int, size: int = 10) -> np.ndarray:
 
 def test_an_accepted_prediction_is_unchanged():
     result = [_tags("cat", "dog"), _mask("cat", _square(5, 5))]
-    stats = compare(result, result)
+    stats = compare(result, result, MAX_PIXELS)
     assert stats == {"tags_accepted": 2, "tags_added": 0, "tags_removed": 0, "mask_iou": {"cat": 1.0},
                      "unchanged": True}  # fmt: skip
 
@@ -39,7 +43,7 @@ def test_an_accepted_prediction_is_unchanged():
 def test_fixed_tags_and_masks_are_counted():
     predicted = [_tags("cat", "dog"), _mask("cat", _square(5, 5)), _mask("dog", _square(20, 30))]
     final = [_tags("cat", "person"), _mask("cat", _square(5, 10)), _mask("person", _square(20, 30))]
-    stats = compare(predicted, final)
+    stats = compare(predicted, final, MAX_PIXELS)
     assert (stats["tags_accepted"], stats["tags_added"], stats["tags_removed"]) == (1, 1, 1)
     assert stats["mask_iou"]["cat"] == pytest.approx(50 / 150)  # shifted by half its width
     assert stats["mask_iou"]["dog"] == 0.0 and stats["mask_iou"]["person"] == 0.0
@@ -47,7 +51,7 @@ def test_fixed_tags_and_masks_are_counted():
 
 
 def test_report_per_version_with_updates_and_deletions(redis_url):
-    feedback = Feedback(redis.Redis.from_url(redis_url))
+    feedback = Feedback(redis.Redis.from_url(redis_url), MAX_PIXELS)
     prediction = {"model_version": "v1", "score": 0.5, "result": [_tags("cat"), _mask("cat", _square(5, 5))]}
     feedback.remember_predictions(PROJECT, {11: prediction, 12: prediction})
     accepted = {"id": 101, "task": 11, "result": prediction["result"]}
@@ -64,3 +68,47 @@ def test_report_per_version_with_updates_and_deletions(redis_url):
     assert feedback.report(PROJECT)[PROJECT]["v1"]["unchanged_share"] == 1.0
     feedback.forget(PROJECT, [101])
     assert feedback.report()[PROJECT]["v1"]["corrections"] == 1
+
+
+def test_the_webhook_only_checks_and_queues_and_the_comparison_happens_later(redis_url):
+    connection = redis.Redis.from_url(redis_url)
+    feedback = Feedback(connection, MAX_PIXELS)
+    prediction = {"model_version": "v1", "score": 0.5, "result": [_tags("cat"), _mask("cat", _square(5, 5))]}
+    feedback.remember_predictions(PROJECT, {11: prediction})
+    bomb = _mask("cat", _square(5, 5))
+    bomb.update(original_width=50_000, original_height=40_000)  # 2 GP announced by a 40x60 mask's RLE
+    queued, refused = feedback.accept(PROJECT, [
+        {"id": 101, "task": 11, "result": prediction["result"]},
+        {"id": 102, "task": 11, "result": [bomb]},
+        {"id": 103, "task": 11, "result": "not a list"},
+    ])  # fmt: skip
+    assert queued == 1
+    assert [r["id"] for r in refused] == [102, 103]
+    assert "over MAX_IMAGE_PIXELS" in refused[0]["error"] and "must be a list" in refused[1]["error"]
+    assert feedback.report(PROJECT)[PROJECT] == {}  # nothing compared yet: the webhook has answered
+    assert feedback.process_one(timeout=1)
+    assert not feedback.process_one(timeout=1)  # the inbox is empty
+    assert feedback.report(PROJECT)[PROJECT]["v1"]["unchanged"] == 1
+    assert connection.llen(PROCESSING) == 0
+
+
+def test_work_left_half_done_is_taken_back_and_a_poisoned_item_is_dropped(redis_url):
+    connection = redis.Redis.from_url(redis_url)
+    feedback = Feedback(connection, MAX_PIXELS)
+    prediction = {"model_version": "v1", "score": 0.5, "result": [_tags("cat")]}
+    feedback.remember_predictions(PROJECT, {11: prediction})
+    feedback.accept(PROJECT, [{"id": 101, "task": 11, "result": [_tags("cat")]}])
+    connection.lmove(INBOX, PROCESSING)  # a backend died after taking it
+    connection.rpush(INBOX, b"{not json")  # and someone wrote garbage into the inbox
+    thread = feedback.start_comparing()
+    deadline = time.monotonic() + 10
+    while not feedback.report(PROJECT)[PROJECT]:
+        assert time.monotonic() < deadline, "the half-done correction was not compared"
+        time.sleep(0.05)
+    while connection.llen(INBOX) or connection.llen(PROCESSING):
+        assert time.monotonic() < deadline, "the garbage item was not dropped"
+        time.sleep(0.05)
+    assert feedback.report(PROJECT)[PROJECT]["v1"]["corrections"] == 1
+    feedback.stop_comparing()
+    thread.join(timeout=5)
+    assert not thread.is_alive()

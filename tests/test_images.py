@@ -1,13 +1,14 @@
 """Untrusted bytes in, upright RGB out, or an ImageDecodeError that says what was wrong."""
 
 import io
+import tracemalloc
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from backend.errors import ImageDecodeError
-from worker.images import decode_for_model, decode_image
+from worker.images import decode_for_model, decode_image, to_rgb
 
 LIMIT = 60_000_000
 
@@ -45,10 +46,23 @@ def test_truncated_jpeg_is_refused(photos):
 
 
 def test_decompression_bomb_is_refused_from_the_header():
-    bomb = _encode(Image.new("1", (20000, 20000)))  # 400 megapixels in a few kilobytes
+    """Just over MAX_IMAGE_PIXELS and under Pillow's own limit (89 MP), so only our check refuses it."""
+    side = 7746  # 60,000,516 pixels
+    assert LIMIT < side * side < Image.MAX_IMAGE_PIXELS
+    bomb = _encode(Image.new("1", (side, side)))  # 60 megapixels in a few kilobytes
     assert len(bomb) < 200_000
-    with pytest.raises(ImageDecodeError, match="too large"):
+    with pytest.raises(ImageDecodeError, match="7746x7746 = 60,000,516 pixels, over MAX_IMAGE_PIXELS=60,000,000"):
         decode_image(bomb, LIMIT)
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "ICO", "TGA", "PCX", "PPM"])
+def test_only_the_supported_formats_are_opened(fmt):
+    """EPS would start Ghostscript; the others are decoders nobody labels photos in."""
+    image = Image.new("RGB", (16, 16), (10, 200, 30))
+    data = _encode(image, fmt)
+    assert Image.open(io.BytesIO(data)).format == fmt  # Pillow itself would open it
+    with pytest.raises(ImageDecodeError, match="Not a recognised image format.*JPEG, PNG"):
+        decode_image(data, LIMIT)
 
 
 def test_pixel_limit_is_checked_before_decoding(photos):
@@ -120,6 +134,28 @@ def test_sixteen_bit_keeps_its_full_range():
     decoded = np.asarray(decode_image(_encode(image), LIMIT))
     assert decoded[0, 0].tolist() == [255, 255, 255]
     assert decoded[3, 0].tolist() == [128, 128, 128]
+
+
+def test_float_and_32_bit_images_are_stretched_to_8_bits():
+    floats = Image.fromarray(np.array([[-1.0, 0.0], [0.5, 1.0]], dtype=np.float32))
+    assert np.asarray(decode_image(_encode(floats, "TIFF"), LIMIT))[:, :, 0].tolist() == [[0, 127], [191, 255]]
+    wide = Image.fromarray(np.array([[0, 257 * 100], [257 * 200, 65535]], dtype=np.int32))
+    assert wide.mode == "I"
+    assert np.asarray(decode_image(_encode(wide, "TIFF"), LIMIT))[:, :, 0].tolist() == [[0, 100], [200, 255]]
+
+
+def test_sixteen_bit_conversion_makes_no_full_size_float_copy():
+    """Traced allocations stay under 6 bytes a pixel (the 16-bit copy numpy reads is 2; a float64 copy
+    alone would be 8, and the old conversion peaked at 17)."""
+    image = Image.fromarray(np.full((2000, 3000), 40000, dtype=np.uint16))
+    tracemalloc.start()
+    try:
+        rgb = to_rgb(image)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.asarray(rgb)[0, 0].tolist() == [155, 155, 155]
+    assert peak < 6 * 2000 * 3000, peak
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])

@@ -18,7 +18,7 @@ CONFIG = """<View>
 
 
 def test_choices_controls_labels_and_synonyms():
-    spec = parse_label_config(CONFIG)
+    spec = parse_label_config(CONFIG, max_labels=1000)
     assert (spec.image_name, spec.image_key) == ("photo", "img")
     objects, scene = spec.choices
     assert objects.from_name == "objects" and objects.multiple
@@ -42,11 +42,18 @@ def test_choices_controls_labels_and_synonyms():
          "</RectangleLabels></View>", "Supported: <Choices>.*found: RectangleLabels"),
         ("<View><Image name='i' value='$i'/><Choices name='c' toName='i' value='$options'/></View>",
          "no control prelabel can predict"),
+        ('<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;">]>'
+         "<View><Image name='i' value='$i'/><Choices name='c' toName='i'><Choice value='&lol2;'/></Choices></View>",
+         "DTD or entities"),
+        ("<View><Image name='i' value='$i'/><Choices name='c' toName='i'>" + "<Choice value='x'/>" * 40_000
+         + "</Choices></View>", "over the 524,288 prelabel reads"),
+        ("<View><Image name='i' value='$i'/><Choices name='c' toName='i'>"
+         + "".join(f"<Choice value='c{i}'/>" for i in range(1001)) + "</Choices></View>", "MAX_LABELS=1,000"),
     ],
 )  # fmt: skip
 def test_unsupported_configs_say_why(xml, message):
     with pytest.raises(LabelConfigError, match=message):
-        parse_label_config(xml)
+        parse_label_config(xml, max_labels=1000)
 
 
 def test_shipped_label_configs_are_supported():
@@ -55,5 +62,5 @@ def test_shipped_label_configs_are_supported():
     configs = sorted((Path(__file__).parents[1] / "label_config").glob("*.xml"))
     assert configs
     for path in configs:
-        spec = parse_label_config(path.read_text())
+        spec = parse_label_config(path.read_text(), max_labels=1000)
         assert spec.image_key == "image" and spec.choices, path.name

@@ -132,11 +132,11 @@ def test_a_slow_batch_answers_what_is_ready_and_finishes_in_the_background(stack
         time.sleep(2.5)
         handler._send(200, photo, "image/png")
 
-    label_studio.extra_routes["/slow.png"] = slow
+    label_studio.extra_routes["/data/upload/1/slow.png"] = slow
     impatient = dataclasses.replace(settings, predict_timeout=1.0)
     client = create_app(impatient).test_client()
     fast = {"id": 1, "data": {"image": label_studio.upload_path(PHOTOS[0])}}
-    slow_task = {"id": 2, "data": {"image": "/slow.png"}}
+    slow_task = {"id": 2, "data": {"image": "/data/upload/1/slow.png"}}
     assert client.post("/predict", json={"tasks": [fast], "label_config": voc_config}).status_code == 200
 
     response = client.post("/predict", json={"tasks": [fast, slow_task], "label_config": voc_config})
@@ -160,7 +160,7 @@ def test_health_shows_queue_and_workers(stack):
     body = create_app(settings).test_client().get("/health").get_json()
     assert body["status"] == "UP" and body["mode"] == "queue"
     assert body["workers"]["count"] == 1
-    assert body["queue"] == {"name": "predict", "pending": body["queue"]["pending"]}
+    assert body["queue"] == {"name": "predict", "pending": 0}  # the worker is idle
 
 
 def test_no_worker_gives_a_clear_503(redis_url, make_settings, voc_config):
@@ -233,7 +233,7 @@ def test_imported_tasks_are_precomputed_into_the_cache(stack, voc_config):
     project = {"id": 8, "created_at": "2026-11-23T06:15:25Z", "label_config": voc_config}
     tasks = [{"id": 80 + i, "data": {"image": label_studio.upload_path(name)}} for i, name in enumerate(PHOTOS[:2])]
     answer = client.post("/webhook", json={"action": "TASKS_CREATED", "tasks": tasks, "project": project}).get_json()
-    assert answer["status"] == "precomputing" and answer["job"]
+    assert answer["status"] == "precomputing" and len(answer["jobs"]) == 1
 
     server = app.extensions["prelabel"].server
     keys = [server.cache.key(settings.model_version, voc_config, t["id"], t["data"]["image"]) for t in tasks]
@@ -242,7 +242,7 @@ def test_imported_tasks_are_precomputed_into_the_cache(stack, voc_config):
         assert time.monotonic() < deadline, "precomputed predictions never reached the cache"
         time.sleep(0.2)
     again = client.post("/webhook", json={"action": "TASKS_CREATED", "tasks": tasks, "project": project}).get_json()
-    assert again["status"] == "cached" and again["job"] is None
+    assert again["status"] == "cached" and again["jobs"] == []
     results = client.post("/predict", json={"tasks": tasks, "label_config": voc_config,
                                             "project": "8.1795414525"}).get_json()["results"]  # fmt: skip
     assert results == server.cache.get_many(keys)

@@ -51,6 +51,8 @@ def test_environment_names_and_types():
         ({"PRECISION": "fp16"}, "PRECISION=fp16 must be one of auto, bf16, fp32"),
         ({"CWR_MAX_CLASSES": "-1"}, "CWR_MAX_CLASSES"),
         ({"FETCH_THREADS": "-2"}, r"FETCH_THREADS=-2 must be 0 \(automatic\) or positive"),
+        ({"MAX_TASKS_PER_JOB": "0"}, "MAX_TASKS_PER_JOB must be a positive number"),
+        ({"MAX_LABELS": "-5"}, "MAX_LABELS must be a positive number"),
     ],
 )
 def test_invalid_values_name_the_variable(env, message):

@@ -40,6 +40,22 @@ def test_words_are_encoded_once_and_classes_average_their_synonyms(make_settings
     torch.testing.assert_close(classes[1], embedder.words(["cat"])[0])
 
 
+def test_the_word_cache_is_bounded_least_recently_used_first(make_settings):
+    embedder = TextEmbedder(load_clip(make_settings()), cached=3)
+    calls = []
+    encode = embedder._encode
+    embedder._encode = lambda words: calls.append(list(words)) or encode(words)
+
+    many = embedder.words(["a", "b", "c", "d", "e"])  # more words than the cache holds, in one call
+    assert many.shape[0] == 5 and calls == [["a", "b", "c", "d", "e"]]
+    assert list(embedder._cache) == ["c", "d", "e"]
+    embedder.words(["c"])  # used again: now the most recent
+    embedder.words(["f"])
+    assert list(embedder._cache) == ["e", "c", "f"]
+    torch.testing.assert_close(embedder.words(["a"]), many[:1])  # encoded again, the same vector
+    assert calls[-1] == ["a"]
+
+
 def test_words_in_bf16_agree_with_fp32(make_settings):
     bundle = load_clip(make_settings(model_checkpoint=None, model_name="ViT-S-32", model_pretrained="random"))
     fp32 = TextEmbedder(dataclasses.replace(bundle, precision=torch.float32)).words(["cat", "dining table"])

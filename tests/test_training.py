@@ -19,8 +19,8 @@ from rq.serializers import JSONSerializer
 from backend.app import create_app
 from backend.jobs import TRAIN_QUEUE, BrushControl, ChoicesControl, ClassLabel, ImageTask, PredictJob, TrainJob
 from backend.labelconfig import parse_label_config
-from backend.lswebhooks import SECRET_HEADER
-from backend.registry import Registry
+from backend.lswebhooks import SECRET_HEADER, project_secret
+from backend.registry import WEIGHTS_FILE, Registry
 from backend.runner import QueueRunner
 from tests.conftest import shared_data
 from worker import tasks
@@ -75,7 +75,7 @@ def test_start_training_queues_exactly_one_run(queue_app, redis_url):
     assert payload.project == UID and payload.trigger == "start_training"
     assert [c.from_name for c in payload.choices] == ["tags"] and [b.from_name for b in payload.brushes] == ["mask"]
 
-    cancelled = client.post(f"/jobs/{first['job']}/cancel").get_json()
+    cancelled = client.post(f"/jobs/{first['job']}/cancel", json={}).get_json()
     assert cancelled["status"] == "canceled" and queue.count == 0
     third = client.post("/webhook", json={"action": "START_TRAINING", "project": _project()}).get_json()
     assert third["status"] == "queued" and third["job"] != first["job"]  # a cancelled run does not block
@@ -101,7 +101,7 @@ def test_every_n_corrections_start_one_run(queue_app, redis_url):
 def test_concurrent_triggers_never_queue_two_runs(queue_app, redis_url):
     app, _ = queue_app()
     training = app.extensions["prelabel"].training
-    spec = parse_label_config(CONFIG)
+    spec = parse_label_config(CONFIG, max_labels=1000)
     ids: list[str] = []
     threads = [threading.Thread(target=lambda: ids.append(training.enqueue(UID, spec, "schedule")[0].id))
                for _ in range(8)]  # fmt: skip
@@ -132,12 +132,17 @@ def test_forged_webhooks_are_refused(queue_app):
     app, _ = queue_app(basic_auth_user="ls", basic_auth_pass="pw", webhook_secret="hook-secret")
     client = app.test_client()
     event = {"action": "ANNOTATION_CREATED", "annotation": _annotation(1, 10), "project": _project()}
+    ours = project_secret("hook-secret", 4)
     assert client.post("/webhook", json=event).status_code == 401
     assert client.post("/webhook", json=event, headers={SECRET_HEADER: "guess"}).status_code == 401
-    assert client.post("/webhook", json=event, headers={SECRET_HEADER: "hook-secret"}).status_code == 200
+    assert client.post("/webhook", json=event, headers={SECRET_HEADER: "hook-secret"}).status_code == 401
+    assert client.post("/webhook", json=event, headers={SECRET_HEADER: ours}).status_code == 200
+    # project 5's secret (seen by project 5's managers in its webhook settings) is worth nothing for project 4
+    other = project_secret("hook-secret", 5)
+    assert client.post("/webhook", json=event, headers={SECRET_HEADER: other}).status_code == 401
     basic = {"Authorization": "Basic " + base64.b64encode(b"ls:pw").decode()}
     assert client.post("/webhook", json=event, headers=basic).status_code == 200  # START_TRAINING's way
-    assert client.post("/predict", json={}, headers={SECRET_HEADER: "hook-secret"}).status_code == 401
+    assert client.post("/predict", json={}, headers={SECRET_HEADER: ours}).status_code == 401
 
 
 def test_gate_refuses_a_worse_model():
@@ -151,7 +156,14 @@ def test_gate_refuses_a_worse_model():
 # The training run itself, with corrections made from the VOC samples.
 
 LABELS = ("aeroplane", "bird", "bicycle", "bottle")
-JOB = TrainJob(UID, "", "image", parse_label_config(CONFIG).choices, parse_label_config(CONFIG).brushes, "test")
+JOB = TrainJob(
+    UID,
+    "",
+    "image",
+    parse_label_config(CONFIG, max_labels=1000).choices,
+    parse_label_config(CONFIG, max_labels=1000).brushes,
+    "test",
+)
 
 
 def _corrections(settings, project, image_key, choices, brushes) -> list[Correction]:
@@ -202,15 +214,58 @@ def test_a_training_run_saves_a_version_with_its_report_and_promotes_it(trainer)
     assert {"collecting corrections", "clipself", "zegclip", "evaluating"} <= set(stages)
 
 
-def test_a_refused_candidate_is_kept_but_not_activated(trainer):
+def test_the_gate_promotes_a_candidate_exactly_when_it_is_within_the_margin(trainer):
+    """The same (seeded) run twice: with PROMOTION_MARGIN just under the candidate's worst shortfall
+    against the active version it is refused and kept aside; just over it, it is promoted."""
     settings, base, registry = trainer
-    strict = dataclasses.replace(settings, promotion_margin=-1.0)  # must beat the active one by 1.0: impossible
-    base = Predictor(strict, base.bundle)
     job = dataclasses.replace(JOB, model_version=settings.model_version)
-    summary = run_training(base, base, registry, job, _noop, lambda: False, collect=_corrections)
-    assert summary["status"] == "rejected" and "worse than the active version" in summary["reason"]
+
+    def run(margin: float) -> dict:
+        predictor = Predictor(dataclasses.replace(settings, promotion_margin=margin), base.bundle)
+        return run_training(predictor, predictor, registry, job, _noop, lambda: False, collect=_corrections)
+
+    probe = run(0.0)
+    candidate, active = probe["metrics"]["candidate"], probe["metrics"]["active"]
+    shortfall = max(active[m] - candidate[m] for m in ("tag_map", "mask_miou"))
+    registry.activate(UID, settings.model_version)
+
+    refused = run(shortfall - 0.01)
+    assert refused["metrics"] == probe["metrics"]  # seeded: the same candidate
+    assert refused["status"] == "rejected" and "worse than the active version" in refused["reason"]
     assert registry.active(UID) == settings.model_version
-    assert [v.promoted for v in registry.versions(UID)] == [False]
+
+    promoted = run(shortfall + 0.01)
+    assert promoted["status"] == "promoted", promoted
+    assert registry.active(UID) == promoted["version"]
+    assert [v.promoted for v in registry.versions(UID)][1:] == [False, True]
+
+
+def test_rollback_and_manual_promotion_through_the_http_route(trainer, redis_url, make_settings):
+    settings, base, registry = trainer
+    job = dataclasses.replace(JOB, model_version=settings.model_version)
+    strict = Predictor(dataclasses.replace(settings, promotion_margin=-1.0), base.bundle)  # refuses any candidate
+    kept = run_training(strict, strict, registry, job, _noop, lambda: False, collect=_corrections)["version"]
+    assert registry.active(UID) == settings.model_version
+    client = create_app(dataclasses.replace(settings, basic_auth_user="pm", basic_auth_pass="pw")).test_client()
+    auth = {"Authorization": "Basic " + base64.b64encode(b"pm:pw").decode()}
+
+    assert client.post(f"/versions/{kept}/activate", json={"project": UID}).status_code == 401
+    by_query = client.post(f"/versions/{kept}/activate?project={UID}", headers=auth, json={})
+    assert by_query.status_code == 400  # the project goes in the JSON body
+    as_form = client.post(f"/versions/{kept}/activate", headers=auth, data={"project": UID})
+    assert as_form.status_code == 415
+    assert registry.active(UID) == settings.model_version
+
+    answer = client.post(f"/versions/{kept}/activate", headers=auth, json={"project": UID})
+    assert answer.status_code == 200 and registry.active(UID) == kept  # a manual promotion
+    listed = client.get(f"/versions?project={UID}", headers=auth).get_json()
+    assert listed["active"] == kept and [d["active"] for d in listed["details"]] == [True]
+
+    (registry.version_dir(UID, 1) / WEIGHTS_FILE).write_bytes(b"bit rot")
+    corrupt = client.post(f"/versions/{kept}/activate", headers=auth, json={"project": UID})
+    assert corrupt.status_code == 400 and "corrupt" in corrupt.get_json()["error"]
+    rollback = client.post(f"/versions/{settings.model_version}/activate", headers=auth, json={"project": UID})
+    assert rollback.status_code == 200 and registry.active(UID) == settings.model_version
 
 
 def test_a_crash_or_a_cancel_leaves_the_active_version_alone(trainer):
@@ -273,7 +328,7 @@ def test_progress_reaches_the_job_status_and_cancel_reaches_the_job(queue_app, r
 
     assert not reporter.should_stop()
     job.set_status("started")  # as a worker would
-    assert client.post(f"/jobs/{job_id}/cancel").get_json()["status"] == "stopping"
+    assert client.post(f"/jobs/{job_id}/cancel", json={}).get_json()["status"] == "stopping"
     assert reporter.should_stop()
 
 
@@ -286,7 +341,9 @@ def test_metrics_expose_queues_and_correction_figures(queue_app):
     state.feedback.remember_predictions(UID, {10: prediction})
     annotation = {**_annotation(1, 10), "result": prediction["result"]}
     assert client.post("/webhook", json={"action": "ANNOTATION_CREATED", "annotation": annotation,
-                                         "project": _project()}).get_json()["compared"] == 1  # fmt: skip
+                                         "project": _project()}).get_json()["queued"] == 1  # fmt: skip
+    assert state.feedback.report(UID)[UID] == {}  # compared later, off the request thread
+    assert state.feedback.process_one(timeout=1)
     text = client.get("/metrics").get_data(as_text=True)
     assert 'prelabel_queue_depth{queue="predict"} 0' in text
     assert f'prelabel_corrections{{project="{UID}",version="v1"}} 1' in text

@@ -10,6 +10,12 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from backend.errors import ImageDecodeError
 
+#: The formats a task image may be in. Pillow tries no others: EPS would run Ghostscript, and every
+#: decoder left out is attack surface left out. (Phones' multi-picture JPEGs open as JPEG.)
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+Image.init()  # registers the plugins, so ``formats=`` finds WEBP and TIFF
+#: Pixels converted at a time from 16-bit and float images, so no full-size float copy is made.
+_CHUNK_PIXELS = 1 << 20
 #: What a web server sends instead of an image when a login or error page gets in the way.
 _HTML_PREFIXES = (b"<!doctype html", b"<html", b"<?xml", b"<head", b"{")
 #: EXIF orientations that turn the picture by 90 degrees (width and height swap).
@@ -51,7 +57,7 @@ def _decode(data: bytes, max_pixels: int, min_side: int | None) -> tuple[Image.I
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageDecodeError(
@@ -67,7 +73,9 @@ def _decode(data: bytes, max_pixels: int, min_side: int | None) -> tuple[Image.I
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageDecodeError(f"The image is too large to decode safely (a decompression bomb?): {e}") from e
     except UnidentifiedImageError as e:
-        raise ImageDecodeError(f"Not a recognised image format ({len(data):,} bytes).") from e
+        raise ImageDecodeError(
+            f"Not a recognised image format ({len(data):,} bytes); prelabel reads {', '.join(FORMATS)}."
+        ) from e
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
         raise ImageDecodeError(f"The image is corrupt or truncated: {e}") from e
 
@@ -76,19 +84,31 @@ def _decode(data: bytes, max_pixels: int, min_side: int | None) -> tuple[Image.I
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB, keeping the full range of 16-bit and float images."""
+    """Any Pillow mode to 8-bit RGB, keeping the full range of 16-bit and float images. Those are
+    brought to 8 bits a band of rows at a time: a 60-megapixel float image never gets a float64 twin."""
     mode = image.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        array = array / 257.0 if mode.startswith("I;16") or array.max() > 255 else array
-        return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).convert("RGB")
-    if mode == "F":
-        array = np.asarray(image, dtype=np.float64)
-        low, high = float(array.min()), float(array.max())
-        array = (array - low) / (high - low) * 255 if high > low else np.zeros_like(array)
-        return Image.fromarray(array.astype(np.uint8)).convert("RGB")
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return Image.fromarray(_to_8_bits(image)).convert("RGB")
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
     return image if mode == "RGB" else image.convert("RGB")
+
+
+def _to_8_bits(image: Image.Image) -> np.ndarray:
+    """16-bit values // 257; 32-bit integers the same when any is over 255; floats stretched from
+    their minimum to their maximum."""
+    array = np.asarray(image)
+    low, high = image.getextrema()
+    divide = image.mode.startswith("I;16") or (image.mode == "I" and high > 255)
+    out = np.empty(array.shape, dtype=np.uint8)
+    rows = max(1, _CHUNK_PIXELS // max(1, array.shape[1]))
+    for top in range(0, array.shape[0], rows):
+        band = array[top : top + rows]
+        if image.mode == "F":
+            band = (band - np.float32(low)) * np.float32(255 / (high - low) if high > low else 0)
+        elif divide:
+            band = band // 257
+        out[top : top + rows] = np.clip(band, 0, 255)
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import open_clip
@@ -29,23 +30,35 @@ TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES) +
 _TEXT_BATCH = 256
 
 
-class TextEmbedder:
-    """Embeds words with a template ensemble; each word is encoded once per loaded model, so a
-    label set that changes by one label costs one word."""
+#: Word embeddings kept per model (least recently used dropped first): each is one E-dim vector
+#: (2-3 kB), and label words come from untrusted label configs, so the cache has a bound.
+CACHED_WORDS = 10_000
 
-    def __init__(self, bundle: ClipBundle, templates: Sequence[str] = TEMPLATES) -> None:
+
+class TextEmbedder:
+    """Embeds words with a template ensemble; each word is encoded once per loaded model (within
+    the last ``CACHED_WORDS`` used), so a label set that changes by one label costs one word."""
+
+    def __init__(self, bundle: ClipBundle, templates: Sequence[str] = TEMPLATES, cached: int = CACHED_WORDS) -> None:
         self.bundle = bundle
         self.templates = tuple(templates)
-        self._cache: dict[str, Tensor] = {}
+        self._cache: OrderedDict[str, Tensor] = OrderedDict()
+        self._cached = cached
         self._lock = threading.Lock()
 
     def words(self, words: Sequence[str]) -> Tensor:
         """[len(words), E], each row normalize(mean_t normalize(encode(template_t(word))))."""
         with self._lock:
-            missing = [w for w in dict.fromkeys(words) if w not in self._cache]
-            if missing:
-                self._cache.update(zip(missing, self._encode(missing), strict=True))
-            return torch.stack([self._cache[w] for w in words])
+            unique = list(dict.fromkeys(words))
+            missing = [w for w in unique if w not in self._cache]
+            found = dict(zip(missing, self._encode(missing), strict=True)) if missing else {}
+            for word in unique:
+                found[word] = found.get(word, self._cache.get(word))
+                self._cache[word] = found[word]
+                self._cache.move_to_end(word)
+            while len(self._cache) > self._cached:
+                self._cache.popitem(last=False)
+            return torch.stack([found[w] for w in words])
 
     def classes(self, synonyms: Sequence[Sequence[str]]) -> Tensor:
         """[C, E]: a class is the normalised mean of its synonyms' embeddings."""

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from label_studio_sdk import LabelStudio
-from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
+from backend.brush import draw_scaled, region_mask
+from backend.errors import AnnotationError
 from backend.jobs import BrushControl, ChoicesControl, TaskId
 from backend.projects import project_id
 from backend.settings import Settings
@@ -25,9 +26,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Correction:
-    """One task as an annotator left it. ``mask`` (uint8, image size) holds 0 where no label
-    applies and k for ``mask_labels[k - 1]``; it is None until known (a project with BrushLabels
-    whose annotation has no region gets an all-zero mask once the image size is known)."""
+    """One task as an annotator left it, at training size (short side at most ``IMAGE_SIZE``, so
+    a project of phone photos fits in memory). ``mask`` (uint8) holds 0 where no label applies
+    and k for ``mask_labels[k - 1]``; it is None until known (a project with BrushLabels whose
+    annotation has no region gets an all-zero mask once the image size is known). ``size`` is the
+    (width, height) the regions were drawn at: the photo's upright size."""
 
     task_id: TaskId
     image_url: str | None
@@ -35,10 +38,17 @@ class Correction:
     mask: np.ndarray | None = None
     mask_labels: tuple[str, ...] = ()
     image: Image.Image | None = None  # filled in when the image is fetched
+    size: tuple[int, int] | None = None
 
     @property
     def all_tags(self) -> set[str]:
         return set().union(*self.tags.values()) if self.tags else set()
+
+
+def training_size(width: int, height: int, image_size: int) -> tuple[int, int]:
+    """(width, height) with the short side at most ``image_size``, the aspect kept."""
+    scale = min(1.0, image_size / min(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def from_annotation(
@@ -47,9 +57,16 @@ def from_annotation(
     result: Sequence[dict],
     choices: Sequence[ChoicesControl],
     brushes: Sequence[BrushControl],
+    max_pixels: int,
+    image_size: int,
 ) -> Correction:
     """Read one annotation's ``result`` list: Choices into tags, BrushLabels RLE into one label
-    map (later regions win where regions overlap, as they are drawn on top in the editor)."""
+    map at training size (later regions win where regions overlap, as they are drawn on top in
+    the editor).
+
+    Raises:
+        AnnotationError: a brush region is over ``max_pixels`` or its RLE is corrupt.
+    """
     choice_names = {c.from_name for c in choices}
     brush_names = {b.from_name for b in brushes}
     labels = tuple(dict.fromkeys(label.name for b in brushes for label in b.labels))
@@ -57,18 +74,22 @@ def from_annotation(
     for item in result:
         name, value = item.get("from_name"), item.get("value") or {}
         if item.get("type") == "choices" and name in choice_names:
-            correction.tags[name].update(value.get("choices", []))
+            correction.tags[name].update(c for c in value.get("choices", []) if isinstance(c, str))
         elif item.get("type") == "brushlabels" and name in brush_names and value.get("rle"):
-            width, height = int(item["original_width"]), int(item["original_height"])
-            if correction.mask is None:
+            region = region_mask(item, max_pixels)
+            size = (region.shape[1], region.shape[0])
+            if correction.size is None:
+                correction.size = size
+                width, height = training_size(*size, image_size)
                 correction.mask = np.zeros((height, width), dtype=np.uint8)
-            if correction.mask.shape != (height, width):
+            if size != correction.size:
                 log.warning("task %s: brush regions of different sizes; skipping one", task_id)
                 continue
-            region = decode_rle(value["rle"]).reshape(height, width, 4)[:, :, 3] > 127
+            assert correction.mask is not None
+            small = draw_scaled(region, (correction.mask.shape[1], correction.mask.shape[0]))
             for label in value.get("brushlabels", []):
                 if label in labels:
-                    correction.mask[region] = labels.index(label) + 1
+                    correction.mask[small] = labels.index(label) + 1
     return correction
 
 
@@ -96,6 +117,10 @@ def pull_corrections(
         if annotation is None:
             continue
         url = (task.get("data") or {}).get(image_key)
-        corrections.append(from_annotation(task["id"], url, annotation.get("result") or [], choices, brushes))
+        try:
+            corrections.append(from_annotation(task["id"], url, annotation.get("result") or [], choices, brushes,
+                                               settings.max_image_pixels, settings.image_size))  # fmt: skip
+        except AnnotationError as e:
+            log.warning("task %s left out of training: %s", task["id"], e)
     log.info("project %s: %d corrected tasks in Label Studio", project, len(corrections))
     return corrections

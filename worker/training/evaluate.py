@@ -6,8 +6,8 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from label_studio_sdk.converter.brush import decode_rle
 
+from backend.brush import rle_to_mask
 from backend.jobs import BrushControl, ChoicesControl, TaskResult
 from worker.predictor import Predictor
 from worker.training.corrections import Correction
@@ -59,7 +59,7 @@ def _predicted_map(result: TaskResult, labels: Sequence[str]) -> np.ndarray:
     out = np.zeros((result.image_height or 0, result.image_width or 0), dtype=np.int64)
     for mask in result.masks:
         if mask.label in labels:
-            region = decode_rle(mask.rle).reshape(out.shape[0], out.shape[1], 4)[:, :, 3] > 127
+            region = rle_to_mask(mask.rle, out.shape[1], out.shape[0])
             out[region] = labels.index(mask.label) + 1
     return out
 

@@ -21,14 +21,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
+from backend.brush import draw_scaled
 from backend.errors import ImageError
 from backend.jobs import TrainJob
 from backend.registry import Registry, VersionInfo
-from worker.images import decode_image
+from worker.images import decode_for_model
 from worker.predictor import ClassBank, Predictor
 from worker.training.clipself import CLIPSelfConfig, train_clipself
-from worker.training.corrections import Correction, pull_corrections
+from worker.training.corrections import Correction, pull_corrections, training_size
 from worker.training.evaluate import evaluate, gate
 from worker.training.zegclip import TrainingSample, calibrate_threshold, train_zegclip
 from worker.versions import predictor_with, save_version, version_visual
@@ -56,23 +58,33 @@ def split(corrections: list[Correction], fraction: float) -> Split:
 
 
 def fetch_images(predictor: Predictor, corrections: list[Correction], with_masks: bool) -> list[Correction]:
-    """Attach decoded images; drop tasks whose image cannot be had (logged); a project with
-    BrushLabels reads "no region" as "nothing to label here"."""
+    """Attach decoded images at training size (short side at most IMAGE_SIZE: a project of phone
+    photos stays a few hundred kB per task); drop tasks whose image cannot be had (logged); a
+    project with BrushLabels reads "no region" as "nothing to label here"."""
+    settings = predictor.settings
     kept = []
     for correction in corrections:
         if correction.image_url is None:
             continue
         try:
             data = predictor.fetcher.fetch(correction.image_url)
-            correction.image = decode_image(data, predictor.settings.max_image_pixels)
+            image, upright = decode_for_model(data, settings.max_image_pixels, settings.image_size)
         except ImageError as e:
             log.warning("task %s left out of training: %s", correction.task_id, e)
             continue
-        if with_masks and correction.mask is None:
-            correction.mask = np.zeros((correction.image.height, correction.image.width), dtype=np.uint8)
-        if correction.mask is not None and correction.mask.shape != (correction.image.height, correction.image.width):
+        drawn_at = correction.size
+        if drawn_at is None and correction.mask is not None:
+            drawn_at = (correction.mask.shape[1], correction.mask.shape[0])
+        if drawn_at is not None and drawn_at != upright:
             log.warning("task %s left out of training: mask and image sizes differ", correction.task_id)
             continue
+        work = training_size(*upright, settings.image_size)
+        correction.image = image if image.size == work else image.resize(work, Image.Resampling.BICUBIC)
+        correction.size = upright
+        if correction.mask is not None and correction.mask.shape != (work[1], work[0]):
+            correction.mask = draw_scaled(correction.mask, work)
+        if with_masks and correction.mask is None:
+            correction.mask = np.zeros((work[1], work[0]), dtype=np.uint8)
         kept.append(correction)
     return kept
 

@@ -1,4 +1,4 @@
-"""Label Studio's brush RLE, vectorised.
+"""Label Studio's brush RLE: encoded with numpy, decoded with every size checked first.
 
 ``label_studio_sdk.converter.brush.mask2rle`` builds the bit string with a Python loop over the
 runs of the RGBA-expanded mask: about 120 ms per mask of a 12-megapixel photo, which would cap a
@@ -17,11 +17,22 @@ Masks are computed at a working resolution (at most 1024 px) and shown on the fu
 ``scaled_mask_to_rle`` encodes a mask as drawn at the photo's size by nearest neighbour without
 drawing it: each output row repeats the runs of its source row, stretched to output columns, so a
 12-megapixel mask costs what its working-size mask does.
+
+Annotations arrive from Label Studio (webhooks, the API) and are untrusted: a 12 kB RLE can
+announce a 48 MB image. ``region_size`` checks a ``brushlabels`` result without decoding it (the
+sizes are positive integers within ``MAX_IMAGE_PIXELS`` and the RLE's header announces exactly
+their 4 x width x height values); ``region_mask`` then decodes it to one boolean per pixel, never
+allocating the RGBA image the SDK's ``decode_rle`` builds.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
+
+from backend.errors import AnnotationError
 
 _CHANNELS = 4  # RGBA: Label Studio paints the mask's value into all four
 _WORD_BITS = 8
@@ -136,3 +147,120 @@ def _bits(codes: np.ndarray, widths: np.ndarray) -> np.ndarray:
     shifts = widths[:, None] - 1 - position
     bits = (codes[:, None] >> np.clip(shifts, 0, None)) & 1
     return bits[shifts >= 0].astype(np.uint8)
+
+
+def region_size(item: Mapping[str, Any], max_pixels: int) -> tuple[int, int]:
+    """``(width, height)`` of a ``brushlabels`` result, checked without decoding its RLE.
+
+    Raises:
+        AnnotationError: sizes missing, not positive integers or over ``max_pixels``; an RLE that is
+            not a list, too short for its header, or whose header announces another size.
+    """
+    width, height = item.get("original_width"), item.get("original_height")
+    if not (_positive_int(width) and _positive_int(height)):
+        raise AnnotationError(
+            f"A brush region needs positive integer original_width and original_height, got {width!r:.20} x "
+            f"{height!r:.20}."
+        )
+    if width * height > max_pixels:
+        raise AnnotationError(
+            f"A brush region of {width}x{height} = {width * height:,} pixels is over MAX_IMAGE_PIXELS={max_pixels:,}."
+        )
+    rle = (item.get("value") or {}).get("rle") if isinstance(item.get("value"), Mapping) else None
+    if not isinstance(rle, list) or len(rle) < 7:
+        raise AnnotationError("A brush region's value.rle must be a list of at least 7 bytes (its header).")
+    if len(rle) > 2 * width * height * _CHANNELS + 16:
+        raise AnnotationError(
+            f"A brush region's RLE of {len(rle):,} bytes is longer than a {width}x{height} mask can need."
+        )
+    header = _bytes(rle[:4])
+    announced = int.from_bytes(header.tobytes(), "big")
+    if announced != width * height * _CHANNELS:
+        raise AnnotationError(
+            f"A brush region's RLE announces {announced:,} values, not the {width * height * _CHANNELS:,} of a "
+            f"{width}x{height} image."
+        )
+    return width, height
+
+
+def region_mask(item: Mapping[str, Any], max_pixels: int) -> np.ndarray:
+    """The painted pixels of a ``brushlabels`` result as a boolean [height, width] array (alpha > 127,
+    as the SDK reads it), after ``region_size``'s checks.
+
+    Raises:
+        AnnotationError: the checks fail, or the RLE is corrupt (bytes out of range, runs that end
+            early or overrun the image).
+    """
+    width, height = region_size(item, max_pixels)
+    return rle_to_mask(item["value"]["rle"], width, height)
+
+
+def rle_to_mask(rle: list[int], width: int, height: int) -> np.ndarray:
+    """Brush RLE numbers -> boolean [height, width] (alpha > 127). Check untrusted sizes with
+    ``region_size`` first: this allocates one byte per pixel.
+
+    Raises:
+        AnnotationError: bytes out of range, another size in the header, runs that end early or
+            overrun the image.
+    """
+    data = _bytes(rle)
+    if data.size < 7 or int.from_bytes(data[:4].tobytes(), "big") != width * height * _CHANNELS:
+        raise AnnotationError(f"A brush RLE's header does not announce a {width}x{height} image.")
+    bits = np.unpackbits(data)
+    reader = _BitReader((bits + ord("0")).tobytes().decode("ascii"))
+    total = reader.read(32)
+    word = reader.read(5) + 1
+    sizes = [reader.read(4) + 1 for _ in range(4)]
+    if word != _WORD_BITS:
+        raise AnnotationError(f"A brush region's RLE uses {word}-bit words; Label Studio's use 8.")
+    values: list[int] = []
+    lengths: list[int] = []
+    done = 0
+    while done < total:
+        repeated = reader.read(1)
+        count = 1 + reader.read(sizes[reader.read(2)])
+        if repeated:
+            values.append(reader.read(word))
+            lengths.append(count)
+        else:
+            values.extend(reader.read(word) for _ in range(count))
+            lengths.extend([1] * count)
+        done += count
+    if done != total:
+        raise AnnotationError(f"A brush region's RLE runs cover {done:,} values, not the {total:,} it announces.")
+    ends = np.cumsum(np.asarray(lengths, dtype=np.int64))
+    starts = ends - np.asarray(lengths, dtype=np.int64)
+    # Each pixel is 4 values (RGBA); the SDK reads alpha, the values at positions 3, 7, 11, ...
+    alpha = np.repeat(np.asarray(values, dtype=np.uint8), ends // _CHANNELS - starts // _CHANNELS)
+    return (alpha > 127).reshape(height, width)
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _bytes(rle: list) -> np.ndarray:
+    """``rle`` as uint8, refusing anything but integers 0..255."""
+    try:
+        array = np.asarray(rle)
+    except (ValueError, TypeError) as e:
+        raise AnnotationError("A brush region's RLE is not a flat list of integers.") from e
+    if array.ndim != 1 or array.dtype.kind not in "iu" or (array.size and (array.min() < 0 or array.max() > 255)):
+        raise AnnotationError("A brush region's RLE must be a list of integers from 0 to 255.")
+    return array.astype(np.uint8)
+
+
+class _BitReader:
+    """Reads big-endian unsigned fields from a string of '0' and '1'."""
+
+    def __init__(self, bits: str) -> None:
+        self.bits = bits
+        self.position = 0
+
+    def read(self, size: int) -> int:
+        end = self.position + size
+        if end > len(self.bits):
+            raise AnnotationError("A brush region's RLE ends in the middle of a run.")
+        value = int(self.bits[self.position : end], 2)
+        self.position = end
+        return value
