@@ -150,11 +150,12 @@ def _bits(codes: np.ndarray, widths: np.ndarray) -> np.ndarray:
 
 
 def region_size(item: Mapping[str, Any], max_pixels: int) -> tuple[int, int]:
-    """``(width, height)`` of a ``brushlabels`` result, checked without decoding its RLE.
+    """``(width, height)`` of a ``brushlabels`` result, checked without decoding its RLE (one
+    vectorised pass over its bytes).
 
     Raises:
         AnnotationError: sizes missing, not positive integers or over ``max_pixels``; an RLE that is
-            not a list, too short for its header, or whose header announces another size.
+            not a list of bytes, too short for its header, or whose header announces another size.
     """
     width, height = item.get("original_width"), item.get("original_height")
     if not (_positive_int(width) and _positive_int(height)):
@@ -173,8 +174,7 @@ def region_size(item: Mapping[str, Any], max_pixels: int) -> tuple[int, int]:
         raise AnnotationError(
             f"A brush region's RLE of {len(rle):,} bytes is longer than a {width}x{height} mask can need."
         )
-    header = _bytes(rle[:4])
-    announced = int.from_bytes(header.tobytes(), "big")
+    announced = int.from_bytes(_bytes(rle)[:4].tobytes(), "big")
     if announced != width * height * _CHANNELS:
         raise AnnotationError(
             f"A brush region's RLE announces {announced:,} values, not the {width * height * _CHANNELS:,} of a "

@@ -10,6 +10,7 @@ from typing import Any
 
 import redis
 from rq import Queue
+from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
@@ -48,7 +49,7 @@ class Training:
             return None
         try:
             job = Job.fetch(job_id.decode(), connection=self.connection, serializer=JSONSerializer)
-        except Exception:  # expired or deleted: no run pending
+        except NoSuchJobError:  # expired or deleted: no run pending
             return None
         return job if job.get_status(refresh=False) in PENDING else None
 
@@ -123,7 +124,7 @@ class Training:
     def job(self, job_id: str) -> Job:
         try:
             return Job.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
-        except Exception as e:
+        except NoSuchJobError as e:
             raise JobNotFound(f"No job {job_id!r} (finished jobs are kept for 30 days).") from e
 
     def cancel(self, job_id: str) -> dict[str, Any]:

@@ -146,6 +146,6 @@ def test_with_redis_down_every_route_but_health_answers_a_503_naming_redis(own_r
     for method, path, body in routes:
         response = client.post(path, json=body) if method == "post" else client.get(path)
         error = response.get_json()["error"]
-        assert response.status_code == 503 and f"Redis at 127.0.0.1:{own_redis.port}" in error, (path, error)
+        assert response.status_code == 503 and f"Redis at {own_redis.url} is unreachable" in error, (path, error)
     health = client.get("/health")
     assert health.status_code == 503 and health.get_json()["status"] == "DOWN"

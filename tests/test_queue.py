@@ -13,18 +13,19 @@ from pathlib import Path
 
 import pytest
 import redis
-from rq import SimpleWorker, Worker
+from rq import Queue, SimpleWorker, Worker
 from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 
 from backend.app import create_app
 from backend.errors import JobTimeout
-from backend.jobs import ChoicesControl, ClassLabel, ImageTask, PredictJob
+from backend.jobs import PREDICT_QUEUE, ChoicesControl, ClassLabel, ImageTask, PredictJob
 from backend.runner import InlineRunner, QueueRunner
 from backend.settings import Settings
 from tests.conftest import claim_redis_db, settings_env
 from tests.lsfake import FakeLabelStudio
 from worker import tasks
+from worker.cli import PrelabelWorker
 
 PHOTOS = ["2011_000003.jpg", "120.png", "n02129604_tiger.JPEG", "n03792782_mountain_bike.JPEG"]
 
@@ -246,3 +247,18 @@ def test_imported_tasks_are_precomputed_into_the_cache(stack, voc_config):
     results = client.post("/predict", json={"tasks": tasks, "label_config": voc_config,
                                             "project": "8.1795414525"}).get_json()["results"]  # fmt: skip
     assert results == server.cache.get_many(keys)
+
+
+def test_a_worker_runs_only_prelabels_job_functions(redis_url, tmp_path):
+    """RQ runs whatever dotted name a job in Redis carries; prelabel's worker refuses all but its own."""
+    connection = redis.Redis.from_url(redis_url)
+    queue = Queue(PREDICT_QUEUE, connection=connection, serializer=JSONSerializer)
+    planted = queue.enqueue_call("os.makedirs", args=(str(tmp_path / "planted"),))
+    PrelabelWorker([queue], connection=connection, serializer=JSONSerializer).work(burst=True)
+    assert not (tmp_path / "planted").exists()
+    assert planted.get_status(refresh=True) == JobStatus.FAILED
+    assert "prelabel-worker runs only worker.tasks.predict" in planted.latest_result().exc_string
+
+    control = queue.enqueue_call("os.makedirs", args=(str(tmp_path / "control"),))
+    SimpleWorker([queue], connection=connection, serializer=JSONSerializer).work(burst=True)  # RQ's own
+    assert control.get_status(refresh=True) == JobStatus.FINISHED and (tmp_path / "control").is_dir()

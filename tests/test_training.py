@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import io
 import json
 import threading
 import time
@@ -17,6 +18,8 @@ from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
 from backend.app import create_app
+from backend.brush import mask_to_rle
+from backend.errors import AnnotationError
 from backend.jobs import TRAIN_QUEUE, BrushControl, ChoicesControl, ClassLabel, ImageTask, PredictJob, TrainJob
 from backend.labelconfig import parse_label_config
 from backend.lswebhooks import SECRET_HEADER, project_secret
@@ -28,9 +31,9 @@ from worker.model.loading import load_clip
 from worker.predictor import Predictor
 from worker.provider import ModelProvider
 from worker.training.clipself import TrainingCancelled
-from worker.training.corrections import Correction
+from worker.training.corrections import Correction, from_annotation
 from worker.training.evaluate import gate
-from worker.training.job import run_training
+from worker.training.job import fetch_images, run_training
 
 PROJECT = {"id": 4, "created_at": "2026-11-23T06:15:25Z", "title": "photos", "label_config": ""}
 UID = "4.1795414525"
@@ -366,3 +369,41 @@ def test_a_corrupt_version_is_refused_by_the_worker_too(trainer):
     with pytest.raises(ModelUnavailable, match="corrupt"):
         provider.for_version(version, UID)
     assert provider.for_version(settings.model_version, UID) is provider.get()  # the base keeps serving
+
+
+def _photo_uri(size: tuple[int, int]) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (90, 140, 200)).save(buffer, "JPEG")
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _brush(mask: np.ndarray, label: str) -> dict:
+    return {"from_name": "mask", "to_name": "image", "type": "brushlabels", "original_width": mask.shape[1],
+            "original_height": mask.shape[0], "value": {"rle": mask_to_rle(mask), "brushlabels": [label]}}  # fmt: skip
+
+
+def test_corrections_are_kept_at_training_size(make_settings):
+    """A phone photo's correction costs what its working size does, image and mask alike."""
+    settings = make_settings()  # IMAGE_SIZE=64
+    spec = parse_label_config(CONFIG, max_labels=1000)
+    mask = np.zeros((1200, 1600), dtype=bool)
+    mask[:600, :800] = True  # the top-left quarter is a bird
+    correction = from_annotation(7, _photo_uri((1600, 1200)), [_brush(mask, "bird")], spec.choices, spec.brushes,
+                                 settings.max_image_pixels, settings.image_size)  # fmt: skip
+    assert correction.size == (1600, 1200) and correction.mask.shape == (64, 85)
+    assert (correction.mask[:32, :42] == 2).all() and not correction.mask[32:, :].any()
+    (kept,) = fetch_images(Predictor(settings, load_clip(settings)), [correction], with_masks=True)
+    assert kept.image.size == (85, 64) and kept.mask.shape == (64, 85)
+
+    other = from_annotation(8, _photo_uri((1600, 1000)), [_brush(mask, "bird")], spec.choices, spec.brushes,
+                            settings.max_image_pixels, settings.image_size)  # fmt: skip
+    assert fetch_images(Predictor(settings, load_clip(settings)), [other], with_masks=True) == []  # 1600x1200 != x1000
+
+
+def test_a_correction_whose_region_announces_too_many_pixels_is_refused(make_settings):
+    settings = make_settings(max_image_pixels=1_000_000)
+    spec = parse_label_config(CONFIG, max_labels=1000)
+    region = _brush(np.ones((10, 10), dtype=bool), "bird")
+    region.update(original_width=2000, original_height=1000)  # 2 MP over the 1 MP limit, before decoding
+    with pytest.raises(AnnotationError, match="over MAX_IMAGE_PIXELS=1,000,000"):
+        from_annotation(9, None, [region], spec.choices, spec.brushes, settings.max_image_pixels, settings.image_size)
