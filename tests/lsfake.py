@@ -14,6 +14,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 
+def trickle(handler: BaseHTTPRequestHandler, count: int = 1000) -> None:
+    """A route that sends one byte every 0.1 s (of ``count`` announced): no single read times out."""
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(count))
+    handler.end_headers()
+    for _ in range(count):
+        handler.wfile.write(b"\xff")
+        handler.wfile.flush()
+        time.sleep(0.1)
+
+
 def make_jwt(claims: dict) -> str:
     """An unsigned JWT-shaped token (Label Studio's PATs and access tokens look like this)."""
 

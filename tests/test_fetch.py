@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from backend.errors import ImageFetchError
-from tests.lsfake import FakeLabelStudio
+from tests.lsfake import FakeLabelStudio, trickle
 from worker.fetch import ImageFetcher, address_refusal, is_personal_access_token, parse_strict
 
 PHOTO = "2011_000003.jpg"
@@ -318,15 +318,6 @@ def test_slow_server_hits_the_time_limit(fetcher_for, label_studio):
 
 
 def test_a_server_that_trickles_bytes_hits_the_time_limit(fetcher_for, label_studio):
-    def trickle(handler):  # one byte every 0.1 s: no single read ever times out
-        handler.send_response(200)
-        handler.send_header("Content-Length", "1000")
-        handler.end_headers()
-        for _ in range(1000):
-            handler.wfile.write(b"\xff")
-            handler.wfile.flush()
-            time.sleep(0.1)
-
     label_studio.extra_routes["/data/upload/1/trickle"] = trickle
     fetcher = fetcher_for(label_studio.legacy_token, fetch_timeout=1.0)
     started = time.monotonic()

@@ -33,7 +33,7 @@ from backend.projects import project_uid
 from backend.settings import Settings
 from tests.conftest import REPO, claim_redis_db, shared_data
 from tests.labelstudio import LabelStudio, Prelabel, free_port
-from tests.lsfake import FakeLabelStudio
+from tests.lsfake import FakeLabelStudio, trickle
 
 pytestmark = pytest.mark.e2e
 
@@ -91,15 +91,6 @@ def _attacker_routes(attacker: FakeLabelStudio) -> None:
         handler.send_response(200)
         handler.send_header("Content-Length", str(10**10))
         handler.end_headers()
-
-    def trickle(handler):
-        handler.send_response(200)
-        handler.send_header("Content-Length", "100000")
-        handler.end_headers()
-        for _ in range(100):
-            handler.wfile.write(b"\xff")
-            handler.wfile.flush()
-            time.sleep(0.1)
 
     pixels = io.BytesIO()
     Image.new("1", (3000, 2000)).save(pixels, "PNG")  # 6 MP, over this deployment's 5 MP

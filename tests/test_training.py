@@ -407,3 +407,15 @@ def test_a_correction_whose_region_announces_too_many_pixels_is_refused(make_set
     region.update(original_width=2000, original_height=1000)  # 2 MP over the 1 MP limit, before decoding
     with pytest.raises(AnnotationError, match="over MAX_IMAGE_PIXELS=1,000,000"):
         from_annotation(9, None, [region], spec.choices, spec.brushes, settings.max_image_pixels, settings.image_size)
+
+
+def test_job_errors_are_shown_without_query_strings_or_userinfo(queue_app, redis_url):
+    """A failure message that quotes a presigned URL keeps its signature out of GET /jobs/<id>."""
+    app, _ = queue_app()
+    connection = redis.Redis.from_url(redis_url)
+    queue = Queue(TRAIN_QUEUE, connection=connection, serializer=JSONSerializer)
+    job = queue.enqueue_call("int", args=("https://user:pw@bucket.s3.amazonaws.com/a.jpg?X-Amz-Signature=SECRET",))
+    SimpleWorker([queue], connection=connection, serializer=JSONSerializer).work(burst=True)  # int() raises
+    (line,) = app.test_client().get(f"/jobs/{job.id}").get_json()["error"]
+    assert "https://bucket.s3.amazonaws.com/a.jpg" in line
+    assert "SECRET" not in line and "user:pw" not in line
