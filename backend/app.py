@@ -11,6 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
@@ -67,6 +68,10 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
     feedback = Feedback(connection, settings.max_image_pixels) if connection is not None else None
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+    if not settings.auth_enabled:
+        # Unauthenticated, the backend serves this machine only (see backend/cli.py); a web page
+        # that rebinds its own name to 127.0.0.1 still sends its name as Host, and is refused.
+        app.config["TRUSTED_HOSTS"] = trusted_hosts(settings)
     app.extensions["prelabel"] = State(
         settings=settings,
         runner=runner,
@@ -86,6 +91,14 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
     log.info("prelabel backend ready: mode=%s model_version=%s auth=%s", runner.mode, settings.model_version,
              "basic" if settings.auth_enabled else "off")  # fmt: skip
     return app
+
+
+def trusted_hosts(settings: Settings) -> list[str]:
+    """The Host headers an unauthenticated backend answers: loopback names and PRELABEL_URL's host."""
+    hosts = ["localhost", "127.0.0.1"]
+    if settings.prelabel_url:
+        hosts.append(urlsplit(settings.prelabel_url).hostname or "localhost")
+    return hosts
 
 
 def start_background(app: Flask) -> None:

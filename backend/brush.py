@@ -160,9 +160,11 @@ def region_size(item: Mapping[str, Any], max_pixels: int) -> tuple[int, int]:
     width, height = item.get("original_width"), item.get("original_height")
     if not (_positive_int(width) and _positive_int(height)):
         raise AnnotationError(
-            f"A brush region needs positive integer original_width and original_height, got {width!r:.20} x "
-            f"{height!r:.20}."
+            f"A brush region needs positive integer original_width and original_height, got {_show(width)} x "
+            f"{_show(height)}."
         )
+    if width > max_pixels or height > max_pixels:  # before multiplying or printing numbers of any length
+        raise AnnotationError(f"A brush region's sides are over MAX_IMAGE_PIXELS={max_pixels:,}.")
     if width * height > max_pixels:
         raise AnnotationError(
             f"A brush region of {width}x{height} = {width * height:,} pixels is over MAX_IMAGE_PIXELS={max_pixels:,}."
@@ -170,7 +172,7 @@ def region_size(item: Mapping[str, Any], max_pixels: int) -> tuple[int, int]:
     rle = (item.get("value") or {}).get("rle") if isinstance(item.get("value"), Mapping) else None
     if not isinstance(rle, list) or len(rle) < 7:
         raise AnnotationError("A brush region's value.rle must be a list of at least 7 bytes (its header).")
-    if len(rle) > 2 * width * height * _CHANNELS + 16:
+    if len(rle) > _longest_rle(width * height * _CHANNELS):
         raise AnnotationError(
             f"A brush region's RLE of {len(rle):,} bytes is longer than a {width}x{height} mask can need."
         )
@@ -213,8 +215,9 @@ def rle_to_mask(rle: list[int], width: int, height: int) -> np.ndarray:
     sizes = [reader.read(4) + 1 for _ in range(4)]
     if word != _WORD_BITS:
         raise AnnotationError(f"A brush region's RLE uses {word}-bit words; Label Studio's use 8.")
-    values: list[int] = []
+    values: list[int] = []  # per run; literal runs are filled in afterwards, a whole group at once
     lengths: list[int] = []
+    literals: list[tuple[int, int, int]] = []  # (first run, bit position, count)
     done = 0
     while done < total:
         repeated = reader.read(1)
@@ -223,16 +226,35 @@ def rle_to_mask(rle: list[int], width: int, height: int) -> np.ndarray:
             values.append(reader.read(word))
             lengths.append(count)
         else:
-            values.extend(reader.read(word) for _ in range(count))
+            literals.append((len(values), reader.position, count))
+            reader.skip(count * word)
+            values.extend([0] * count)
             lengths.extend([1] * count)
         done += count
     if done != total:
         raise AnnotationError(f"A brush region's RLE runs cover {done:,} values, not the {total:,} it announces.")
+    run_values = np.asarray(values, dtype=np.uint8)
+    for first, position, count in literals:
+        run_values[first : first + count] = np.packbits(bits[position : position + count * word])
     ends = np.cumsum(np.asarray(lengths, dtype=np.int64))
     starts = ends - np.asarray(lengths, dtype=np.int64)
     # Each pixel is 4 values (RGBA); the SDK reads alpha, the values at positions 3, 7, 11, ...
-    alpha = np.repeat(np.asarray(values, dtype=np.uint8), ends // _CHANNELS - starts // _CHANNELS)
+    alpha = np.repeat(run_values, ends // _CHANNELS - starts // _CHANNELS)
     return (alpha > 127).reshape(height, width)
+
+
+def _longest_rle(values: int) -> int:
+    """Bytes the longest sensible encoding of ``values`` needs: an encoder that writes every value
+    as a literal of its own (as the SDK's does for lone values) spends 14 bits on each, plus the
+    7-byte header. Decoding time grows with the runs, so this also bounds the time per pixel."""
+    return values * 7 // 4 + 64
+
+
+def _show(value: object) -> str:
+    """A value from an annotation, for a message: short, whatever its size."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**12:
+        return "a number of over 12 digits"
+    return repr(value)[:20]
 
 
 def _positive_int(value: object) -> bool:
@@ -258,9 +280,11 @@ class _BitReader:
         self.position = 0
 
     def read(self, size: int) -> int:
-        end = self.position + size
-        if end > len(self.bits):
+        start = self.position
+        self.skip(size)
+        return int(self.bits[start : self.position], 2)
+
+    def skip(self, size: int) -> None:
+        if self.position + size > len(self.bits):
             raise AnnotationError("A brush region's RLE ends in the middle of a run.")
-        value = int(self.bits[self.position : end], 2)
-        self.position = end
-        return value
+        self.position += size

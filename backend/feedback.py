@@ -26,7 +26,7 @@ import numpy as np
 import redis
 
 from backend.brush import region_mask, region_size
-from backend.errors import AnnotationError
+from backend.errors import AnnotationError, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ PREDICTION_TTL = 90 * 24 * 3600
 UNCHANGED_IOU = 0.99
 INBOX = "prelabel:feedback:inbox"
 PROCESSING = "prelabel:feedback:processing"
+#: Annotations waiting for comparison take at most this much of Redis's memory.
+INBOX_BYTES = 256 * 1024 * 1024
 
 
 def compare(predicted: list[dict], final: list[dict], max_pixels: int) -> dict[str, Any]:
@@ -134,6 +136,12 @@ class Feedback:
                 continue
             queued.append(json.dumps({"project": project, "annotation": annotation}))
         if queued:
+            waiting = self.connection.memory_usage(INBOX) or 0
+            if waiting > INBOX_BYTES:
+                raise ServiceUnavailable(
+                    f"{waiting // 2**20} MB of corrections are waiting to be compared; this one was not recorded "
+                    "(Label Studio keeps it, and training reads it from there)."
+                )
             self.connection.rpush(INBOX, *queued)
         return len(queued), refused
 

@@ -9,8 +9,14 @@ from urllib.parse import urlsplit, urlunsplit
 FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d]: %(message)s"
 
 
+#: Libraries whose debug lines carry request URLs with their query strings (presigned signatures).
+_QUIET_BELOW_INFO = ("urllib3",)
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=FORMAT, force=True)
+    for name in _QUIET_BELOW_INFO:
+        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
 
 
 def redact_url(url: str) -> str:

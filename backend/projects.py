@@ -20,12 +20,16 @@ def project_uid(project: Any) -> str:
     """The uid of ``project``: a uid string as /predict sends it, or a webhook's project object."""
     if isinstance(project, str) and _UID.match(project):
         return project
-    if isinstance(project, dict) and isinstance(project.get("id"), int) and project.get("created_at"):
+    if isinstance(project, dict) and type(project.get("id")) is int and project.get("created_at"):
         try:
-            created = datetime.fromisoformat(str(project["created_at"]).replace("Z", "+00:00"))
-        except ValueError as e:
-            raise BadRequest(f"Unreadable project created_at {project['created_at']!r}.") from e
-        return f"{project['id']}.{int(created.timestamp())}"
+            stamp = int(datetime.fromisoformat(str(project["created_at"])[:64].replace("Z", "+00:00")).timestamp())
+        except (ValueError, OverflowError, OSError) as e:
+            raise BadRequest(f"Unreadable project created_at {str(project['created_at'])[:64]!r}.") from e
+        if stamp < 0 or project["id"] < 0:
+            raise BadRequest(
+                f"Expected a Label Studio project with a positive id and creation time, got {project!r:.80}."
+            )
+        return f"{project['id']}.{stamp}"
     raise BadRequest(f"Expected a Label Studio project ('<id>.<created_at>' or a project object), got {project!r:.80}.")
 
 

@@ -36,7 +36,8 @@ def make_jwt(claims: dict) -> str:
 
 class FakeLabelStudio:
     """Serves files from ``files`` (name -> bytes) at ``/data/upload/1/<name>`` and ``/raw/<name>``;
-    redirects to ``?to=`` at ``/redirect`` and (with auth, as a storage resolve) ``/tasks/1/resolve/``."""
+    redirects to ``?to=`` at any path ending in ``/redirect`` and (with auth, as a storage resolve)
+    at ``/tasks/1/resolve/``."""
 
     def __init__(self, files: dict[str, bytes]) -> None:
         self.files = files
@@ -112,8 +113,8 @@ class FakeLabelStudio:
                 fake.headers.append(dict(self.headers.items()))
                 if parts.path in fake.extra_routes:
                     return fake.extra_routes[parts.path](self)
-                if parts.path in ("/redirect", "/tasks/1/resolve/"):  # resolve: storage, as Label Studio's
-                    if parts.path != "/redirect" and not fake._authorized(self.headers.get("Authorization")):
+                if parts.path.endswith("/redirect") or parts.path == "/tasks/1/resolve/":  # resolve needs auth
+                    if parts.path.startswith("/tasks/") and not fake._authorized(self.headers.get("Authorization")):
                         return self._send(401, b'{"detail": "Authentication credentials were not provided."}')
                     target = parse_qs(parts.query)["to"][0]
                     return self._send(302, b"", Location=target)

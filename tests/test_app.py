@@ -140,6 +140,22 @@ def test_a_large_selection_runs_as_several_jobs_in_order(app_for, voc_config, la
     assert [r["result"][0]["id"] for r in results] == [f"tags-{t['id']}" for t in tasks]
 
 
+def test_without_auth_only_this_machines_names_are_answered(app_for, voc_config):
+    """DNS rebinding: a page on evil.example rebinds its name to 127.0.0.1, but its requests still
+    say Host: evil.example."""
+    client = app_for().test_client()
+    body = {"project": "1.1", "schema": voc_config}
+    for host in ("evil.example:9090", "evil.example", "192.168.1.20:9090"):
+        response = client.post("/setup", json=body, headers={"Host": host})
+        assert response.status_code == 400, host
+    for host in ("localhost:9090", "127.0.0.1:9090", "localhost"):
+        assert client.post("/setup", json=body, headers={"Host": host}).status_code == 200, host
+    named = app_for(prelabel_url="http://prelabel.internal:9090").test_client()
+    assert named.post("/setup", json=body, headers={"Host": "prelabel.internal:9090"}).status_code == 200
+    authed = app_for(basic_auth_user="ls", basic_auth_pass="pw").test_client()  # behind auth, any name
+    assert authed.post("/setup", json=body, headers={"Host": "backend:9090", **_basic("ls", "pw")}).status_code == 200
+
+
 def test_unknown_route_is_a_json_404(client):
     response = client.get("/nope")
     assert response.status_code == 404 and "error" in response.get_json()

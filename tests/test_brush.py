@@ -107,6 +107,8 @@ def test_a_checked_region_decodes_to_its_painted_pixels():
     ("changes", "message"),
     [
         ({"original_width": 60_000, "original_height": 40_000}, "over MAX_IMAGE_PIXELS"),
+        ({"original_width": 10**2200, "original_height": 10**2200}, "sides are over MAX_IMAGE_PIXELS"),
+        ({"original_width": -(10**2200)}, "a number of over 12 digits"),
         ({"original_width": 0}, "positive integer"),
         ({"original_width": -60}, "positive integer"),
         ({"original_width": 60.0}, "positive integer"),

@@ -10,6 +10,8 @@ import pytest
 import redis
 from label_studio_sdk.converter.brush import mask2rle
 
+from backend import feedback as module
+from backend.errors import ServiceUnavailable
 from backend.feedback import INBOX, PROCESSING, Feedback, compare
 
 PROJECT = "5.1795414525"
@@ -112,3 +114,13 @@ def test_work_left_half_done_is_taken_back_and_a_poisoned_item_is_dropped(redis_
     feedback.stop_comparing()
     thread.join(timeout=5)
     assert not thread.is_alive()
+
+
+def test_a_full_inbox_refuses_more_and_says_why(redis_url, monkeypatch):
+    feedback = Feedback(redis.Redis.from_url(redis_url), MAX_PIXELS)
+    annotation = {"id": 1, "task": 11, "result": [_mask("cat", _square(5, 5))]}
+    monkeypatch.setattr(module, "INBOX_BYTES", 10)
+    assert feedback.accept(PROJECT, [annotation]) == (1, [])  # under the limit while the inbox is empty
+    with pytest.raises(ServiceUnavailable, match="waiting to be compared"):
+        feedback.accept(PROJECT, [annotation] * 20)
+    assert feedback.connection.llen(INBOX) == 1

@@ -4,6 +4,7 @@ against real loopback servers that record what reaches them."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import http.server
 import ssl
@@ -11,6 +12,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -166,6 +168,7 @@ def test_non_standard_ipv4_forms_are_refused(fetcher_for, host):
         "http://[::1]/a.jpg",
         "http://[fd00::1]/a.jpg",  # unique local
         "http://[fe80::1]/a.jpg",
+        "http://[fec0::1]/a.jpg",  # site-local, which Python 3.11 calls global
     ],
 )
 def test_internal_addresses_are_refused_even_when_every_host_is_allowed(fetcher_for, url):
@@ -244,6 +247,15 @@ def test_a_foreign_redirect_into_label_studio_gets_no_key(fetcher_for, label_stu
     assert label_studio.requests == [(f"/data/upload/1/{PHOTO}", None)]
 
 
+def test_once_a_hop_left_label_studio_no_later_hop_gets_the_key(fetcher_for, label_studio, attacker):
+    """attacker -> Label Studio (a data path that redirects without auth) -> Label Studio's upload."""
+    fetcher = fetcher_for(label_studio.legacy_token, allowed_hosts=("127.0.0.1",), allow_internal_hosts=True)
+    inner = f"{label_studio.url}/data/upload/1/redirect?to={label_studio.upload_path(PHOTO)}"
+    with pytest.raises(ImageFetchError, match="never gets the API key"):
+        fetcher.fetch(f"http://127.0.0.1:{attacker.port}/redirect?to={quote(inner)}")
+    assert [auth for _, auth in label_studio.requests] == [None, None]
+
+
 def test_every_redirect_hop_is_checked(fetcher_for, label_studio, photos):
     fetcher = fetcher_for(label_studio.legacy_token, allowed_hosts=("*",))
     with pytest.raises(ImageFetchError, match="internal address 169.254.169.254"):
@@ -252,6 +264,8 @@ def test_every_redirect_hop_is_checked(fetcher_for, label_studio, photos):
         fetcher.fetch("/tasks/1/resolve/?to=http://evil.example\\@localhost/data/upload/1/x.png")
     with pytest.raises(ImageFetchError, match="outside the paths that serve task data"):
         fetcher.fetch("/tasks/1/resolve/?to=/api/projects/")
+    with pytest.raises(ImageFetchError, match="Unreadable redirect"):
+        fetcher.fetch("/tasks/1/resolve/?to=http://[::1")
     # a redirect that stays on Label Studio's data keeps working, with the token
     assert fetcher.fetch(f"/tasks/1/resolve/?to={label_studio.upload_path(PHOTO)}") == photos[PHOTO]
     assert label_studio.requests[-1][1] == f"Token {label_studio.legacy_token}"
@@ -324,6 +338,45 @@ def test_a_server_that_trickles_bytes_hits_the_time_limit(fetcher_for, label_stu
     with pytest.raises(ImageFetchError, match="FETCH_TIMEOUT"):
         fetcher.fetch("/data/upload/1/trickle")
     assert time.monotonic() - started < 3
+
+
+def test_a_server_that_trickles_its_headers_hits_the_time_limit(fetcher_for, label_studio):
+    def slow_headers(handler):  # a header line that never ends, a byte every 0.1 s
+        handler.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        for _ in range(300):
+            handler.wfile.write(b"a")
+            handler.wfile.flush()
+            time.sleep(0.1)
+
+    label_studio.extra_routes["/data/upload/1/slow-headers"] = slow_headers
+    fetcher = fetcher_for(label_studio.legacy_token, fetch_timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(ImageFetchError, match="FETCH_TIMEOUT"):
+        fetcher.fetch("/data/upload/1/slow-headers")
+    assert time.monotonic() - started < 3
+    assert fetcher.fetch(label_studio.upload_path(PHOTO))  # the next download is not cut short
+
+
+def test_a_slow_name_lookup_hits_the_time_limit(fetcher_for):
+    def stuck(host: str, port: int) -> list[str]:
+        time.sleep(5)
+        return ["93.184.216.34"]
+
+    fetcher = fetcher_for(allowed_hosts=("*",), resolver=stuck, fetch_timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(ImageFetchError, match="resolving 'images.example.com'"):
+        fetcher.fetch("http://images.example.com/a.jpg")
+    assert time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize("length", ["\u00b2", "1e9", "-5", "99999999999999999999999999"])
+def test_odd_content_lengths_are_read_safely(fetcher_for, label_studio, length):
+    """'²'.isdigit() is true, but int('²') raises: the body is read or refused, never a crash."""
+    label_studio.extra_routes["/data/upload/1/odd"] = lambda h: h._send(200, b"x" * 10, "image/png",
+                                                                         **{"Content-Length": length})  # fmt: skip
+    fetcher = fetcher_for(label_studio.legacy_token, max_image_bytes=1000)
+    with contextlib.suppress(ImageFetchError):  # refused with a reason is fine too; anything else fails
+        assert fetcher.fetch("/data/upload/1/odd") == b"x" * 10
 
 
 def test_messages_carry_no_query_string(fetcher_for, label_studio):

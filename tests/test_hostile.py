@@ -92,6 +92,13 @@ def _attacker_routes(attacker: FakeLabelStudio) -> None:
         handler.send_header("Content-Length", str(10**10))
         handler.end_headers()
 
+    def slow_headers(handler):
+        handler.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        for _ in range(100):
+            handler.wfile.write(b"a")
+            handler.wfile.flush()
+            time.sleep(0.1)
+
     pixels = io.BytesIO()
     Image.new("1", (3000, 2000)).save(pixels, "PNG")  # 6 MP, over this deployment's 5 MP
     eps = io.BytesIO()
@@ -103,6 +110,8 @@ def _attacker_routes(attacker: FakeLabelStudio) -> None:
         "/login": send(200, b"<!DOCTYPE html><html><body>Sign in</body></html>", "text/html"),
         "/pixels.png": send(200, pixels.getvalue()),
         "/image.eps": send(200, eps.getvalue(), "application/postscript"),
+        "/slow-headers.jpg": slow_headers,
+        "/bad-location": send(302, b"", Location="http://[::1"),
     })  # fmt: skip
 
 
@@ -144,6 +153,13 @@ def world(tmp_path_factory, photos) -> Iterator[World]:
     finally:
         attacker.stop()
         label_studio.stop()
+
+
+def _corrupt_tiff() -> bytes:
+    """A TIFF whose strip offsets are text: Pillow raises TypeError reading it."""
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8)).save(buffer, "TIFF")
+    return buffer.getvalue().replace(b"\x11\x01\x04\x00", b"\x11\x01\x02\x00")
 
 
 # Image URLs in task data: each is refused with its reason; the good task in the same batch is served.
@@ -188,6 +204,9 @@ URL_CASES = [
     ("http://127.0.0.1:{att}/pixels.png", "over MAX_IMAGE_PIXELS=5,000,000"),
     ("http://127.0.0.1:{att}/image.eps", "Not a recognised image format"),
     ("http://127.0.0.1:{att}/missing.jpg?X-Amz-Credential=AKIA&X-Amz-Signature={sig}", "HTTP 404"),
+    ("http://127.0.0.1:{att}/slow-headers.jpg", "FETCH_TIMEOUT"),
+    ("http://127.0.0.1:{att}/bad-location", "Unreadable redirect"),
+    ("data:image/tiff;base64," + base64.b64encode(_corrupt_tiff()).decode(), "corrupt"),
     ("data:image/png,not-base64", "Only base64"),
     ("data:image/png;base64," + "A" * 3_000_000, "over MAX_IMAGE_BYTES"),
 ]  # fmt: skip
@@ -273,6 +292,9 @@ WEBHOOKS = [
     ("RLE of strings", lambda w: w.webhook(_annotation_event(w, _region(10, 10, ["x"] * 20))), 400),
     ("RLE out of range", lambda w: w.webhook(_annotation_event(w, _region(10, 10, [0, 0, 1, 144, 999, 1, 2]))), 400),
     ("sizes not numbers", lambda w: w.webhook(_annotation_event(w, _region("10", None))), 400),  # type: ignore[arg-type]
+    ("sizes of 2,200 digits", lambda w: w.webhook(_annotation_event(w, _region(10**2200, 10**2200))), 400),
+    ("created in year 1", lambda w: w.webhook({"action": "START_TRAINING",
+                                               "project": {**w.project, "created_at": "0001-01-01T00:00:00"}}), 400),
     ("no action", lambda w: w.webhook({"project": w.project}), 400),
     ("a project without config", lambda w: w.webhook({"action": "START_TRAINING",
                                                       "project": {**w.project, "label_config": ""}}), 400),

@@ -1,6 +1,8 @@
 """Untrusted bytes in, upright RGB out, or an ImageDecodeError that says what was wrong."""
 
 import io
+import threading
+import time
 import tracemalloc
 
 import numpy as np
@@ -8,7 +10,7 @@ import pytest
 from PIL import Image
 
 from backend.errors import ImageDecodeError
-from worker.images import decode_for_model, decode_image, to_rgb
+from worker.images import PixelBudget, decode_for_model, decode_image, to_rgb
 
 LIMIT = 60_000_000
 
@@ -112,10 +114,48 @@ def test_truncated_jpeg_is_refused_at_a_reduced_scale_too(photos):
         decode_for_model(data[: len(data) // 2], LIMIT, min_side=448)
 
 
-def test_other_formats_decode_in_full_for_the_model():
-    data = _encode(Image.new("RGB", (1200, 900), (1, 2, 3)), "PNG")
-    decoded, size = decode_for_model(data, LIMIT, min_side=100)
-    assert decoded.size == size == (1200, 900)
+def test_other_formats_are_reduced_for_the_model_before_any_conversion():
+    """A transparent PNG is composited on white after it is brought near the working size, not at
+    its full size (where the conversion copies cost gigabytes for a 60-megapixel picture)."""
+    image = Image.new("RGBA", (1200, 900), (200, 0, 0, 255))
+    image.putpixel((0, 0), (0, 0, 0, 0))
+    decoded, size = decode_for_model(_encode(image, "PNG"), LIMIT, min_side=100)
+    assert size == (1200, 900) and decoded.size == (134, 100) and decoded.mode == "RGB"
+    assert decode_for_model(_encode(image, "PNG"), LIMIT, min_side=600)[0].size == (1200, 900)  # no room
+
+
+def test_hostile_image_structures_fail_as_decode_errors():
+    """A TIFF whose strip offsets are text makes Pillow raise TypeError; a JPEG with a broken EXIF
+    orientation, struct.error: both must fail their task with a reason, not the batch."""
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8)).save(buffer, "TIFF")
+    data = buffer.getvalue().replace(b"\x11\x01\x04\x00", b"\x11\x01\x02\x00")  # StripOffsets: LONG -> ASCII
+    with pytest.raises(ImageDecodeError, match="corrupt"):
+        decode_image(data, LIMIT)
+
+
+def test_the_pixel_budget_lets_one_large_decode_at_a_time():
+    budget = PixelBudget(100)
+    inside, most = [0], [0]
+    lock = threading.Lock()
+
+    def decode() -> None:
+        with budget.hold(60):
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.05)
+            with lock:
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=decode) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1  # 60 + 60 > 100: never two at once
+    with budget.hold(500):  # larger than the whole budget: waits for all of it, then runs
+        pass
 
 
 def test_cmyk_becomes_rgb():

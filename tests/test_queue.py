@@ -4,9 +4,11 @@ SimpleWorker, model loaded once) runs the job, the backend returns its results."
 from __future__ import annotations
 
 import dataclasses
+import http.server
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ import redis
 from rq import Queue, SimpleWorker, Worker
 from rq.job import JobStatus
 from rq.serializers import JSONSerializer
+from rq.webhook import Webhook
 
 from backend.app import create_app
 from backend.errors import JobTimeout
@@ -253,12 +256,31 @@ def test_a_worker_runs_only_prelabels_job_functions(redis_url, tmp_path):
     """RQ runs whatever dotted name a job in Redis carries; prelabel's worker refuses all but its own."""
     connection = redis.Redis.from_url(redis_url)
     queue = Queue(PREDICT_QUEUE, connection=connection, serializer=JSONSerializer)
-    planted = queue.enqueue_call("os.makedirs", args=(str(tmp_path / "planted"),))
-    PrelabelWorker([queue], connection=connection, serializer=JSONSerializer).work(burst=True)
-    assert not (tmp_path / "planted").exists()
-    assert planted.get_status(refresh=True) == JobStatus.FAILED
-    assert "prelabel-worker runs only worker.tasks.predict" in planted.latest_result().exc_string
+    hooked = []  # RQ's job webhooks: a request from the worker to any URL the job lists
 
-    control = queue.enqueue_call("os.makedirs", args=(str(tmp_path / "control"),))
-    SimpleWorker([queue], connection=connection, serializer=JSONSerializer).work(burst=True)  # RQ's own
-    assert control.get_status(refresh=True) == JobStatus.FINISHED and (tmp_path / "control").is_dir()
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hooked.append(self.path)
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    hook = [Webhook(f"http://127.0.0.1:{server.server_port}/hook", job_status=s) for s in ("failed", "finished")]
+    try:
+        planted = queue.enqueue_call("os.makedirs", args=(str(tmp_path / "planted"),), webhooks=hook)
+        PrelabelWorker([queue], connection=connection, serializer=JSONSerializer).work(burst=True)
+        assert not (tmp_path / "planted").exists() and hooked == []
+        assert planted.get_status(refresh=True) == JobStatus.FAILED
+        assert "prelabel-worker runs only worker.tasks.predict" in planted.latest_result().exc_string
+
+        control = queue.enqueue_call("os.makedirs", args=(str(tmp_path / "control"),), webhooks=hook)
+        SimpleWorker([queue], connection=connection, serializer=JSONSerializer).work(burst=True)  # RQ's own
+        assert control.get_status(refresh=True) == JobStatus.FINISHED and (tmp_path / "control").is_dir()
+        assert hooked == ["/hook"]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -32,6 +32,11 @@ def test_project_uids_are_the_same_from_setup_and_from_webhooks():
     assert project_id("3.1795414525") == 3
     with pytest.raises(BadRequest):
         project_uid({"title": "no id"})
+    for created_at in ("0001-01-01T00:00:00", "0001-01-01T00:00:00+14:00", "not a date", "9" * 5000):
+        with pytest.raises(BadRequest, match="created_at|positive"):
+            project_uid({"id": 3, "created_at": created_at})
+    with pytest.raises(BadRequest):
+        project_uid({"id": True, "created_at": "2026-11-23T06:15:25Z"})
 
 
 def test_base_until_a_version_is_activated_then_rollback(tmp_path, redis_url):

@@ -78,3 +78,22 @@ def test_model_version_tracks_weights_and_prediction_settings():
     assert "random" in Settings.from_env({"MODEL_PRETRAINED": "random"}).model_version
     assert Settings.from_env({"MODEL_CHECKPOINT": "/m/toy-clip"}).model_version.startswith("prelabel-toy-clip-")
     assert Settings.from_env({"MODEL_VERSION": "v7"}).model_version == "v7"
+
+
+def test_debug_logging_keeps_urllib3_s_request_lines_out():
+    """urllib3's debug lines quote request paths with their query (presigned signatures)."""
+    import logging
+
+    from backend.logs import configure_logging
+
+    root = logging.getLogger()
+    saved = root.level, list(root.handlers)
+    try:
+        configure_logging("DEBUG")
+        assert root.level == logging.DEBUG
+        assert logging.getLogger("urllib3").getEffectiveLevel() == logging.INFO
+        assert logging.getLogger("urllib3.connectionpool").getEffectiveLevel() == logging.INFO
+    finally:
+        root.handlers[:] = saved[1]
+        root.setLevel(saved[0])
+        logging.getLogger("urllib3").setLevel(logging.NOTSET)

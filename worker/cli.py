@@ -39,9 +39,10 @@ class RefusedJob(Exception):
 
 
 class PrelabelJob(Job):
-    """A job that runs only prelabel's job functions and no callbacks. RQ imports and calls
-    whatever dotted name a job in Redis carries, so without this anyone who can write to Redis
-    could run any function in the worker (with the API key in its environment)."""
+    """A job that runs only prelabel's job functions, no callbacks and no webhooks. RQ imports and
+    calls whatever dotted name a job in Redis carries, and posts to whatever webhook URL it lists,
+    so without this anyone who can write to Redis could run any function in the worker (with the
+    API key in its environment) or make it fetch any address."""
 
     @property
     def func(self):
@@ -59,6 +60,9 @@ class PrelabelJob(Job):
 
     @property
     def stopped_callback(self):
+        return None
+
+    def send_webhooks(self, status, *, exc_string=None) -> None:
         return None
 
 

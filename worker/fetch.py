@@ -19,8 +19,9 @@ Task data is untrusted: anyone who can import a task chooses its image URL. The 
   goes to the vetted IP, with the original ``Host`` header and TLS server name (DNS rebinding
   cannot swap the address between check and connect).
 * ``data:`` URIs are decoded in memory; ``file://`` and every other scheme is refused; every
-  redirect hop goes through all of the above again; size and time are capped; responses are
-  asked for without content encoding.
+  redirect hop goes through all of the above again; responses are asked for without content
+  encoding; size is capped, and time too, for the whole download (name lookup, headers,
+  redirects and body), not per socket read.
 * Messages never carry a URL's query string or userinfo (presigned URLs hold credentials there).
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import fnmatch
 import ipaddress
 import json
@@ -37,12 +39,15 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from urllib.parse import unquote, urljoin
 
 import certifi
 import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import HTTPError, LocationParseError, NewConnectionError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from urllib3.util import Url, parse_url
@@ -71,6 +76,10 @@ _FORBIDDEN_CHARACTERS = re.compile(r"[\\\s\x00-\x1f\x7f]")
 
 #: ``host, port -> addresses``: the system resolver, or another for tests.
 Resolver = Callable[[str, int], list[str]]
+#: Name lookups run here, so a slow resolver costs the fetch its deadline, not a hung thread.
+_LOOKUPS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="prelabel-dns")
+#: The deadline of the download running on each thread, for the connections it uses.
+_current = threading.local()
 
 
 def system_resolver(host: str, port: int) -> list[str]:
@@ -142,7 +151,8 @@ def address_refusal(address: str, allow_internal: bool) -> str | None:
         return f"{ip}, an IPv6 form of an IPv4 address (mapped, NAT64, 6to4 or Teredo), which is never fetched"
     if allow_internal:
         return None
-    if not ip.is_global or ip.is_reserved or ip.is_private or ip.is_loopback or ip.is_link_local:
+    site_local = isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local  # fec0::/10, not private to 3.11
+    if not ip.is_global or ip.is_reserved or ip.is_private or ip.is_loopback or ip.is_link_local or site_local:
         return (
             f"the internal address {ip}. Set ALLOW_INTERNAL_HOSTS=true only if the worker may reach your "
             "private network"
@@ -166,6 +176,76 @@ def short(url: Url) -> str:
 
 def _origin(url: Url) -> tuple[str, str, int]:
     return url.scheme or "", url.host or "", url.port or (443 if url.scheme == "https" else 80)
+
+
+class Deadline:
+    """One download (name lookups, headers, redirects, body) within FETCH_TIMEOUT. urllib3's
+    timeouts bound each socket read, so a server that sends its headers or its body a byte at a
+    time could hold a fetch thread for as long as it liked; at the deadline this shuts the socket
+    the download is using, whatever the thread is waiting for."""
+
+    def __init__(self, seconds: float) -> None:
+        self.at = time.monotonic() + seconds
+        self.expired = False
+        self._socket: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def left(self) -> float:
+        return max(0.05, self.at - time.monotonic())
+
+    def watch(self, sock: socket.socket | None) -> None:
+        """``sock`` now carries this download (None: the connection goes back to its pool)."""
+        with self._lock:
+            self._socket = sock
+            if sock is not None and self.expired:
+                _shut(sock)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+        self.watch(None)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            if self._socket is not None:
+                _shut(self._socket)
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain socket's: wakes a blocked read
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[Deadline]:
+    deadline = Deadline(seconds)
+    _current.deadline = deadline
+    try:
+        yield deadline
+    finally:
+        _current.deadline = None
+        deadline.cancel()
+
+
+class _Watched:
+    """A connection that hands its socket to the current download's deadline once its request is sent."""
+
+    def request(self, *args, **kwargs) -> None:
+        super().request(*args, **kwargs)  # type: ignore[misc]
+        deadline = getattr(_current, "deadline", None)
+        if deadline is not None:
+            deadline.watch(self.sock)  # type: ignore[attr-defined]
+
+
+class _WatchedHTTPConnection(_Watched, HTTPConnection):
+    pass
+
+
+class _WatchedHTTPSConnection(_Watched, HTTPSConnection):
+    pass
 
 
 @dataclass(frozen=True)
@@ -215,8 +295,10 @@ class Connector:
                     address, port, maxsize=self._threads, server_hostname=host, assert_hostname=host,
                     cert_reqs="CERT_REQUIRED", ca_certs=self._ca_certs,
                 )  # fmt: skip
+                pool.ConnectionCls = _WatchedHTTPSConnection
             else:
                 pool = urllib3.HTTPConnectionPool(address, port, maxsize=self._threads)
+                pool.ConnectionCls = _WatchedHTTPConnection
             self._pools[key] = pool
             while len(self._pools) > _POOLS:
                 self._pools.popitem(last=False)[1].close()
@@ -282,35 +364,40 @@ class ImageFetcher:
         if raw.startswith("data:"):
             return self._data_uri(raw)
         url = self._absolute(raw)
-        deadline = time.monotonic() + self.settings.fetch_timeout
-        chain_on_label_studio = True
-        for _ in range(MAX_REDIRECTS + 1):
-            target = self._check(url, chain_on_label_studio)
-            response = self._get(target, deadline)
-            if response.status not in REDIRECT_STATUSES:
-                return self._read(response, target, deadline)
-            location = response.headers.get("Location", "")
-            _discard(response)
-            if not location:
-                raise ImageFetchError(f"A redirect without a Location header: {short(target.url)}")
-            chain_on_label_studio = target.on_label_studio
-            url = parse_strict(urljoin(target.url.url, location))
+        with _deadline(self.settings.fetch_timeout) as deadline:
+            chain_on_label_studio = True  # every hop so far was on Label Studio
+            for _ in range(MAX_REDIRECTS + 1):
+                target = self._check(url, chain_on_label_studio, deadline)
+                response = self._get(target, deadline)
+                if response.status not in REDIRECT_STATUSES:
+                    return self._read(response, target, deadline)
+                location = response.headers.get("Location", "")
+                _discard(response, deadline)
+                if not location:
+                    raise ImageFetchError(f"A redirect without a Location header: {short(target.url)}")
+                chain_on_label_studio = chain_on_label_studio and target.on_label_studio
+                try:
+                    joined = urljoin(target.url.url, location)
+                except ValueError as e:
+                    raise ImageFetchError(f"Unreadable redirect from {short(target.url)}: {describe(location)}") from e
+                url = parse_strict(joined)
         raise ImageFetchError(f"Too many redirects (more than {MAX_REDIRECTS}) for the image URL.")
 
     def post_to_label_studio(self, path: str, payload: dict) -> tuple[int, object]:
         """POST JSON to ``LABEL_STUDIO_URL`` + ``path`` (the token refresh); returns (status, JSON or None)."""
         assert self.ls_url is not None
         url = parse_url(self.ls_url.url + path)
-        address = self._resolve(url)
         body = json.dumps(payload).encode()
-        try:
-            response = self.connector.request(
-                "POST", url, address, {"Content-Type": "application/json"}, self.settings.fetch_timeout, body
-            )
-            with response:
+        with _deadline(self.settings.fetch_timeout) as deadline:
+            address = self._resolve_all(url, deadline)[0]
+            try:
+                response = self.connector.request(
+                    "POST", url, address, {"Content-Type": "application/json"}, deadline.left(), body
+                )
                 data = response.read(1 << 20)
-        except HTTPError as e:
-            raise ImageFetchError(f"Could not reach Label Studio at {short(self.ls_url)}: {_reason(e)}") from e
+                response.close()
+            except HTTPError as e:
+                raise ImageFetchError(f"Could not reach Label Studio at {short(self.ls_url)}: {_reason(e)}") from e
         try:
             return response.status, json.loads(data)
         except ValueError:
@@ -327,7 +414,7 @@ class ImageFetcher:
             raw = self.ls_url.url + raw
         return parse_strict(raw)
 
-    def _check(self, url: Url, chain_on_label_studio: bool) -> Target:
+    def _check(self, url: Url, chain_on_label_studio: bool, deadline: Deadline) -> Target:
         """Refuse ``url`` outside the rules; otherwise say where it goes and whether with the key."""
         if self.ls_url is not None and _origin(url) == _origin(self.ls_url):
             base = (self.ls_url.path or "").rstrip("/")
@@ -339,47 +426,48 @@ class ImageFetcher:
                     f"Refused a Label Studio URL outside the paths that serve task data ({short(url)}): "
                     "uploads, local files and storage resolve/presign are fetched."
                 )
-            return Target(url, self._resolve(url), with_key=chain_on_label_studio, on_label_studio=True)
+            address = self._resolve_all(url, deadline)[0]
+            return Target(url, address, with_key=chain_on_label_studio, on_label_studio=True)
         host = (url.host or "").strip("[]").rstrip(".")
         if not any(fnmatch.fnmatchcase(host, pattern) for pattern in self.allowed_hosts):
             raise ImageFetchError(
                 f"Refused image host '{host}': it is neither LABEL_STUDIO_URL nor in ALLOWED_HOSTS "
                 "(a comma-separated list; '*.example.com' and '*' work)."
             )
-        addresses = self._resolve_all(url)
+        addresses = self._resolve_all(url, deadline)
         for address in addresses:
             reason = address_refusal(address, self.settings.allow_internal_hosts)
             if reason:
                 raise ImageFetchError(f"Refused image host '{host}': it resolves to {reason}.")
         return Target(url, addresses[0], with_key=False, on_label_studio=False)
 
-    def _resolve(self, url: Url) -> str:
-        return self._resolve_all(url)[0]
-
-    def _resolve_all(self, url: Url) -> list[str]:
+    def _resolve_all(self, url: Url, deadline: Deadline) -> list[str]:
         host = (url.host or "").strip("[]")
         try:
             ipaddress.ip_address(host)
             return [host]
         except ValueError:
             pass
+        lookup = _LOOKUPS.submit(self.resolver, host, url.port or (443 if url.scheme == "https" else 80))
         try:
-            addresses = self.resolver(host, url.port or (443 if url.scheme == "https" else 80))
+            addresses = lookup.result(timeout=deadline.left())
+        except FutureTimeout as e:
+            raise ImageFetchError(f"Timed out after {self.settings.fetch_timeout:.0f} s resolving '{host}'.") from e
         except (OSError, UnicodeError) as e:
             raise ImageFetchError(f"Cannot resolve image host '{host}': {_reason(e)}") from e
         if not addresses:
             raise ImageFetchError(f"Cannot resolve image host '{host}': no address.")
         return addresses
 
-    def _get(self, target: Target, deadline: float) -> urllib3.BaseHTTPResponse:
+    def _get(self, target: Target, deadline: Deadline) -> urllib3.BaseHTTPResponse:
         auth = self.ls_auth if target.with_key else None
         response = self._request(target, auth.headers() if auth else {}, deadline)
         if response.status == 401 and auth and auth.uses_pat:
-            _discard(response)
+            _discard(response, deadline)
             auth.invalidate()
             response = self._request(target, auth.headers(), deadline)
         if response.status in (401, 403) and target.on_label_studio:
-            _discard(response)
+            _discard(response, deadline)
             if not target.with_key:
                 raise ImageFetchError(
                     f"Label Studio refused the image download (HTTP {response.status}): it was reached through a "
@@ -391,47 +479,50 @@ class ImageFetcher:
                 "organisation; a personal access token works as is."
             )
         if response.status >= 400:
-            _discard(response)
+            _discard(response, deadline)
             raise ImageFetchError(f"The image URL answered HTTP {response.status}: {short(target.url)}")
         return response
 
-    def _request(self, target: Target, headers: dict[str, str], deadline: float) -> urllib3.BaseHTTPResponse:
-        timeout = max(0.1, deadline - time.monotonic())
+    def _request(self, target: Target, headers: dict[str, str], deadline: Deadline) -> urllib3.BaseHTTPResponse:
         headers = {"Accept-Encoding": "identity", "User-Agent": "prelabel", **headers}
         try:
-            return self.connector.request("GET", target.url, target.address, headers, timeout)
+            return self.connector.request("GET", target.url, target.address, headers, deadline.left())
         except NewConnectionError as e:  # a subclass of urllib3's timeout error, for history's sake
             raise ImageFetchError(f"Could not connect to {short(target.url)}: {_reason(e)}") from e
-        except Urllib3Timeout as e:
-            raise ImageFetchError(f"Timed out after {self.settings.fetch_timeout:.0f} s: {short(target.url)}") from e
-        except HTTPError as e:
+        except (Urllib3Timeout, HTTPError) as e:
+            if deadline.expired or isinstance(e, Urllib3Timeout):
+                raise ImageFetchError(
+                    f"Timed out after {self.settings.fetch_timeout:.0f} s (FETCH_TIMEOUT): {short(target.url)}"
+                ) from e
             raise ImageFetchError(f"Could not download {short(target.url)}: {_reason(e)}") from e
 
-    def _read(self, response: urllib3.BaseHTTPResponse, target: Target, deadline: float) -> bytes:
+    def _read(self, response: urllib3.BaseHTTPResponse, target: Target, deadline: Deadline) -> bytes:
         limit = self.settings.max_image_bytes
-        declared = response.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > limit:
-            _discard(response)
+        declared = response.headers.get("Content-Length", "").strip()
+        if declared.isascii() and declared.isdigit() and int(declared) > limit:
+            _discard(response, deadline)
             raise ImageFetchError(f"The image is {int(declared):,} bytes, over MAX_IMAGE_BYTES={limit:,}.")
         chunks: list[bytes] = []
         size = 0
         try:
-            # read1: one socket read at a time, so a server that trickles bytes meets the deadline.
             while chunk := response.read1(_CHUNK):
                 size += len(chunk)
                 if size > limit:
                     raise ImageFetchError(f"The image is over MAX_IMAGE_BYTES={limit:,} bytes.")
-                if time.monotonic() > deadline:
-                    raise ImageFetchError(
-                        f"Download took longer than FETCH_TIMEOUT={self.settings.fetch_timeout:.0f} s."
-                    )
                 chunks.append(chunk)
+            if deadline.expired:  # the socket was shut under the read
+                raise ImageFetchError(f"Download took longer than FETCH_TIMEOUT={self.settings.fetch_timeout:.0f} s.")
         except ImageFetchError:
-            _discard(response)
+            _discard(response, deadline)
             raise
         except (HTTPError, OSError) as e:
-            _discard(response)
+            _discard(response, deadline)
+            if deadline.expired:
+                raise ImageFetchError(
+                    f"Download took longer than FETCH_TIMEOUT={self.settings.fetch_timeout:.0f} s."
+                ) from e
             raise ImageFetchError(f"The download of {short(target.url)} broke off: {_reason(e)}") from e
+        deadline.watch(None)  # before the connection goes back to its pool
         response.release_conn()
         return b"".join(chunks)
 
@@ -447,8 +538,9 @@ class ImageFetcher:
             raise ImageFetchError(f"The data: URI is not valid base64: {e}") from e
 
 
-def _discard(response: urllib3.BaseHTTPResponse) -> None:
+def _discard(response: urllib3.BaseHTTPResponse, deadline: Deadline) -> None:
     """Close a response we will not read (its connection is not reused mid-body)."""
+    deadline.watch(None)
     response.close()
     response.release_conn()
 

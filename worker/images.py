@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import threading
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from backend.errors import ImageDecodeError
 
@@ -18,8 +21,38 @@ Image.init()  # registers the plugins, so ``formats=`` finds WEBP and TIFF
 _CHUNK_PIXELS = 1 << 20
 #: What a web server sends instead of an image when a login or error page gets in the way.
 _HTML_PREFIXES = (b"<!doctype html", b"<html", b"<?xml", b"<head", b"{")
+#: How each EXIF orientation is undone (ImageOps.exif_transpose's table).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}  # fmt: skip
 #: EXIF orientations that turn the picture by 90 degrees (width and height swap).
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+class PixelBudget:
+    """At most ``pixels`` pixels being decoded at once, across threads. Each fetch thread may hold
+    an image of MAX_IMAGE_PIXELS, and a handful decoded together (4 bytes a pixel, plus copies
+    for colour conversion) would take gigabytes; past the budget, a thread waits its turn."""
+
+    def __init__(self, pixels: int) -> None:
+        self.pixels = pixels
+        self._free = pixels
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        pixels = min(pixels, self.pixels)  # one image larger than the budget still gets it all
+        with self._changed:
+            self._changed.wait_for(lambda: self._free >= pixels)
+            self._free -= pixels
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._free += pixels
+                self._changed.notify_all()
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -35,15 +68,21 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     return _decode(data, max_pixels, None)[0]
 
 
-def decode_for_model(data: bytes, max_pixels: int, min_side: int) -> tuple[Image.Image, tuple[int, int]]:
+def decode_for_model(
+    data: bytes, max_pixels: int, min_side: int, budget: PixelBudget | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
     """``decode_image`` for a model that needs a short side of ``min_side`` at most: a JPEG is
     decoded directly at the smallest DCT scale (1/2, 1/4 or 1/8) that keeps both sides at least
-    ``min_side`` (a 12-megapixel photo decodes about 5x faster, and resizes 5x faster after).
-    Returns the picture and the upright size of the full image, at which masks are drawn."""
-    return _decode(data, max_pixels, min_side)
+    ``min_side`` (a 12-megapixel photo decodes about 5x faster, and resizes 5x faster after);
+    other formats are reduced by a whole factor right after decoding, before any colour
+    conversion copies them. Returns the picture and the upright size of the full image, at which
+    masks are drawn. ``budget`` bounds the pixels decoded at once across threads."""
+    return _decode(data, max_pixels, min_side, budget)
 
 
-def _decode(data: bytes, max_pixels: int, min_side: int | None) -> tuple[Image.Image, tuple[int, int]]:
+def _decode(
+    data: bytes, max_pixels: int, min_side: int | None, budget: PixelBudget | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
     if not data:
         raise ImageDecodeError("The image is empty (0 bytes).")
     head = data[:512].lstrip().lower()
@@ -64,10 +103,16 @@ def _decode(data: bytes, max_pixels: int, min_side: int | None) -> tuple[Image.I
                     f"The image is too large: {width}x{height} = {width * height:,} pixels, over "
                     f"MAX_IMAGE_PIXELS={max_pixels:,}."
                 )
-            if min_side is not None:
-                image.draft(None, (min_side, min_side))  # JPEG only; other formats decode in full
-            image.load()
-            orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+            with budget.hold(width * height) if budget else contextlib.nullcontext():
+                if min_side is not None:
+                    image.draft(None, (min_side, min_side))  # JPEG only; other formats decode in full
+                image.load()
+                orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+                if min_side is not None and min(image.size) >= 2 * min_side:
+                    image = image.reduce(min(image.size) // min_side)
+                if orientation in _UPRIGHT:
+                    image = image.transpose(_UPRIGHT[orientation])
+                picture = to_rgb(image)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -78,9 +123,11 @@ def _decode(data: bytes, max_pixels: int, min_side: int | None) -> tuple[Image.I
         ) from e
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
         raise ImageDecodeError(f"The image is corrupt or truncated: {e}") from e
+    except Exception as e:  # Pillow's decoders raise many more kinds on hostile bytes (struct, type, index...)
+        raise ImageDecodeError(f"The image is corrupt: {type(e).__name__}: {str(e)[:200]}") from e
 
     upright = (height, width) if orientation in _TRANSPOSING_ORIENTATIONS else (width, height)
-    return to_rgb(ImageOps.exif_transpose(image)), upright
+    return picture, upright
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

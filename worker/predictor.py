@@ -31,7 +31,7 @@ from backend.jobs import (
 )
 from backend.settings import Settings
 from worker.fetch import ImageFetcher
-from worker.images import decode_for_model
+from worker.images import PixelBudget, decode_for_model
 from worker.model import dense, vit
 from worker.model.loading import ClipBundle, autocast
 from worker.model.preprocess import to_pixels, working_size
@@ -139,6 +139,7 @@ class Predictor:
         )
         threads = settings.fetch_threads or max(8, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="prelabel-fetch")
+        self._budget = PixelBudget(2 * settings.max_image_pixels)
 
     def warm_up(self) -> None:
         """Embed the background words now: every job needs them, so no job should pay for them."""
@@ -203,11 +204,14 @@ class Predictor:
             return "The task has no image URL in its data."
         try:
             data = self.fetcher.fetch(task.image_url)
-            image, size = decode_for_model(data, self.settings.max_image_pixels, self.settings.image_size)
+            image, size = decode_for_model(data, self.settings.max_image_pixels, self.settings.image_size, self._budget)
+            return self.prepare_image(image, size)
         except ImageError as e:
             log.warning("task %s: %s", task.task_id, e)
             return str(e)
-        return self.prepare_image(image, size)
+        except Exception as e:  # a bug or an input nobody foresaw: this task fails, never the batch
+            log.exception("task %s: unexpected error preparing its image", task.task_id)
+            return f"Unexpected error preparing the image: {type(e).__name__}"
 
     def prepare_image(self, image: Image.Image, size: tuple[int, int]) -> Prepared:
         """``image`` (the picture of ``size``, possibly decoded smaller) at its working size."""

@@ -72,6 +72,9 @@ def fetch_images(predictor: Predictor, corrections: list[Correction], with_masks
         except ImageError as e:
             log.warning("task %s left out of training: %s", correction.task_id, e)
             continue
+        except Exception:  # an input nobody foresaw costs this task, not the run
+            log.exception("task %s left out of training: unexpected error fetching its image", correction.task_id)
+            continue
         drawn_at = correction.size
         if drawn_at is None and correction.mask is not None:
             drawn_at = (correction.mask.shape[1], correction.mask.shape[0])
