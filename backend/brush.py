@@ -27,7 +27,8 @@ allocating the RGBA image the SDK's ``decode_rle`` builds.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from array import array
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,11 @@ _WORD_BITS = 8
 _RUN_SIZES = (3, 4, 8, 16)
 _LONGEST = 2**16
 _RUNS_PER_CHUNK = 1 << 16  # bounds the [runs, 32] bit matrix to a few MB
+#: Codes (runs and literal groups) a brush RLE may hold. Decoding reads them one at a time (about
+#: 2 us each); a person's brush strokes, or a mask upsampled from a patch grid, have far fewer.
+MAX_RLE_CODES = 2_000_000
+#: Pixels of literal groups decoded per vectorised pass (bounds its index arrays to a few MB).
+_PIXELS_PER_PASS = 1 << 18
 
 
 def mask_to_rle(mask: np.ndarray) -> list[int]:
@@ -199,48 +205,81 @@ def region_mask(item: Mapping[str, Any], max_pixels: int) -> np.ndarray:
 
 def rle_to_mask(rle: list[int], width: int, height: int) -> np.ndarray:
     """Brush RLE numbers -> boolean [height, width] (alpha > 127). Check untrusted sizes with
-    ``region_size`` first: this allocates one byte per pixel.
+    ``region_size`` first.
+
+    The codes are read one by one (a variable-length format allows nothing else), at most
+    ``MAX_RLE_CODES`` of them; everything per value or per pixel is vectorised. Memory: the mask,
+    one byte per bit of the RLE, and 25 bytes per code.
 
     Raises:
-        AnnotationError: bytes out of range, another size in the header, runs that end early or
-            overrun the image.
+        AnnotationError: bytes out of range, another size in the header, more than
+            ``MAX_RLE_CODES`` codes, runs that end early or overrun the image.
     """
     data = _bytes(rle)
     if data.size < 7 or int.from_bytes(data[:4].tobytes(), "big") != width * height * _CHANNELS:
         raise AnnotationError(f"A brush RLE's header does not announce a {width}x{height} image.")
-    bits = np.unpackbits(data)
-    reader = _BitReader((bits + ord("0")).tobytes().decode("ascii"))
+    stream = (np.unpackbits(data) + ord("0")).tobytes()  # one ASCII digit per bit: int(..., 2) reads fields
+    reader = _BitReader(stream)
     total = reader.read(32)
     word = reader.read(5) + 1
     sizes = [reader.read(4) + 1 for _ in range(4)]
     if word != _WORD_BITS:
         raise AnnotationError(f"A brush region's RLE uses {word}-bit words; Label Studio's use 8.")
-    values: list[int] = []  # per run; literal runs are filled in afterwards, a whole group at once
-    lengths: list[int] = []
-    literals: list[tuple[int, int, int]] = []  # (first run, bit position, count)
+    # Per code: where its values start in the output, how many, and its value (a run) or the bit
+    # position of its values (a literal group).
+    starts, counts, payloads, literal = array("q"), array("q"), array("q"), array("b")
     done = 0
     while done < total:
+        if len(starts) == MAX_RLE_CODES:
+            raise AnnotationError(f"A brush region's RLE has more than {MAX_RLE_CODES:,} runs.")
         repeated = reader.read(1)
         count = 1 + reader.read(sizes[reader.read(2)])
+        starts.append(done)
+        counts.append(count)
+        literal.append(not repeated)
         if repeated:
-            values.append(reader.read(word))
-            lengths.append(count)
+            payloads.append(reader.read(word))
         else:
-            literals.append((len(values), reader.position, count))
+            payloads.append(reader.position)
             reader.skip(count * word)
-            values.extend([0] * count)
-            lengths.extend([1] * count)
         done += count
     if done != total:
         raise AnnotationError(f"A brush region's RLE runs cover {done:,} values, not the {total:,} it announces.")
-    run_values = np.asarray(values, dtype=np.uint8)
-    for first, position, count in literals:
-        run_values[first : first + count] = np.packbits(bits[position : position + count * word])
-    ends = np.cumsum(np.asarray(lengths, dtype=np.int64))
-    starts = ends - np.asarray(lengths, dtype=np.int64)
-    # Each pixel is 4 values (RGBA); the SDK reads alpha, the values at positions 3, 7, 11, ...
-    alpha = np.repeat(run_values, ends // _CHANNELS - starts // _CHANNELS)
-    return (alpha > 127).reshape(height, width)
+    return _alpha(stream, starts, counts, payloads, literal).reshape(height, width) > 127
+
+
+def _alpha(stream: bytes, starts: array, counts: array, payloads: array, literal: array) -> np.ndarray:
+    """The alpha value of every pixel (output positions 3, 7, 11, ...) from the codes."""
+    start = np.frombuffer(starts, dtype=np.int64)
+    payload = np.frombuffer(payloads, dtype=np.int64)
+    is_literal = np.frombuffer(literal, dtype=np.int8).astype(bool)
+    per_code = (start + np.frombuffer(counts, dtype=np.int64)) // _CHANNELS - start // _CHANNELS
+    alpha = np.repeat(np.where(is_literal, 0, payload).astype(np.uint8), per_code)
+    first = np.cumsum(per_code) - per_code  # each code's first pixel
+    bits = np.frombuffer(stream, dtype=np.uint8)
+    codes = np.flatnonzero(is_literal & (per_code > 0))
+    done = np.cumsum(per_code[codes])
+    for lo, hi in _chunks(done, _PIXELS_PER_PASS):
+        chunk = codes[lo:hi]
+        n = per_code[chunk]
+        code = np.repeat(chunk, n)
+        pixel = first[code] + np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+        position = payload[code] + _WORD_BITS * (pixel * _CHANNELS + _CHANNELS - 1 - start[code])
+        value = np.zeros(pixel.size, dtype=np.uint8)
+        for bit in range(_WORD_BITS):
+            value = (value << 1) | (bits[position + bit] - ord("0"))
+        alpha[pixel] = value
+    return alpha
+
+
+def _chunks(cumulative: np.ndarray, size: int) -> Iterator[tuple[int, int]]:
+    """[lo, hi) index ranges over items whose ``cumulative`` sizes grow by about ``size`` each."""
+    lo = 0
+    while lo < cumulative.size:
+        base = cumulative[lo - 1] if lo else 0
+        hi = max(lo + 1, int(np.searchsorted(cumulative, base + size, side="right")))
+        yield lo, hi
+        lo = hi
 
 
 def _longest_rle(values: int) -> int:
@@ -273,9 +312,9 @@ def _bytes(rle: list) -> np.ndarray:
 
 
 class _BitReader:
-    """Reads big-endian unsigned fields from a string of '0' and '1'."""
+    """Reads big-endian unsigned fields from ASCII digits '0' and '1'."""
 
-    def __init__(self, bits: str) -> None:
+    def __init__(self, bits: bytes) -> None:
         self.bits = bits
         self.position = 0
 

@@ -136,7 +136,7 @@ class Feedback:
                 continue
             queued.append(json.dumps({"project": project, "annotation": annotation}))
         if queued:
-            waiting = self.connection.memory_usage(INBOX) or 0
+            waiting = self.connection.memory_usage(INBOX, samples=0) or 0  # exact: no sampling to game
             if waiting > INBOX_BYTES:
                 raise ServiceUnavailable(
                     f"{waiting // 2**20} MB of corrections are waiting to be compared; this one was not recorded "

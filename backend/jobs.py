@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from rq.job import Job
+
 #: RQ queue that predict jobs go to; ``prelabel-worker`` listens on it by default.
 PREDICT_QUEUE = "predict"
 #: The job function, by dotted path, so the backend never imports the worker.
@@ -18,7 +20,43 @@ PREDICT_FUNCTION = "worker.tasks.predict"
 TRAIN_QUEUE = "train"
 TRAIN_FUNCTION = "worker.tasks.train"
 
+#: The only functions a job may name (see ``AllowListedJob``).
+JOB_FUNCTIONS = (PREDICT_FUNCTION, TRAIN_FUNCTION)
+
 TaskId = int | str
+
+
+class RefusedJob(Exception):
+    """A job in Redis names a function prelabel does not run."""
+
+
+class AllowListedJob(Job):
+    """RQ's job, limited to prelabel's job functions, with no callbacks and no webhooks. RQ imports
+    and calls whatever dotted name a job in Redis carries (as its function, or as a callback when
+    a registry cleans it up) and requests whatever webhook URL it lists, so without this anyone who
+    can write to Redis could run any function, or make any request, in a process that holds the
+    Label Studio API key. Every queue, registry and fetch in the backend and the workers uses it."""
+
+    @property
+    def func(self):
+        if self.func_name not in JOB_FUNCTIONS:
+            raise RefusedJob(f"prelabel runs only {', '.join(JOB_FUNCTIONS)}; refused {self.func_name!r:.100}")
+        return super().func
+
+    @property
+    def success_callback(self):
+        return None
+
+    @property
+    def failure_callback(self):
+        return None
+
+    @property
+    def stopped_callback(self):
+        return None
+
+    def send_webhooks(self, status, *, exc_string=None) -> None:
+        return None
 
 
 def cancel_key(job_id: str) -> str:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 
-from backend.jobs import PREDICT_QUEUE, TRAIN_QUEUE
+from backend.jobs import PREDICT_QUEUE, TRAIN_QUEUE, AllowListedJob
 
 if TYPE_CHECKING:
     from backend.app import State
@@ -51,7 +51,7 @@ def render(state: State) -> str:
         connection = state.feedback.connection
         depth, workers = [], []
         for name in (PREDICT_QUEUE, TRAIN_QUEUE):
-            queue = Queue(name, connection=connection, serializer=JSONSerializer)
+            queue = Queue(name, connection=connection, serializer=JSONSerializer, job_class=AllowListedJob)
             depth.append(({"queue": name}, queue.count))
             workers.append(({"queue": name}, Worker.count(queue=queue)))
         metric("prelabel_queue_depth", "gauge", "Jobs waiting in each queue.", depth)

@@ -25,7 +25,7 @@ from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from backend.errors import JobFailed, JobTimeout, PrelabelError, ServiceUnavailable
-from backend.jobs import PREDICT_FUNCTION, PREDICT_QUEUE, PredictJob, PredictResult
+from backend.jobs import PREDICT_FUNCTION, PREDICT_QUEUE, AllowListedJob, PredictJob, PredictResult
 from backend.logs import redact_url
 from backend.settings import Settings
 
@@ -69,7 +69,8 @@ class QueueRunner:
             socket_timeout=settings.predict_timeout + 10,
             health_check_interval=30,
         )
-        self.queue = Queue(PREDICT_QUEUE, connection=self.connection, serializer=JSONSerializer)
+        self.queue = Queue(PREDICT_QUEUE, connection=self.connection, serializer=JSONSerializer,
+                           job_class=AllowListedJob)  # fmt: skip
 
     def predict(self, job: PredictJob) -> PredictResult:
         return self.wait(self.submit_checked(job), self.deadline())
@@ -116,7 +117,7 @@ class QueueRunner:
                     break
                 # A job whose worker died stays "started" until its execution expires (JOB_TIMEOUT
                 # + 60 s); this hands it to its retry, or to the failed registry, at that point.
-                StartedJobRegistry(queue=self.queue).cleanup()
+                StartedJobRegistry(queue=self.queue, job_class=AllowListedJob).cleanup()
         if result is None:
             raise JobTimeout(
                 f"Predict job {rq_job.id} is not done after {time.monotonic() - started:.0f} s; it keeps running."

@@ -15,7 +15,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from backend.errors import PrelabelError
-from backend.jobs import TRAIN_FUNCTION, TRAIN_QUEUE, TrainJob, cancel_key
+from backend.jobs import TRAIN_FUNCTION, TRAIN_QUEUE, AllowListedJob, TrainJob, cancel_key
 from backend.labelconfig import LabelSpec, parse_label_config
 from backend.registry import Registry
 from backend.settings import Settings
@@ -36,7 +36,7 @@ class Training:
         self.settings = settings
         self.connection = connection
         self.registry = registry
-        self.queue = Queue(TRAIN_QUEUE, connection=connection, serializer=JSONSerializer)
+        self.queue = Queue(TRAIN_QUEUE, connection=connection, serializer=JSONSerializer, job_class=AllowListedJob)
 
     def remember_project(self, project: str, label_config: str) -> None:
         """Keep the project's label config, for scheduled runs that have no request to read it from."""
@@ -48,7 +48,7 @@ class Training:
         if job_id is None:
             return None
         try:
-            job = Job.fetch(job_id.decode(), connection=self.connection, serializer=JSONSerializer)
+            job = AllowListedJob.fetch(job_id.decode(), connection=self.connection, serializer=JSONSerializer)
         except NoSuchJobError:  # expired or deleted: no run pending
             return None
         return job if job.get_status(refresh=False) in PENDING else None
@@ -123,7 +123,7 @@ class Training:
 
     def job(self, job_id: str) -> Job:
         try:
-            return Job.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
+            return AllowListedJob.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
         except NoSuchJobError as e:
             raise JobNotFound(f"No job {job_id!r} (finished jobs are kept for 30 days).") from e
 

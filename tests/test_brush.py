@@ -11,6 +11,7 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle, mask2rle
 from PIL import Image
 
+from backend import brush
 from backend.brush import draw_scaled, mask_to_rle, region_mask, region_size, rle_to_mask, scaled_mask_to_rle
 from backend.errors import AnnotationError
 from tests.conftest import shared_data
@@ -161,3 +162,49 @@ def test_decoding_a_12_megapixel_region_allocates_one_byte_a_pixel_not_four():
         tracemalloc.stop()
     assert np.array_equal(decoded, mask == 255)
     assert peak < 2.5 * 12_000_000, peak
+
+
+def _pack(values: np.ndarray, groups: list[tuple[bool, int]]) -> list[int]:
+    """An RLE the way Label Studio's editor writes RGBA (literal groups of differing values, and
+    runs): ``groups`` is (repeated, count) in order, covering ``values``."""
+    sizes = (3, 4, 8, 16)
+    bits = format(values.size, "032b") + format(7, "05b") + "".join(format(s - 1, "04b") for s in sizes)
+    at = 0
+    for repeated, count in groups:
+        index = next(i for i, s in enumerate(sizes) if count - 1 < 2**s)
+        bits += ("1" if repeated else "0") + format(index, "02b") + format(count - 1, f"0{sizes[index]}b")
+        bits += (
+            format(int(values[at]), "08b")
+            if repeated
+            else "".join(format(int(v), "08b") for v in values[at : at + count])
+        )
+        at += count
+    bits += "0" * (-len(bits) % 8 or 8)
+    return [int(bits[i : i + 8], 2) for i in range(0, len(bits), 8)]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_literal_groups_decode_as_the_sdk_decodes_them(seed):
+    rng = np.random.default_rng(seed)
+    height, width = rng.integers(1, 30, 2)
+    values = rng.integers(0, 256, int(height * width * 4), dtype=np.uint8)
+    groups, at = [], 0
+    while at < values.size:
+        count = int(min(values.size - at, rng.choice([1, 2, 5, 17, 300])))
+        repeated = bool(rng.random() < 0.3)
+        if repeated:
+            values[at : at + count] = values[at]
+        groups.append((repeated, count))
+        at += count
+    rle = _pack(values, groups)
+    expected = decode_rle(rle).reshape(int(height), int(width), 4)[:, :, 3] > 127
+    assert np.array_equal(rle_to_mask(rle, int(width), int(height)), expected)
+
+
+def test_an_rle_with_more_runs_than_allowed_is_refused_after_reading_them(monkeypatch):
+    monkeypatch.setattr(brush, "MAX_RLE_CODES", 100)
+    striped = np.zeros((10, 30), np.uint8)
+    striped[:, ::2] = 255  # 300 runs
+    with pytest.raises(AnnotationError, match="more than 100 runs"):
+        rle_to_mask(mask_to_rle(striped), 30, 10)
+    assert rle_to_mask(mask_to_rle(striped[:, :10]), 10, 10).sum() == 50  # 100 runs: read

@@ -357,6 +357,45 @@ def test_a_server_that_trickles_its_headers_hits_the_time_limit(fetcher_for, lab
     assert fetcher.fetch(label_studio.upload_path(PHOTO))  # the next download is not cut short
 
 
+def test_the_time_limit_still_holds_after_a_token_refresh(fetcher_for, label_studio):
+    """The refresh has a deadline of its own; the download's must be back in force after it."""
+    label_studio.extra_routes["/data/upload/1/trickle"] = trickle
+    fetcher = fetcher_for(label_studio.pat, fetch_timeout=1.0)  # no access token yet: the first fetch refreshes
+    started = time.monotonic()
+    with pytest.raises(ImageFetchError, match="FETCH_TIMEOUT"):
+        fetcher.fetch("/data/upload/1/trickle")
+    assert label_studio.refreshes == 1 and time.monotonic() - started < 3
+
+
+def test_stalled_lookups_of_image_hosts_never_starve_label_studio(fetcher_for, label_studio, photos):
+    def resolver(host: str, port: int) -> list[str]:
+        if host.endswith(".example"):
+            time.sleep(3)  # an attacker's name server that never answers in time
+            return ["93.184.216.34"]
+        return ["127.0.0.1"]
+
+    fetcher = fetcher_for(label_studio.legacy_token, allowed_hosts=("*.example",), resolver=resolver,
+                          fetch_timeout=1.0)  # fmt: skip
+    errors = []
+    stalled = [threading.Thread(target=lambda i=i: errors.append(_refused(fetcher, f"http://s{i}.example/a.jpg")))
+               for i in range(40)]  # fmt: skip
+    for thread in stalled:
+        thread.start()
+    time.sleep(0.2)
+    assert fetcher.fetch(label_studio.upload_path(PHOTO)) == photos[PHOTO]  # while every lookup thread is stuck
+    for thread in stalled:
+        thread.join()
+    assert len(errors) == 40 and all("resolving" in e for e in errors)
+
+
+def _refused(fetcher: ImageFetcher, url: str) -> str:
+    try:
+        fetcher.fetch(url)
+    except ImageFetchError as e:
+        return str(e)
+    return "fetched"
+
+
 def test_a_slow_name_lookup_hits_the_time_limit(fetcher_for):
     def stuck(host: str, port: int) -> list[str]:
         time.sleep(5)
@@ -369,7 +408,7 @@ def test_a_slow_name_lookup_hits_the_time_limit(fetcher_for):
     assert time.monotonic() - started < 2
 
 
-@pytest.mark.parametrize("length", ["\u00b2", "1e9", "-5", "99999999999999999999999999"])
+@pytest.mark.parametrize("length", ["\u00b2", "1e9", "-5", "99999999999999999999999999", "9" * 5000])
 def test_odd_content_lengths_are_read_safely(fetcher_for, label_studio, length):
     """'²'.isdigit() is true, but int('²') raises: the body is read or refused, never a crash."""
     label_studio.extra_routes["/data/upload/1/odd"] = lambda h: h._send(200, b"x" * 10, "image/png",

@@ -34,6 +34,7 @@ from backend.settings import Settings
 from tests.conftest import REPO, claim_redis_db, shared_data
 from tests.labelstudio import LabelStudio, Prelabel, free_port
 from tests.lsfake import FakeLabelStudio, trickle
+from tests.test_images import scan_bomb
 
 pytestmark = pytest.mark.e2e
 
@@ -207,6 +208,7 @@ URL_CASES = [
     ("http://127.0.0.1:{att}/slow-headers.jpg", "FETCH_TIMEOUT"),
     ("http://127.0.0.1:{att}/bad-location", "Unreadable redirect"),
     ("data:image/tiff;base64," + base64.b64encode(_corrupt_tiff()).decode(), "corrupt"),
+    ("data:image/jpeg;base64," + base64.b64encode(scan_bomb()).decode(), "scans"),
     ("data:image/png,not-base64", "Only base64"),
     ("data:image/png;base64," + "A" * 3_000_000, "over MAX_IMAGE_BYTES"),
 ]  # fmt: skip

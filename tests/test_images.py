@@ -134,6 +134,41 @@ def test_hostile_image_structures_fail_as_decode_errors():
         decode_image(data, LIMIT)
 
 
+def scan_bomb() -> bytes:
+    """A progressive JPEG whose last scan is repeated 60 times (its header reads as any other)."""
+    progressive = _encode(Image.new("RGB", (640, 480), (10, 120, 200)), "JPEG", progressive=True)
+    last_scan = progressive[progressive.rindex(b"\xff\xda") : -2]
+    return progressive[:-2] + last_scan * 60 + b"\xff\xd9"
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_before_decoding():
+    """Each scan of a progressive JPEG is a pass over every pixel: a thousand tiny scans make a
+    200 kB file decode for a minute. An ordinary progressive JPEG has about ten."""
+    progressive = _encode(Image.new("RGB", (640, 480), (10, 120, 200)), "JPEG", progressive=True)
+    assert 1 < progressive.count(b"\xff\xda") <= 20
+    assert decode_image(progressive, LIMIT).size == (640, 480)
+    assert Image.open(io.BytesIO(scan_bomb())).format == "JPEG"
+    with pytest.raises(ImageDecodeError, match="scans; prelabel decodes at most 64"):
+        decode_for_model(scan_bomb(), LIMIT, min_side=448)
+
+
+@pytest.mark.parametrize("mode", ["P", "1", "I;16"])
+def test_modes_that_cannot_be_reduced_still_decode_for_the_model(mode):
+    image = Image.new("L", (1000, 800), 90).convert(mode) if mode != "I;16" else Image.new("I;16", (1000, 800), 9000)
+    decoded, size = decode_for_model(_encode(image, "PNG"), LIMIT, min_side=100)
+    assert decoded.mode == "RGB" and size == (1000, 800)
+
+
+def test_a_decode_that_waits_too_long_for_the_pixel_budget_fails_its_task():
+    budget = PixelBudget(100)
+    with (
+        budget.hold(60),
+        pytest.raises(ImageDecodeError, match="waiting for other large images"),
+        budget.hold(60, timeout=0.2),
+    ):
+        pass
+
+
 def test_the_pixel_budget_lets_one_large_decode_at_a_time():
     budget = PixelBudget(100)
     inside, most = [0], [0]

@@ -16,13 +16,15 @@ from pathlib import Path
 import pytest
 import redis
 from rq import Queue, SimpleWorker, Worker
-from rq.job import JobStatus
+from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.webhook import Webhook
 
+from backend import runner as runner_module
 from backend.app import create_app
 from backend.errors import JobTimeout
-from backend.jobs import PREDICT_QUEUE, ChoicesControl, ClassLabel, ImageTask, PredictJob
+from backend.jobs import PREDICT_FUNCTION, PREDICT_QUEUE, ChoicesControl, ClassLabel, ImageTask, PredictJob
 from backend.runner import InlineRunner, QueueRunner
 from backend.settings import Settings
 from tests.conftest import claim_redis_db, settings_env
@@ -252,11 +254,10 @@ def test_imported_tasks_are_precomputed_into_the_cache(stack, voc_config):
     assert results == server.cache.get_many(keys)
 
 
-def test_a_worker_runs_only_prelabels_job_functions(redis_url, tmp_path):
-    """RQ runs whatever dotted name a job in Redis carries; prelabel's worker refuses all but its own."""
-    connection = redis.Redis.from_url(redis_url)
-    queue = Queue(PREDICT_QUEUE, connection=connection, serializer=JSONSerializer)
-    hooked = []  # RQ's job webhooks: a request from the worker to any URL the job lists
+@pytest.fixture
+def hook_server() -> Iterator[tuple[str, list[str]]]:
+    """A loopback server that records every request: where RQ's job webhooks would go."""
+    hooked: list[str] = []
 
     class Hook(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -264,23 +265,60 @@ def test_a_worker_runs_only_prelabels_job_functions(redis_url, tmp_path):
             self.send_response(204)
             self.end_headers()
 
+        do_POST = do_GET
+
         def log_message(self, *args) -> None:
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    hook = [Webhook(f"http://127.0.0.1:{server.server_port}/hook", job_status=s) for s in ("failed", "finished")]
-    try:
-        planted = queue.enqueue_call("os.makedirs", args=(str(tmp_path / "planted"),), webhooks=hook)
-        PrelabelWorker([queue], connection=connection, serializer=JSONSerializer).work(burst=True)
-        assert not (tmp_path / "planted").exists() and hooked == []
-        assert planted.get_status(refresh=True) == JobStatus.FAILED
-        assert "prelabel-worker runs only worker.tasks.predict" in planted.latest_result().exc_string
+    yield f"http://127.0.0.1:{server.server_port}/hook", hooked
+    server.shutdown()
+    server.server_close()
 
-        control = queue.enqueue_call("os.makedirs", args=(str(tmp_path / "control"),), webhooks=hook)
-        SimpleWorker([queue], connection=connection, serializer=JSONSerializer).work(burst=True)  # RQ's own
-        assert control.get_status(refresh=True) == JobStatus.FINISHED and (tmp_path / "control").is_dir()
-        assert hooked == ["/hook"]
-    finally:
-        server.shutdown()
-        server.server_close()
+
+def test_a_worker_runs_only_prelabels_job_functions(redis_url, tmp_path, hook_server):
+    """RQ runs whatever dotted name a job in Redis carries; prelabel's worker refuses all but its own."""
+    url, hooked = hook_server
+    connection = redis.Redis.from_url(redis_url)
+    queue = Queue(PREDICT_QUEUE, connection=connection, serializer=JSONSerializer)
+    hook = [Webhook(url, job_status=status) for status in ("failed", "finished")]
+    planted = queue.enqueue_call("os.makedirs", args=(str(tmp_path / "planted"),), webhooks=hook)
+    PrelabelWorker([queue], connection=connection, serializer=JSONSerializer).work(burst=True)
+    assert not (tmp_path / "planted").exists() and hooked == []
+    assert planted.get_status(refresh=True) == JobStatus.FAILED
+    assert "prelabel runs only worker.tasks.predict" in planted.latest_result().exc_string
+
+    control = queue.enqueue_call("os.makedirs", args=(str(tmp_path / "control"),), webhooks=hook)
+    SimpleWorker([queue], connection=connection, serializer=JSONSerializer).work(burst=True)  # RQ's own
+    assert control.get_status(refresh=True) == JobStatus.FINISHED and (tmp_path / "control").is_dir()
+    assert hooked == ["/hook"]
+
+
+def test_the_backend_cleaning_abandoned_jobs_sends_no_webhook_a_job_lists(redis_url, make_settings, hook_server,
+                                                                         monkeypatch):  # fmt: skip
+    """While /predict waits, the backend hands abandoned jobs to RQ's failed registry; a job planted
+    in Redis as abandoned must not make it call a callback or request a webhook."""
+    url, hooked = hook_server
+    connection = redis.Redis.from_url(redis_url)
+
+    def plant() -> Job:
+        job = Job.create(PREDICT_FUNCTION, args=({},), connection=connection, serializer=JSONSerializer,
+                         origin=PREDICT_QUEUE, webhooks=[Webhook(url, "failed")])  # fmt: skip
+        job.set_status(JobStatus.STARTED)
+        job.save()
+        connection.zadd(f"rq:wip:{PREDICT_QUEUE}", {f"{job.id}:exec1": time.time() - 100})  # long expired
+        return job
+
+    planted = plant()
+    monkeypatch.setattr(runner_module, "ABANDONED_CHECK", 1)
+    runner = QueueRunner(make_settings(redis_url=redis_url))
+    waiting = runner.submit(PredictJob("v", "image", (), (ImageTask(1, None),)))  # no worker: never done
+    with pytest.raises(JobTimeout):
+        runner.wait(waiting, runner.deadline(2.5))
+    assert planted.get_status(refresh=True) == JobStatus.FAILED  # the cleanup ran ...
+    assert hooked == []  # ... and requested nothing
+
+    plant()
+    StartedJobRegistry(queue=Queue(PREDICT_QUEUE, connection=connection, serializer=JSONSerializer)).cleanup()
+    assert hooked == ["/hook"]  # RQ's plain job class would have

@@ -14,19 +14,15 @@ import sys
 
 import redis
 from rq import SimpleWorker, worker_registration
-from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from backend.errors import ModelUnavailable, SettingsError
-from backend.jobs import PREDICT_FUNCTION, PREDICT_QUEUE, TRAIN_FUNCTION, TRAIN_QUEUE
+from backend.jobs import PREDICT_QUEUE, TRAIN_QUEUE, AllowListedJob
 from backend.logs import configure_logging, redact_url
 from backend.settings import Settings
 from worker import tasks
 
 log = logging.getLogger(__name__)
-
-#: The only functions a worker runs (see ``PrelabelJob``).
-JOB_FUNCTIONS = (PREDICT_FUNCTION, TRAIN_FUNCTION)
 
 #: Seconds a worker's registration outlives its last heartbeat (heartbeats every WORKER_TTL - 15 s).
 WORKER_TTL = 60
@@ -34,44 +30,12 @@ WORKER_TTL = 60
 MAINTENANCE_INTERVAL = 60
 
 
-class RefusedJob(Exception):
-    """A job that names a function prelabel does not run."""
-
-
-class PrelabelJob(Job):
-    """A job that runs only prelabel's job functions, no callbacks and no webhooks. RQ imports and
-    calls whatever dotted name a job in Redis carries, and posts to whatever webhook URL it lists,
-    so without this anyone who can write to Redis could run any function in the worker (with the
-    API key in its environment) or make it fetch any address."""
-
-    @property
-    def func(self):
-        if self.func_name not in JOB_FUNCTIONS:
-            raise RefusedJob(f"prelabel-worker runs only {', '.join(JOB_FUNCTIONS)}; refused {self.func_name!r:.100}")
-        return super().func
-
-    @property
-    def success_callback(self):
-        return None
-
-    @property
-    def failure_callback(self):
-        return None
-
-    @property
-    def stopped_callback(self):
-        return None
-
-    def send_webhooks(self, status, *, exc_string=None) -> None:
-        return None
-
-
 class PrelabelWorker(SimpleWorker):
     """RQ's SimpleWorker (no fork: the model stays loaded) that registers itself again on every
     heartbeat, so it is found again after Redis restarts without its data, and runs only
-    ``PrelabelJob``s."""
+    ``AllowListedJob``s."""
 
-    job_class = PrelabelJob
+    job_class = AllowListedJob
 
     def heartbeat(self, timeout: int | None = None, pipeline=None) -> None:
         super().heartbeat(timeout, pipeline)

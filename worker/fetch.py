@@ -76,8 +76,10 @@ _FORBIDDEN_CHARACTERS = re.compile(r"[\\\s\x00-\x1f\x7f]")
 
 #: ``host, port -> addresses``: the system resolver, or another for tests.
 Resolver = Callable[[str, int], list[str]]
-#: Name lookups run here, so a slow resolver costs the fetch its deadline, not a hung thread.
-_LOOKUPS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="prelabel-dns")
+#: Name lookups of image hosts run here, so a slow resolver costs the fetch its deadline, not a
+#: hung thread. (Label Studio's own host is looked up directly: names an attacker controls
+#: that stall the resolver must not starve it.)
+_LOOKUPS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="prelabel-dns")
 #: The deadline of the download running on each thread, for the connections it uses.
 _current = threading.local()
 
@@ -221,12 +223,15 @@ def _shut(sock: socket.socket) -> None:
 
 @contextlib.contextmanager
 def _deadline(seconds: float) -> Iterator[Deadline]:
+    """A deadline for this thread's connections; an outer one (a download that needed a token
+    refresh) is back in force afterwards."""
+    outer = getattr(_current, "deadline", None)
     deadline = Deadline(seconds)
     _current.deadline = deadline
     try:
         yield deadline
     finally:
-        _current.deadline = None
+        _current.deadline = outer
         deadline.cancel()
 
 
@@ -389,7 +394,7 @@ class ImageFetcher:
         url = parse_url(self.ls_url.url + path)
         body = json.dumps(payload).encode()
         with _deadline(self.settings.fetch_timeout) as deadline:
-            address = self._resolve_all(url, deadline)[0]
+            address = self._resolve_label_studio(url)
             try:
                 response = self.connector.request(
                     "POST", url, address, {"Content-Type": "application/json"}, deadline.left(), body
@@ -426,7 +431,7 @@ class ImageFetcher:
                     f"Refused a Label Studio URL outside the paths that serve task data ({short(url)}): "
                     "uploads, local files and storage resolve/presign are fetched."
                 )
-            address = self._resolve_all(url, deadline)[0]
+            address = self._resolve_label_studio(url)
             return Target(url, address, with_key=chain_on_label_studio, on_label_studio=True)
         host = (url.host or "").strip("[]").rstrip(".")
         if not any(fnmatch.fnmatchcase(host, pattern) for pattern in self.allowed_hosts):
@@ -440,6 +445,15 @@ class ImageFetcher:
             if reason:
                 raise ImageFetchError(f"Refused image host '{host}': it resolves to {reason}.")
         return Target(url, addresses[0], with_key=False, on_label_studio=False)
+
+    def _resolve_label_studio(self, url: Url) -> str:
+        host = (url.host or "").strip("[]")
+        with contextlib.suppress(ValueError):
+            return str(ipaddress.ip_address(host))
+        try:
+            return self.resolver(host, url.port or (443 if url.scheme == "https" else 80))[0]
+        except (OSError, UnicodeError, IndexError) as e:
+            raise ImageFetchError(f"Cannot resolve Label Studio's host '{host}': {_reason(e)}") from e
 
     def _resolve_all(self, url: Url, deadline: Deadline) -> list[str]:
         host = (url.host or "").strip("[]")
@@ -499,9 +513,9 @@ class ImageFetcher:
     def _read(self, response: urllib3.BaseHTTPResponse, target: Target, deadline: Deadline) -> bytes:
         limit = self.settings.max_image_bytes
         declared = response.headers.get("Content-Length", "").strip()
-        if declared.isascii() and declared.isdigit() and int(declared) > limit:
+        if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
             _discard(response, deadline)
-            raise ImageFetchError(f"The image is {int(declared):,} bytes, over MAX_IMAGE_BYTES={limit:,}.")
+            raise ImageFetchError(f"The image announces {declared[:20]} bytes, over MAX_IMAGE_BYTES={limit:,}.")
         chunks: list[bytes] = []
         size = 0
         try:

@@ -17,6 +17,12 @@ from backend.errors import ImageDecodeError
 #: decoder left out is attack surface left out. (Phones' multi-picture JPEGs open as JPEG.)
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 Image.init()  # registers the plugins, so ``formats=`` finds WEBP and TIFF
+#: Scans a JPEG may have: a progressive JPEG has about ten, and each scan costs a pass over every
+#: pixel, so a 200 kB file of a thousand tiny scans decodes for a minute.
+MAX_JPEG_SCANS = 64
+_START_OF_SCAN = b"\xff\xda"  # a JPEG marker; entropy-coded data stuffs every 0xFF with 0x00
+#: Seconds a decode waits for room in the pixel budget before its task fails.
+BUDGET_WAIT = 120.0
 #: Pixels converted at a time from 16-bit and float images, so no full-size float copy is made.
 _CHUNK_PIXELS = 1 << 20
 #: What a web server sends instead of an image when a login or error page gets in the way.
@@ -42,10 +48,13 @@ class PixelBudget:
         self._changed = threading.Condition()
 
     @contextlib.contextmanager
-    def hold(self, pixels: int) -> Iterator[None]:
+    def hold(self, pixels: int, timeout: float = BUDGET_WAIT) -> Iterator[None]:
         pixels = min(pixels, self.pixels)  # one image larger than the budget still gets it all
         with self._changed:
-            self._changed.wait_for(lambda: self._free >= pixels)
+            if not self._changed.wait_for(lambda: self._free >= pixels, timeout=timeout):
+                raise ImageDecodeError(
+                    f"The worker spent {timeout:.0f} s waiting for other large images to decode; try again."
+                )
             self._free -= pixels
         try:
             yield
@@ -98,6 +107,12 @@ def _decode(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=FORMATS)
             width, height = image.size
+            scans = data.count(_START_OF_SCAN) if image.format in ("JPEG", "MPO") else 0
+            if scans > MAX_JPEG_SCANS:
+                raise ImageDecodeError(
+                    f"The JPEG has {scans:,} scans; prelabel decodes at most {MAX_JPEG_SCANS} (a progressive JPEG "
+                    "has about ten): re-save it."
+                )
             if width * height > max_pixels:
                 raise ImageDecodeError(
                     f"The image is too large: {width}x{height} = {width * height:,} pixels, over "
@@ -109,7 +124,8 @@ def _decode(
                 image.load()
                 orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
                 if min_side is not None and min(image.size) >= 2 * min_side:
-                    image = image.reduce(min(image.size) // min_side)
+                    with contextlib.suppress(ValueError):  # modes reduce() lacks (P, 1, I;16) convert in full
+                        image = image.reduce(min(image.size) // min_side)
                 if orientation in _UPRIGHT:
                     image = image.transpose(_UPRIGHT[orientation])
                 picture = to_rgb(image)
