@@ -23,13 +23,13 @@ from backend.errors import BadRequest, JobTimeout, PrelabelError, ServiceUnavail
 from backend.feedback import Feedback
 from backend.jobs import PREDICT_QUEUE
 from backend.labelconfig import parse_label_config
-from backend.logs import redact_url, redact_urls
+from backend.logs import redact_urls
 from backend.lswebhooks import WebhookSecurer
 from backend.predictions import to_label_studio
 from backend.projects import project_uid
 from backend.registry import Registry
-from backend.runner import QueueRunner, Runner, make_runner
-from backend.serving import Server, predict_job
+from backend.runner import QueueRunner, Runner, make_runner, redis_unreachable
+from backend.serving import Server, per_job, predict_job
 from backend.serving import image_url as _image_url
 from backend.settings import Settings
 from backend.training import Training
@@ -195,21 +195,18 @@ def _predict_embedded(
 ) -> list[Any]:
     """In-process, MAX_TASKS_PER_JOB tasks at a time, until PREDICT_TIMEOUT: the tasks left then get
     no prediction, and Label Studio asks for them again on the next Retrieve Predictions."""
-    size = state.settings.max_tasks_per_job
     deadline = time.monotonic() + state.settings.predict_timeout
     predictions: list[Any] = []
-    for start in range(0, len(tasks), size):
+    for chunk in per_job(range(len(tasks)), state.settings.max_tasks_per_job):
         if time.monotonic() >= deadline:
-            predictions += [[] for _ in tasks[start:]]
             break
-        job = predict_job(spec, project, version, tasks[start : start + size], images[start : start + size])
+        job = predict_job(spec, project, version, [tasks[i] for i in chunk], [images[i] for i in chunk])
         try:
             predictions += to_label_studio(state.runner.predict(job), spec, version)
         except JobTimeout as e:
             log.warning("%s", e)
-            predictions += [[] for _ in tasks[start:]]
             break
-    return predictions
+    return predictions + [[] for _ in tasks[len(predictions) :]]
 
 
 @bp.post("/webhook")
@@ -302,9 +299,7 @@ def _prelabel_error(e: PrelabelError):
 
 def _redis_error(e: redis.exceptions.RedisError):
     """Every route that touches Redis answers 503 naming it while Redis is away."""
-    where = redact_url(_state().settings.redis_url or "")
-    log.error("%s %s -> 503: Redis at %s is unreachable: %s", request.method, request.path, where, e)
-    return jsonify(error=f"Redis at {where} is unreachable: {e}", type="ServiceUnavailable"), 503
+    return _prelabel_error(redis_unreachable(_state().settings.redis_url or "", e))
 
 
 def _http_error(e: HTTPException):

@@ -39,9 +39,10 @@ def parse_label_config(xml: str, max_labels: int) -> LabelSpec:
     """
     if not isinstance(xml, str) or not xml.strip():
         raise LabelConfigError("The label config is empty.")
-    if len(xml.encode()) > MAX_LABEL_CONFIG_BYTES:
+    size = len(xml.encode())
+    if size > MAX_LABEL_CONFIG_BYTES:
         raise LabelConfigError(
-            f"The label config is {len(xml.encode()):,} bytes, over the {MAX_LABEL_CONFIG_BYTES:,} prelabel reads."
+            f"The label config is {size:,} bytes, over the {MAX_LABEL_CONFIG_BYTES:,} prelabel reads."
         )
     if "<!" in xml.replace("<![CDATA[", "").replace("<!--", ""):
         raise LabelConfigError(

@@ -37,6 +37,11 @@ ABANDONED_CHECK = 10
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
+def redis_unreachable(redis_url: str, error: Exception) -> ServiceUnavailable:
+    """The 503 every route answers while Redis is away (the URL without its password)."""
+    return ServiceUnavailable(f"Redis at {redact_url(redis_url)} is unreachable: {error}")
+
+
 class Runner(Protocol):
     mode: str
 
@@ -137,7 +142,7 @@ class QueueRunner:
         try:
             yield
         except REDIS_ERRORS as e:
-            raise ServiceUnavailable(f"Redis at {self.redis_label} is unreachable: {e}") from e
+            raise redis_unreachable(self.settings.redis_url, e) from e
 
     def health(self) -> dict[str, Any]:
         with self.redis_errors():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -78,10 +79,8 @@ class Server:
             answers: list[Any] = self.cache.get_many(keys)
         missing = [i for i, a in enumerate(answers) if a is None]
         cached = len(tasks) - len(missing)
-        chunks = [missing[i : i + self.settings.max_tasks_per_job]
-                  for i in range(0, len(missing), self.settings.max_tasks_per_job)]  # fmt: skip
         submitted = []
-        for chunk in chunks:
+        for chunk in per_job(missing, self.settings.max_tasks_per_job):
             job = predict_job(spec, project, version, [tasks[i] for i in chunk], [images[i] for i in chunk])
             submitted.append((chunk, job, self.runner.submit_checked(job)))
         deadline = self.runner.deadline()
@@ -109,8 +108,7 @@ class Server:
         with self.runner.redis_errors():
             todo = [i for i, a in enumerate(self.cache.get_many(keys)) if a is None]
         ids = []
-        for start in range(0, len(todo), self.settings.max_tasks_per_job):
-            chunk = todo[start : start + self.settings.max_tasks_per_job]
+        for chunk in per_job(todo, self.settings.max_tasks_per_job):
             job = predict_job(spec, project, version, [tasks[i] for i in chunk], [images[i] for i in chunk])
             rq_job = self.runner.submit(job)
             self.finish_later(rq_job, job, spec, [keys[i] for i in chunk])
@@ -161,6 +159,12 @@ class Server:
                 log.warning("could not post the prediction of task %s to Label Studio: %s", task.task_id,
                             type(e).__name__)  # fmt: skip
         return posted
+
+
+def per_job(indices: Sequence[int], size: int) -> Iterator[Sequence[int]]:
+    """``indices`` in slices of at most ``size`` (MAX_TASKS_PER_JOB): one job each."""
+    for start in range(0, len(indices), size):
+        yield indices[start : start + size]
 
 
 def image_url(task: dict[str, Any], key: str) -> str | None:

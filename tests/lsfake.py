@@ -25,6 +25,15 @@ def trickle(handler: BaseHTTPRequestHandler, count: int = 1000) -> None:
         time.sleep(0.1)
 
 
+def trickle_headers(handler: BaseHTTPRequestHandler) -> None:
+    """A route whose header line never ends: a byte every 0.1 s for 30 s."""
+    handler.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+    for _ in range(300):
+        handler.wfile.write(b"a")
+        handler.wfile.flush()
+        time.sleep(0.1)
+
+
 def make_jwt(claims: dict) -> str:
     """An unsigned JWT-shaped token (Label Studio's PATs and access tokens look like this)."""
 

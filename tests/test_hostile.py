@@ -33,7 +33,7 @@ from backend.projects import project_uid
 from backend.settings import Settings
 from tests.conftest import REPO, claim_redis_db, shared_data
 from tests.labelstudio import LabelStudio, Prelabel, free_port
-from tests.lsfake import FakeLabelStudio, trickle
+from tests.lsfake import FakeLabelStudio, trickle, trickle_headers
 from tests.test_images import scan_bomb
 
 pytestmark = pytest.mark.e2e
@@ -93,13 +93,6 @@ def _attacker_routes(attacker: FakeLabelStudio) -> None:
         handler.send_header("Content-Length", str(10**10))
         handler.end_headers()
 
-    def slow_headers(handler):
-        handler.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
-        for _ in range(100):
-            handler.wfile.write(b"a")
-            handler.wfile.flush()
-            time.sleep(0.1)
-
     pixels = io.BytesIO()
     Image.new("1", (3000, 2000)).save(pixels, "PNG")  # 6 MP, over this deployment's 5 MP
     eps = io.BytesIO()
@@ -111,7 +104,7 @@ def _attacker_routes(attacker: FakeLabelStudio) -> None:
         "/login": send(200, b"<!DOCTYPE html><html><body>Sign in</body></html>", "text/html"),
         "/pixels.png": send(200, pixels.getvalue()),
         "/image.eps": send(200, eps.getvalue(), "application/postscript"),
-        "/slow-headers.jpg": slow_headers,
+        "/slow-headers.jpg": trickle_headers,
         "/bad-location": send(302, b"", Location="http://[::1"),
     })  # fmt: skip
 

@@ -176,8 +176,24 @@ def short(url: Url) -> str:
     return f"{url.scheme}://{url.host}{port}{url.path or ''}"[:200]
 
 
+def _default_port(url: Url) -> int:
+    return 443 if url.scheme == "https" else 80
+
+
+def _port(url: Url) -> int:
+    return url.port or _default_port(url)
+
+
 def _origin(url: Url) -> tuple[str, str, int]:
-    return url.scheme or "", url.host or "", url.port or (443 if url.scheme == "https" else 80)
+    return url.scheme or "", url.host or "", _port(url)
+
+
+def _ip_literal(host: str) -> str | None:
+    """``host`` when it is an IP address (no lookup needed), else None."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return None
 
 
 class Deadline:
@@ -277,10 +293,8 @@ class Connector:
     def request(
         self, method: str, url: Url, address: str, headers: dict[str, str], timeout: float, body: bytes | None = None
     ) -> urllib3.BaseHTTPResponse:
-        host = url.host or ""
-        port = url.port or (443 if url.scheme == "https" else 80)
-        default_port = port == (443 if url.scheme == "https" else 80)
-        headers = {"Host": host if default_port else f"{host}:{port}", **headers}
+        host, port = url.host or "", _port(url)
+        headers = {"Host": host if port == _default_port(url) else f"{host}:{port}", **headers}
         pool = self._pool(url.scheme or "http", address, port, host.strip("[]"))
         return pool.urlopen(
             method, url.request_uri, body=body, headers=headers, redirect=False, retries=False,
@@ -448,21 +462,18 @@ class ImageFetcher:
 
     def _resolve_label_studio(self, url: Url) -> str:
         host = (url.host or "").strip("[]")
-        with contextlib.suppress(ValueError):
-            return str(ipaddress.ip_address(host))
+        if literal := _ip_literal(host):
+            return literal
         try:
-            return self.resolver(host, url.port or (443 if url.scheme == "https" else 80))[0]
+            return self.resolver(host, _port(url))[0]
         except (OSError, UnicodeError, IndexError) as e:
             raise ImageFetchError(f"Cannot resolve Label Studio's host '{host}': {_reason(e)}") from e
 
     def _resolve_all(self, url: Url, deadline: Deadline) -> list[str]:
         host = (url.host or "").strip("[]")
-        try:
-            ipaddress.ip_address(host)
-            return [host]
-        except ValueError:
-            pass
-        lookup = _LOOKUPS.submit(self.resolver, host, url.port or (443 if url.scheme == "https" else 80))
+        if literal := _ip_literal(host):
+            return [literal]
+        lookup = _LOOKUPS.submit(self.resolver, host, _port(url))
         try:
             addresses = lookup.result(timeout=deadline.left())
         except FutureTimeout as e:
@@ -505,9 +516,7 @@ class ImageFetcher:
             raise ImageFetchError(f"Could not connect to {short(target.url)}: {_reason(e)}") from e
         except (Urllib3Timeout, HTTPError) as e:
             if deadline.expired or isinstance(e, Urllib3Timeout):
-                raise ImageFetchError(
-                    f"Timed out after {self.settings.fetch_timeout:.0f} s (FETCH_TIMEOUT): {short(target.url)}"
-                ) from e
+                raise self._too_slow(target) from e
             raise ImageFetchError(f"Could not download {short(target.url)}: {_reason(e)}") from e
 
     def _read(self, response: urllib3.BaseHTTPResponse, target: Target, deadline: Deadline) -> bytes:
@@ -525,20 +534,23 @@ class ImageFetcher:
                     raise ImageFetchError(f"The image is over MAX_IMAGE_BYTES={limit:,} bytes.")
                 chunks.append(chunk)
             if deadline.expired:  # the socket was shut under the read
-                raise ImageFetchError(f"Download took longer than FETCH_TIMEOUT={self.settings.fetch_timeout:.0f} s.")
+                raise self._too_slow(target)
         except ImageFetchError:
             _discard(response, deadline)
             raise
         except (HTTPError, OSError) as e:
             _discard(response, deadline)
             if deadline.expired:
-                raise ImageFetchError(
-                    f"Download took longer than FETCH_TIMEOUT={self.settings.fetch_timeout:.0f} s."
-                ) from e
+                raise self._too_slow(target) from e
             raise ImageFetchError(f"The download of {short(target.url)} broke off: {_reason(e)}") from e
         deadline.watch(None)  # before the connection goes back to its pool
         response.release_conn()
         return b"".join(chunks)
+
+    def _too_slow(self, target: Target) -> ImageFetchError:
+        return ImageFetchError(
+            f"Timed out after {self.settings.fetch_timeout:.0f} s (FETCH_TIMEOUT): {short(target.url)}"
+        )
 
     def _data_uri(self, url: str) -> bytes:
         header, _, payload = url.partition(",")

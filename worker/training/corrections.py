@@ -15,7 +15,7 @@ import numpy as np
 from label_studio_sdk import LabelStudio
 from PIL import Image
 
-from backend.brush import draw_scaled, region_mask
+from backend.brush import draw_scaled, region_size, rle_to_mask
 from backend.errors import AnnotationError
 from backend.jobs import BrushControl, ChoicesControl, TaskId
 from backend.projects import project_id
@@ -76,8 +76,7 @@ def from_annotation(
         if item.get("type") == "choices" and name in choice_names:
             correction.tags[name].update(c for c in value.get("choices", []) if isinstance(c, str))
         elif item.get("type") == "brushlabels" and name in brush_names and value.get("rle"):
-            region = region_mask(item, max_pixels)
-            size = (region.shape[1], region.shape[0])
+            size = region_size(item, max_pixels)
             if correction.size is None:
                 correction.size = size
                 width, height = training_size(*size, image_size)
@@ -86,6 +85,7 @@ def from_annotation(
                 log.warning("task %s: brush regions of different sizes; skipping one", task_id)
                 continue
             assert correction.mask is not None
+            region = rle_to_mask(value["rle"], *size)
             small = draw_scaled(region, (correction.mask.shape[1], correction.mask.shape[0]))
             for label in value.get("brushlabels", []):
                 if label in labels:
