@@ -1,7 +1,5 @@
 """prelabel's request path: a Flask service speaking Label Studio's ML backend protocol.
 
-Kept free of torch and Flask at import time: the worker imports ``backend.settings``,
-``backend.jobs`` and ``backend.errors`` (the shared contract) from here.
+It validates, enqueues and answers within Label Studio's timeouts; it imports no torch and no
+model code (``common/`` holds what it shares with the worker).
 """
-
-__version__ = "0.1.0"

@@ -19,20 +19,20 @@ from werkzeug.exceptions import HTTPException
 
 from backend import metrics, webhooks
 from backend.auth import check_request
-from backend.errors import BadRequest, JobTimeout, PrelabelError, ServiceUnavailable
 from backend.feedback import Feedback
-from backend.jobs import PREDICT_QUEUE
-from backend.labelconfig import parse_label_config
-from backend.logs import redact_urls
-from backend.lswebhooks import WebhookSecurer
-from backend.predictions import to_label_studio
-from backend.projects import project_uid
-from backend.registry import Registry
 from backend.runner import QueueRunner, Runner, make_runner, redis_unreachable
+from backend.scheduler import Training
 from backend.serving import Server, per_job, predict_job
 from backend.serving import image_url as _image_url
-from backend.settings import Settings
-from backend.training import Training
+from backend.webhook_secret import WebhookSecurer
+from common.errors import BadRequest, JobTimeout, PrelabelError, ServiceUnavailable
+from common.jobs import PREDICT_QUEUE
+from common.labelstudio.config import parse_label_config
+from common.labelstudio.predictions import to_label_studio
+from common.logs import redact_urls
+from common.projects import project_uid
+from common.settings import Settings
+from common.versions import Registry
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import hmac
 
 from flask import Request, Response, jsonify
 
-from backend.lswebhooks import SECRET_HEADER, project_secret
-from backend.settings import Settings
+from backend.webhook_secret import SECRET_HEADER, project_secret
+from common.settings import Settings
 
 #: Label Studio calls /health without credentials when listing backends; it reveals nothing secret.
 PUBLIC_ENDPOINTS = frozenset({"prelabel.health"})

@@ -14,10 +14,10 @@ import sys
 from gunicorn.app.base import BaseApplication
 
 from backend.app import create_app, start_background
-from backend.errors import SettingsError
-from backend.logs import configure_logging
-from backend.lswebhooks import SECRET_HEADER, project_secret
-from backend.settings import Settings
+from backend.webhook_secret import SECRET_HEADER, project_secret
+from common.errors import SettingsError
+from common.logs import configure_logging
+from common.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -25,24 +25,23 @@ from typing import Any
 import numpy as np
 import redis
 
-from backend.brush import region_mask, region_size
-from backend.errors import AnnotationError, ServiceUnavailable
+from common import keys
+from common.errors import AnnotationError, ServiceUnavailable
+from common.labelstudio.brush import region_mask, region_size
+from common.labelstudio.tasks import brush_regions, chosen
+from common.quality import UNCHANGED_IOU, mask_iou
 
 log = logging.getLogger(__name__)
 
 #: Predictions are kept this long for comparison with the corrections that follow them.
 PREDICTION_TTL = 90 * 24 * 3600
-#: A mask this close to the final one counts as accepted as it was.
-UNCHANGED_IOU = 0.99
-INBOX = "prelabel:feedback:inbox"
-PROCESSING = "prelabel:feedback:processing"
 #: Annotations waiting for comparison take at most this much of Redis's memory.
 INBOX_BYTES = 256 * 1024 * 1024
 
 
 def compare(predicted: list[dict], final: list[dict], max_pixels: int) -> dict[str, Any]:
     """Compare a prediction's result list with an annotation's (Label Studio's result format)."""
-    tags_p, tags_f = _choices(predicted), _choices(final)
+    tags_p, tags_f = chosen(predicted), chosen(final)
     masks_p, masks_f = _masks(predicted, max_pixels), _masks(final, max_pixels)
     accepted = sum(len(tags_p.get(k, set()) & v) for k, v in tags_f.items())
     added = sum(len(v - tags_p.get(k, set())) for k, v in tags_f.items())
@@ -50,11 +49,7 @@ def compare(predicted: list[dict], final: list[dict], max_pixels: int) -> dict[s
     ious: dict[str, float] = {}
     for label in set(masks_p) | set(masks_f):
         p, f = masks_p.get(label), masks_f.get(label)
-        if p is None or f is None or p.shape != f.shape:
-            ious[label] = 0.0
-        else:
-            union = np.logical_or(p, f).sum()
-            ious[label] = float(np.logical_and(p, f).sum() / union) if union else 1.0
+        ious[label] = mask_iou(p, f) if p is not None and f is not None and p.shape == f.shape else 0.0
     unchanged = added == 0 and removed == 0 and all(iou >= UNCHANGED_IOU for iou in ious.values())
     return {
         "tags_accepted": accepted,
@@ -85,23 +80,12 @@ def check_annotation(annotation: dict, max_pixels: int) -> None:
                 raise AnnotationError(f"Annotation {annotation['id']}: {e}") from e
 
 
-def _choices(result: Iterable[dict]) -> dict[str, set[str]]:
-    out: dict[str, set[str]] = defaultdict(set)
-    for item in result:
-        choices = (item.get("value") or {}).get("choices", []) if item.get("type") == "choices" else []
-        out[str(item.get("from_name", ""))].update(c for c in choices if isinstance(c, str))
-    return out
-
-
 def _masks(result: Iterable[dict], max_pixels: int) -> dict[str, np.ndarray]:
     """Union of the brush regions of each label."""
     out: dict[str, np.ndarray] = {}
-    for item in result:
-        value = item.get("value") or {}
-        if item.get("type") != "brushlabels" or not value.get("rle"):
-            continue
+    for item in brush_regions(result):
         region = region_mask(item, max_pixels)
-        for label in value.get("brushlabels", []):
+        for label in item["value"].get("brushlabels", []):
             out[label] = region | out[label] if label in out and out[label].shape == region.shape else region
     return out
 
@@ -118,7 +102,7 @@ class Feedback:
         """Keep what was predicted for each task id (Label Studio prediction dicts)."""
         if not predictions:
             return
-        key = f"prelabel:predictions:{project}"
+        key = keys.served_predictions(project)
         pipe = self.connection.pipeline()
         pipe.hset(key, mapping={str(task): json.dumps(p) for task, p in predictions.items()})
         pipe.expire(key, PREDICTION_TTL)
@@ -136,31 +120,31 @@ class Feedback:
                 continue
             queued.append(json.dumps({"project": project, "annotation": annotation}))
         if queued:
-            waiting = self.connection.memory_usage(INBOX, samples=0) or 0  # exact: no sampling to game
+            waiting = self.connection.memory_usage(keys.FEEDBACK_INBOX, samples=0) or 0  # exact: no sampling to game
             if waiting > INBOX_BYTES:
                 raise ServiceUnavailable(
                     f"{waiting // 2**20} MB of corrections are waiting to be compared; this one was not recorded "
                     "(Label Studio keeps it, and training reads it from there)."
                 )
-            self.connection.rpush(INBOX, *queued)
+            self.connection.rpush(keys.FEEDBACK_INBOX, *queued)
         return len(queued), refused
 
     def record(self, project: str, annotation: dict) -> dict[str, Any] | None:
         """Compare ``annotation`` with the prediction its task got; None when there was none."""
         task = annotation.get("task")
         task = task.get("id") if isinstance(task, dict) else task
-        raw = self.connection.hget(f"prelabel:predictions:{project}", str(task))
+        raw = self.connection.hget(keys.served_predictions(project), str(task))
         if raw is None or annotation.get("was_cancelled"):
             return None
         prediction = json.loads(raw)
         record = {"task": task, "version": prediction.get("model_version"),
                   **compare(prediction.get("result", []), annotation.get("result") or [], self.max_pixels)}  # fmt: skip
-        self.connection.hset(f"prelabel:corrections:{project}", str(annotation["id"]), json.dumps(record))
+        self.connection.hset(keys.corrections(project), str(annotation["id"]), json.dumps(record))
         return record
 
     def process_one(self, timeout: float = 1.0) -> bool:
         """Compare the inbox's oldest annotation; False when the inbox stayed empty for ``timeout``."""
-        raw = self.connection.blmove(INBOX, PROCESSING, timeout)
+        raw = self.connection.blmove(keys.FEEDBACK_INBOX, keys.FEEDBACK_PROCESSING, timeout)
         if raw is None:
             return False
         try:
@@ -170,7 +154,7 @@ class Feedback:
             raise  # stays in the processing list, taken back when Redis answers again
         except Exception as e:  # e.g. an RLE corrupt past its header: dropped, said once
             log.warning("a correction was not compared: %s: %s", type(e).__name__, e)
-        self.connection.lrem(PROCESSING, 1, raw)
+        self.connection.lrem(keys.FEEDBACK_PROCESSING, 1, raw)
         return True
 
     def start_comparing(self) -> threading.Thread:
@@ -179,7 +163,7 @@ class Feedback:
         def loop() -> None:
             while not self._stop.is_set():
                 try:
-                    while self.connection.lmove(PROCESSING, INBOX):
+                    while self.connection.lmove(keys.FEEDBACK_PROCESSING, keys.FEEDBACK_INBOX):
                         pass
                     while not self._stop.is_set():
                         self.process_one(timeout=1)
@@ -197,18 +181,18 @@ class Feedback:
     def forget(self, project: str, annotation_ids: Iterable[Any]) -> None:
         ids = [str(i) for i in annotation_ids]
         if ids:
-            self.connection.hdel(f"prelabel:corrections:{project}", *ids)
+            self.connection.hdel(keys.corrections(project), *ids)
 
     def report(self, project: str | None = None) -> dict[str, Any]:
         """Per project and model version: corrections, share accepted unchanged, tag counts, and
         per label the mean IoU between predicted and final masks."""
-        prefix = "prelabel:corrections:"
-        keys = self.connection.scan_iter(f"{prefix}*")
-        projects = [project] if project else sorted(k.decode().removeprefix(prefix) for k in keys)
+        prefix = keys.CORRECTIONS_PREFIX
+        found = self.connection.scan_iter(f"{prefix}*")
+        projects = [project] if project else sorted(k.decode().removeprefix(prefix) for k in found)
         out: dict[str, Any] = {}
         for p in projects:
             by_version: dict[str, dict[str, Any]] = {}
-            for raw in self.connection.hvals(f"prelabel:corrections:{p}"):
+            for raw in self.connection.hvals(keys.corrections(p)):
                 record = json.loads(raw)
                 row = by_version.setdefault(record["version"] or "unknown", {
                     "corrections": 0, "unchanged": 0, "tags_accepted": 0, "tags_added": 0, "tags_removed": 0,

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 
-from backend.jobs import PREDICT_QUEUE, TRAIN_QUEUE, AllowListedJob
+from common import keys
+from common.jobs import PREDICT_QUEUE, TRAIN_QUEUE, AllowListedJob
 
 if TYPE_CHECKING:
     from backend.app import State
@@ -56,7 +57,7 @@ def render(state: State) -> str:
             workers.append(({"queue": name}, Worker.count(queue=queue)))
         metric("prelabel_queue_depth", "gauge", "Jobs waiting in each queue.", depth)
         metric("prelabel_workers", "gauge", "Workers listening on each queue.", workers)
-        gpu = [({"worker": w.decode()}, float(v)) for w, v in connection.hgetall("prelabel:gpu-memory").items()]
+        gpu = [({"worker": w.decode()}, float(v)) for w, v in connection.hgetall(keys.GPU_MEMORY).items()]
         metric("prelabel_worker_gpu_memory_bytes", "gauge", "GPU memory held by each worker after its last job.", gpu)
         corrections, unchanged, ious = [], [], []
         for project, versions in state.feedback.report().items():

@@ -24,10 +24,10 @@ from rq.registry import StartedJobRegistry
 from rq.results import Result
 from rq.serializers import JSONSerializer
 
-from backend.errors import JobFailed, JobTimeout, PrelabelError, ServiceUnavailable
-from backend.jobs import PREDICT_FUNCTION, PREDICT_QUEUE, AllowListedJob, PredictJob, PredictResult
-from backend.logs import redact_url
-from backend.settings import Settings
+from common.errors import JobFailed, JobTimeout, PrelabelError, ServiceUnavailable
+from common.jobs import PREDICT_FUNCTION, PREDICT_QUEUE, AllowListedJob, PredictJob, PredictResult
+from common.logs import redact_url
+from common.settings import Settings
 
 log = logging.getLogger(__name__)
 

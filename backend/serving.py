@@ -20,16 +20,18 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import redis
-from label_studio_sdk import LabelStudio
 from rq.job import Job
 
-from backend.errors import JobTimeout
-from backend.jobs import ImageTask, PredictJob
-from backend.labelconfig import LabelSpec
-from backend.predictions import to_label_studio
-from backend.projects import project_id
 from backend.runner import QueueRunner
-from backend.settings import Settings
+from common import keys
+from common.errors import JobTimeout
+from common.jobs import ImageTask, PredictJob
+from common.labelstudio.client import label_studio_client
+from common.labelstudio.config import LabelSpec
+from common.labelstudio.predictions import to_label_studio
+from common.labelstudio.tasks import image_url
+from common.projects import project_id
+from common.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ class PredictionCache:
     @staticmethod
     def key(version: str, label_config: str, task_id: Any, image_url: str | None) -> str:
         digest = hashlib.sha1(f"{label_config}\0{image_url}".encode()).hexdigest()[:16]
-        return f"prelabel:cache:{version}:{task_id}:{digest}"
+        return keys.cached_prediction(version, task_id, digest)
 
     def get_many(self, keys: list[str]) -> list[dict | list | None]:
         return [json.loads(v) if v is not None else None for v in self.connection.mget(keys)] if keys else []
@@ -136,7 +138,7 @@ class Server:
         TASKS_CREATED must not write into another project)."""
         if not (self.settings.label_studio_url and self.settings.label_studio_api_key) or not job.project:
             return 0
-        client = LabelStudio(base_url=self.settings.label_studio_url, api_key=self.settings.label_studio_api_key)
+        client = label_studio_client(self.settings, "Posting predictions")
         pid = project_id(job.project)
         posted = 0
         for task, prediction in zip(job.tasks, predictions, strict=True):
@@ -165,12 +167,6 @@ def per_job(indices: Sequence[int], size: int) -> Iterator[Sequence[int]]:
     """``indices`` in slices of at most ``size`` (MAX_TASKS_PER_JOB): one job each."""
     for start in range(0, len(indices), size):
         yield indices[start : start + size]
-
-
-def image_url(task: dict[str, Any], key: str) -> str | None:
-    data = task.get("data")
-    value = data.get(key) if isinstance(data, dict) else None
-    return value if isinstance(value, str) and value else None
 
 
 def predict_job(

@@ -25,8 +25,8 @@ from pathlib import Path
 import redis
 import requests
 
-from backend.settings import Settings
 from bench.photos import REPO, jpeg, photos
+from common.settings import Settings
 
 
 def _free_port() -> int:

@@ -36,8 +36,10 @@ import torch.nn.functional as F
 
 from bench.report import publish
 from bench.toyworld import BACKGROUNDS, COLOURS, SHAPES, Scene, scenes
+from common.quality import mean_average_precision, micro_f1, miou
+from worker.checkpoints import version_visual
+from worker.loading import ClipBundle
 from worker.model import dense, vit
-from worker.model.loading import ClipBundle
 from worker.model.preprocess import to_pixels
 from worker.model.selection import select_tags
 from worker.model.tagclip import TagCLIPConfig, reidentify, run_trunk, tagclip_head
@@ -45,9 +47,7 @@ from worker.model.text import TextEmbedder
 from worker.model.zegclip import ZegCLIP, ZegCLIPConfig
 from worker.training.clipself import CLIPSelfConfig, train_clipself
 from worker.training.corrections import Correction
-from worker.training.metrics import mean_average_precision, micro_f1, miou
 from worker.training.zegclip import TrainingSample, calibrate_threshold, train_zegclip
-from worker.versions import version_visual
 
 HELD_OUT_SEED, POOL_SEED = 1000, 2000
 SIZE = 64
@@ -290,8 +290,8 @@ def markdown(report: dict, command: str, description: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from backend.settings import Settings
-    from worker.model.loading import load_clip
+    from common.settings import Settings
+    from worker.loading import load_clip
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="bench/models/toy-clip")

@@ -52,13 +52,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from backend.app import create_app
-from backend.jobs import PREDICT_QUEUE, BrushControl, ChoicesControl, ClassLabel
-from backend.settings import Settings
 from bench.photos import DATA, REPO, jpeg, photos
 from bench.report import publish
+from common.jobs import PREDICT_QUEUE, BrushControl, ChoicesControl, ClassLabel
+from common.settings import Settings
 from worker.images import decode_for_model, decode_image
+from worker.loading import autocast, load_clip
 from worker.model import dense, vit
-from worker.model.loading import autocast, load_clip
 from worker.predictor import Predictor, same_size_batches
 from worker.training.clipself import CLIPSelfConfig, train_clipself
 from worker.training.corrections import Correction

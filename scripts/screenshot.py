@@ -25,8 +25,8 @@ from selenium.webdriver.common.by import By
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from backend.settings import Settings  # noqa: E402
 from bench.toyworld import COLOURS, SHAPES, render_scene  # noqa: E402
+from common.settings import Settings  # noqa: E402
 from tests.labelstudio import LabelStudio, Prelabel, free_port  # noqa: E402
 
 REDIS_URL = "redis://127.0.0.1:6379/13"

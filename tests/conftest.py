@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from backend.settings import Settings
+from common.settings import Settings
 from tests.lsfake import FakeLabelStudio
 from tests.tiny import save_tiny_clip
 

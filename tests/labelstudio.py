@@ -14,7 +14,7 @@ from typing import Any
 
 import requests
 
-from backend.settings import Settings
+from common.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 LS_BIN = Path(os.environ.get("PRELABEL_LS_VENV", REPO / ".venv-ls")) / "bin" / "label-studio"

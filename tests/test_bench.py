@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from backend.settings import Settings
 from bench import quality
-from worker.model.loading import load_clip
+from common import quality as metrics
+from common.settings import Settings
+from worker.loading import load_clip
 from worker.model.tagclip import TagCLIPConfig
 from worker.model.text import TextEmbedder
-from worker.training import metrics
 
 
 def test_mean_average_precision_on_known_rankings():

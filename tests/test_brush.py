@@ -11,9 +11,9 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle, mask2rle
 from PIL import Image
 
-from backend import brush
-from backend.brush import draw_scaled, mask_to_rle, region_mask, region_size, rle_to_mask, scaled_mask_to_rle
-from backend.errors import AnnotationError
+from common.errors import AnnotationError
+from common.labelstudio import brush
+from common.labelstudio.brush import draw_scaled, mask_to_rle, region_mask, region_size, rle_to_mask, scaled_mask_to_rle
 from tests.conftest import shared_data
 
 

@@ -68,7 +68,7 @@ def test_the_backend_refuses_to_serve_the_network_without_auth(host):
 
 
 def test_the_webhook_header_for_a_project_is_printed_for_manual_setup():
-    from backend.lswebhooks import project_secret
+    from backend.webhook_secret import project_secret
 
     done = _backend(["--webhook-header", "7"], {"WEBHOOK_SECRET": "hook-s3cret"})
     assert done.returncode == 0

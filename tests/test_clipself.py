@@ -22,9 +22,9 @@ def setup():
     import tempfile
     from pathlib import Path
 
-    from backend.settings import Settings
+    from common.settings import Settings
     from tests.tiny import save_tiny_clip
-    from worker.model.loading import load_clip
+    from worker.loading import load_clip
 
     bundle = load_clip(Settings(model_checkpoint=str(save_tiny_clip(Path(tempfile.mkdtemp()) / "tiny"))))
     samples, classes = load_voc_folder(shared_data() / "voc-samples")

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
-from backend.jobs import BrushControl, ChoicesControl, ClassLabel, ImageTask, PredictJob
+from common.jobs import BrushControl, ChoicesControl, ClassLabel, ImageTask, PredictJob
 from tests.tiny import build_tiny_clip
 from worker.images import decode_for_model
+from worker.loading import autocast, load_clip
 from worker.model import dense, vit
-from worker.model.loading import autocast, load_clip
 from worker.model.tagclip import local_scores, reidentify
 from worker.predictor import ClassBank, Predictor
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from backend.settings import Settings
+from common.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 

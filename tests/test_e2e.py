@@ -15,7 +15,7 @@ from label_studio_sdk.converter.brush import decode_rle
 from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 
-from backend.settings import Settings
+from common.settings import Settings
 from tests.conftest import REPO, claim_redis_db, shared_data
 from tests.labelstudio import LabelStudio, Prelabel, free_port
 

@@ -14,8 +14,8 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from backend.app import create_app
-from backend.jobs import ChoicesControl, ClassLabel, ImageTask, PredictJob
 from backend.runner import QueueRunner
+from common.jobs import ChoicesControl, ClassLabel, ImageTask, PredictJob
 from tests.labelstudio import free_port
 from tests.test_queue import start_worker, stop, wait_for_workers
 

@@ -11,8 +11,10 @@ import redis
 from label_studio_sdk.converter.brush import mask2rle
 
 from backend import feedback as module
-from backend.errors import ServiceUnavailable
-from backend.feedback import INBOX, PROCESSING, Feedback, compare
+from backend.feedback import Feedback, compare
+from common.errors import ServiceUnavailable
+from common.keys import FEEDBACK_INBOX as INBOX
+from common.keys import FEEDBACK_PROCESSING as PROCESSING
 
 PROJECT = "5.1795414525"
 MAX_PIXELS = 60_000_000

@@ -16,9 +16,10 @@ from urllib.parse import quote
 
 import pytest
 
-from backend.errors import ImageFetchError
+from common.errors import ImageFetchError
+from common.labelstudio.client import is_personal_access_token
 from tests.lsfake import FakeLabelStudio, trickle, trickle_headers
-from worker.fetch import ImageFetcher, address_refusal, is_personal_access_token, parse_strict
+from worker.fetch import ImageFetcher, address_refusal, parse_strict
 
 PHOTO = "2011_000003.jpg"
 

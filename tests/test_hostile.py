@@ -27,10 +27,11 @@ import redis
 import requests
 from PIL import Image
 
-from backend.brush import mask_to_rle
-from backend.lswebhooks import SECRET_HEADER, project_secret
-from backend.projects import project_uid
-from backend.settings import Settings
+from backend.webhook_secret import SECRET_HEADER, project_secret
+from common import keys
+from common.labelstudio.brush import mask_to_rle
+from common.projects import project_uid
+from common.settings import Settings
 from tests.conftest import REPO, claim_redis_db, shared_data
 from tests.labelstudio import LabelStudio, Prelabel, free_port
 from tests.lsfake import FakeLabelStudio, trickle, trickle_headers
@@ -323,7 +324,7 @@ def test_state_changes_need_auth_and_json(world):
         secret = {SECRET_HEADER: project_secret(WEBHOOK_SECRET, world.project["id"])}
         assert call(f"{world.prelabel.url}{path}", timeout=10, headers=secret, **kwargs).status_code == 401, path
     connection = redis.Redis.from_url(world.settings.redis_url)
-    assert not connection.hexists("prelabel:projects", "77.1795414525")  # refused requests write nothing
+    assert not connection.hexists(keys.PROJECTS, "77.1795414525")  # refused requests write nothing
     by_query = world.post(f"/versions/{version}/activate?project={world.uid}", {})
     assert by_query.status_code == 400
     traversal = world.post("/versions/..%2F..%2F..%2Fetc%2Fpasswd/activate", {"project": world.uid})

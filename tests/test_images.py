@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.errors import ImageDecodeError
+from common.errors import ImageDecodeError
 from worker.images import PixelBudget, decode_for_model, decode_image, to_rgb
 
 LIMIT = 60_000_000

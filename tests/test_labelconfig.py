@@ -1,7 +1,7 @@
 import pytest
 
-from backend.errors import LabelConfigError
-from backend.labelconfig import parse_label_config
+from common.errors import LabelConfigError
+from common.labelstudio.config import parse_label_config
 
 CONFIG = """<View>
   <Image name="photo" value="$img" zoom="true"/>

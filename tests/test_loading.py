@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from backend.errors import ModelUnavailable
-from backend.settings import Settings
-from worker.model.loading import load_clip
+from common.errors import ModelUnavailable
+from common.settings import Settings
+from worker.loading import load_clip
 
 
 def test_open_clip_model_directory_loads_frozen(make_settings, tiny_checkpoint):
@@ -70,8 +70,8 @@ def test_random_weights_only_when_asked(make_settings):
 def test_missing_pretrained_weights_stop_with_instructions(tmp_path):
     """No hub access here: loading the default weights must fail fast with the ways to fix it."""
     script = (
-        "from backend.settings import Settings\n"
-        "from worker.model.loading import load_clip\n"
+        "from common.settings import Settings\n"
+        "from worker.loading import load_clip\n"
         f"load_clip(Settings(model_dir={str(tmp_path)!r}))\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -85,7 +85,7 @@ def test_missing_pretrained_weights_stop_with_instructions(tmp_path):
 def test_default_device_is_cpu_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is visible")
-    from worker.model.loading import resolve_device
+    from worker.loading import resolve_device
 
     assert resolve_device("auto").type == "cpu"
     with pytest.raises(ModelUnavailable, match="no CUDA device"):
@@ -94,7 +94,7 @@ def test_default_device_is_cpu_without_cuda():
 
 
 def test_precision_follows_the_setting_and_the_hardware(monkeypatch):
-    from worker.model import loading
+    from worker import loading
 
     cpu = torch.device("cpu")
     assert loading.resolve_precision("fp32", cpu) == torch.float32

@@ -9,10 +9,10 @@ import threading
 import pytest
 from PIL import Image
 
-from backend.errors import ImageFetchError
-from backend.jobs import BrushControl, ChoicesControl, ClassLabel, ImageTask, PredictJob
+from common.errors import ImageFetchError
+from common.jobs import BrushControl, ChoicesControl, ClassLabel, ImageTask, PredictJob
 from worker import predictor as pipeline
-from worker.model.loading import load_clip
+from worker.loading import load_clip
 from worker.predictor import Predictor
 
 LABELS = tuple(ClassLabel(name, (name,)) for name in ("cat", "dog", "person"))

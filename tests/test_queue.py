@@ -23,10 +23,10 @@ from rq.webhook import Webhook
 
 from backend import runner as runner_module
 from backend.app import create_app
-from backend.errors import JobTimeout
-from backend.jobs import PREDICT_FUNCTION, PREDICT_QUEUE, ChoicesControl, ClassLabel, ImageTask, PredictJob
 from backend.runner import InlineRunner, QueueRunner
-from backend.settings import Settings
+from common.errors import JobTimeout
+from common.jobs import PREDICT_FUNCTION, PREDICT_QUEUE, ChoicesControl, ClassLabel, ImageTask, PredictJob
+from common.settings import Settings
 from tests.conftest import claim_redis_db, settings_env
 from tests.lsfake import FakeLabelStudio
 from worker import tasks

@@ -7,9 +7,9 @@ import time
 import pytest
 import redis
 
-from backend.errors import BadRequest
-from backend.projects import project_id, project_uid
-from backend.registry import WEIGHTS_FILE, Registry, VersionInfo, VersionNotFound, file_checksum
+from common.errors import BadRequest
+from common.projects import project_id, project_uid
+from common.versions import WEIGHTS_FILE, Registry, VersionInfo, VersionNotFound, file_checksum
 
 PROJECT = "3.1795414525"
 BASE = "prelabel-tiny-abc123"

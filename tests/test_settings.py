@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from backend.errors import SettingsError
-from backend.settings import DEFAULT_BACKGROUND_WORDS, Settings
+from common.errors import SettingsError
+from common.settings import DEFAULT_BACKGROUND_WORDS, Settings
 
 
 def test_defaults_without_environment():
@@ -84,7 +84,7 @@ def test_debug_logging_keeps_urllib3_s_request_lines_out():
     """urllib3's debug lines quote request paths with their query (presigned signatures)."""
     import logging
 
-    from backend.logs import configure_logging
+    from common.logs import configure_logging
 
     root = logging.getLogger()
     saved = root.level, list(root.handlers)

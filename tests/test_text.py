@@ -3,7 +3,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from worker.model.loading import load_clip
+from worker.loading import load_clip
 from worker.model.text import TEMPLATES, TextEmbedder, encode_text_trimmed
 
 

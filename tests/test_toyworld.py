@@ -10,10 +10,10 @@ import numpy as np
 import open_clip
 import pytest
 
-from backend.settings import Settings
 from bench.toy_clip import zero_shot_accuracy
 from bench.toyworld import BACKGROUNDS, COLOURS, MIN_VISIBLE, SHAPES, caption, render_scene, scenes
-from worker.model.loading import load_clip
+from common.settings import Settings
+from worker.loading import load_clip
 from worker.model.text import TEMPLATES
 
 TOY_CLIP = Path(__file__).resolve().parents[1] / "bench" / "models" / "toy-clip"

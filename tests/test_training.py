@@ -18,22 +18,22 @@ from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
 from backend.app import create_app
-from backend.brush import mask_to_rle
-from backend.errors import AnnotationError
-from backend.jobs import TRAIN_QUEUE, BrushControl, ChoicesControl, ClassLabel, ImageTask, PredictJob, TrainJob
-from backend.labelconfig import parse_label_config
-from backend.lswebhooks import SECRET_HEADER, project_secret
-from backend.registry import WEIGHTS_FILE, Registry
 from backend.runner import QueueRunner
+from backend.webhook_secret import SECRET_HEADER, project_secret
+from common.errors import AnnotationError
+from common.jobs import TRAIN_QUEUE, BrushControl, ChoicesControl, ClassLabel, ImageTask, PredictJob, TrainJob
+from common.labelstudio.brush import mask_to_rle
+from common.labelstudio.config import parse_label_config
+from common.versions import WEIGHTS_FILE, Registry
 from tests.conftest import shared_data
 from worker import tasks
-from worker.model.loading import load_clip
+from worker.loading import load_clip
 from worker.predictor import Predictor
 from worker.provider import ModelProvider
 from worker.training.clipself import TrainingCancelled
 from worker.training.corrections import Correction, from_annotation
 from worker.training.evaluate import gate
-from worker.training.job import fetch_images, run_training
+from worker.training.run import fetch_images, run_training
 
 PROJECT = {"id": 4, "created_at": "2026-11-23T06:15:25Z", "title": "photos", "label_config": ""}
 UID = "4.1795414525"
@@ -316,7 +316,7 @@ def test_workers_switch_versions_between_jobs_without_dropping_one(trainer, redi
 
 
 def test_progress_reaches_the_job_status_and_cancel_reaches_the_job(queue_app, redis_url):
-    from worker.reporting import JobReporter
+    from worker.progress import JobReporter
 
     app, _ = queue_app()
     client = app.test_client()
@@ -356,8 +356,8 @@ def test_metrics_expose_queues_and_correction_figures(queue_app):
 
 
 def test_a_corrupt_version_is_refused_by_the_worker_too(trainer):
-    from backend.errors import ModelUnavailable
-    from backend.registry import WEIGHTS_FILE
+    from common.errors import ModelUnavailable
+    from common.versions import WEIGHTS_FILE
 
     settings, base, registry = trainer
     job = dataclasses.replace(JOB, model_version=settings.model_version)

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
-from backend.jobs import BrushControl, ClassLabel, ImageTask, PredictJob
-from backend.settings import Settings
+from common.jobs import BrushControl, ClassLabel, ImageTask, PredictJob
+from common.settings import Settings
 from tests.conftest import shared_data
 from tests.tiny import TINY_CLIP, save_tiny_clip
-from worker.model.loading import load_clip
+from worker.loading import load_clip
 from worker.model.zegclip import (
     IGNORE,
     NO_CLASS,

@@ -16,10 +16,10 @@ import redis
 from rq import SimpleWorker, worker_registration
 from rq.serializers import JSONSerializer
 
-from backend.errors import ModelUnavailable, SettingsError
-from backend.jobs import PREDICT_QUEUE, TRAIN_QUEUE, AllowListedJob
-from backend.logs import configure_logging, redact_url
-from backend.settings import Settings
+from common.errors import ModelUnavailable, SettingsError
+from common.jobs import PREDICT_QUEUE, TRAIN_QUEUE, AllowListedJob
+from common.logs import configure_logging, redact_url
+from common.settings import Settings
 from worker import tasks
 
 log = logging.getLogger(__name__)

@@ -52,8 +52,9 @@ from urllib3.exceptions import HTTPError, LocationParseError, NewConnectionError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from urllib3.util import Url, parse_url
 
-from backend.errors import ImageFetchError
-from backend.settings import Settings
+from common.errors import ImageFetchError
+from common.labelstudio.client import LabelStudioAuth
+from common.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +88,6 @@ _current = threading.local()
 def system_resolver(host: str, port: int) -> list[str]:
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
-
-
-def is_personal_access_token(key: str) -> bool:
-    """Label Studio PATs are JWT refresh tokens (``eyJ...``); legacy tokens are 40 hex chars."""
-    return key.count(".") == 2 and key.startswith("eyJ")
 
 
 def parse_strict(raw: str) -> Url:
@@ -324,47 +320,6 @@ class Connector:
             return pool
 
 
-class LabelStudioAuth:
-    """The Authorization header for Label Studio, refreshing a PAT's access token when needed."""
-
-    def __init__(self, fetcher: ImageFetcher, api_key: str | None) -> None:
-        self._fetcher = fetcher
-        self._key = api_key
-        self._lock = threading.Lock()
-        self._access: str | None = None
-        self._access_expires = 0.0
-
-    @property
-    def uses_pat(self) -> bool:
-        return bool(self._key) and is_personal_access_token(self._key or "")
-
-    def headers(self) -> dict[str, str]:
-        if not self._key:
-            return {}
-        if not self.uses_pat:
-            return {"Authorization": f"Token {self._key}"}
-        with self._lock:
-            if self._access is None or time.time() > self._access_expires:
-                self._refresh()
-            return {"Authorization": f"Bearer {self._access}"}
-
-    def invalidate(self) -> None:
-        """Forget the access token (after a 401) so the next call refreshes it."""
-        with self._lock:
-            self._access = None
-
-    def _refresh(self) -> None:
-        status, body = self._fetcher.post_to_label_studio("/api/token/refresh/", {"refresh": self._key})
-        access = body.get("access") if isinstance(body, dict) else None
-        if status != 200 or not isinstance(access, str):
-            raise ImageFetchError(
-                f"Label Studio refused the personal access token (HTTP {status} from "
-                "/api/token/refresh/): check LABEL_STUDIO_API_KEY; the token may be revoked or expired."
-            )
-        self._access = access
-        self._access_expires = _jwt_expiry(access) - 30
-
-
 class ImageFetcher:
     """Fetch image bytes for a task, by the rules in this module's docstring."""
 
@@ -374,7 +329,8 @@ class ImageFetcher:
         self.connector = Connector(settings.fetch_threads or 8, ca_certs)
         self.allowed_hosts = tuple(pattern.lower().rstrip(".") for pattern in settings.allowed_hosts)
         self.ls_url = parse_url(settings.label_studio_url.rstrip("/")) if settings.label_studio_url else None
-        self.ls_auth = LabelStudioAuth(self, settings.label_studio_api_key) if self.ls_url else None
+        key = settings.label_studio_api_key
+        self.ls_auth = LabelStudioAuth(key, self.post_to_label_studio) if self.ls_url else None
 
     def fetch(self, raw: str) -> bytes:
         """Return the bytes behind ``raw`` (a task's image value). Raises ImageFetchError with the reason."""
@@ -581,13 +537,3 @@ def _reason(error: BaseException) -> str:
             return str(seen)
         seen = seen.__cause__ or seen.__context__
     return type(error).__name__
-
-
-def _jwt_expiry(token: str) -> float:
-    """The ``exp`` claim of a JWT (not verified: Label Studio checks it), or 4 minutes from now."""
-    try:
-        payload = token.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        return float(claims["exp"])
-    except (IndexError, ValueError, KeyError, TypeError, binascii.Error):
-        return time.time() + 240

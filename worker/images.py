@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from backend.errors import ImageDecodeError
+from common.errors import ImageDecodeError
 
 #: The formats a task image may be in. Pillow tries no others: EPS would run Ghostscript, and every
 #: decoder left out is attack surface left out. (Phones' multi-picture JPEGs open as JPEG.)

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from backend.errors import ImageError
-from backend.jobs import (
+from common.errors import ImageError
+from common.jobs import (
     BrushControl,
     ChoicesControl,
     ClassLabel,
@@ -29,11 +29,11 @@ from backend.jobs import (
     TaskId,
     TaskResult,
 )
-from backend.settings import Settings
+from common.settings import Settings
 from worker.fetch import ImageFetcher
 from worker.images import PixelBudget, decode_for_model
+from worker.loading import ClipBundle, autocast
 from worker.model import dense, vit
-from worker.model.loading import ClipBundle, autocast
 from worker.model.preprocess import to_pixels, working_size
 from worker.model.selection import select_tags
 from worker.model.tagclip import LocalScores, TagCLIPConfig, reidentify, run_trunk, tagclip_head

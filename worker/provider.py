@@ -10,12 +10,12 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from backend.errors import ModelUnavailable
-from backend.registry import Registry
-from backend.settings import Settings
-from worker.model.loading import load_clip
+from common.errors import ModelUnavailable
+from common.settings import Settings
+from common.versions import Registry
+from worker.checkpoints import load_version
+from worker.loading import load_clip
 from worker.predictor import Predictor
-from worker.versions import load_version
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """RQ job functions. Thin on purpose: parse the payload, call the pipeline, return a dict.
 
-The backend enqueues these by dotted path (``backend.jobs.PREDICT_FUNCTION``). Exceptions
+The backend enqueues these by dotted path (``common.jobs.PREDICT_FUNCTION``). Exceptions
 propagate so RQ records them as failed jobs, with the message the backend passes on.
 """
 
@@ -14,13 +14,14 @@ from typing import Any
 import torch
 from rq import get_current_job
 
-from backend.errors import ModelUnavailable
-from backend.jobs import PredictJob, TrainJob
-from backend.registry import Registry
-from backend.settings import Settings
+from common import keys
+from common.errors import ModelUnavailable
+from common.jobs import PredictJob, TrainJob
+from common.settings import Settings
+from common.versions import Registry
+from worker.progress import JobReporter
 from worker.provider import ModelProvider
-from worker.reporting import JobReporter
-from worker.training.job import run_training
+from worker.training.run import run_training
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def predict(payload: dict[str, Any]) -> dict[str, Any]:
     result = dataclasses.replace(result, worker=models.identity())
     rq_job = get_current_job()
     if rq_job is not None and torch.cuda.is_available():
-        rq_job.connection.hset("prelabel:gpu-memory", rq_job.worker_name or "unknown", torch.cuda.memory_allocated())
+        rq_job.connection.hset(keys.GPU_MEMORY, rq_job.worker_name or "unknown", torch.cuda.memory_allocated())
     log.info(
         "predict job %s: %d tasks (%d failed), model %s, timings %s",
         rq_job.id if rq_job else "inline", len(result.tasks), sum(1 for t in result.tasks if t.error),

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor
 
-from backend.brush import draw_scaled, scaled_mask_to_rle
-from backend.settings import DENSE_HEADS
+from common.labelstudio.brush import draw_scaled, scaled_mask_to_rle
+from common.settings import DENSE_HEADS
 from worker.model import vit
 
 #: CLIP's own temperature (100) makes patch-level softmaxes too peaky; the dense papers use ~50.

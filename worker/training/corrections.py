@@ -8,18 +8,19 @@ pulls the project's current annotations through label-studio-sdk, takes the late
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from label_studio_sdk import LabelStudio
 from PIL import Image
 
-from backend.brush import draw_scaled, region_size, rle_to_mask
-from backend.errors import AnnotationError
-from backend.jobs import BrushControl, ChoicesControl, TaskId
-from backend.projects import project_id
-from backend.settings import Settings
+from common.errors import AnnotationError
+from common.jobs import BrushControl, ChoicesControl, TaskId
+from common.labelstudio.brush import draw_scaled, region_size, rle_to_mask
+from common.labelstudio.client import label_studio_client
+from common.labelstudio.tasks import brush_regions, chosen, image_url, latest_annotation
+from common.projects import project_id
+from common.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -70,33 +71,27 @@ def from_annotation(
     choice_names = {c.from_name for c in choices}
     brush_names = {b.from_name for b in brushes}
     labels = tuple(dict.fromkeys(label.name for b in brushes for label in b.labels))
-    correction = Correction(task_id, image_url, tags={name: set() for name in choice_names}, mask_labels=labels)
-    for item in result:
-        name, value = item.get("from_name"), item.get("value") or {}
-        if item.get("type") == "choices" and name in choice_names:
-            correction.tags[name].update(c for c in value.get("choices", []) if isinstance(c, str))
-        elif item.get("type") == "brushlabels" and name in brush_names and value.get("rle"):
-            size = region_size(item, max_pixels)
-            if correction.size is None:
-                correction.size = size
-                width, height = training_size(*size, image_size)
-                correction.mask = np.zeros((height, width), dtype=np.uint8)
-            if size != correction.size:
-                log.warning("task %s: brush regions of different sizes; skipping one", task_id)
-                continue
-            assert correction.mask is not None
-            region = rle_to_mask(value["rle"], *size)
-            small = draw_scaled(region, (correction.mask.shape[1], correction.mask.shape[0]))
-            for label in value.get("brushlabels", []):
-                if label in labels:
-                    correction.mask[small] = labels.index(label) + 1
+    tags = chosen(result)
+    correction = Correction(task_id, image_url, tags={name: tags.get(name, set()) for name in choice_names},
+                            mask_labels=labels)  # fmt: skip
+    for item in brush_regions(result):
+        if item.get("from_name") not in brush_names:
+            continue
+        size = region_size(item, max_pixels)
+        if correction.size is None:
+            correction.size = size
+            width, height = training_size(*size, image_size)
+            correction.mask = np.zeros((height, width), dtype=np.uint8)
+        if size != correction.size:
+            log.warning("task %s: brush regions of different sizes; skipping one", task_id)
+            continue
+        assert correction.mask is not None
+        region = rle_to_mask(item["value"]["rle"], *size)
+        small = draw_scaled(region, (correction.mask.shape[1], correction.mask.shape[0]))
+        for label in item["value"].get("brushlabels", []):
+            if label in labels:
+                correction.mask[small] = labels.index(label) + 1
     return correction
-
-
-def latest_annotation(annotations: Iterable[dict]) -> dict | None:
-    """The most recently updated annotation that was submitted, not skipped."""
-    kept = [a for a in annotations if not a.get("was_cancelled")]
-    return max(kept, key=lambda a: str(a.get("updated_at") or a.get("created_at") or ""), default=None)
 
 
 def pull_corrections(
@@ -107,16 +102,14 @@ def pull_corrections(
     brushes: Sequence[BrushControl],
 ) -> list[Correction]:
     """Every annotated task of ``project``, from Label Studio's API, latest annotation each."""
-    if not settings.label_studio_url or not settings.label_studio_api_key:
-        raise RuntimeError("Training reads annotations from Label Studio: set LABEL_STUDIO_URL and its API key")
-    client = LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key)
+    client = label_studio_client(settings, "Training (it reads the corrections from Label Studio)")
     corrections = []
     for task in client.tasks.list(project=project_id(project), fields="all", only_annotated=True):
         task = task if isinstance(task, dict) else task.model_dump()
         annotation = latest_annotation(task.get("annotations") or [])
         if annotation is None:
             continue
-        url = (task.get("data") or {}).get(image_key)
+        url = image_url(task, image_key)
         try:
             corrections.append(from_annotation(task["id"], url, annotation.get("result") or [], choices, brushes,
                                                settings.max_image_pixels, settings.image_size))  # fmt: skip

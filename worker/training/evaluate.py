@@ -7,11 +7,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from backend.brush import rle_to_mask
-from backend.jobs import BrushControl, ChoicesControl, TaskResult
+from common.jobs import BrushControl, ChoicesControl, TaskResult
+from common.labelstudio.brush import rle_to_mask
+from common.quality import iou_table, mean_average_precision, micro_f1
 from worker.predictor import Predictor
 from worker.training.corrections import Correction
-from worker.training.metrics import iou_table, mean_average_precision, micro_f1
 
 #: Metrics the promotion gate compares, when the held-out corrections allow them.
 GATED = ("tag_map", "mask_miou")

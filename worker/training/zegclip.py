@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from common.quality import iou_table
+from worker.loading import ClipBundle
 from worker.model import vit
-from worker.model.loading import ClipBundle
 from worker.model.preprocess import to_pixels, working_size
 from worker.model.text import TextEmbedder
 from worker.model.zegclip import (
@@ -142,17 +143,14 @@ def _probabilities(
 
 
 def _mean_iou(scored: list[tuple[torch.Tensor, np.ndarray]], classes: int, threshold: float) -> float:
-    inter, union = np.zeros(classes), np.zeros(classes)
+    """Mean IoU over the classes present, with pixels under ``threshold`` predicted as no class."""
+    predicted, truth = [], []
     for probs, target in scored:
         best, label = probs.max(dim=0)
-        predicted = torch.where(best >= threshold, label, NO_CLASS).numpy()
-        known = target != IGNORE
-        for c in range(classes):
-            p, t = (predicted == c) & known, (target == c) & known
-            inter[c] += (p & t).sum()
-            union[c] += (p | t).sum()
-    present = union > 0
-    return float((inter[present] / union[present]).mean()) if present.any() else 0.0
+        predicted.append(torch.where(best >= threshold, label + 1, 0).numpy())  # 0: no class
+        truth.append(np.where(target == IGNORE, IGNORE, target + 1))  # NO_CLASS -> 0
+    table = iou_table(predicted, truth, classes, ignore=IGNORE)[1:]
+    return 0.0 if np.all(np.isnan(table)) else float(np.nanmean(table))
 
 
 def mean_iou(
@@ -192,9 +190,9 @@ def load_voc_folder(directory: Path) -> tuple[list[TrainingSample], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from backend.logs import configure_logging
-    from backend.settings import Settings
-    from worker.model.loading import load_clip
+    from common.logs import configure_logging
+    from common.settings import Settings
+    from worker.loading import load_clip
 
     parser = argparse.ArgumentParser(description="Train a ZegCLIP head on a folder of corrected masks.")
     parser.add_argument("data", type=Path, help="folder with index.json, images and class-id masks")

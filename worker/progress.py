@@ -7,7 +7,7 @@ import time
 
 from rq.job import Job
 
-from backend.jobs import cancel_key
+from common import keys
 
 log = logging.getLogger(__name__)
 
@@ -42,4 +42,4 @@ class JobReporter:
             )
 
     def should_stop(self) -> bool:
-        return self.job is not None and bool(self.job.connection.exists(cancel_key(self.job.id)))
+        return self.job is not None and bool(self.job.connection.exists(keys.cancel(self.job.id)))

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from backend.errors import SettingsError
+from common.errors import SettingsError
 
 #: Words that are never a project's label but often fill a photo. Pixels and patches that CLIP
 #: finds closer to these than to any label are "something else" instead of a forced guess.

@@ -22,7 +22,8 @@ from typing import Any
 
 import redis
 
-from backend.errors import BadRequest, PrelabelError
+from common import keys
+from common.errors import BadRequest, PrelabelError
 
 META_FILE = "meta.json"
 ACTIVE_FILE = "active.json"
@@ -81,15 +82,12 @@ class Registry:
         """``<base version>+p<id>-v<N>``: names the base it was trained from, and the project."""
         return f"{self.base_version}+p{project.split('.')[0]}-v{number}"
 
-    def _redis_key(self, project: str) -> str:
-        return f"prelabel:active:{project}"
-
     def active(self, project: str | None) -> str:
         """The version a project's predictions come from (the base model when none was promoted)."""
         if not project:
             return self.base_version
         if self.connection is not None:
-            value = self.connection.get(self._redis_key(project))
+            value = self.connection.get(keys.active_version(project))
             if value is not None:
                 return value.decode()
         path = self.project_dir(project) / ACTIVE_FILE
@@ -135,7 +133,7 @@ class Registry:
             self.verify(self.get(project, version))
         record = json.dumps({"version": version, "activated_at": time.time()})
         if self.connection is not None:  # first: with Redis away, nothing changes
-            self.connection.set(self._redis_key(project), version)
+            self.connection.set(keys.active_version(project), version)
         _write_atomically(self.project_dir(project) / ACTIVE_FILE, record)
 
 

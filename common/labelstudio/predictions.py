@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from backend.jobs import PredictResult, TaskResult
-from backend.labelconfig import LabelSpec
+from common.jobs import PredictResult, TaskResult
+from common.labelstudio.config import LabelSpec
 
 log = logging.getLogger(__name__)
 

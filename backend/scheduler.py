@@ -14,11 +14,12 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from backend.errors import PrelabelError
-from backend.jobs import TRAIN_FUNCTION, TRAIN_QUEUE, AllowListedJob, TrainJob, cancel_key
-from backend.labelconfig import LabelSpec, parse_label_config
-from backend.registry import Registry
-from backend.settings import Settings
+from common import keys
+from common.errors import PrelabelError
+from common.jobs import TRAIN_FUNCTION, TRAIN_QUEUE, AllowListedJob, TrainJob
+from common.labelstudio.config import LabelSpec, parse_label_config
+from common.settings import Settings
+from common.versions import Registry
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,11 @@ class Training:
 
     def remember_project(self, project: str, label_config: str) -> None:
         """Keep the project's label config, for scheduled runs that have no request to read it from."""
-        self.connection.hset("prelabel:projects", project, label_config)
+        self.connection.hset(keys.PROJECTS, project, label_config)
 
     def current(self, project: str) -> Job | None:
         """The project's training run that is queued or running, if any."""
-        job_id = self.connection.get(f"prelabel:training:{project}")
+        job_id = self.connection.get(keys.training_job(project))
         if job_id is None:
             return None
         try:
@@ -55,7 +56,7 @@ class Training:
 
     def enqueue(self, project: str, spec: LabelSpec, trigger: str) -> tuple[Job, bool]:
         """Queue a run unless one is pending; returns (the pending or new job, whether it is new)."""
-        with self.connection.lock(f"prelabel:training-lock:{project}", timeout=10, blocking_timeout=5):
+        with self.connection.lock(keys.training_lock(project), timeout=10, blocking_timeout=5):
             pending = self.current(project)
             if pending is not None:
                 log.info("project %s: training already %s as job %s (%s ignored)", project,
@@ -77,14 +78,14 @@ class Training:
                 failure_ttl=30 * 24 * 3600,
                 description=f"train project {project} ({trigger})",
             )
-            self.connection.set(f"prelabel:training:{project}", job.id)
-            self.connection.set(f"prelabel:new-corrections:{project}", 0)
+            self.connection.set(keys.training_job(project), job.id)
+            self.connection.set(keys.new_corrections(project), 0)
         log.info("project %s: training job %s queued (%s)", project, job.id, trigger)
         return job, True
 
     def corrections_arrived(self, project: str, count: int, spec: LabelSpec) -> Job | None:
         """Count new corrections; every TRAIN_EVERY of them starts a run."""
-        total = self.connection.incrby(f"prelabel:new-corrections:{project}", count)
+        total = self.connection.incrby(keys.new_corrections(project), count)
         if self.settings.train_every and total >= self.settings.train_every:
             return self.enqueue(project, spec, "corrections")[0]
         return None
@@ -92,9 +93,9 @@ class Training:
     def sweep(self) -> list[str]:
         """The scheduled trigger: a run for every known project with corrections since its last run."""
         started = []
-        for raw_project, config in self.connection.hgetall("prelabel:projects").items():
+        for raw_project, config in self.connection.hgetall(keys.PROJECTS).items():
             project = raw_project.decode()
-            if int(self.connection.get(f"prelabel:new-corrections:{project}") or 0) > 0:
+            if int(self.connection.get(keys.new_corrections(project)) or 0) > 0:
                 job, created = self.enqueue(
                     project, parse_label_config(config.decode(), self.settings.max_labels), "schedule"
                 )
@@ -112,7 +113,7 @@ class Training:
             while True:
                 time.sleep(interval)
                 try:
-                    if self.connection.set("prelabel:sweep", "1", nx=True, ex=max(1, interval - 1)):
+                    if self.connection.set(keys.SWEEP_LOCK, "1", nx=True, ex=max(1, interval - 1)):
                         self.sweep()
                 except Exception:  # Redis down for a while: try again next interval
                     log.exception("scheduled training sweep failed")
@@ -135,6 +136,6 @@ class Training:
             job.cancel()
             return {"id": job_id, "status": "canceled"}
         if status == JobStatus.STARTED:
-            self.connection.set(cancel_key(job_id), 1, ex=24 * 3600)
+            self.connection.set(keys.cancel(job_id), 1, ex=24 * 3600)
             return {"id": job_id, "status": "stopping"}
         return {"id": job_id, "status": str(status.value if status else "unknown"), "detail": "not running"}

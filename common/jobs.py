@@ -59,12 +59,6 @@ class AllowListedJob(Job):
         return None
 
 
-def cancel_key(job_id: str) -> str:
-    """The Redis key whose existence asks a running job to stop (RQ cannot interrupt a job that
-    runs inside the worker process, so training checks this between steps)."""
-    return f"prelabel:cancel:{job_id}"
-
-
 @dataclass(frozen=True)
 class ClassLabel:
     """One label of a control: the value Label Studio stores, and the words CLIP reads for it."""

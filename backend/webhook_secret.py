@@ -21,10 +21,9 @@ import logging
 import re
 import threading
 
-from label_studio_sdk import LabelStudio
-
-from backend.projects import project_id
-from backend.settings import Settings
+from common.labelstudio.client import label_studio_client
+from common.projects import project_id
+from common.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ def secure_project_webhooks(settings: Settings, project: str) -> bool:
     """Add the project's secret header to its webhook that points at this backend. Returns True
     once it carries it (False while Label Studio has no such webhook yet)."""
     assert settings.prelabel_url and settings.webhook_secret
-    client = LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key)
+    client = label_studio_client(settings, "Securing the project's webhook")
     pid = project_id(project)
     ours = webhook_url(settings.prelabel_url)
     value = project_secret(settings.webhook_secret, pid)

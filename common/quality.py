@@ -1,10 +1,20 @@
-"""Quality metrics shared by the training gate and the benchmarks."""
+"""How good predictions are: the figures the correction report, the promotion gate and the
+benchmarks share (numpy only, so the backend can use them)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
+
+#: A predicted mask this close to the final one counts as accepted as it was.
+UNCHANGED_IOU = 0.99
+
+
+def mask_iou(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """IoU of two boolean masks of one size; 1.0 when both are empty."""
+    union = np.logical_or(predicted, truth).sum()
+    return float(np.logical_and(predicted, truth).sum() / union) if union else 1.0
 
 
 def mean_average_precision(scores: np.ndarray, truth: np.ndarray) -> float:
@@ -27,10 +37,16 @@ def micro_f1(predicted: np.ndarray, truth: np.ndarray) -> float:
     return float(2 * precision * recall / (precision + recall)) if tp else 0.0
 
 
-def iou_table(predicted: Sequence[np.ndarray], truth: Sequence[np.ndarray], classes: int) -> np.ndarray:
-    """Per-class IoU over a dataset of class maps (0 = background, 1..classes); NaN when absent."""
+def iou_table(
+    predicted: Sequence[np.ndarray], truth: Sequence[np.ndarray], classes: int, ignore: int | None = None
+) -> np.ndarray:
+    """Per-class IoU over a dataset of class maps (0 = background, 1..classes); NaN when absent.
+    Pixels whose truth is ``ignore`` (no supervision there) are left out."""
     confusion = np.zeros((classes + 1, classes + 1), dtype=np.int64)
     for p, t in zip(predicted, truth, strict=True):
+        if ignore is not None:
+            known = t != ignore
+            p, t = p[known], t[known]
         confusion += np.bincount(t.ravel() * (classes + 1) + p.ravel(), minlength=(classes + 1) ** 2).reshape(
             classes + 1, classes + 1
         )

@@ -11,7 +11,7 @@ import re
 from datetime import datetime
 from typing import Any
 
-from backend.errors import BadRequest
+from common.errors import BadRequest
 
 _UID = re.compile(r"^(\d+)\.(\d+)$")
 

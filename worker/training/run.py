@@ -23,17 +23,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from backend.brush import draw_scaled
-from backend.errors import ImageError
-from backend.jobs import TrainJob
-from backend.registry import Registry, VersionInfo
+from common.errors import ImageError
+from common.jobs import TrainJob
+from common.labelstudio.brush import draw_scaled
+from common.versions import Registry, VersionInfo
+from worker.checkpoints import predictor_with, save_version, version_visual
 from worker.images import decode_for_model
 from worker.predictor import ClassBank, Predictor
 from worker.training.clipself import CLIPSelfConfig, train_clipself
 from worker.training.corrections import Correction, pull_corrections, training_size
 from worker.training.evaluate import evaluate, gate
 from worker.training.zegclip import TrainingSample, calibrate_threshold, train_zegclip
-from worker.versions import predictor_with, save_version, version_visual
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
-from backend.errors import ModelUnavailable
-from backend.settings import Settings
+from common.errors import ModelUnavailable
+from common.settings import Settings
 
 log = logging.getLogger(__name__)
 

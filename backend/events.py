@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from backend.errors import AnnotationError, BadRequest
-from backend.labelconfig import LabelSpec, parse_label_config
-from backend.projects import project_uid
+from common.errors import AnnotationError, BadRequest
+from common.labelstudio.config import LabelSpec, parse_label_config
+from common.projects import project_uid
 
 if TYPE_CHECKING:
     from backend.app import State

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from backend.errors import AnnotationError
+from common.errors import AnnotationError
 
 _CHANNELS = 4  # RGBA: Label Studio paints the mask's value into all four
 _WORD_BITS = 8

@@ -11,8 +11,8 @@ from open_clip.transformer import VisionTransformer
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from backend.errors import ModelUnavailable
-from backend.registry import WEIGHTS_FILE, Registry, VersionInfo, file_checksum
+from common.errors import ModelUnavailable
+from common.versions import WEIGHTS_FILE, Registry, VersionInfo, file_checksum
 from worker.model import zegclip
 from worker.model.zegclip import ZegCLIP
 from worker.predictor import Predictor

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from label_studio_sdk.label_interface import LabelInterface
 
-from backend.errors import LabelConfigError
-from backend.jobs import BrushControl, ChoicesControl, ClassLabel
+from common.errors import LabelConfigError
+from common.jobs import BrushControl, ChoicesControl, ClassLabel
 
 log = logging.getLogger(__name__)
 

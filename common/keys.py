@@ -1,0 +1,62 @@
+"""Every Redis key prelabel writes, in one place (as RQ keeps its own in ``rq.keys``).
+
+Keys name the project by its uid (``<id>.<created_at>``, see ``common.projects``) so that a
+project re-created after a Label Studio database reset never inherits another's state. RQ's own
+keys (queues, jobs, workers) start with ``rq:``; ours with ``prelabel:``.
+"""
+
+from __future__ import annotations
+
+PREFIX = "prelabel:"
+
+#: Hash project uid -> label config: what scheduled training runs read, having no request.
+PROJECTS = PREFIX + "projects"
+#: Set for a moment by the backend process that runs the scheduled training sweep.
+SWEEP_LOCK = PREFIX + "sweep"
+#: Hash worker name -> GPU bytes held after its last job (for /metrics).
+GPU_MEMORY = PREFIX + "gpu-memory"
+#: Annotations waiting to be compared with their prediction, and those being compared.
+FEEDBACK_INBOX = PREFIX + "feedback:inbox"
+FEEDBACK_PROCESSING = PREFIX + "feedback:processing"
+#: Prefix of the per-project hashes of comparisons (``corrections(project)``).
+CORRECTIONS_PREFIX = PREFIX + "corrections:"
+
+
+def cancel(job_id: str) -> str:
+    """Exists while a running job is asked to stop (RQ cannot interrupt a job that runs inside
+    the worker process, so training checks this key as it goes)."""
+    return f"{PREFIX}cancel:{job_id}"
+
+
+def active_version(project: str) -> str:
+    """The version a project predicts with (the fast path; the registry's disk holds the record)."""
+    return f"{PREFIX}active:{project}"
+
+
+def cached_prediction(version: str, task_id: object, digest: str) -> str:
+    """One task's served prediction, under the model version and a digest of config and image URL."""
+    return f"{PREFIX}cache:{version}:{task_id}:{digest}"
+
+
+def training_job(project: str) -> str:
+    """The id of the project's latest training job (at most one is queued or running)."""
+    return f"{PREFIX}training:{project}"
+
+
+def training_lock(project: str) -> str:
+    return f"{PREFIX}training-lock:{project}"
+
+
+def new_corrections(project: str) -> str:
+    """Corrections counted since the project's last training run (TRAIN_EVERY compares with it)."""
+    return f"{PREFIX}new-corrections:{project}"
+
+
+def served_predictions(project: str) -> str:
+    """Hash task id -> the prediction last served for it, kept to compare with its correction."""
+    return f"{PREFIX}predictions:{project}"
+
+
+def corrections(project: str) -> str:
+    """Hash annotation id -> how its prediction fared (the correction report's rows)."""
+    return CORRECTIONS_PREFIX + project

@@ -1,0 +1,90 @@
+"""Talking to Label Studio with the service's API key: the SDK client (tasks, predictions,
+webhooks) and the ``Authorization`` header for plain HTTP requests (the worker's image downloads,
+which connect to addresses they vetted themselves and so cannot use the SDK).
+
+Label Studio 1.23 takes two kinds of key (PROTOCOL.md section 1): a legacy token, sent as
+``Token <key>``, and a personal access token, a JWT refresh token exchanged at
+``/api/token/refresh/`` for short-lived access tokens sent as ``Bearer <access>``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import threading
+import time
+from collections.abc import Callable
+
+from label_studio_sdk import LabelStudio
+
+from common.errors import ImageFetchError, ServiceUnavailable
+from common.settings import Settings
+
+#: POSTs JSON to a path on Label Studio; returns (HTTP status, parsed JSON or None).
+Post = Callable[[str, dict], tuple[int, object]]
+
+
+def label_studio_client(settings: Settings, purpose: str) -> LabelStudio:
+    """The SDK client for ``LABEL_STUDIO_URL`` with the API key; ``purpose`` says in the error
+    what needs it when either setting is missing."""
+    if not settings.label_studio_url or not settings.label_studio_api_key:
+        raise ServiceUnavailable(f"{purpose} needs Label Studio's API: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY.")
+    return LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key)
+
+
+def is_personal_access_token(key: str) -> bool:
+    """Label Studio PATs are JWT refresh tokens (``eyJ...``); legacy tokens are 40 hex chars."""
+    return key.count(".") == 2 and key.startswith("eyJ")
+
+
+class LabelStudioAuth:
+    """The Authorization header for Label Studio, refreshing a PAT's access token when needed.
+    ``post`` sends the refresh request (through the caller's own vetted connection)."""
+
+    def __init__(self, api_key: str | None, post: Post) -> None:
+        self._key = api_key
+        self._post = post
+        self._lock = threading.Lock()
+        self._access: str | None = None
+        self._access_expires = 0.0
+
+    @property
+    def uses_pat(self) -> bool:
+        return bool(self._key) and is_personal_access_token(self._key or "")
+
+    def headers(self) -> dict[str, str]:
+        if not self._key:
+            return {}
+        if not self.uses_pat:
+            return {"Authorization": f"Token {self._key}"}
+        with self._lock:
+            if self._access is None or time.time() > self._access_expires:
+                self._refresh()
+            return {"Authorization": f"Bearer {self._access}"}
+
+    def invalidate(self) -> None:
+        """Forget the access token (after a 401) so the next call refreshes it."""
+        with self._lock:
+            self._access = None
+
+    def _refresh(self) -> None:
+        status, body = self._post("/api/token/refresh/", {"refresh": self._key})
+        access = body.get("access") if isinstance(body, dict) else None
+        if status != 200 or not isinstance(access, str):
+            raise ImageFetchError(
+                f"Label Studio refused the personal access token (HTTP {status} from "
+                "/api/token/refresh/): check LABEL_STUDIO_API_KEY; the token may be revoked or expired."
+            )
+        self._access = access
+        self._access_expires = jwt_expiry(access) - 30
+
+
+def jwt_expiry(token: str) -> float:
+    """The ``exp`` claim of a JWT (not verified: Label Studio checks it), or 4 minutes from now."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return float(claims["exp"])
+    except (IndexError, ValueError, KeyError, TypeError, binascii.Error):
+        return time.time() + 240
