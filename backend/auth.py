@@ -11,7 +11,7 @@ from backend.webhook_secret import SECRET_HEADER, project_secret
 from common.settings import Settings
 
 #: Label Studio calls /health without credentials when listing backends; it reveals nothing secret.
-PUBLIC_ENDPOINTS = frozenset({"prelabel.health"})
+PUBLIC_ENDPOINTS = frozenset({"protocol.health"})
 
 
 def _same(given: str | None, expected: str | None) -> bool:
@@ -33,7 +33,7 @@ def check_request(request: Request, settings: Settings) -> Response | None:
         return response
     if request.endpoint in PUBLIC_ENDPOINTS:
         return None
-    if request.endpoint == "prelabel.webhook" and settings.webhook_secret:
+    if request.endpoint == "protocol.webhook" and settings.webhook_secret:
         if _webhook_secret_matches(request, settings.webhook_secret):
             return None
         if not settings.auth_enabled:
@@ -48,7 +48,7 @@ def check_request(request: Request, settings: Settings) -> Response | None:
         if user_ok and pass_ok:
             return None
     message = "Authentication required: set the ML backend's basic auth user and password."
-    if request.endpoint == "prelabel.webhook":
+    if request.endpoint == "protocol.webhook":
         message += f" Label Studio's event webhooks carry no auth: set WEBHOOK_SECRET (header {SECRET_HEADER})."
     return _refuse(message)
 

@@ -8,14 +8,12 @@ calls Label Studio: events are recorded and training is enqueued.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from backend.state import State
 from common.errors import AnnotationError, BadRequest
 from common.labelstudio.config import LabelSpec, parse_label_config
 from common.projects import project_uid
-
-if TYPE_CHECKING:
-    from backend.app import State
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +42,7 @@ def handle(body: dict[str, Any], state: State) -> dict[str, Any]:
             raise AnnotationError("; ".join(r["error"] for r in refused[:5]))
         answer = {"action": action, "status": "recorded", "queued": queued, "job": job.id if job else None}
         return answer | ({"refused": refused} if refused else {})
-    if action == "TASKS_CREATED" and state.server is not None:
+    if action == "TASKS_CREATED":
         project, spec = _project(body, state)
         tasks = [t for t in body.get("tasks") or [] if isinstance(t, dict) and "id" in t]
         label_config = body["project"]["label_config"]

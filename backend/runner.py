@@ -1,7 +1,9 @@
 """Where predict jobs run: on RQ workers through Redis, or in-process for a one-command demo.
 
-Both runners take a ``PredictJob`` and return a ``PredictResult`` within the backend's time budget;
-both send the payload through JSON, so a job behaves the same on either path.
+Both runners implement ``Runner``: ``submit`` a ``PredictJob`` (never waits), ``wait`` for its
+``PredictResult`` until a deadline (the job carries on past it), and ``status`` for /health and
+for refusing work nobody can do. Both send the payload through JSON, so a job behaves the same on
+either path. The prediction cache and late jobs (``backend/serving.py``) sit in front of both.
 """
 
 from __future__ import annotations
@@ -11,15 +13,17 @@ import importlib
 import json
 import logging
 import math
+import threading
 import time
+import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis
 from rq import Queue, Retry, Worker
-from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.results import Result
 from rq.serializers import JSONSerializer
@@ -42,20 +46,51 @@ def redis_unreachable(redis_url: str, error: Exception) -> ServiceUnavailable:
     return ServiceUnavailable(f"Redis at {redact_url(redis_url)} is unreachable: {error}")
 
 
+def redis_connection(settings: Settings) -> redis.Redis:
+    """The backend's connection to ``REDIS_URL``. Reads may block for the whole predict budget
+    (a job's result is awaited with a blocking read), so the socket timeout is longer."""
+    assert settings.redis_url, "REDIS_URL is not set (embedded mode has no Redis)"
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=2,
+        socket_timeout=settings.predict_timeout + 10,
+        health_check_interval=30,
+    )
+
+
+@dataclass(frozen=True)
+class RunnerStatus:
+    """What /health shows, and whether predict jobs can run."""
+
+    details: dict[str, Any]
+    #: Why predict jobs cannot run now (no worker listening, a model that failed to load), or None.
+    unavailable: str | None = None
+    #: Why they never will with this configuration (a model that failed to load): /setup refuses.
+    misconfigured: str | None = None
+
+
 class Runner(Protocol):
     mode: str
 
-    def predict(self, job: PredictJob) -> PredictResult: ...
-
-    def health(self) -> dict[str, Any]: ...
-
-    def setup_error(self) -> str | None:
-        """A reason to refuse /setup (the model cannot load), or None."""
+    def submit(self, job: PredictJob) -> str:
+        """Start ``job`` and return its id at once."""
         ...
 
+    def wait(self, job_id: str, deadline: float) -> PredictResult:
+        """The job's result, by ``deadline`` (monotonic clock).
 
-def make_runner(settings: Settings) -> Runner:
-    return InlineRunner(settings) if settings.embedded else QueueRunner(settings)
+        Raises:
+            JobTimeout: not done by then; the job keeps running and can be waited for again.
+            JobFailed: the job raised.
+        """
+        ...
+
+    def status(self) -> RunnerStatus: ...
+
+
+def make_runner(settings: Settings, connection: redis.Redis | None) -> Runner:
+    """The queue runner on ``connection``, or the embedded one without Redis."""
+    return QueueRunner(settings, connection) if connection is not None else InlineRunner(settings)
 
 
 class QueueRunner:
@@ -64,38 +99,14 @@ class QueueRunner:
     mode = "queue"
 
     def __init__(self, settings: Settings, connection: redis.Redis | None = None) -> None:
-        assert settings.redis_url, "QueueRunner needs REDIS_URL"
         self.settings = settings
-        self.redis_label = redact_url(settings.redis_url)
-        # Reads may block for the whole predict budget (XREAD BLOCK), so the socket timeout is longer.
-        self.connection = connection or redis.Redis.from_url(
-            settings.redis_url,
-            socket_connect_timeout=2,
-            socket_timeout=settings.predict_timeout + 10,
-            health_check_interval=30,
-        )
+        self.redis_label = redact_url(settings.redis_url or "")
+        self.connection = connection or redis_connection(settings)
         self.queue = Queue(PREDICT_QUEUE, connection=self.connection, serializer=JSONSerializer,
                            job_class=AllowListedJob)  # fmt: skip
 
-    def predict(self, job: PredictJob) -> PredictResult:
-        return self.wait(self.submit_checked(job), self.deadline())
-
-    def deadline(self, seconds: float | None = None) -> float:
-        """A monotonic deadline ``seconds`` (default PREDICT_TIMEOUT) from now."""
-        return time.monotonic() + (self.settings.predict_timeout if seconds is None else seconds)
-
-    def submit_checked(self, job: PredictJob) -> Job:
-        """``submit``, refusing at once when no worker listens (rather than waiting for nobody)."""
-        with self.redis_errors():
-            if not Worker.all(queue=self.queue):  # live workers only: a dead one's key has expired
-                raise ServiceUnavailable(
-                    f"No prelabel-worker is listening on queue '{PREDICT_QUEUE}' at {self.redis_label}. "
-                    "Start one with `prelabel-worker` and the same REDIS_URL."
-                )
-            return self.submit(job)
-
-    def submit(self, job: PredictJob) -> Job:
-        """Enqueue ``job``; the whole batch of tasks is one RQ job."""
+    def submit(self, job: PredictJob) -> str:
+        """Enqueue ``job`` (it waits in the queue if no worker listens yet)."""
         with self.redis_errors():
             rq_job = self.queue.enqueue_call(
                 PREDICT_FUNCTION,
@@ -107,14 +118,15 @@ class QueueRunner:
                 retry=Retry(max=1),  # a job whose worker died runs once more elsewhere
             )
         log.info("predict job %s enqueued: %d tasks, model %s", rq_job.id, len(job.tasks), job.model_version)
-        return rq_job
+        return rq_job.id
 
-    def wait(self, rq_job: Job, deadline: float) -> PredictResult:
-        """Block until ``rq_job`` has a result or ``deadline`` (monotonic) passes; the job itself
-        keeps its place in the queue either way. Reads block for at most PREDICT_TIMEOUT at a time,
-        within the connection's socket timeout."""
+    def wait(self, job_id: str, deadline: float) -> PredictResult:
+        """Block until the job has a result or ``deadline`` passes; the job itself keeps its place
+        in the queue either way. Reads block for at most PREDICT_TIMEOUT at a time, within the
+        connection's socket timeout."""
         started = time.monotonic()
         with self.redis_errors():
+            rq_job = AllowListedJob(job_id, connection=self.connection, serializer=JSONSerializer)
             while True:
                 remaining = min(deadline - time.monotonic(), self.settings.predict_timeout, ABANDONED_CHECK)
                 result = rq_job.latest_result(timeout=max(1, math.floor(remaining)))
@@ -125,15 +137,15 @@ class QueueRunner:
                 StartedJobRegistry(queue=self.queue, job_class=AllowListedJob).cleanup()
         if result is None:
             raise JobTimeout(
-                f"Predict job {rq_job.id} is not done after {time.monotonic() - started:.0f} s; it keeps running."
+                f"Predict job {job_id} is not done after {time.monotonic() - started:.0f} s; it keeps running."
             )
         if result.type != Result.Type.SUCCESSFUL:
             reason = (result.exc_string or result.type.name).strip().splitlines()[-1]
-            raise JobFailed(f"Predict job {rq_job.id} failed in the worker: {reason}")
+            raise JobFailed(f"Predict job {job_id} failed in the worker: {reason}")
         answer = PredictResult.from_dict(result.return_value)
         waited = (time.monotonic() - started) * 1000
         worker_ms = answer.timings_ms.get("total", 0.0)
-        log.info("predict job %s answered in %.0f ms (worker %.0f ms, queue %.0f ms)", rq_job.id, waited, worker_ms,
+        log.info("predict job %s answered in %.0f ms (worker %.0f ms, queue %.0f ms)", job_id, waited, worker_ms,
                  waited - worker_ms)  # fmt: skip
         return answer
 
@@ -142,24 +154,24 @@ class QueueRunner:
         try:
             yield
         except REDIS_ERRORS as e:
-            raise redis_unreachable(self.settings.redis_url, e) from e
+            raise redis_unreachable(self.settings.redis_url or "", e) from e
 
-    def health(self) -> dict[str, Any]:
+    def status(self) -> RunnerStatus:
         with self.redis_errors():
-            self.connection.ping()
-            workers = Worker.all(queue=self.queue)
-            return {
+            workers = Worker.all(queue=self.queue)  # live workers only: a dead one's key has expired
+            details = {
                 "mode": self.mode,
                 "redis": "up",
                 "queue": {"name": PREDICT_QUEUE, "pending": self.queue.count},
-                "workers": {
-                    "count": len(workers),
-                    "busy": sum(1 for w in workers if w.get_state() == "busy"),
-                },
+                "workers": {"count": len(workers), "busy": sum(1 for w in workers if w.get_state() == "busy")},
             }
-
-    def setup_error(self) -> str | None:
-        return None
+        unavailable = None
+        if not workers:
+            unavailable = (
+                f"No prelabel-worker is listening on queue '{PREDICT_QUEUE}' at {self.redis_label}. "
+                "Start one with `prelabel-worker` and the same REDIS_URL."
+            )
+        return RunnerStatus(details, unavailable)
 
 
 class InlineRunner:
@@ -173,31 +185,47 @@ class InlineRunner:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        module_name, _, self._function_name = PREDICT_FUNCTION.rpartition(".")
+        module_name, _, function_name = PREDICT_FUNCTION.rpartition(".")
         self._tasks = importlib.import_module(module_name)
+        self._predict = getattr(self._tasks, function_name)
         self._tasks.configure(settings)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prelabel-inline")
         self._executor.submit(self._tasks.warm_up)  # load the model now, not on the first request
+        self._jobs: dict[str, Future] = {}
+        self._lock = threading.Lock()
 
-    def predict(self, job: PredictJob) -> PredictResult:
+    def submit(self, job: PredictJob) -> str:
         payload = json.loads(json.dumps(job.to_dict()))  # the same round trip as through Redis
-        future = self._executor.submit(getattr(self._tasks, self._function_name), payload)
+        job_id = uuid.uuid4().hex
+        with self._lock:
+            self._jobs[job_id] = self._executor.submit(self._predict, payload)
+        return job_id
+
+    def wait(self, job_id: str, deadline: float) -> PredictResult:
+        with self._lock:
+            future = self._jobs[job_id]
         try:
-            return PredictResult.from_dict(future.result(timeout=self.settings.predict_timeout))
+            value = future.result(timeout=max(0.0, deadline - time.monotonic()))
         except FutureTimeout as e:
             raise JobTimeout(
                 f"Prediction did not finish within {self.settings.predict_timeout:.0f} s (PREDICT_TIMEOUT); "
                 "it keeps running. Select fewer tasks, or run workers with REDIS_URL."
             ) from e
         except PrelabelError:
+            self._forget(job_id)
             raise
         except Exception as e:
+            self._forget(job_id)
             log.exception("embedded predict failed")
             raise JobFailed(f"Prediction failed: {e}") from e
+        self._forget(job_id)
+        return PredictResult.from_dict(value)
 
-    def health(self) -> dict[str, Any]:
-        return {"mode": self.mode, "model": self._tasks.model_status()}
+    def _forget(self, job_id: str) -> None:
+        with self._lock:
+            self._jobs.pop(job_id, None)
 
-    def setup_error(self) -> str | None:
-        status = self._tasks.model_status()
-        return status.get("error") if status.get("state") == "failed" else None
+    def status(self) -> RunnerStatus:
+        model = self._tasks.model_status()
+        error = model.get("error") if model.get("state") == "failed" else None
+        return RunnerStatus({"mode": self.mode, "model": model}, unavailable=error, misconfigured=error)

@@ -30,7 +30,7 @@ class JobNotFound(PrelabelError):
     status = 404
 
 
-class Training:
+class TrainingScheduler:
     """Enqueues training runs on the ``train`` queue, deduplicated per project."""
 
     def __init__(self, settings: Settings, connection: redis.Redis, registry: Registry) -> None:

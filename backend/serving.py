@@ -1,7 +1,9 @@
-"""Serving predictions fast: a cache in front of the queue, and work that outlives a request.
+"""Serving predictions fast: a cache in front of the runner, and work that outlives a request.
+The same in both modes (``backend/runner.py``): only the cache's home differs.
 
-* Every prediction served is cached in Redis under (model version, label config, task id, image
-  URL): asking again, or opening a task whose prediction was precomputed, costs a Redis read.
+* Every prediction served is cached (in Redis, or in memory without it) under (model version,
+  label config, task id, image URL): asking again, or opening a task whose prediction was
+  precomputed, costs a cache read.
 * Only the tasks missing from the cache become jobs, of at most MAX_TASKS_PER_JOB tasks each.
   When a job does not finish within PREDICT_TIMEOUT (a large Retrieve Predictions selection),
   /predict answers with what is ready and the job carries on; when it finishes, its predictions
@@ -15,16 +17,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 import redis
-from rq.job import Job
 
-from backend.runner import QueueRunner
+from backend.runner import Runner
 from common import keys
-from common.errors import JobTimeout
+from common.errors import JobTimeout, ServiceUnavailable
 from common.jobs import ImageTask, PredictJob
 from common.labelstudio.client import label_studio_client
 from common.labelstudio.config import LabelSpec
@@ -36,18 +40,29 @@ from common.settings import Settings
 log = logging.getLogger(__name__)
 
 CACHE_TTL = 7 * 24 * 3600
+#: The embedded mode keeps at most this much of served predictions in memory.
+MEMORY_CACHE_BYTES = 256 * 1024 * 1024
 
 
-class PredictionCache:
-    """Label Studio predictions by (version, label config, task, image URL)."""
+def cache_key(version: str, label_config: str, task_id: Any, image_url: str | None) -> str:
+    """One task's prediction under a model version, a label config and an image URL."""
+    digest = hashlib.sha1(f"{label_config}\0{image_url}".encode()).hexdigest()[:16]
+    return keys.cached_prediction(version, task_id, digest)
+
+
+class PredictionCache(Protocol):
+    """Label Studio predictions by ``cache_key``."""
+
+    def get_many(self, keys: list[str]) -> list[dict | list | None]: ...
+
+    def put_many(self, items: dict[str, Any]) -> None: ...
+
+
+class RedisCache:
+    """The queue mode's cache: shared by every backend process, kept for CACHE_TTL."""
 
     def __init__(self, connection: redis.Redis) -> None:
         self.connection = connection
-
-    @staticmethod
-    def key(version: str, label_config: str, task_id: Any, image_url: str | None) -> str:
-        digest = hashlib.sha1(f"{label_config}\0{image_url}".encode()).hexdigest()[:16]
-        return keys.cached_prediction(version, task_id, digest)
 
     def get_many(self, keys: list[str]) -> list[dict | list | None]:
         return [json.loads(v) if v is not None else None for v in self.connection.mget(keys)] if keys else []
@@ -61,13 +76,40 @@ class PredictionCache:
         pipe.execute()
 
 
-class Server:
-    """Answers /predict from the cache and the queue, and finishes late jobs in the background."""
+class MemoryCache:
+    """The embedded mode's cache: this process's memory, least recently used dropped first."""
 
-    def __init__(self, settings: Settings, runner: QueueRunner) -> None:
+    def __init__(self, max_bytes: int = MEMORY_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, str] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get_many(self, keys: list[str]) -> list[dict | list | None]:
+        with self._lock:
+            found = [self._items.get(key) for key in keys]
+            for key, value in zip(keys, found, strict=True):
+                if value is not None:
+                    self._items.move_to_end(key)
+        return [json.loads(v) if v is not None else None for v in found]
+
+    def put_many(self, items: dict[str, Any]) -> None:
+        with self._lock:
+            for key, prediction in items.items():
+                text = json.dumps(prediction)
+                self._bytes += len(text) - len(self._items.pop(key, ""))
+                self._items[key] = text
+            while self._bytes > self.max_bytes and self._items:
+                self._bytes -= len(self._items.popitem(last=False)[1])
+
+
+class Server:
+    """Answers /predict from the cache and the runner, and finishes late jobs in the background."""
+
+    def __init__(self, settings: Settings, runner: Runner, cache: PredictionCache) -> None:
         self.settings = settings
         self.runner = runner
-        self.cache = PredictionCache(runner.connection)
+        self.cache = cache
         self._background = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prelabel-late-jobs")
 
     def predict(
@@ -76,26 +118,28 @@ class Server:
     ) -> tuple[list[Any], int]:  # fmt: skip
         """One prediction per task, in order ([] for a task not ready yet); and how many were cached.
         The missing tasks become jobs of at most MAX_TASKS_PER_JOB tasks, all queued at once."""
-        keys = [self.cache.key(version, label_config, t["id"], url) for t, url in zip(tasks, images, strict=True)]
-        with self.runner.redis_errors():
-            answers: list[Any] = self.cache.get_many(keys)
+        keys = [cache_key(version, label_config, t["id"], url) for t, url in zip(tasks, images, strict=True)]
+        answers: list[Any] = self.cache.get_many(keys)
         missing = [i for i, a in enumerate(answers) if a is None]
         cached = len(tasks) - len(missing)
+        if missing:
+            status = self.runner.status()
+            if status.unavailable:
+                raise ServiceUnavailable(status.unavailable)
         submitted = []
         for chunk in per_job(missing, self.settings.max_tasks_per_job):
             job = predict_job(spec, project, version, [tasks[i] for i in chunk], [images[i] for i in chunk])
-            submitted.append((chunk, job, self.runner.submit_checked(job)))
-        deadline = self.runner.deadline()
-        for chunk, job, rq_job in submitted:
+            submitted.append((chunk, job, self.runner.submit(job)))
+        deadline = time.monotonic() + self.settings.predict_timeout
+        for chunk, job, job_id in submitted:
             try:
-                result = self.runner.wait(rq_job, deadline=deadline)
+                result = self.runner.wait(job_id, deadline=deadline)
             except JobTimeout as e:
                 log.warning("%s; its %d tasks will be posted to Label Studio when done", e, len(chunk))
-                self.finish_later(rq_job, job, spec, [keys[i] for i in chunk])
+                self.finish_later(job_id, job, spec, [keys[i] for i in chunk])
                 continue
             fresh = to_label_studio(result, spec, version)
-            with self.runner.redis_errors():
-                self.cache.put_many({keys[i]: p for i, p in zip(chunk, fresh, strict=True) if p})
+            self.cache.put_many({keys[i]: p for i, p in zip(chunk, fresh, strict=True) if p})
             for i, p in zip(chunk, fresh, strict=True):
                 answers[i] = p
         return [a if a is not None else [] for a in answers], cached
@@ -106,31 +150,30 @@ class Server:
         """Queue predictions for newly imported tasks (jobs of at most MAX_TASKS_PER_JOB); they
         are cached and posted when done. Returns the job ids."""
         images = [image_url(t, spec.image_key) for t in tasks]
-        keys = [self.cache.key(version, label_config, t["id"], url) for t, url in zip(tasks, images, strict=True)]
-        with self.runner.redis_errors():
-            todo = [i for i, a in enumerate(self.cache.get_many(keys)) if a is None]
+        keys = [cache_key(version, label_config, t["id"], url) for t, url in zip(tasks, images, strict=True)]
+        todo = [i for i, a in enumerate(self.cache.get_many(keys)) if a is None]
         ids = []
         for chunk in per_job(todo, self.settings.max_tasks_per_job):
             job = predict_job(spec, project, version, [tasks[i] for i in chunk], [images[i] for i in chunk])
-            rq_job = self.runner.submit(job)
-            self.finish_later(rq_job, job, spec, [keys[i] for i in chunk])
-            ids.append(rq_job.id)
+            job_id = self.runner.submit(job)
+            self.finish_later(job_id, job, spec, [keys[i] for i in chunk])
+            ids.append(job_id)
         return ids
 
-    def finish_later(self, rq_job: Job, job: PredictJob, spec: LabelSpec, keys: list[str]) -> None:
-        self._background.submit(self._finish, rq_job, job, spec, keys)
+    def finish_later(self, job_id: str, job: PredictJob, spec: LabelSpec, keys: list[str]) -> None:
+        self._background.submit(self._finish, job_id, job, spec, keys)
 
-    def _finish(self, rq_job: Job, job: PredictJob, spec: LabelSpec, keys: list[str]) -> None:
+    def _finish(self, job_id: str, job: PredictJob, spec: LabelSpec, keys: list[str]) -> None:
         try:
-            result = self.runner.wait(rq_job, deadline=self.runner.deadline(self.settings.job_timeout + 60))
+            result = self.runner.wait(job_id, deadline=time.monotonic() + self.settings.job_timeout + 60)
         except Exception as e:  # failed or never picked up: nothing to post, the log says why
-            log.warning("background predict job %s gave nothing to post: %s", rq_job.id, e)
+            log.warning("background predict job %s gave nothing to post: %s", job_id, e)
             return
         predictions = to_label_studio(result, spec, job.model_version)
         self.cache.put_many({k: p for k, p in zip(keys, predictions, strict=True) if p})
         posted = self._post(job, predictions)
         log.info("background predict job %s done: %d predictions cached, %d posted to Label Studio",
-                 rq_job.id, sum(1 for p in predictions if p), posted)  # fmt: skip
+                 job_id, sum(1 for p in predictions if p), posted)  # fmt: skip
 
     def _post(self, job: PredictJob, predictions: list[Any]) -> int:
         """Post each prediction to its task, only when Label Studio says the task belongs to the

@@ -100,19 +100,19 @@ def test_a_worker_killed_mid_job_has_its_job_retried_by_another(redis_url, make_
         wait_for_workers(settings, workers[0], tmp_path / "worker0.log", count=2)
         runner = QueueRunner(settings)
         control = ChoicesControl("tags", "image", (ClassLabel("cat", ("cat",)), ClassLabel("dog", ("dog",))), True)
-        rq_job = runner.submit(
+        job_id = runner.submit(
             PredictJob(settings.model_version, "image", (control,), (ImageTask(1, "/data/upload/1/slow.jpg"),))
         )
         connection = redis.Redis.from_url(redis_url)
         deadline = time.monotonic() + 30
-        while (job := Job.fetch(rq_job.id, connection=connection, serializer=JSONSerializer)).worker_name is None:
+        while (job := Job.fetch(job_id, connection=connection, serializer=JSONSerializer)).worker_name is None:
             assert time.monotonic() < deadline, "no worker took the job"
             time.sleep(0.1)
         pid = int(connection.hget(f"rq:worker:{job.worker_name}", "pid"))
         victim = next(w for w in workers if w.pid == pid)
         os.kill(victim.pid, signal.SIGKILL)  # mid-job: the image is still downloading
 
-        result = runner.wait(rq_job, runner.deadline(150))  # JOB_TIMEOUT + 60 s to notice, then a retry
+        result = runner.wait(job_id, time.monotonic() + 150)  # JOB_TIMEOUT + 60 s to notice, then a retry
         assert result.tasks[0].choices and not result.tasks[0].error
         survivor = next(w for w in workers if w is not victim)
         assert result.worker["pid"] == survivor.pid

@@ -24,6 +24,7 @@ from rq.webhook import Webhook
 from backend import runner as runner_module
 from backend.app import create_app
 from backend.runner import InlineRunner, QueueRunner
+from backend.serving import cache_key
 from common.errors import JobTimeout
 from common.jobs import PREDICT_FUNCTION, PREDICT_QUEUE, ChoicesControl, ClassLabel, ImageTask, PredictJob
 from common.settings import Settings
@@ -114,7 +115,7 @@ def test_one_worker_process_serves_many_jobs_with_the_model_loaded_once(stack, v
     runner = QueueRunner(settings)
     control = ChoicesControl("tags", "image", (ClassLabel("cat", ("cat",)), ClassLabel("dog", ("dog",))), True)
     job = PredictJob(settings.model_version, "image", (control,), (ImageTask(1, label_studio.upload_path(PHOTOS[0])),))
-    first, second = runner.predict(job), runner.predict(job)
+    first, second = (runner.wait(runner.submit(job), time.monotonic() + 60) for _ in range(2))
     assert first.worker["pid"] == second.worker["pid"]
     assert first.worker["model_loaded_at"] == second.worker["model_loaded_at"] is not None
     assert first.tasks == second.tasks
@@ -209,14 +210,15 @@ def test_burst_worker_in_process_runs_what_the_backend_enqueued(redis_url, make_
         redis_url=redis_url, label_studio_url=label_studio.url, label_studio_api_key=label_studio.legacy_token
     )
     runner = QueueRunner(settings)
-    rq_job = runner.submit(_job(settings, label_studio))
+    job_id = runner.submit(_job(settings, label_studio))
     assert runner.queue.count == 1
 
     tasks.configure(settings)
     SimpleWorker([runner.queue], connection=runner.connection, serializer=JSONSerializer).work(burst=True)
-    queued = runner.wait(rq_job, time.monotonic() + 10)
+    queued = runner.wait(job_id, time.monotonic() + 10)
 
-    embedded = InlineRunner(dataclasses.replace(settings, redis_url=None)).predict(_job(settings, label_studio))
+    inline = InlineRunner(dataclasses.replace(settings, redis_url=None))
+    embedded = inline.wait(inline.submit(_job(settings, label_studio)), time.monotonic() + 60)
     assert [t.task_id for t in queued.tasks] == list(range(len(PHOTOS)))
     for q, e in zip(queued.tasks, embedded.tasks, strict=True):
         assert q.choices[0].selected == e.choices[0].selected
@@ -226,10 +228,11 @@ def test_burst_worker_in_process_runs_what_the_backend_enqueued(redis_url, make_
 def test_a_job_keeps_its_place_when_the_wait_ends(redis_url, make_settings, label_studio):
     settings = make_settings(redis_url=redis_url, predict_timeout=1.0)
     runner = QueueRunner(settings)
-    rq_job = runner.submit(_job(settings, label_studio))
+    job_id = runner.submit(_job(settings, label_studio))
     with pytest.raises(JobTimeout, match="keeps running"):
-        runner.wait(rq_job, runner.deadline())
-    assert rq_job.get_status(refresh=True) == JobStatus.QUEUED and runner.queue.count == 1
+        runner.wait(job_id, time.monotonic() + settings.predict_timeout)
+    job = Job.fetch(job_id, connection=runner.connection, serializer=JSONSerializer)
+    assert job.get_status() == JobStatus.QUEUED and runner.queue.count == 1
 
 
 def test_imported_tasks_are_precomputed_into_the_cache(stack, voc_config):
@@ -242,7 +245,7 @@ def test_imported_tasks_are_precomputed_into_the_cache(stack, voc_config):
     assert answer["status"] == "precomputing" and len(answer["jobs"]) == 1
 
     server = app.extensions["prelabel"].server
-    keys = [server.cache.key(settings.model_version, voc_config, t["id"], t["data"]["image"]) for t in tasks]
+    keys = [cache_key(settings.model_version, voc_config, t["id"], t["data"]["image"]) for t in tasks]
     deadline = time.monotonic() + 30
     while not all(server.cache.get_many(keys)):
         assert time.monotonic() < deadline, "precomputed predictions never reached the cache"
@@ -315,7 +318,7 @@ def test_the_backend_cleaning_abandoned_jobs_sends_no_webhook_a_job_lists(redis_
     runner = QueueRunner(make_settings(redis_url=redis_url))
     waiting = runner.submit(PredictJob("v", "image", (), (ImageTask(1, None),)))  # no worker: never done
     with pytest.raises(JobTimeout):
-        runner.wait(waiting, runner.deadline(2.5))
+        runner.wait(waiting, time.monotonic() + 2.5)
     assert planted.get_status(refresh=True) == JobStatus.FAILED  # the cleanup ran ...
     assert hooked == []  # ... and requested nothing
 

@@ -1,4 +1,5 @@
-"""``/metrics`` in Prometheus' text format: traffic, queues, workers and correction figures.
+"""What operators and dashboards read: ``/metrics`` in Prometheus' text format (traffic, queues,
+workers and correction figures) and ``/report`` (labor saved, per project and model version).
 
 Request counters are per backend process (one gunicorn process by default); queue, worker and
 correction figures come from Redis and are the same from every process.
@@ -7,16 +8,17 @@ correction figures come from Redis and are the same from every process.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
 
+from flask import Blueprint, Response, jsonify, request
 from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 
+from backend.routes import optional_project
+from backend.state import State, state
 from common import keys
 from common.jobs import PREDICT_QUEUE, TRAIN_QUEUE, AllowListedJob
 
-if TYPE_CHECKING:
-    from backend.app import State
+bp = Blueprint("metrics", __name__)
 
 _lock = threading.Lock()
 _predict = {"requests": 0, "tasks": 0, "failed": 0, "seconds": 0.0}
@@ -35,7 +37,18 @@ def _labels(**labels: object) -> str:
     return "{" + inner + "}" if inner else ""
 
 
-def render(state: State) -> str:
+@bp.get("/metrics")
+def prometheus():
+    return Response(render(state()), mimetype="text/plain; version=0.0.4")
+
+
+@bp.get("/report")
+def report():
+    """Labor saved: per project and model version, how predictions fared against corrections."""
+    return jsonify(state().require_feedback().report(optional_project(request.args.get("project"))))
+
+
+def render(current: State) -> str:
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_text: str, samples: list[tuple[dict, float]]) -> None:
@@ -48,8 +61,8 @@ def render(state: State) -> str:
     metric("prelabel_predict_tasks_total", "counter", "Tasks predicted.", [({}, snapshot["tasks"])])
     metric("prelabel_predict_failed_tasks_total", "counter", "Tasks whose image failed.", [({}, snapshot["failed"])])
     metric("prelabel_predict_seconds_sum", "counter", "Time spent answering /predict.", [({}, snapshot["seconds"])])
-    if state.feedback is not None:
-        connection = state.feedback.connection
+    if current.connection is not None and current.feedback is not None:
+        connection = current.connection
         depth, workers = [], []
         for name in (PREDICT_QUEUE, TRAIN_QUEUE):
             queue = Queue(name, connection=connection, serializer=JSONSerializer, job_class=AllowListedJob)
@@ -60,7 +73,7 @@ def render(state: State) -> str:
         gpu = [({"worker": w.decode()}, float(v)) for w, v in connection.hgetall(keys.GPU_MEMORY).items()]
         metric("prelabel_worker_gpu_memory_bytes", "gauge", "GPU memory held by each worker after its last job.", gpu)
         corrections, unchanged, ious = [], [], []
-        for project, versions in state.feedback.report().items():
+        for project, versions in current.feedback.report().items():
             for version, row in versions.items():
                 corrections.append(({"project": project, "version": version}, row["corrections"]))
                 unchanged.append(({"project": project, "version": version}, round(row["unchanged_share"], 4)))

@@ -1,0 +1,77 @@
+"""What a project manager calls: the model versions of a project, activating one (a manual
+promotion or a rollback), and the progress of training and predict jobs."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, jsonify, request
+
+from backend.routes import json_body, optional_project
+from backend.state import state
+from common.errors import BadRequest
+from common.jobs import PREDICT_QUEUE
+from common.logs import redact_urls
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("admin", __name__)
+
+
+@bp.get("/versions")
+def versions():
+    """The versions Label Studio can show; ``?project=<uid>`` adds each version's report."""
+    current = state()
+    project = optional_project(request.args.get("project"))
+    trained = current.registry.versions(project) if project else []
+    active = current.registry.active(project)
+    body: dict[str, Any] = {"versions": [current.settings.model_version] + [v.version for v in trained]}
+    if project:
+        body["active"] = active
+        body["details"] = [
+            {"version": v.version, "created_at": v.created_at, "promoted": v.promoted, "reason": v.reason,
+             "metrics": v.metrics, "trained_on": len(v.trained_on), "active": v.version == active}
+            for v in trained
+        ]  # fmt: skip
+    return jsonify(body)
+
+
+@bp.post("/versions/<path:version>/activate")
+def activate(version: str):
+    """Make ``version`` (or the base model) the project's active one: rollback, or a manual promotion."""
+    project = optional_project(json_body().get("project"))
+    if project is None:
+        raise BadRequest("Say which project: {'project': '<id>.<created_at>'} (as /setup receives it).")
+    state().registry.activate(project, version)
+    log.info("project %s: version %s activated by request", project, version)
+    return jsonify(project=project, active=version)
+
+
+@bp.get("/jobs/<job_id>")
+def job_status(job_id: str):
+    """A training run's progress and result, or a predict job's status and task counts. Errors
+    carry no URL query strings or userinfo."""
+    job = state().require_training().job(job_id)
+    status = job.get_status()
+    result = job.latest_result()
+    value = result.return_value if result is not None and result.type == result.Type.SUCCESSFUL else None
+    if value is not None and job.origin == PREDICT_QUEUE:  # the masks are Label Studio's to show
+        value = {"tasks": len(value["tasks"]), "failed": sum(1 for t in value["tasks"] if t.get("error"))}
+    error = (result.exc_string or "").strip().splitlines()[-1:] if result is not None and result.exc_string else None
+    return jsonify(
+        id=job.id,
+        description=job.description,
+        status=status.value if status else None,
+        progress=job.meta.get("progress"),
+        enqueued_at=job.enqueued_at.isoformat() if job.enqueued_at else None,
+        started_at=job.started_at.isoformat() if job.started_at else None,
+        ended_at=job.ended_at.isoformat() if job.ended_at else None,
+        result=value,
+        error=[redact_urls(line) for line in error] if error else None,
+    )
+
+
+@bp.post("/jobs/<job_id>/cancel")
+def cancel_job(job_id: str):
+    return jsonify(state().require_training().cancel(job_id))

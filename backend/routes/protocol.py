@@ -1,0 +1,90 @@
+"""Label Studio's ML backend protocol (PROTOCOL.md sections 1-4): /health 1 s, /setup 3 s,
+/predict 100 s, event webhooks 1 s. No model code runs here."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flask import Blueprint, jsonify
+
+from backend import events
+from backend.routes import json_body, optional_project
+from backend.routes.metrics import record_predict
+from backend.state import state
+from common.errors import BadRequest, ServiceUnavailable
+from common.labelstudio.config import parse_label_config
+from common.labelstudio.tasks import image_url
+
+log = logging.getLogger(__name__)
+
+MODEL_CLASS = "TagCLIP"
+
+bp = Blueprint("protocol", __name__)
+
+
+@bp.get("/health")
+def health():
+    current = state()
+    try:
+        status = current.runner.status()
+    except ServiceUnavailable as e:
+        return jsonify(status="DOWN", model_class=MODEL_CLASS, error=str(e)), 503
+    return jsonify(
+        status="UP",
+        model_class=MODEL_CLASS,
+        model_version=current.settings.model_version,
+        random_weights=current.settings.random_weights,
+        **status.details,
+    )
+
+
+@bp.post("/setup")
+def setup():
+    """Called after every /health: check the label config, report the project's active version.
+    No model work."""
+    current = state()
+    body = json_body()
+    schema = body.get("schema") or ""
+    parse_label_config(schema, current.settings.max_labels)
+    misconfigured = current.runner.status().misconfigured
+    if misconfigured:
+        raise ServiceUnavailable(misconfigured)
+    project = optional_project(body.get("project"))
+    if project and current.training is not None:
+        current.training.remember_project(project, schema)
+    if project:
+        current.securer.schedule(project)
+    return jsonify(model_version=current.registry.active(project))
+
+
+@bp.post("/predict")
+def predict():
+    current = state()
+    body = json_body()
+    tasks = body.get("tasks")
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, dict) and "id" in t for t in tasks):
+        raise BadRequest("'tasks' must be a non-empty list of task objects, each with an 'id'.")
+    label_config = body.get("label_config") or ""
+    spec = parse_label_config(label_config, current.settings.max_labels)
+    project = optional_project(body.get("project"))
+    version = current.registry.active(project)
+    images = [image_url(t, spec.image_key) for t in tasks]
+    started = time.perf_counter()
+    predictions, cached = current.server.predict(tasks, spec, label_config, project, version, images)
+    seconds = time.perf_counter() - started
+    empty = sum(1 for p in predictions if not p)
+    record_predict(len(tasks), empty, seconds)
+    if project and current.feedback is not None:
+        served = {task["id"]: p for task, p in zip(tasks, predictions, strict=True) if p}
+        current.feedback.remember_predictions(project, served)
+    log.info("predict: %d tasks (%d cached, %d without prediction) in %.0f ms, model %s, project %s",
+             len(tasks), cached, empty, seconds * 1000, version, project)  # fmt: skip
+    return jsonify(results=predictions)
+
+
+@bp.post("/webhook")
+def webhook():
+    """Project events and Start Training. Answers at once: Label Studio waits on it (an
+    annotator's submit, with "start training on annotation submission"); training is enqueued."""
+    return jsonify(events.handle(json_body(), state()))
