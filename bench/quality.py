@@ -36,10 +36,11 @@ import torch.nn.functional as F
 
 from bench.report import publish
 from bench.toyworld import BACKGROUNDS, COLOURS, SHAPES, Scene, scenes
+from common.labelstudio.brush import draw_scaled
 from common.quality import mean_average_precision, micro_f1, miou
 from worker.checkpoints import version_visual
-from worker.loading import ClipBundle
 from worker.model import dense, vit
+from worker.model.bundle import ClipBundle
 from worker.model.preprocess import to_pixels
 from worker.model.selection import select_tags
 from worker.model.tagclip import TagCLIPConfig, reidentify, run_trunk, tagclip_head
@@ -112,7 +113,7 @@ def class_map(masks: Sequence[dense.Mask], class_ids: Sequence[int]) -> np.ndarr
     """Masks of classes ``class_ids[m.index]`` as one map (0 where nothing was labelled)."""
     out = np.zeros((SIZE, SIZE), dtype=np.int64)
     for m in masks:
-        out[m.mask] = class_ids[m.index] + 1
+        out[draw_scaled(m.region, m.size)] = class_ids[m.index] + 1
     return out
 
 

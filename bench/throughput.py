@@ -55,10 +55,12 @@ from backend.app import create_app
 from bench.photos import DATA, REPO, jpeg, photos
 from bench.report import publish
 from common.jobs import PREDICT_QUEUE, BrushControl, ChoicesControl, ClassLabel
+from common.labelstudio.brush import draw_scaled, scaled_mask_to_rle
 from common.settings import Settings
 from worker.images import decode_for_model, decode_image
-from worker.loading import autocast, load_clip
+from worker.loading import load_clip
 from worker.model import dense, vit
+from worker.model.bundle import autocast
 from worker.predictor import Predictor, same_size_batches
 from worker.training.clipself import CLIPSelfConfig, train_clipself
 from worker.training.corrections import Correction
@@ -183,14 +185,14 @@ def mask_output(repeats: int) -> dict[str, float]:
     logits = torch.nn.functional.avg_pool2d(noise, 5, 1, 2)[0] * 5  # smooth, blob-like regions
     size = (4032, 3024)
     masks = dense.masks_from_logits(logits, 3, size, 0.002)
-    painted = [m.mask.astype("uint8") * 255 for m in masks]
+    painted = [draw_scaled(m.region, m.size).astype("uint8") * 255 for m in masks]
 
     def timed(run) -> float:
         return 1000 / images_per_second(run, 1, torch.device("cpu"), repeats)
 
     return {
         "masks": timed(lambda: dense.masks_from_logits(logits, 3, size, 0.002)),
-        "rle": timed(lambda: [m.rle() for m in masks]),
+        "rle": timed(lambda: [scaled_mask_to_rle(m.region, m.size) for m in masks]),
         "sdk rle": timed(lambda: [mask2rle(m) for m in painted]),
         "count": len(masks),
     }

@@ -1,12 +1,15 @@
-"""Model versions per project, and which one is active.
+"""Model versions per project, and which one is active: the one API for both paths.
 
 Every project starts on the base model (``Settings.model_version``). A training run adds a
-version directory under ``MODEL_DIR/registry/<project>/v<N>/`` holding its weights, config,
-training data ids, metrics, gate report and a checksum (``meta.json``); the training job writes
-it. Which version is active is recorded on disk (``active.json``, the durable record) and in
-Redis (the fast path /setup and /predict read, shared by every host).
+version (``Registry.add``: the registry numbers it, the trainer writes its files, the registry
+records their checksum) under ``MODEL_DIR/registry/<project>/v<N>/``: weights, config, training
+data ids, metrics, gate report and checksum (``meta.json``). Promotion is activation
+(``Registry.activate``), recorded on disk (``active.json``, the durable record) and in Redis (the
+fast path /setup and /predict read, shared by every host). A version is checked against its
+checksum before it is activated or loaded.
 
-No torch here: the backend lists, activates and resolves versions; the worker loads them.
+No torch here: the backend lists, activates and resolves versions; ``worker/checkpoints.py``
+writes and reads the weights files.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,6 +119,32 @@ class Registry:
     def next_number(self, project: str) -> int:
         numbers = [int(p.name[1:]) for p in self.project_dir(project).glob("v*") if p.name[1:].isdigit()]
         return max(numbers, default=0) + 1
+
+    def add(self, project: str, write_files: Callable[[Path], None], **details: Any) -> VersionInfo:
+        """A new version of ``project``: numbered here (a number is claimed by creating its
+        directory, so two runs never share one), its files written by ``write_files(directory)``
+        (``WEIGHTS_FILE`` at least), then its checksum and ``details`` (the other ``VersionInfo``
+        fields) recorded in ``meta.json``. Not activated."""
+        number = self.next_number(project)
+        while True:
+            directory = self.version_dir(project, number)
+            try:
+                directory.mkdir(parents=True)
+                break
+            except FileExistsError:
+                number += 1
+        write_files(directory)
+        info = VersionInfo(
+            version=self.version_name(project, number),
+            project=project,
+            number=number,
+            base=self.base_version,
+            created_at=time.time(),
+            checksum=file_checksum(directory / WEIGHTS_FILE),
+            **details,
+        )
+        self.save(info)
+        return info
 
     def save(self, info: VersionInfo) -> None:
         """Write ``meta.json`` for a version whose directory and weights already exist."""

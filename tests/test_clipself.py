@@ -10,8 +10,9 @@ import torch
 
 from tests.conftest import shared_data
 from worker.model.text import TextEmbedder
-from worker.training.clipself import CLIPSelfConfig, TrainingCancelled, grid_cells, train_clipself, trainable_blocks
+from worker.training.clipself import CLIPSelfConfig, grid_cells, train_clipself, trainable_blocks
 from worker.training.corrections import Correction
+from worker.training.loop import TrainingCancelled
 from worker.training.zegclip import load_voc_folder
 
 CFG = CLIPSelfConfig(steps=40, batch_size=2, lr=1e-3, size=64)

@@ -15,10 +15,12 @@ from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
 from common.jobs import BrushControl, ChoicesControl, ClassLabel, ImageTask, PredictJob
+from common.labelstudio.brush import draw_scaled
 from tests.tiny import build_tiny_clip
 from worker.images import decode_for_model
-from worker.loading import autocast, load_clip
+from worker.loading import load_clip
 from worker.model import dense, vit
+from worker.model.bundle import autocast
 from worker.model.tagclip import local_scores, reidentify
 from worker.predictor import ClassBank, Predictor
 
@@ -32,6 +34,11 @@ def _planted_features(plan: np.ndarray, text: torch.Tensor) -> torch.Tensor:
     return text[torch.from_numpy(plan).flatten()]
 
 
+def drawn(mask: dense.Mask) -> np.ndarray:
+    """The mask at the image's size, as Label Studio shows it."""
+    return draw_scaled(mask.region, mask.size)
+
+
 def test_masks_follow_the_planted_regions_and_background_stays_unlabeled():
     text = _text(4)  # classes 0, 1 are labels; 2, 3 background words
     plan = np.full((6, 8), 2)
@@ -43,11 +50,12 @@ def test_masks_follow_the_planted_regions_and_background_stays_unlabeled():
     assert [m.index for m in masks] == [0, 1]
     expected = np.kron(plan, np.ones((50, 50), dtype=int))  # each patch is 50x50 pixels of a 400x300 image
     for m in masks:
-        assert m.mask.shape == (300, 400)
-        iou = (m.mask & (expected == m.index)).sum() / (m.mask | (expected == m.index)).sum()
+        full = drawn(m)
+        assert full.shape == (300, 400)
+        iou = (full & (expected == m.index)).sum() / (full | (expected == m.index)).sum()
         assert iou > 0.95
         assert 0.5 < m.score <= 1.0
-    labelled = masks[0].mask | masks[1].mask
+    labelled = drawn(masks[0]) | drawn(masks[1])
     background = expected >= 2
     # pixels won by background words stay unlabeled (up to the interpolated seams between patches)
     assert labelled[background].mean() < 0.01
@@ -69,7 +77,7 @@ def test_mask_score_is_the_mean_probability_inside():
     logits[0, :, :2] = 2.0  # class 0 wins the left half with p = e^2 / (e^2 + 1) ...
     logits[1, :, 2:] = 1.0  # ... and class 1 (a background word) the right half
     (mask,) = dense.masks_from_logits(logits, 1, (4, 4), min_area=0.0)
-    assert mask.mask[:, :2].all() and not mask.mask[:, 2:].any()
+    assert drawn(mask)[:, :2].all() and not drawn(mask)[:, 2:].any()
     assert mask.score == pytest.approx(float(torch.tensor([2.0, 0.0]).softmax(0)[0]), abs=1e-6)
 
 
@@ -77,7 +85,7 @@ def test_sigmoid_masks_leave_low_scores_unlabeled():
     logits = torch.full((2, 4, 4), -5.0)
     logits[1, 1:3, 1:3] = 5.0
     (mask,) = dense.masks_from_logits(logits, 2, (4, 4), min_area=0.0, activation="sigmoid", floor=0.5)
-    assert mask.index == 1 and mask.mask.sum() == 4
+    assert mask.index == 1 and drawn(mask).sum() == 4
 
 
 def test_large_images_get_full_size_masks_without_full_size_probability_maps():
@@ -86,8 +94,8 @@ def test_large_images_get_full_size_masks_without_full_size_probability_maps():
     plan[:, 3:] = 1
     logits = dense.class_logits(_planted_features(plan, text), text, (4, 6))
     (left, right) = dense.masks_from_logits(logits, 2, (3000, 2000), min_area=0.0)
-    assert left.mask.shape == (2000, 3000)
-    assert left.mask[:, :1400].all() and right.mask[:, 1600:].all()
+    assert drawn(left).shape == (2000, 3000)
+    assert drawn(left)[:, :1400].all() and drawn(right)[:, 1600:].all()
 
 
 def test_clearclip_block_is_qq_attention_without_residual_or_ffn():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import redis
 
@@ -15,14 +13,8 @@ PROJECT = "3.1795414525"
 BASE = "prelabel-tiny-abc123"
 
 
-def _add_version(registry: Registry, number: int, payload: bytes = b"weights") -> VersionInfo:
-    directory = registry.version_dir(PROJECT, number)
-    directory.mkdir(parents=True)
-    (directory / WEIGHTS_FILE).write_bytes(payload)
-    info = VersionInfo(registry.version_name(PROJECT, number), PROJECT, number, BASE, time.time(),
-                       file_checksum(directory / WEIGHTS_FILE), trained_on=[1, 2])  # fmt: skip
-    registry.save(info)
-    return info
+def _add_version(registry: Registry, payload: bytes = b"weights") -> VersionInfo:
+    return registry.add(PROJECT, lambda directory: (directory / WEIGHTS_FILE).write_bytes(payload), trained_on=[1, 2])
 
 
 def test_project_uids_are_the_same_from_setup_and_from_webhooks():
@@ -43,7 +35,7 @@ def test_base_until_a_version_is_activated_then_rollback(tmp_path, redis_url):
     connection = redis.Redis.from_url(redis_url)
     registry = Registry(tmp_path, BASE, connection)
     assert registry.active(PROJECT) == BASE and registry.active(None) == BASE
-    v1, v2 = _add_version(registry, 1), _add_version(registry, 2, b"other")
+    v1, v2 = _add_version(registry), _add_version(registry, b"other")
     assert [v.version for v in registry.versions(PROJECT)] == [v1.version, v2.version]
     assert v2.version == f"{BASE}+p3-v2" and registry.next_number(PROJECT) == 3
 
@@ -58,7 +50,7 @@ def test_base_until_a_version_is_activated_then_rollback(tmp_path, redis_url):
 
 def test_unknown_and_corrupt_versions_are_refused_and_the_active_one_stays(tmp_path, redis_url):
     registry = Registry(tmp_path, BASE, redis.Redis.from_url(redis_url))
-    v1, v2 = _add_version(registry, 1), _add_version(registry, 2)
+    v1, v2 = _add_version(registry), _add_version(registry)
     registry.activate(PROJECT, v1.version)
     (registry.version_dir(PROJECT, 2) / WEIGHTS_FILE).write_bytes(b"bit rot")
     with pytest.raises(BadRequest, match="corrupt"):
@@ -74,3 +66,15 @@ def test_versions_of_another_base_are_not_offered(tmp_path):
     directory.mkdir(parents=True)
     old.save(VersionInfo("old+p3-v1", PROJECT, 1, "prelabel-old-000000", 0.0, "x"))
     assert Registry(tmp_path, BASE).versions(PROJECT) == []
+
+
+def test_the_registry_numbers_versions_and_records_their_checksum(tmp_path):
+    registry = Registry(tmp_path, BASE)
+    registry.version_dir(PROJECT, 2).mkdir(parents=True)  # a number another run has claimed
+    first = _add_version(registry)
+    second = _add_version(registry, b"other")
+    assert (first.number, second.number) == (3, 4) and second.version == f"{BASE}+p3-v4"
+    assert first.checksum == file_checksum(registry.version_dir(PROJECT, 3) / WEIGHTS_FILE)
+    assert first.base == BASE and first.trained_on == [1, 2] and not first.promoted
+    assert [v.number for v in registry.versions(PROJECT)] == [3, 4]  # the empty claim is not a version
+    assert registry.active(PROJECT) == BASE  # adding never activates

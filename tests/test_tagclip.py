@@ -5,8 +5,8 @@ import numpy as np
 import torch
 
 from tests.tiny import build_tiny_clip
-from worker.loading import ClipBundle
 from worker.model import vit
+from worker.model.bundle import ClipBundle
 from worker.model.tagclip import (
     AttentionVotes,
     LocalScores,

@@ -30,9 +30,9 @@ from worker import tasks
 from worker.loading import load_clip
 from worker.predictor import Predictor
 from worker.provider import ModelProvider
-from worker.training.clipself import TrainingCancelled
 from worker.training.corrections import Correction, from_annotation
 from worker.training.evaluate import gate
+from worker.training.loop import TrainingCancelled
 from worker.training.run import fetch_images, run_training
 
 PROJECT = {"id": 4, "created_at": "2026-11-23T06:15:25Z", "title": "photos", "label_config": ""}

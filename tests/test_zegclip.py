@@ -22,14 +22,13 @@ from common.jobs import BrushControl, ClassLabel, ImageTask, PredictJob
 from common.settings import Settings
 from tests.conftest import shared_data
 from tests.tiny import TINY_CLIP, save_tiny_clip
+from worker.checkpoints import load_head, save_head
 from worker.loading import load_clip
 from worker.model.zegclip import (
     IGNORE,
     NO_CLASS,
     ZegCLIP,
     ZegCLIPConfig,
-    load_checkpoint,
-    save_checkpoint,
     segmentation_loss,
 )
 from worker.predictor import Predictor
@@ -116,8 +115,8 @@ def test_short_training_on_real_photos_lowers_the_loss_and_raises_iou(trained, b
 
 def test_checkpoint_round_trip_gives_identical_logits(trained, bundle, tmp_path):
     model = trained[0]
-    save_checkpoint(model, tmp_path / "head", {"classes": ["aeroplane", "bird"]})
-    loaded, info = load_checkpoint(tmp_path / "head", bundle.visual)
+    save_head(model, tmp_path / "head", {"classes": ["aeroplane", "bird"]})
+    loaded, info = load_head(tmp_path / "head", bundle.visual)
     assert info["classes"] == ["aeroplane", "bird"] and info["config"]["prompts"] == CFG.prompts
     pixels, text = torch.randn(1, 3, 64, 96), _text(2)
     with torch.no_grad():
@@ -127,10 +126,10 @@ def test_checkpoint_round_trip_gives_identical_logits(trained, bundle, tmp_path)
 
 def test_checkpoint_for_another_backbone_is_refused(trained, tmp_path):
 
-    save_checkpoint(trained[0], tmp_path / "head", {})
+    save_head(trained[0], tmp_path / "head", {})
     wider = {**TINY_CLIP, "vision_cfg": {**TINY_CLIP["vision_cfg"], "width": 96}}
     with pytest.raises(ValueError, match="another backbone"):
-        load_checkpoint(tmp_path / "head", open_clip.CLIP(**wider).visual)
+        load_head(tmp_path / "head", open_clip.CLIP(**wider).visual)
 
 
 def test_a_predictor_with_a_head_draws_masks_with_it(trained, voc_pair, make_settings):
@@ -162,7 +161,7 @@ def test_training_command_writes_a_loadable_checkpoint(tiny_checkpoint, tmp_path
                "--steps", "3", "--batch-size", "2", "--size", "64"]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    model, info = load_checkpoint(out, bundle.visual)
+    model, info = load_head(out, bundle.visual)
     assert info["steps"] == 3 and "aeroplane" in info["classes"] and 0 <= info["train_miou"] <= 1
     assert "saved" in done.stderr and "train mIoU" in done.stderr
 

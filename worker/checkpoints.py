@@ -1,25 +1,30 @@
-"""A trained version on disk: the base model's ViT with its trained blocks replaced, and the
-project's ZegCLIP head when it has one. See backend/registry.py for the layout and the index."""
+"""A trained version's files: the ViT blocks CLIPSelf changed and the project's ZegCLIP head.
+
+``common/versions.py`` numbers versions, checks their checksums and activates them; this module
+writes and reads the tensors inside a version's directory (and a ZegCLIP head anywhere):
+
+    v<N>/visual.safetensors        the trained blocks, keyed as in the ViT's state_dict
+    v<N>/zegclip/zegclip.safetensors + zegclip.json   the head's prompts and decoder, its config
+"""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import logging
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
 from open_clip.transformer import VisionTransformer
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from common.errors import ModelUnavailable
-from common.versions import WEIGHTS_FILE, Registry, VersionInfo, file_checksum
-from worker.model import zegclip
-from worker.model.zegclip import ZegCLIP
-from worker.predictor import Predictor
-
-log = logging.getLogger(__name__)
+from common.versions import WEIGHTS_FILE, Registry
+from worker.model.zegclip import ZegCLIP, ZegCLIPConfig
 
 HEAD_DIR = "zegclip"
+HEAD_WEIGHTS = "zegclip.safetensors"
+HEAD_CONFIG = "zegclip.json"
 
 
 def version_visual(base: VisionTransformer, weights: dict[str, Tensor]) -> VisionTransformer:
@@ -32,38 +37,43 @@ def version_visual(base: VisionTransformer, weights: dict[str, Tensor]) -> Visio
     return visual.eval().requires_grad_(False)
 
 
-def predictor_with(base: Predictor, visual: VisionTransformer, head: ZegCLIP | None) -> Predictor:
-    """A predictor for a version: its own ViT and head, the base's text tower, cache and fetcher."""
-    bundle = dataclasses.replace(base.bundle, visual=visual.to(base.bundle.device))
-    head = head.to(base.bundle.device) if head is not None else None
-    return Predictor(base.settings, bundle, fetcher=base.fetcher, text=base.text, head=head)
-
-
-def load_version(registry: Registry, base: Predictor, project: str, version: str) -> Predictor:
-    """Load ``version`` of ``project``; a missing or corrupt version is refused with the reason."""
-    try:
-        info = registry.get(project, version)
-        directory = registry.version_dir(project, info.number)
-        registry.verify(info)
-        visual = version_visual(base.bundle.visual, load_file(str(directory / WEIGHTS_FILE)))
-        head = None
-        if (directory / HEAD_DIR / zegclip.WEIGHTS_FILE).is_file():
-            head, _ = zegclip.load_checkpoint(directory / HEAD_DIR, visual)
-    except Exception as e:  # any failure here means this version cannot serve
-        raise ModelUnavailable(f"Cannot load version {version} of project {project}: {e}") from e
-    log.info("loaded version %s of project %s from %s", version, project, directory)
-    return predictor_with(base, visual, head)
-
-
-def save_version(
-    registry: Registry, info: VersionInfo, weights: dict[str, Tensor], head: ZegCLIP | None, head_meta: dict
-) -> VersionInfo:
-    """Write a version's weights (and head), then its meta.json with the weights' checksum."""
-    directory = registry.version_dir(info.project, info.number)
-    directory.mkdir(parents=True, exist_ok=True)
+def write_version(directory: Path, weights: dict[str, Tensor], head: ZegCLIP | None, head_meta: dict) -> None:
+    """Fill a new version's directory (``Registry.add`` calls this with the one it numbered)."""
     save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / WEIGHTS_FILE))
     if head is not None:
-        zegclip.save_checkpoint(head, directory / HEAD_DIR, head_meta)
-    info = dataclasses.replace(info, checksum=file_checksum(directory / WEIGHTS_FILE))
-    registry.save(info)
-    return info
+        save_head(head, directory / HEAD_DIR, head_meta)
+
+
+def read_version(
+    registry: Registry, project: str, version: str, base: VisionTransformer
+) -> tuple[VisionTransformer, ZegCLIP | None]:
+    """The ViT and head of ``version`` of ``project``, after checking its checksum.
+
+    Raises:
+        VersionNotFound, BadRequest (corrupt), ValueError (another architecture): with the reason.
+    """
+    info = registry.get(project, version)
+    registry.verify(info)
+    directory = registry.version_dir(project, info.number)
+    visual = version_visual(base, load_file(str(directory / WEIGHTS_FILE)))
+    head = load_head(directory / HEAD_DIR, visual)[0] if (directory / HEAD_DIR / HEAD_WEIGHTS).is_file() else None
+    return visual, head
+
+
+def save_head(model: ZegCLIP, directory: Path, meta: dict[str, Any]) -> None:
+    """Write the prompts and head (``zegclip.safetensors``) and config + ``meta`` (JSON)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / HEAD_WEIGHTS))
+    (directory / HEAD_CONFIG).write_text(json.dumps({"config": asdict(model.cfg), **meta}, indent=2))
+
+
+def load_head(directory: Path, visual: VisionTransformer) -> tuple[ZegCLIP, dict[str, Any]]:
+    """The head saved in ``directory``, built for ``visual``; raises ValueError if it does not fit."""
+    info = json.loads((directory / HEAD_CONFIG).read_text())
+    model = ZegCLIP(visual, ZegCLIPConfig(**info["config"]))
+    try:
+        model.load_state_dict(load_file(str(directory / HEAD_WEIGHTS)))
+    except RuntimeError as e:
+        raise ValueError(f"The ZegCLIP head in {directory} was trained for another backbone: {e}") from e
+    return model.eval(), info

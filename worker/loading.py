@@ -4,7 +4,6 @@ provide the weights. Never falls back to random weights unless ``MODEL_PRETRAINE
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,33 +15,11 @@ from torch import nn
 
 from common.errors import ModelUnavailable
 from common.settings import Settings
+from worker.model.bundle import ClipBundle
 
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
-
-
-@dataclass(frozen=True)
-class ClipBundle:
-    """A loaded model and what is needed to feed it."""
-
-    model: open_clip.CLIP
-    tokenizer: Any
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    device: torch.device
-    description: str
-    precision: torch.dtype = torch.float32  # what the ViT computes in (under autocast when bf16)
-    visual: VisionTransformer = None  # type: ignore[assignment]  # model.visual, or a trained version's
-
-    def __post_init__(self) -> None:
-        if self.visual is None:
-            object.__setattr__(self, "visual", self.model.visual)
-
-    @property
-    def logit_scale(self) -> float:
-        """CLIP's learned temperature (100 for OpenAI's weights), capped at 100 as in training."""
-        return float(self.model.logit_scale.exp().clamp(max=100.0))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -185,8 +162,3 @@ def _check_architecture(model: nn.Module, description: str) -> None:
         raise ModelUnavailable(
             f"{description} cannot run TagCLIP: {problem}. Use a CLIP ViT such as ViT-B-16-quickgelu."
         )
-
-
-def autocast(bundle: ClipBundle) -> torch.autocast:
-    """Autocast to the bundle's precision; a no-op in fp32."""
-    return torch.autocast(bundle.device.type, dtype=torch.bfloat16, enabled=bundle.precision == torch.bfloat16)

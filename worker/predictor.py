@@ -4,6 +4,7 @@ scores into tags and masks."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -13,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+from open_clip.transformer import VisionTransformer
 from PIL import Image
 from torch import Tensor
 
@@ -20,7 +22,6 @@ from common.errors import ImageError
 from common.jobs import (
     BrushControl,
     ChoicesControl,
-    ClassLabel,
     ControlTags,
     ImageTask,
     MaskResult,
@@ -29,35 +30,20 @@ from common.jobs import (
     TaskId,
     TaskResult,
 )
+from common.labelstudio.brush import scaled_mask_to_rle
 from common.settings import Settings
 from worker.fetch import ImageFetcher
 from worker.images import PixelBudget, decode_for_model
-from worker.loading import ClipBundle, autocast
 from worker.model import dense, vit
+from worker.model.bundle import ClipBundle, autocast
 from worker.model.preprocess import to_pixels, working_size
 from worker.model.selection import select_tags
 from worker.model.tagclip import LocalScores, TagCLIPConfig, reidentify, run_trunk, tagclip_head
 from worker.model.text import TextEmbedder
 from worker.model.zegclip import ZegCLIP
+from worker.vocabulary import ClassBank
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ClassBank:
-    """The texts the models score against: the project's labels first, then background words.
-    A label that appears in several controls with the same words is one class."""
-
-    synonyms: tuple[tuple[str, ...], ...]
-    n_labels: int
-    index: dict[tuple[str, ...], int]
-
-    @classmethod
-    def build(cls, labels: Iterable[ClassLabel], background: tuple[str, ...]) -> ClassBank:
-        texts = list(dict.fromkeys(label.texts for label in labels))
-        taken = {text.lower() for group in texts for text in group}
-        extra = [(word,) for word in dict.fromkeys(background) if word.lower() not in taken]
-        return cls(tuple(texts + extra), len(texts), {group: i for i, group in enumerate(texts)})
 
 
 @dataclass(frozen=True)
@@ -140,6 +126,13 @@ class Predictor:
         threads = settings.fetch_threads or max(8, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="prelabel-fetch")
         self._budget = PixelBudget(2 * settings.max_image_pixels)
+
+    def with_weights(self, visual: VisionTransformer, head: ZegCLIP | None) -> Predictor:
+        """A predictor for a trained version: its own ViT and head; this one's text tower, text
+        cache and fetcher."""
+        bundle = dataclasses.replace(self.bundle, visual=visual.to(self.bundle.device))
+        head = head.to(self.bundle.device) if head is not None else None
+        return Predictor(self.settings, bundle, fetcher=self.fetcher, text=self.text, head=head)
 
     def warm_up(self) -> None:
         """Embed the background words now: every job needs them, so no job should pay for them."""
@@ -281,7 +274,10 @@ class Predictor:
                 rows += list(range(bank.n_labels, len(bank.synonyms)))
                 logits = dense.class_logits(scores.dense, text[rows], scores.grid)
                 masks = dense.masks_from_logits(logits, len(labels), size, min_area)
-        return [MaskResult(brush.from_name, labels[m.index].name, m.rle(), m.score) for m in masks]
+        return [
+            MaskResult(brush.from_name, labels[m.index].name, scaled_mask_to_rle(m.region, m.size), m.score)
+            for m in masks
+        ]
 
 
 def _ms_since(start: float) -> float:

@@ -13,7 +13,7 @@ from typing import Any
 from common.errors import ModelUnavailable
 from common.settings import Settings
 from common.versions import Registry
-from worker.checkpoints import load_version
+from worker.checkpoints import read_version
 from worker.loading import load_clip
 from worker.predictor import Predictor
 
@@ -75,11 +75,21 @@ class ModelProvider:
             if version in self._versions:
                 self._versions.move_to_end(version)
                 return self._versions[version]
-            predictor = load_version(self.registry, base, project, version)
+            predictor = self._load_version(base, project, version)
             self._versions[version] = predictor
             while len(self._versions) > VERSIONS_IN_MEMORY:
                 self._versions.popitem(last=False)
             return predictor
+
+    def _load_version(self, base: Predictor, project: str, version: str) -> Predictor:
+        """A trained version from the registry; one that is missing, corrupt or does not fit this
+        base is refused with the reason."""
+        try:
+            visual, head = read_version(self.registry, project, version, base.bundle.visual)
+        except Exception as e:  # any failure here means this version cannot serve
+            raise ModelUnavailable(f"Cannot load version {version} of project {project}: {e}") from e
+        log.info("loaded version %s of project %s", version, project)
+        return base.with_weights(visual, head)
 
     def status(self) -> dict[str, Any]:
         status: dict[str, Any] = {"state": self._state, "version": self.settings.model_version}

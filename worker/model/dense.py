@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor
 
-from common.labelstudio.brush import draw_scaled, scaled_mask_to_rle
-from common.settings import DENSE_HEADS
 from worker.model import vit
 
+#: The heads ``dense_block`` knows (``DENSE_HEAD`` picks one; ``common.settings`` lists the same).
+HEADS = ("clearclip", "naclip", "maskclip")
 #: CLIP's own temperature (100) makes patch-level softmaxes too peaky; the dense papers use ~50.
 DENSE_LOGIT_SCALE = 50.0
 #: Probability maps are computed at most this large; masks are then scaled to the image size.
@@ -57,7 +57,7 @@ def dense_block(
         bias = neighbourhood_bias(grid, sigma, x.device).to(k.dtype)
         attended = F.scaled_dot_product_attention(k, k, v, attn_mask=bias)
     else:
-        raise ValueError(f"Unknown dense head {head!r}; choose one of {DENSE_HEADS}.")
+        raise ValueError(f"Unknown dense head {head!r}; choose one of {HEADS}.")
     return vit.merge_heads(block, attended)
 
 
@@ -80,22 +80,13 @@ def class_logits(
 class Mask:
     """One class's region in an image: ``index`` into the classes segmented, a boolean mask at the
     working resolution of the probability maps, the image's size, and the mean probability of the
-    class inside the mask. The mask is encoded for Label Studio at the image's size without being
-    drawn there (a 12-megapixel boolean image per mask costs more than encoding it)."""
+    class inside the mask. The region is kept small: drawing it at the image's size costs more
+    than encoding it for Label Studio straight from here (``common.labelstudio.brush``)."""
 
     index: int
     region: np.ndarray  # [h, w] booleans, h and w at most MAX_MASK_SIDE
     size: tuple[int, int]  # (width, height) of the image
     score: float
-
-    @property
-    def mask(self) -> np.ndarray:
-        """The mask drawn at the image's size (nearest neighbour), [height, width] booleans."""
-        return draw_scaled(self.region, self.size)
-
-    def rle(self) -> list[int]:
-        """Label Studio's brush RLE of the mask at the image's size."""
-        return scaled_mask_to_rle(self.region, self.size)
 
 
 def masks_from_logits(

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from worker.loading import ClipBundle
 from worker.model import vit
+from worker.model.bundle import ClipBundle
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from open_clip.transformer import text_global_pool
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from torch import Tensor
 
-from worker.loading import ClipBundle, autocast
+from worker.model.bundle import ClipBundle, autocast
 
 log = logging.getLogger(__name__)
 

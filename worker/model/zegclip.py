@@ -11,21 +11,18 @@ on top of the frozen CLIP ViT (ALGORITHMS.md section 2).
 * Loss: sigmoid focal (x100) + dice (x1), non-mutually-exclusive; pixels marked ignore are left
   out, unlike the reference code.
 
-Only the prompts and the head train: a checkpoint holds those (megabytes), not the backbone.
+Only the prompts and the head train: a checkpoint holds those (megabytes), not the backbone
+(``worker/checkpoints.py`` writes and reads it).
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from worker.model import vit
@@ -33,8 +30,6 @@ from worker.model import vit
 # Target maps hold class indices >= 0, or one of these:
 NO_CLASS = -1  # a pixel of none of the classes (every class is a negative there)
 IGNORE = -100  # a pixel without supervision (boundaries, unlabelled areas)
-CONFIG_FILE = "zegclip.json"
-WEIGHTS_FILE = "zegclip.safetensors"
 
 
 @dataclass(frozen=True)
@@ -179,22 +174,3 @@ def segmentation_loss(logits: Tensor, mask: Tensor, cfg: ZegCLIPConfig) -> Tenso
     dice = 1 - (2 * inter + 1) / (total + 1)
     dice = dice[present].mean() if present.any() else logits.sum() * 0
     return cfg.focal_weight * focal + cfg.dice_weight * dice
-
-
-def save_checkpoint(model: ZegCLIP, directory: Path, meta: dict[str, Any]) -> None:
-    """Write the prompts and head (``zegclip.safetensors``) and config + ``meta`` (JSON)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_FILE))
-    (directory / CONFIG_FILE).write_text(json.dumps({"config": asdict(model.cfg), **meta}, indent=2))
-
-
-def load_checkpoint(directory: Path, visual: VisionTransformer) -> tuple[ZegCLIP, dict[str, Any]]:
-    """The head saved in ``directory``, built for ``visual``; raises ValueError if it does not fit."""
-    info = json.loads((directory / CONFIG_FILE).read_text())
-    model = ZegCLIP(visual, ZegCLIPConfig(**info["config"]))
-    try:
-        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
-    except RuntimeError as e:
-        raise ValueError(f"The ZegCLIP head in {directory} was trained for another backbone: {e}") from e
-    return model.eval(), info

@@ -23,8 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import random
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,11 +38,7 @@ from worker.model import vit
 from worker.model.dense import dense_block
 from worker.model.preprocess import to_pixels
 from worker.training.corrections import Correction
-from worker.training.report import TrainingReport
-
-
-class TrainingCancelled(Exception):
-    """The training run was asked to stop; nothing is saved."""
+from worker.training.loop import Progress, ShouldStop, TrainingReport, decay_groups, train
 
 
 @dataclass(frozen=True)
@@ -146,8 +141,8 @@ def train_clipself(
     mean: Sequence[float],
     std: Sequence[float],
     cfg: CLIPSelfConfig,
-    progress: Callable[[int, float], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
     seed: int = 0,
 ) -> tuple[dict[str, Tensor], TrainingReport]:
     """Fine-tune a copy of ``student`` on ``corrections`` (with images) and return the weights of
@@ -166,31 +161,18 @@ def train_clipself(
     params = [p for i in blocks for p in model.transformer.resblocks[i].parameters()]
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-    )
-    warmup = max(1, cfg.steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))
-    )
     teacher = teacher.to(device).eval()
     native = vit.native_grid(teacher)[0] * vit.patch_size(teacher)
     with_images = [c for c in corrections if c.image is not None]
     if not with_images:
         raise ValueError("CLIPSelf needs corrections with their images.")
-    report = TrainingReport(steps=cfg.steps)
-    started = time.perf_counter()
-    for step in range(cfg.steps):
-        if should_stop is not None and should_stop():
-            raise TrainingCancelled(f"stopped at step {step}")
+
+    def batch_loss(step: int) -> Tensor:
         batch = [rng.choice(with_images) for _ in range(cfg.batch_size)]
-        loss = _loss(model, teacher, batch, text, label_index, mean, std, cfg, native, rng)
-        report.optimise(loss, optimizer, schedule, progress)
-    report.seconds = time.perf_counter() - started
+        return _loss(model, teacher, batch, text, label_index, mean, std, cfg, native, rng)
+
+    report = train(batch_loss, decay_groups(params, cfg.weight_decay), cfg.steps, cfg.lr, "cosine", progress,
+                   should_stop)  # fmt: skip
     trained, initial = block_state(model, blocks), block_state(start, blocks)
     ensemble = {k: cfg.alpha * trained[k] + (1 - cfg.alpha) * initial[k] for k in trained}
     return {k: v.cpu() for k, v in ensemble.items()}, report

@@ -8,6 +8,7 @@
    new version with that report, and make it active only if the gate passes.
 
 A crash or a cancel at any step leaves the active version as it was: activation is the last step.
+A cancel is honoured between stages, between images while fetching, and before every optimiser step.
 """
 
 from __future__ import annotations
@@ -26,19 +27,21 @@ from PIL import Image
 from common.errors import ImageError
 from common.jobs import TrainJob
 from common.labelstudio.brush import draw_scaled
-from common.versions import Registry, VersionInfo
-from worker.checkpoints import predictor_with, save_version, version_visual
+from common.versions import Registry
+from worker.checkpoints import version_visual, write_version
 from worker.images import decode_for_model
-from worker.predictor import ClassBank, Predictor
+from worker.predictor import Predictor
 from worker.training.clipself import CLIPSelfConfig, train_clipself
 from worker.training.corrections import Correction, pull_corrections, training_size
 from worker.training.evaluate import evaluate, gate
+from worker.training.loop import ShouldStop, check_stop
 from worker.training.zegclip import TrainingSample, calibrate_threshold, train_zegclip
+from worker.vocabulary import ClassBank
 
 log = logging.getLogger(__name__)
 
 #: Called with (stage, step, steps, loss) as training goes.
-Progress = Callable[[str, int, int, float | None], None]
+StageProgress = Callable[[str, int, int, float | None], None]
 
 
 @dataclass(frozen=True)
@@ -57,13 +60,16 @@ def split(corrections: list[Correction], fraction: float) -> Split:
     return Split([c for c in ordered if c not in held], held)
 
 
-def fetch_images(predictor: Predictor, corrections: list[Correction], with_masks: bool) -> list[Correction]:
+def fetch_images(
+    predictor: Predictor, corrections: list[Correction], with_masks: bool, should_stop: ShouldStop | None = None
+) -> list[Correction]:
     """Attach decoded images at training size (short side at most IMAGE_SIZE: a project of phone
     photos stays a few hundred kB per task); drop tasks whose image cannot be had (logged); a
     project with BrushLabels reads "no region" as "nothing to label here"."""
     settings = predictor.settings
     kept = []
     for correction in corrections:
+        check_stop(should_stop, "while fetching images")
         if correction.image_url is None:
             continue
         try:
@@ -97,8 +103,8 @@ def run_training(
     active: Predictor,
     registry: Registry,
     job: TrainJob,
-    progress: Progress,
-    should_stop: Callable[[], bool],
+    progress: StageProgress,
+    should_stop: ShouldStop,
     collect: Callable[..., list[Correction]] = pull_corrections,
 ) -> dict[str, Any]:
     """Train, evaluate, save and maybe promote; returns the summary the job stores as its result.
@@ -107,7 +113,7 @@ def run_training(
     started = time.perf_counter()
     progress("collecting corrections", 0, 0, None)
     corrections = collect(settings, job.project, job.image_key, job.choices, job.brushes)
-    corrections = fetch_images(base, corrections, with_masks=bool(job.brushes))
+    corrections = fetch_images(base, corrections, with_masks=bool(job.brushes), should_stop=should_stop)
     if len(corrections) < settings.train_min_corrections:
         reason = f"{len(corrections)} usable corrections; training starts at {settings.train_min_corrections}"
         log.info("project %s: not training: %s", job.project, reason)
@@ -125,7 +131,7 @@ def run_training(
         progress=lambda step, loss: progress("clipself", step + 1, cfg.steps, loss), should_stop=should_stop,
     )  # fmt: skip
     visual = version_visual(base.bundle.visual, weights)
-    candidate = predictor_with(base, visual, None)
+    candidate = base.with_weights(visual, None)
 
     head, head_meta = None, {}
     masks = [c for c in parts.train if c.mask is not None and c.mask.any()]
@@ -135,11 +141,14 @@ def run_training(
         head, zeg_report = train_zegclip(
             candidate.bundle, samples, names, steps=settings.train_steps, size=settings.image_size,
             progress=lambda step, loss: progress("zegclip", step + 1, settings.train_steps, loss),
+            should_stop=should_stop,
         )  # fmt: skip
+        check_stop(should_stop, "before calibrating the ZegCLIP head")
         calibrate_threshold(candidate.bundle, head, samples, names, settings.image_size)
         head_meta = {"classes": names, "steps": zeg_report.steps, "masks": len(masks)}
-        candidate = predictor_with(base, visual, head)
+        candidate = base.with_weights(visual, head)
 
+    check_stop(should_stop, "before evaluating")
     progress("evaluating", 0, 0, None)
     with torch.inference_mode():
         scores = {
@@ -148,14 +157,10 @@ def run_training(
         }
     promoted, reason = gate(scores["candidate"], scores["active"], settings.promotion_margin)
 
-    number = registry.next_number(job.project)
-    info = VersionInfo(
-        version=registry.version_name(job.project, number),
-        project=job.project,
-        number=number,
-        base=settings.model_version,
-        created_at=time.time(),
-        checksum="",
+    check_stop(should_stop, "before saving")
+    info = registry.add(
+        job.project,
+        lambda directory: write_version(directory, weights, head, head_meta),
         trained_on=[c.task_id for c in parts.train],
         held_out=[c.task_id for c in parts.held_out],
         metrics={**scores, "final_loss": report.losses[-1] if report.losses else None},
@@ -168,7 +173,6 @@ def run_training(
         promoted=promoted,
         reason=reason,
     )
-    info = save_version(registry, info, weights, head, head_meta)
     if promoted:
         registry.activate(job.project, info.version)
     log.info("project %s: version %s %s (%s) in %.0f s", job.project, info.version,

@@ -12,8 +12,7 @@ import dataclasses
 import json
 import logging
 import random
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +22,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common.quality import iou_table
-from worker.loading import ClipBundle
+from worker.checkpoints import save_head
 from worker.model import vit
+from worker.model.bundle import ClipBundle
 from worker.model.preprocess import to_pixels, working_size
 from worker.model.text import TextEmbedder
 from worker.model.zegclip import (
@@ -32,10 +32,9 @@ from worker.model.zegclip import (
     NO_CLASS,
     ZegCLIP,
     ZegCLIPConfig,
-    save_checkpoint,
     segmentation_loss,
 )
-from worker.training.report import TrainingReport
+from worker.training.loop import Progress, ShouldStop, TrainingReport, train
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +85,8 @@ def train_zegclip(
     lr: float = 2e-4,
     size: int = 448,
     seed: int = 0,
-    progress: Callable[[int, float], None] | None = None,
+    progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
 ) -> tuple[ZegCLIP, TrainingReport]:
     """Train prompts and head (the CLIP backbone stays frozen) on ``samples`` for ``classes``.
 
@@ -101,24 +101,19 @@ def train_zegclip(
     device = bundle.device
     text = TextEmbedder(bundle).classes([(name,) for name in classes]).to(device)
     model = ZegCLIP(bundle.visual, cfg).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (1 - s / steps) ** 0.9
-    )
-    report = TrainingReport(steps=steps)
-    started = time.perf_counter()
     cuda = device.type == "cuda"
-    for _ in range(steps):
+
+    def batch_loss(step: int) -> torch.Tensor:
         batch = [_crop(rng.choice(samples), classes, size, rng, bundle) for _ in range(batch_size)]
         pixels = torch.stack([p for p, _ in batch]).to(device)
         targets = torch.stack([t for _, t in batch]).to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             logits = model(bundle.visual, pixels, text)
         logits = F.interpolate(logits.float(), size=targets.shape[-2:], mode="bilinear", align_corners=False)
-        loss = segmentation_loss(logits, targets, cfg)
-        report.optimise(loss, optimizer, schedule, progress)
-    report.seconds = time.perf_counter() - started
+        return segmentation_loss(logits, targets, cfg)
+
+    groups = [{"params": list(model.parameters()), "weight_decay": 0.01}]
+    report = train(batch_loss, groups, steps, lr, "poly", progress, should_stop)
     return model.eval(), report
 
 
@@ -216,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     calibrate_threshold(bundle, model, samples, classes, args.size)
     miou = mean_iou(bundle, model, samples, classes, args.size)
-    save_checkpoint(
+    save_head(
         model,
         args.out,
         {"classes": classes, "base_model": settings.model_version, "steps": args.steps, "train_miou": miou},
