@@ -9,6 +9,7 @@ import pytest
 from label_studio_sdk.label_interface import LabelInterface
 
 from backend.app import create_app
+from backend.serving import MemoryCache
 
 LABEL_CONFIG_TEMPLATE = """<View><Image name="image" value="$image"/>
   <Choices name="tags" toName="image" choice="multiple">{choices}</Choices></View>"""
@@ -229,3 +230,25 @@ def test_five_hundred_and_unicode_labels(client, label_studio):
     for prediction in response.get_json()["results"]:
         assert interface.validate_prediction(prediction, return_errors=True) == []
         assert set(prediction["result"][0]["value"]["choices"]) <= set(labels)
+
+
+def test_embedded_mode_serves_repeated_tasks_from_its_cache(client, voc_config, label_studio):
+    """The cache stands in front of either runner: once predicted, a task is answered again even
+    when its image could no longer be downloaded (no job runs for it)."""
+    label_studio.files["cached-copy.jpg"] = label_studio.files[PHOTOS[0]]
+    tasks = [{"id": 900, "data": {"image": label_studio.upload_path("cached-copy.jpg")}}]
+    body = {"tasks": tasks, "label_config": voc_config}
+    first = client.post("/predict", json=body).get_json()["results"]
+    del label_studio.files["cached-copy.jpg"]
+    assert first[0]["result"] and client.post("/predict", json=body).get_json()["results"] == first
+    fresh = [{"id": 901, "data": {"image": label_studio.upload_path("cached-copy.jpg")}}]
+    assert client.post("/predict", json={"tasks": fresh, "label_config": voc_config}).get_json()["results"] == [[]]
+
+
+def test_the_memory_cache_keeps_the_most_recently_used_within_its_bytes():
+    cache = MemoryCache(max_bytes=250)
+    item = {"result": ["x" * 80]}  # ~95 bytes of JSON: two fit
+    cache.put_many({"a": item, "b": item})
+    assert cache.get_many(["a"]) == [item]  # a is now the most recently used
+    cache.put_many({"c": item})
+    assert cache.get_many(["a", "b", "c"]) == [item, None, item]

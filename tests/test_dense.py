@@ -16,6 +16,7 @@ from PIL import Image
 
 from common.jobs import BrushControl, ChoicesControl, ClassLabel, ImageTask, PredictJob
 from common.labelstudio.brush import draw_scaled
+from common.settings import DENSE_HEADS
 from tests.tiny import build_tiny_clip
 from worker.images import decode_for_model
 from worker.loading import load_clip
@@ -193,3 +194,9 @@ def test_maskclip_baseline_is_the_value_path_with_residual_and_ffn():
         ours = dense.dense_block(block, x, "maskclip", (8, 8))
         expected = vit.self_attending_block(block, x, penalty=-1e4)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_the_setting_offers_the_heads_the_model_has():
+    assert DENSE_HEADS == dense.HEADS
+    with pytest.raises(ValueError, match="Unknown dense head"):
+        dense.dense_block(None, torch.zeros(1, 2, 4), "nope", (1, 1))  # type: ignore[arg-type]

@@ -285,6 +285,23 @@ def test_a_crash_or_a_cancel_leaves_the_active_version_alone(trainer):
     assert registry.active(UID) == settings.model_version and registry.versions(UID) == []
 
 
+@pytest.mark.parametrize("stage", ["clipself", "zegclip", "evaluating"])
+def test_a_cancel_is_honoured_at_every_stage(trainer, stage):
+    """The cancel arrives once the run has reached ``stage``: it stops there, saves nothing and
+    leaves the active version alone."""
+    settings, base, registry = trainer
+    job = dataclasses.replace(JOB, model_version=settings.model_version)
+    reached: list[str] = []
+
+    def progress(name, step, steps, loss) -> None:
+        reached.append(name)
+
+    with pytest.raises(TrainingCancelled):
+        run_training(base, base, registry, job, progress, lambda: stage in reached, collect=_corrections)
+    assert reached[-1] == stage and reached.count(stage) <= 2  # stopped within a step of the request
+    assert registry.active(UID) == settings.model_version and registry.versions(UID) == []
+
+
 def test_too_few_corrections_train_nothing(trainer):
     settings, base, registry = trainer
     job = dataclasses.replace(JOB, model_version=settings.model_version)

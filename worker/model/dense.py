@@ -47,17 +47,17 @@ def dense_block(
 ) -> Tensor:
     """The dense head's last block: attention output only (no residual, no FFN), except for the
     MaskCLIP baseline, which keeps both."""
+    if head not in HEADS:
+        raise ValueError(f"Unknown dense head {head!r}; choose one of {HEADS}.")
     q, k, v = vit.qkv(block, x)
     if head == "maskclip":
         return vit.finish_block(block, x, v)
     # No attention map is read here, so SDPA computes it (fused, no [B, H, L, L] tensor in memory).
     if head == "clearclip":
         attended = F.scaled_dot_product_attention(q, q, v)
-    elif head == "naclip":
+    else:  # naclip
         bias = neighbourhood_bias(grid, sigma, x.device).to(k.dtype)
         attended = F.scaled_dot_product_attention(k, k, v, attn_mask=bias)
-    else:
-        raise ValueError(f"Unknown dense head {head!r}; choose one of {HEADS}.")
     return vit.merge_heads(block, attended)
 
 
