@@ -24,7 +24,7 @@ def check_request(request: Request, settings: Settings) -> Response | None:
     * every POST carries a JSON body (``Content-Type: application/json``): a browser cannot send
       one cross-site without asking first, so a page a project manager visits cannot change state;
     * with basic auth configured, every route but /health needs it;
-    * /webhook also takes the project's webhook secret (see backend/lswebhooks.py): Label Studio
+    * /webhook also takes the project's webhook secret (see backend/webhook_secret.py): Label Studio
       sends event webhooks without the basic auth it uses everywhere else.
     """
     if request.method == "POST" and not request.is_json:
