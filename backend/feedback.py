@@ -27,8 +27,8 @@ import redis
 
 from common import keys
 from common.errors import AnnotationError, ServiceUnavailable
+from common.labelstudio.annotations import brush_regions, chosen
 from common.labelstudio.brush import region_mask, region_size
-from common.labelstudio.tasks import brush_regions, chosen
 from common.quality import UNCHANGED_IOU, mask_iou
 
 log = logging.getLogger(__name__)

@@ -71,6 +71,9 @@ class RunnerStatus:
 
 class Runner(Protocol):
     mode: str
+    #: Whether it takes work nobody waits for (imports to precompute, jobs past the deadline)
+    #: without holding up interactive requests: the queue scales with workers, embedded does not.
+    background: bool
 
     def submit(self, job: PredictJob) -> str:
         """Start ``job`` and return its id at once."""
@@ -97,6 +100,7 @@ class QueueRunner:
     """Enqueue on RQ and wait for the result with a blocking read (no polling)."""
 
     mode = "queue"
+    background = True
 
     def __init__(self, settings: Settings, connection: redis.Redis | None = None) -> None:
         self.settings = settings
@@ -182,6 +186,7 @@ class InlineRunner:
     """
 
     mode = "embedded"
+    background = False
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -192,18 +197,35 @@ class InlineRunner:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prelabel-inline")
         self._executor.submit(self._tasks.warm_up)  # load the model now, not on the first request
         self._jobs: dict[str, Future] = {}
+        self._finished: dict[str, float] = {}  # job id -> when it finished (monotonic)
         self._lock = threading.Lock()
 
     def submit(self, job: PredictJob) -> str:
         payload = json.loads(json.dumps(job.to_dict()))  # the same round trip as through Redis
         job_id = uuid.uuid4().hex
+        future = self._executor.submit(self._predict, payload)
         with self._lock:
-            self._jobs[job_id] = self._executor.submit(self._predict, payload)
+            self._expire()
+            self._jobs[job_id] = future
+        future.add_done_callback(lambda _: self._done(job_id))
         return job_id
+
+    def _done(self, job_id: str) -> None:
+        with self._lock:
+            self._finished[job_id] = time.monotonic()
+
+    def _expire(self) -> None:
+        """Drop results nobody collected within RESULT_TTL, as Redis drops the queue's."""
+        cutoff = time.monotonic() - self.settings.result_ttl
+        for job_id in [j for j, at in self._finished.items() if at < cutoff]:
+            self._jobs.pop(job_id, None)
+            self._finished.pop(job_id, None)
 
     def wait(self, job_id: str, deadline: float) -> PredictResult:
         with self._lock:
-            future = self._jobs[job_id]
+            future = self._jobs.get(job_id)
+        if future is None:
+            raise JobFailed(f"No embedded job {job_id}: results are kept RESULT_TTL seconds after they finish.")
         try:
             value = future.result(timeout=max(0.0, deadline - time.monotonic()))
         except FutureTimeout as e:
@@ -224,6 +246,7 @@ class InlineRunner:
     def _forget(self, job_id: str) -> None:
         with self._lock:
             self._jobs.pop(job_id, None)
+            self._finished.pop(job_id, None)
 
     def status(self) -> RunnerStatus:
         model = self._tasks.model_status()

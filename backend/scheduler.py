@@ -15,7 +15,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from common import keys
-from common.errors import PrelabelError
+from common.errors import NotFound
 from common.jobs import TRAIN_FUNCTION, TRAIN_QUEUE, AllowListedJob, TrainJob
 from common.labelstudio.config import LabelSpec, parse_label_config
 from common.settings import Settings
@@ -24,10 +24,6 @@ from common.versions import Registry
 log = logging.getLogger(__name__)
 
 PENDING = (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED)
-
-
-class JobNotFound(PrelabelError):
-    status = 404
 
 
 class TrainingScheduler:
@@ -126,7 +122,7 @@ class TrainingScheduler:
         try:
             return AllowListedJob.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
         except NoSuchJobError as e:
-            raise JobNotFound(f"No job {job_id!r} (finished jobs are kept for 30 days).") from e
+            raise NotFound(f"No job {job_id!r} (finished jobs are kept for 30 days).") from e
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Cancel a queued run, or ask a running one to stop at its next step."""

@@ -28,12 +28,12 @@ import redis
 
 from backend.runner import Runner
 from common import keys
-from common.errors import JobTimeout, ServiceUnavailable
+from common.errors import JobTimeout, PrelabelError, ServiceUnavailable
 from common.jobs import ImageTask, PredictJob
+from common.labelstudio.annotations import image_url
 from common.labelstudio.client import label_studio_client
 from common.labelstudio.config import LabelSpec
 from common.labelstudio.predictions import to_label_studio
-from common.labelstudio.tasks import image_url
 from common.projects import project_id
 from common.settings import Settings
 
@@ -44,16 +44,16 @@ CACHE_TTL = 7 * 24 * 3600
 MEMORY_CACHE_BYTES = 256 * 1024 * 1024
 
 
-def cache_key(version: str, label_config: str, task_id: Any, image_url: str | None) -> str:
+def cache_key(version: str, label_config: str, task_id: Any, url: str | None) -> str:
     """One task's prediction under a model version, a label config and an image URL."""
-    digest = hashlib.sha1(f"{label_config}\0{image_url}".encode()).hexdigest()[:16]
+    digest = hashlib.sha1(f"{label_config}\0{url}".encode()).hexdigest()[:16]
     return keys.cached_prediction(version, task_id, digest)
 
 
 class PredictionCache(Protocol):
     """Label Studio predictions by ``cache_key``."""
 
-    def get_many(self, keys: list[str]) -> list[dict | list | None]: ...
+    def get_many(self, cache_keys: list[str]) -> list[dict | list | None]: ...
 
     def put_many(self, items: dict[str, Any]) -> None: ...
 
@@ -64,8 +64,9 @@ class RedisCache:
     def __init__(self, connection: redis.Redis) -> None:
         self.connection = connection
 
-    def get_many(self, keys: list[str]) -> list[dict | list | None]:
-        return [json.loads(v) if v is not None else None for v in self.connection.mget(keys)] if keys else []
+    def get_many(self, cache_keys: list[str]) -> list[dict | list | None]:
+        found = self.connection.mget(cache_keys) if cache_keys else []
+        return [json.loads(v) if v is not None else None for v in found]
 
     def put_many(self, items: dict[str, Any]) -> None:
         if not items:
@@ -85,22 +86,24 @@ class MemoryCache:
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get_many(self, keys: list[str]) -> list[dict | list | None]:
+    def get_many(self, cache_keys: list[str]) -> list[dict | list | None]:
         with self._lock:
-            found = [self._items.get(key) for key in keys]
-            for key, value in zip(keys, found, strict=True):
+            found = [self._items.get(key) for key in cache_keys]
+            for key, value in zip(cache_keys, found, strict=True):
                 if value is not None:
                     self._items.move_to_end(key)
         return [json.loads(v) if v is not None else None for v in found]
 
     def put_many(self, items: dict[str, Any]) -> None:
+        texts = {key: json.dumps(prediction) for key, prediction in items.items()}
         with self._lock:
-            for key, prediction in items.items():
-                text = json.dumps(prediction)
-                self._bytes += len(text) - len(self._items.pop(key, ""))
+            for key, text in texts.items():
+                old = self._items.pop(key, None)
+                self._bytes += len(key) + len(text) - (len(key) + len(old) if old is not None else 0)
                 self._items[key] = text
             while self._bytes > self.max_bytes and self._items:
-                self._bytes -= len(self._items.popitem(last=False)[1])
+                key, text = self._items.popitem(last=False)
+                self._bytes -= len(key) + len(text)
 
 
 class Server:
@@ -117,60 +120,77 @@ class Server:
         images: list[str | None],
     ) -> tuple[list[Any], int]:  # fmt: skip
         """One prediction per task, in order ([] for a task not ready yet); and how many were cached.
-        The missing tasks become jobs of at most MAX_TASKS_PER_JOB tasks, all queued at once."""
-        keys = [cache_key(version, label_config, t["id"], url) for t, url in zip(tasks, images, strict=True)]
-        answers: list[Any] = self.cache.get_many(keys)
+
+        The missing tasks become jobs of at most MAX_TASKS_PER_JOB tasks. A runner that takes
+        background work (the queue) gets them all at once; a job not done by PREDICT_TIMEOUT is
+        finished later, cached and posted to Label Studio. The embedded runner, which runs one job
+        at a time, gets them one after the other until PREDICT_TIMEOUT, so that an annotator's
+        next request does not wait behind a whole selection; Label Studio asks again for the rest.
+        """
+        cache_keys = [cache_key(version, label_config, t["id"], url) for t, url in zip(tasks, images, strict=True)]
+        answers: list[Any] = self.cache.get_many(cache_keys)
         missing = [i for i, a in enumerate(answers) if a is None]
         cached = len(tasks) - len(missing)
         if missing:
             status = self.runner.status()
             if status.unavailable:
                 raise ServiceUnavailable(status.unavailable)
-        submitted = []
-        for chunk in per_job(missing, self.settings.max_tasks_per_job):
-            job = predict_job(spec, project, version, [tasks[i] for i in chunk], [images[i] for i in chunk])
-            submitted.append((chunk, job, self.runner.submit(job)))
         deadline = time.monotonic() + self.settings.predict_timeout
-        for chunk, job, job_id in submitted:
+        jobs = [
+            (chunk, predict_job(spec, project, version, [tasks[i] for i in chunk], [images[i] for i in chunk]))
+            for chunk in per_job(missing, self.settings.max_tasks_per_job)
+        ]
+        ids = [self.runner.submit(job) for _, job in jobs] if self.runner.background else []
+        for n, (chunk, job) in enumerate(jobs):
+            if not ids and time.monotonic() >= deadline:
+                break
+            job_id = ids[n] if ids else self.runner.submit(job)
             try:
                 result = self.runner.wait(job_id, deadline=deadline)
             except JobTimeout as e:
                 log.warning("%s; its %d tasks will be posted to Label Studio when done", e, len(chunk))
-                self.finish_later(job_id, job, spec, [keys[i] for i in chunk])
+                self.finish_later(job_id, job, spec, [cache_keys[i] for i in chunk])
                 continue
+            except PrelabelError:  # this request fails; the jobs already queued still finish
+                for (later, later_job), later_id in zip(jobs[n + 1 :], ids[n + 1 :], strict=False):
+                    self.finish_later(later_id, later_job, spec, [cache_keys[i] for i in later])
+                raise
             fresh = to_label_studio(result, spec, version)
-            self.cache.put_many({keys[i]: p for i, p in zip(chunk, fresh, strict=True) if p})
+            self.cache.put_many({cache_keys[i]: p for i, p in zip(chunk, fresh, strict=True) if p})
             for i, p in zip(chunk, fresh, strict=True):
                 answers[i] = p
         return [a if a is not None else [] for a in answers], cached
 
     def precompute(
         self, tasks: list[dict], spec: LabelSpec, label_config: str, project: str, version: str
-    ) -> list[str]:
+    ) -> list[str] | None:
         """Queue predictions for newly imported tasks (jobs of at most MAX_TASKS_PER_JOB); they
-        are cached and posted when done. Returns the job ids."""
+        are cached and posted when done. Returns the job ids; None when the runner takes no
+        background work (embedded mode: imports are predicted when their tasks are opened)."""
+        if not self.runner.background:
+            return None
         images = [image_url(t, spec.image_key) for t in tasks]
-        keys = [cache_key(version, label_config, t["id"], url) for t, url in zip(tasks, images, strict=True)]
-        todo = [i for i, a in enumerate(self.cache.get_many(keys)) if a is None]
+        cache_keys = [cache_key(version, label_config, t["id"], url) for t, url in zip(tasks, images, strict=True)]
+        todo = [i for i, a in enumerate(self.cache.get_many(cache_keys)) if a is None]
         ids = []
         for chunk in per_job(todo, self.settings.max_tasks_per_job):
             job = predict_job(spec, project, version, [tasks[i] for i in chunk], [images[i] for i in chunk])
             job_id = self.runner.submit(job)
-            self.finish_later(job_id, job, spec, [keys[i] for i in chunk])
+            self.finish_later(job_id, job, spec, [cache_keys[i] for i in chunk])
             ids.append(job_id)
         return ids
 
-    def finish_later(self, job_id: str, job: PredictJob, spec: LabelSpec, keys: list[str]) -> None:
-        self._background.submit(self._finish, job_id, job, spec, keys)
+    def finish_later(self, job_id: str, job: PredictJob, spec: LabelSpec, cache_keys: list[str]) -> None:
+        self._background.submit(self._finish, job_id, job, spec, cache_keys)
 
-    def _finish(self, job_id: str, job: PredictJob, spec: LabelSpec, keys: list[str]) -> None:
+    def _finish(self, job_id: str, job: PredictJob, spec: LabelSpec, cache_keys: list[str]) -> None:
         try:
             result = self.runner.wait(job_id, deadline=time.monotonic() + self.settings.job_timeout + 60)
         except Exception as e:  # failed or never picked up: nothing to post, the log says why
             log.warning("background predict job %s gave nothing to post: %s", job_id, e)
             return
         predictions = to_label_studio(result, spec, job.model_version)
-        self.cache.put_many({k: p for k, p in zip(keys, predictions, strict=True) if p})
+        self.cache.put_many({k: p for k, p in zip(cache_keys, predictions, strict=True) if p})
         posted = self._post(job, predictions)
         log.info("background predict job %s done: %d predictions cached, %d posted to Label Studio",
                  job_id, sum(1 for p in predictions if p), posted)  # fmt: skip

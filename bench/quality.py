@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.report import publish
+from bench.publish import publish
 from bench.toyworld import BACKGROUNDS, COLOURS, SHAPES, Scene, scenes
 from common.labelstudio.brush import draw_scaled
 from common.quality import mean_average_precision, micro_f1, miou

@@ -28,6 +28,12 @@ class AnnotationError(BadRequest):
     """An annotation's result cannot be read (a brush region with wrong sizes or a corrupt RLE)."""
 
 
+class NotFound(PrelabelError):
+    """A model version or a job that does not exist (any more)."""
+
+    status = 404
+
+
 class ServiceUnavailable(PrelabelError):
     """A dependency (Redis, a worker, the model) is not there right now; retry later."""
 

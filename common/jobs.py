@@ -1,4 +1,4 @@
-"""The job schema: the only thing the request path (backend) and the compute path (worker) share.
+"""The job schema: the only way the request path (backend) and the compute path (worker) talk.
 
 Payloads travel through Redis as JSON (RQ's JSONSerializer), so every type here converts to and
 from plain dicts. This module imports neither Flask nor torch.
@@ -121,7 +121,7 @@ class ImageTask:
 
 @dataclass(frozen=True)
 class PredictJob:
-    """A whole /predict request: all tasks of one call go to one job, so images batch on the GPU."""
+    """Up to MAX_TASKS_PER_JOB tasks of one /predict call or import: one job, so images batch on the GPU."""
 
     model_version: str
     image_key: str

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,15 +28,11 @@ from typing import Any
 import redis
 
 from common import keys
-from common.errors import BadRequest, PrelabelError
+from common.errors import BadRequest, NotFound
 
 META_FILE = "meta.json"
 ACTIVE_FILE = "active.json"
 WEIGHTS_FILE = "visual.safetensors"
-
-
-class VersionNotFound(PrelabelError):
-    status = 404
 
 
 @dataclass
@@ -48,6 +45,7 @@ class VersionInfo:
     base: str
     created_at: float
     checksum: str  # sha256 of the weights file
+    files: dict[str, str] = field(default_factory=dict)  # sha256 of every file the trainer wrote, by path
     trained_on: list[int] = field(default_factory=list)  # Label Studio task ids
     held_out: list[int] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)  # candidate and active, on held_out
@@ -114,7 +112,7 @@ class Registry:
         for info in self.versions(project):
             if info.version == version:
                 return info
-        raise VersionNotFound(f"Project {project} has no version {version!r}; GET /versions lists them.")
+        raise NotFound(f"Project {project} has no version {version!r}; GET /versions lists them.")
 
     def next_number(self, project: str) -> int:
         numbers = [int(p.name[1:]) for p in self.project_dir(project).glob("v*") if p.name[1:].isdigit()]
@@ -123,8 +121,8 @@ class Registry:
     def add(self, project: str, write_files: Callable[[Path], None], **details: Any) -> VersionInfo:
         """A new version of ``project``: numbered here (a number is claimed by creating its
         directory, so two runs never share one), its files written by ``write_files(directory)``
-        (``WEIGHTS_FILE`` at least), then its checksum and ``details`` (the other ``VersionInfo``
-        fields) recorded in ``meta.json``. Not activated."""
+        (``WEIGHTS_FILE`` at least), then the checksum of every file and ``details`` (the other
+        ``VersionInfo`` fields) recorded in ``meta.json``. Not activated; a failure leaves nothing."""
         number = self.next_number(project)
         while True:
             directory = self.version_dir(project, number)
@@ -133,14 +131,20 @@ class Registry:
                 break
             except FileExistsError:
                 number += 1
-        write_files(directory)
+        try:
+            write_files(directory)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        files = {str(p.relative_to(directory)): file_checksum(p) for p in sorted(directory.rglob("*")) if p.is_file()}
         info = VersionInfo(
             version=self.version_name(project, number),
             project=project,
             number=number,
             base=self.base_version,
             created_at=time.time(),
-            checksum=file_checksum(directory / WEIGHTS_FILE),
+            checksum=files[WEIGHTS_FILE],
+            files=files,
             **details,
         )
         self.save(info)
@@ -152,10 +156,12 @@ class Registry:
         _write_atomically(directory / META_FILE, json.dumps(asdict(info), indent=2))
 
     def verify(self, info: VersionInfo) -> None:
-        """Refuse a version whose weights are missing or differ from the checksum taken at save."""
-        weights = self.version_dir(info.project, info.number) / WEIGHTS_FILE
-        if not weights.is_file() or file_checksum(weights) != info.checksum:
-            raise BadRequest(f"Version {info.version} is corrupt (weights missing or changed); not activated.")
+        """Refuse a version whose files are missing or differ from the checksums taken at save."""
+        directory = self.version_dir(info.project, info.number)
+        for name, checksum in {**info.files, WEIGHTS_FILE: info.checksum}.items():
+            path = directory / name
+            if not path.is_file() or file_checksum(path) != checksum:
+                raise BadRequest(f"Version {info.version} is corrupt ({name} missing or changed); not activated.")
 
     def activate(self, project: str, version: str) -> None:
         """Make ``version`` (a trained one, checked, or the base) the one the project predicts with."""

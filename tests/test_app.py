@@ -126,6 +126,14 @@ def test_webhook_is_acknowledged_and_validated(client):
     assert client.post("/webhook", json={"annotation": {}}).status_code == 400
 
 
+def test_embedded_mode_does_not_precompute_imports(client, voc_config, label_studio):
+    """One job at a time in-process: an import must not queue work ahead of the annotators."""
+    project = {"id": 8, "created_at": "2026-11-23T06:15:25Z", "label_config": voc_config}
+    tasks = _tasks(label_studio, PHOTOS)
+    answer = client.post("/webhook", json={"action": "TASKS_CREATED", "tasks": tasks, "project": project})
+    assert answer.status_code == 200 and answer.get_json()["status"] == "ignored"
+
+
 @pytest.mark.parametrize("path", ["/setup", "/predict", "/webhook", "/versions/v1/activate", "/jobs/j1/cancel"])
 def test_state_changes_take_json_bodies_only(client, path):
     """A form or text body is what a page in a project manager's browser could send cross-site."""

@@ -63,6 +63,23 @@ def test_the_worker_imports_nothing_from_the_backend():
     assert _offending("worker", ("backend",)) == {}
 
 
+def test_the_backend_imports_no_torch_and_no_worker_code_anywhere():
+    """Also inside functions (which the import test below does not run). The embedded mode reaches
+    the worker's job function by its dotted name only (``common.jobs.PREDICT_FUNCTION``)."""
+    assert _offending("backend", ("worker", "torch", "torchvision", "open_clip", "cv2", "safetensors")) == {}
+
+
+def test_imports_are_absolute():
+    """The rules above read absolute names; a relative import would slip past them."""
+    relative = [
+        f"{name}:{node.lineno}"
+        for name, path in MODULES.items()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.level
+    ]
+    assert relative == []
+
+
 def test_common_imports_neither_path_nor_flask_nor_torch():
     heavy = ("backend", "worker", "flask", "werkzeug", "gunicorn", "torch", "torchvision", "open_clip", "cv2")
     assert _offending("common", heavy) == {}
@@ -71,8 +88,41 @@ def test_common_imports_neither_path_nor_flask_nor_torch():
 def test_the_model_code_is_pure_tensors():
     """worker/model/ reads no settings, writes no files, speaks no Label Studio format and knows
     nothing of jobs: what it needs comes in as arguments."""
-    forbidden = ("common", "backend", "worker", "safetensors", "rq", "redis", "label_studio_sdk", "urllib3", "json")
+    forbidden = ("common", "backend", "worker", "safetensors", "rq", "redis", "label_studio_sdk", "urllib3",
+                 "json", "os", "pathlib", "io", "pickle", "shutil", "tempfile", "socket", "http", "urllib")  # fmt: skip
     assert _offending("worker.model", forbidden, allowed=("worker.model",)) == {}
+    effects = []
+    for name, path in MODULES.items():
+        if not name.startswith("worker.model"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            called = node.func if isinstance(node, ast.Call) else None
+            if isinstance(called, ast.Name) and called.id in ("open", "print", "input"):
+                effects.append(f"{name}:{node.lineno} {called.id}()")
+            if (
+                isinstance(called, ast.Attribute)
+                and called.attr in ("save", "load")
+                and ast.unparse(called.value) == "torch"
+            ):
+                effects.append(f"{name}:{node.lineno} torch.{called.attr}()")
+            if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv"):
+                effects.append(f"{name}:{node.lineno} {node.attr}")
+    assert effects == []
+
+
+def test_redis_keys_and_the_environment_are_each_read_in_one_place():
+    """Every key prelabel writes is named in common/keys.py; settings come from the environment in
+    common/settings.py (entry points may read their own command-line defaults)."""
+    keys, environment = [], []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            text = node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+            if text is not None and text.startswith("prelabel:") and name != "common.keys":
+                keys.append(f"{name}:{node.lineno} {text!r}")
+            entry_point = name in ("common.settings", "backend.cli", "worker.cli")
+            if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv") and not entry_point:
+                environment.append(f"{name}:{node.lineno}")
+    assert keys == [] and environment == []
 
 
 def test_there_are_no_import_circles():

@@ -23,7 +23,8 @@ from worker.loading import load_clip
 from worker.model import dense, vit
 from worker.model.bundle import autocast
 from worker.model.tagclip import local_scores, reidentify
-from worker.predictor import ClassBank, Predictor
+from worker.predictor import Predictor
+from worker.vocabulary import ClassBank
 
 
 def _text(n: int, seed: int = 0) -> torch.Tensor:

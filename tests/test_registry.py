@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import redis
 
-from common.errors import BadRequest
+from common.errors import BadRequest, NotFound
 from common.projects import project_id, project_uid
-from common.versions import WEIGHTS_FILE, Registry, VersionInfo, VersionNotFound, file_checksum
+from common.versions import WEIGHTS_FILE, Registry, VersionInfo, file_checksum
 
 PROJECT = "3.1795414525"
 BASE = "prelabel-tiny-abc123"
@@ -55,7 +55,7 @@ def test_unknown_and_corrupt_versions_are_refused_and_the_active_one_stays(tmp_p
     (registry.version_dir(PROJECT, 2) / WEIGHTS_FILE).write_bytes(b"bit rot")
     with pytest.raises(BadRequest, match="corrupt"):
         registry.activate(PROJECT, v2.version)
-    with pytest.raises(VersionNotFound):
+    with pytest.raises(NotFound):
         registry.activate(PROJECT, "nope")
     assert registry.active(PROJECT) == v1.version
 
@@ -78,3 +78,28 @@ def test_the_registry_numbers_versions_and_records_their_checksum(tmp_path):
     assert first.base == BASE and first.trained_on == [1, 2] and not first.promoted
     assert [v.number for v in registry.versions(PROJECT)] == [3, 4]  # the empty claim is not a version
     assert registry.active(PROJECT) == BASE  # adding never activates
+
+
+def test_every_file_of_a_version_is_checked_and_a_failed_write_leaves_nothing(tmp_path):
+    registry = Registry(tmp_path, BASE)
+
+    def weights_and_head(directory):
+        (directory / WEIGHTS_FILE).write_bytes(b"weights")
+        (directory / "zegclip").mkdir()
+        (directory / "zegclip" / "zegclip.safetensors").write_bytes(b"head")
+
+    info = registry.add(PROJECT, weights_and_head)
+    assert set(info.files) == {WEIGHTS_FILE, "zegclip/zegclip.safetensors"}
+    registry.verify(info)
+    (registry.version_dir(PROJECT, info.number) / "zegclip" / "zegclip.safetensors").write_bytes(b"bit rot")
+    with pytest.raises(BadRequest, match="zegclip.safetensors missing or changed"):
+        registry.activate(PROJECT, info.version)
+
+    def disk_full(directory):
+        (directory / WEIGHTS_FILE).write_bytes(b"half")
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError):
+        registry.add(PROJECT, disk_full)
+    assert [v.number for v in registry.versions(PROJECT)] == [info.number]
+    assert not registry.version_dir(PROJECT, info.number + 1).exists()

@@ -333,23 +333,23 @@ def test_workers_switch_versions_between_jobs_without_dropping_one(trainer, redi
 
 
 def test_progress_reaches_the_job_status_and_cancel_reaches_the_job(queue_app, redis_url):
-    from worker.progress import JobReporter
+    from worker.progress import JobProgress
 
     app, _ = queue_app()
     client = app.test_client()
     job_id = client.post("/webhook", json={"action": "START_TRAINING", "project": _project()}).get_json()["job"]
     job = app.extensions["prelabel"].training.job(job_id)
-    reporter = JobReporter(job, "train", min_interval=0.0)
-    reporter.progress("clipself", 0, 0, None)
-    reporter.progress("clipself", 25, 100, 0.75)
-    progress = client.get(f"/jobs/{job_id}").get_json()["progress"]
-    assert progress["stage"] == "clipself" and progress["step"] == 25 and progress["steps"] == 100
-    assert progress["loss"] == 0.75 and progress["eta_s"] >= 0
+    job_progress = JobProgress(job, "train", min_interval=0.0)
+    job_progress.report("clipself", 0, 0, None)
+    job_progress.report("clipself", 25, 100, 0.75)
+    shown = client.get(f"/jobs/{job_id}").get_json()["progress"]
+    assert shown["stage"] == "clipself" and shown["step"] == 25 and shown["steps"] == 100
+    assert shown["loss"] == 0.75 and shown["eta_s"] >= 0
 
-    assert not reporter.should_stop()
+    assert not job_progress.should_stop()
     job.set_status("started")  # as a worker would
     assert client.post(f"/jobs/{job_id}/cancel", json={}).get_json()["status"] == "stopping"
-    assert reporter.should_stop()
+    assert job_progress.should_stop()
 
 
 def test_metrics_expose_queues_and_correction_figures(queue_app):

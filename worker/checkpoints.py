@@ -50,7 +50,7 @@ def read_version(
     """The ViT and head of ``version`` of ``project``, after checking its checksum.
 
     Raises:
-        VersionNotFound, BadRequest (corrupt), ValueError (another architecture): with the reason.
+        NotFound, BadRequest (corrupt), ValueError (another architecture): with the reason.
     """
     info = registry.get(project, version)
     registry.verify(info)

@@ -12,7 +12,7 @@ from common import keys
 log = logging.getLogger(__name__)
 
 
-class JobReporter:
+class JobProgress:
     """Writes (stage, step, steps, loss, eta) into the RQ job's meta at most once a second, logs
     every tenth of a stage, and tells the job when the backend asked it to stop."""
 
@@ -24,7 +24,7 @@ class JobReporter:
         self._stage_started = time.monotonic()
         self._last_write = 0.0
 
-    def progress(self, stage: str, step: int, steps: int, loss: float | None) -> None:
+    def report(self, stage: str, step: int, steps: int, loss: float | None) -> None:
         now = time.monotonic()
         if stage != self._stage:
             self._stage, self._stage_started, self._last_write = stage, now, 0.0

@@ -19,7 +19,7 @@ from common.errors import ModelUnavailable
 from common.jobs import PredictJob, TrainJob
 from common.settings import Settings
 from common.versions import Registry
-from worker.progress import JobReporter
+from worker.progress import JobProgress
 from worker.provider import ModelProvider
 from worker.training.run import run_training
 
@@ -82,9 +82,9 @@ def train(payload: dict[str, Any]) -> dict[str, Any]:
     rq_job = get_current_job()
     connection = rq_job.connection if rq_job else None
     registry = Registry(models.settings.model_dir, models.settings.model_version, connection)
-    reporter = JobReporter(rq_job, f"train (project {job.project})")
+    job_progress = JobProgress(rq_job, f"train (project {job.project})")
     log.info("train job %s: project %s from %s (trigger %s)", rq_job.id if rq_job else "inline", job.project,
              job.model_version, job.trigger)  # fmt: skip
     base = models.get()
     active = models.for_version(job.model_version, job.project)
-    return run_training(base, active, registry, job, reporter.progress, reporter.should_stop)
+    return run_training(base, active, registry, job, job_progress.report, job_progress.should_stop)

@@ -13,8 +13,8 @@ from backend.routes import json_body, optional_project
 from backend.routes.metrics import record_predict
 from backend.state import state
 from common.errors import BadRequest, ServiceUnavailable
+from common.labelstudio.annotations import image_url
 from common.labelstudio.config import parse_label_config
-from common.labelstudio.tasks import image_url
 
 log = logging.getLogger(__name__)
 

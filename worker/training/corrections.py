@@ -16,9 +16,9 @@ from PIL import Image
 
 from common.errors import AnnotationError
 from common.jobs import BrushControl, ChoicesControl, TaskId
+from common.labelstudio.annotations import brush_regions, chosen, image_url, latest_annotation
 from common.labelstudio.brush import draw_scaled, region_size, rle_to_mask
 from common.labelstudio.client import label_studio_client
-from common.labelstudio.tasks import brush_regions, chosen, image_url, latest_annotation
 from common.projects import project_id
 from common.settings import Settings
 

@@ -145,7 +145,8 @@ def _mean_iou(scored: list[tuple[torch.Tensor, np.ndarray]], classes: int, thres
         predicted.append(torch.where(best >= threshold, label + 1, 0).numpy())  # 0: no class
         truth.append(np.where(target == IGNORE, IGNORE, target + 1))  # NO_CLASS -> 0
     table = iou_table(predicted, truth, classes, ignore=IGNORE)[1:]
-    return 0.0 if np.all(np.isnan(table)) else float(np.nanmean(table))
+    present = table[~np.isnan(table)]
+    return float(present.mean()) if present.size else 0.0
 
 
 def mean_iou(
