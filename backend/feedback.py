@@ -29,40 +29,48 @@ from common import keys
 from common.errors import AnnotationError, ServiceUnavailable
 from common.labelstudio.annotations import brush_regions, chosen
 from common.labelstudio.brush import region_mask, region_size
+from common.labelstudio.regions import REGION_LABELS, outline_mask, region_outline
 from common.quality import UNCHANGED_IOU, mask_iou
 
 log = logging.getLogger(__name__)
 
 #: Predictions are kept this long for comparison with the corrections that follow them.
 PREDICTION_TTL = 90 * 24 * 3600
+#: The IoU figures of a comparison: brush masks, boxes and polygons, each per label.
+IOU_KINDS = ("mask_iou", "box_iou", "polygon_iou")
 #: Annotations waiting for comparison take at most this much of Redis's memory.
 INBOX_BYTES = 256 * 1024 * 1024
 
 
 def compare(predicted: list[dict], final: list[dict], max_pixels: int) -> dict[str, Any]:
-    """Compare a prediction's result list with an annotation's (Label Studio's result format)."""
+    """Compare a prediction's result list with an annotation's (Label Studio's result format):
+    tags, and per label the IoU of the predicted and final masks, boxes and polygons (each kind
+    as the union of its regions)."""
     tags_p, tags_f = chosen(predicted), chosen(final)
-    masks_p, masks_f = _masks(predicted, max_pixels), _masks(final, max_pixels)
     accepted = sum(len(tags_p.get(k, set()) & v) for k, v in tags_f.items())
     added = sum(len(v - tags_p.get(k, set())) for k, v in tags_f.items())
     removed = sum(len(v - tags_f.get(k, set())) for k, v in tags_p.items())
-    ious: dict[str, float] = {}
-    for label in set(masks_p) | set(masks_f):
-        p, f = masks_p.get(label), masks_f.get(label)
-        ious[label] = mask_iou(p, f) if p is not None and f is not None and p.shape == f.shape else 0.0
-    unchanged = added == 0 and removed == 0 and all(iou >= UNCHANGED_IOU for iou in ious.values())
-    return {
-        "tags_accepted": accepted,
-        "tags_added": added,
-        "tags_removed": removed,
-        "mask_iou": ious,
-        "unchanged": unchanged,
+    ious = {
+        "mask_iou": _ious(_masks(predicted, max_pixels), _masks(final, max_pixels)),
+        "box_iou": _ious(_outlined(predicted, "rectanglelabels"), _outlined(final, "rectanglelabels")),
+        "polygon_iou": _ious(_outlined(predicted, "polygonlabels"), _outlined(final, "polygonlabels")),
     }
+    unchanged = added == 0 and removed == 0 and all(v >= UNCHANGED_IOU for kind in ious.values() for v in kind.values())
+    return {"tags_accepted": accepted, "tags_added": added, "tags_removed": removed, **ious, "unchanged": unchanged}
+
+
+def _ious(predicted: dict[str, np.ndarray], final: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per label in either: the IoU of the two masks (0 when one side has none)."""
+    out = {}
+    for label in set(predicted) | set(final):
+        p, f = predicted.get(label), final.get(label)
+        out[label] = mask_iou(p, f) if p is not None and f is not None and p.shape == f.shape else 0.0
+    return out
 
 
 def check_annotation(annotation: dict, max_pixels: int) -> None:
-    """What the webhook checks before accepting an annotation: its shape, and every brush
-    region's sizes and RLE header (nothing is decoded).
+    """What the webhook checks before accepting an annotation: its shape, every brush region's
+    sizes and RLE header (nothing is decoded), and every box's and polygon's numbers.
 
     Raises:
         AnnotationError: with the reason.
@@ -73,11 +81,13 @@ def check_annotation(annotation: dict, max_pixels: int) -> None:
     if not isinstance(result, list) or not all(isinstance(item, dict) for item in result):
         raise AnnotationError(f"Annotation {annotation['id']}: 'result' must be a list of objects.")
     for item in result:
-        if item.get("type") == "brushlabels":
-            try:
+        try:
+            if item.get("type") == "brushlabels":
                 region_size(item, max_pixels)
-            except AnnotationError as e:
-                raise AnnotationError(f"Annotation {annotation['id']}: {e}") from e
+            elif item.get("type") in REGION_LABELS:
+                region_outline(item)
+        except AnnotationError as e:
+            raise AnnotationError(f"Annotation {annotation['id']}: {e}") from e
 
 
 def _masks(result: Iterable[dict], max_pixels: int) -> dict[str, np.ndarray]:
@@ -87,6 +97,18 @@ def _masks(result: Iterable[dict], max_pixels: int) -> dict[str, np.ndarray]:
         region = region_mask(item, max_pixels)
         for label in item["value"].get("brushlabels", []):
             out[label] = region | out[label] if label in out and out[label].shape == region.shape else region
+    return out
+
+
+def _outlined(result: Iterable[dict], kind: str) -> dict[str, np.ndarray]:
+    """Union of the boxes (or polygons) of each label, on the percent grid."""
+    out: dict[str, np.ndarray] = {}
+    for item in result:
+        if item.get("type") != kind:
+            continue
+        region = outline_mask(item)
+        for label in item["value"].get(kind, []):
+            out[label] = region | out[label] if label in out else region
     return out
 
 
@@ -185,7 +207,7 @@ class Feedback:
 
     def report(self, project: str | None = None) -> dict[str, Any]:
         """Per project and model version: corrections, share accepted unchanged, tag counts, and
-        per label the mean IoU between predicted and final masks."""
+        per label the mean IoU between predicted and final masks, boxes and polygons."""
         prefix = keys.CORRECTIONS_PREFIX
         found = self.connection.scan_iter(f"{prefix}*")
         projects = [project] if project else sorted(k.decode().removeprefix(prefix) for k in found)
@@ -196,16 +218,18 @@ class Feedback:
                 record = json.loads(raw)
                 row = by_version.setdefault(record["version"] or "unknown", {
                     "corrections": 0, "unchanged": 0, "tags_accepted": 0, "tags_added": 0, "tags_removed": 0,
-                    "mask_iou": defaultdict(list),
+                    **{kind: defaultdict(list) for kind in IOU_KINDS},
                 })  # fmt: skip
                 row["corrections"] += 1
                 row["unchanged"] += int(record["unchanged"])
                 for k in ("tags_accepted", "tags_added", "tags_removed"):
                     row[k] += record[k]
-                for label, iou in record["mask_iou"].items():
-                    row["mask_iou"][label].append(iou)
+                for kind in IOU_KINDS:
+                    for label, iou in record.get(kind, {}).items():
+                        row[kind][label].append(iou)
             for row in by_version.values():
                 row["unchanged_share"] = row["unchanged"] / row["corrections"]
-                row["mask_iou"] = {label: float(np.mean(v)) for label, v in row["mask_iou"].items()}
+                for kind in IOU_KINDS:
+                    row[kind] = {label: float(np.mean(v)) for label, v in row[kind].items()}
             out[p] = by_version
         return out

@@ -64,6 +64,7 @@ class TrainingScheduler:
                 image_key=spec.image_key,
                 choices=spec.choices,
                 brushes=spec.brushes,
+                regions=spec.regions,
                 trigger=trigger,
             )
             job = self.queue.enqueue_call(

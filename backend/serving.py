@@ -241,6 +241,7 @@ def predict_job(
         image_key=spec.image_key,
         choices=spec.choices,
         brushes=spec.brushes,
+        regions=spec.regions,
         tasks=tuple(ImageTask(t["id"], url) for t, url in zip(tasks, images, strict=True)),
         project=project,
     )

@@ -107,6 +107,30 @@ class BrushControl:
         )
 
 
+#: Region controls drawn from the masks: the config tag -> the type of their results.
+REGION_TYPES = {"RectangleLabels": "rectanglelabels", "PolygonLabels": "polygonlabels"}
+
+
+@dataclass(frozen=True)
+class RegionControl:
+    """A ``<RectangleLabels>`` or ``<PolygonLabels>`` control on the image: one box or polygon per
+    connected part of each found label's mask. ``type`` is the result type (``REGION_TYPES``)."""
+
+    from_name: str
+    to_name: str
+    labels: tuple[ClassLabel, ...]
+    type: str
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RegionControl:
+        return cls(
+            from_name=d["from_name"],
+            to_name=d["to_name"],
+            labels=tuple(ClassLabel.from_dict(x) for x in d["labels"]),
+            type=d["type"],
+        )
+
+
 @dataclass(frozen=True)
 class ImageTask:
     """One Label Studio task reduced to what the worker needs."""
@@ -129,6 +153,7 @@ class PredictJob:
     tasks: tuple[ImageTask, ...]
     brushes: tuple[BrushControl, ...] = ()
     project: str | None = None
+    regions: tuple[RegionControl, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,6 +167,7 @@ class PredictJob:
             tasks=tuple(ImageTask.from_dict(x) for x in d["tasks"]),
             brushes=tuple(BrushControl.from_dict(x) for x in d.get("brushes", ())),
             project=d.get("project"),
+            regions=tuple(RegionControl.from_dict(x) for x in d.get("regions", ())),
         )
 
 
@@ -184,6 +210,23 @@ class MaskResult:
 
 
 @dataclass(frozen=True)
+class RegionResult:
+    """One box or polygon of a label for a region control: ``value`` is Label Studio's value
+    without the labels (``x, y, width, height, rotation`` or ``points``, in percent of the image),
+    ``score`` the mean probability of the label's mask."""
+
+    from_name: str
+    label: str
+    type: str
+    value: dict[str, Any]
+    score: float
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RegionResult:
+        return cls(from_name=d["from_name"], label=d["label"], type=d["type"], value=dict(d["value"]), score=d["score"])
+
+
+@dataclass(frozen=True)
 class TaskResult:
     """The answer for one task; ``error`` set (and nothing else) when that task failed."""
 
@@ -193,6 +236,7 @@ class TaskResult:
     image_width: int | None = None
     image_height: int | None = None
     error: str | None = None
+    regions: tuple[RegionResult, ...] = ()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TaskResult:
@@ -203,6 +247,7 @@ class TaskResult:
             image_width=d.get("image_width"),
             image_height=d.get("image_height"),
             error=d.get("error"),
+            regions=tuple(RegionResult.from_dict(x) for x in d.get("regions", ())),
         )
 
 
@@ -238,6 +283,7 @@ class TrainJob:
     choices: tuple[ChoicesControl, ...]
     brushes: tuple[BrushControl, ...]
     trigger: str  # start_training | corrections | schedule
+    regions: tuple[RegionControl, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -251,4 +297,5 @@ class TrainJob:
             choices=tuple(ChoicesControl.from_dict(x) for x in d["choices"]),
             brushes=tuple(BrushControl.from_dict(x) for x in d["brushes"]),
             trigger=d["trigger"],
+            regions=tuple(RegionControl.from_dict(x) for x in d.get("regions", ())),
         )

@@ -150,3 +150,59 @@ def check_predictions(label_studio: LabelStudio, project: int, version: str) -> 
             assert mask.any() and set(np.unique(mask)) <= {0, 255}
             masks += 1
     assert masks > 0
+
+
+def test_boxes_and_polygons_round_trip_through_label_studio(label_studio, tmp_path):
+    """A boxes-and-polygons project: Label Studio stores the boxes and polygons prelabel draws, an
+    annotator moves a box and keeps a polygon, and /report compares both per label."""
+    config = (REPO / "label_config" / "voc_boxes_and_polygons.xml").read_text()
+    with claim_redis_db() as redis_url:
+        settings = Settings(redis_url=redis_url, label_studio_url=label_studio.url,
+                            label_studio_api_key=label_studio.legacy_token, basic_auth_user="labelstudio",
+                            basic_auth_pass="s3cret-pass", model_checkpoint=str(TOY_CLIP), image_size=64,
+                            background_words=("sky",), mask_min_area=0.0, webhook_secret="hook-s3cret",
+                            train_every=0)  # fmt: skip
+        prelabel = Prelabel(settings, tmp_path)
+        try:
+            prelabel.wait_ready()
+            project = label_studio.create_project("prelabel e2e (boxes and polygons)", config)
+            for photo in PHOTOS:
+                label_studio.upload(project, shared_data() / photo)
+            backend = label_studio.connect_backend(project, prelabel.url, "labelstudio", "s3cret-pass")
+            assert backend["readable_state"] == "Connected", backend
+            assert label_studio.retrieve_predictions(project)["processed_items"] == len(PHOTOS)
+
+            interface = LabelInterface(config)
+            stored = {task["id"]: label_studio.predictions(task["id"]) for task in label_studio.tasks(project)}
+            kinds = set()
+            for (prediction,) in stored.values():
+                assert interface.validate_prediction(prediction, return_errors=True) == []
+                kinds |= {item["type"] for item in prediction["result"]}
+            assert {"choices", "rectanglelabels", "polygonlabels"} <= kinds
+
+            deadline = time.monotonic() + 30
+            while not all(hook["headers"].get("X-Prelabel-Secret") for hook in label_studio.webhooks(project)):
+                assert time.monotonic() < deadline, "prelabel did not add its secret header to the webhook"
+                label_studio.retrieve_predictions(project)
+                time.sleep(0.5)
+            corrected = 0
+            for task_id, (prediction,) in stored.items():
+                result = [dict(item) for item in prediction["result"]]
+                for item in result:
+                    if item["type"] == "rectanglelabels":  # the annotator narrows every box
+                        item["value"] = {**item["value"], "width": item["value"]["width"] / 2}
+                label_studio.annotate(task_id, result)
+                corrected += 1
+            deadline = time.monotonic() + 30
+            while (
+                not (rows := [row for rows in prelabel.get("/report").values() for row in rows.values()])
+                or sum(row["corrections"] for row in rows) < corrected
+            ):
+                assert time.monotonic() < deadline, "corrections did not all reach prelabel"
+                time.sleep(0.5)
+            (row,) = rows
+            assert row["polygon_iou"] and all(iou == 1.0 for iou in row["polygon_iou"].values())  # kept as drawn
+            assert row["box_iou"] and all(0 < iou < 1.0 for iou in row["box_iou"].values())  # narrowed
+            assert row["unchanged_share"] < 1.0
+        finally:
+            prelabel.stop()

@@ -12,7 +12,7 @@ from label_studio_sdk.converter.brush import mask2rle
 
 from backend import feedback as module
 from backend.feedback import Feedback, compare
-from common.errors import ServiceUnavailable
+from common.errors import AnnotationError, ServiceUnavailable
 from common.keys import FEEDBACK_INBOX as INBOX
 from common.keys import FEEDBACK_PROCESSING as PROCESSING
 
@@ -41,7 +41,7 @@ def test_an_accepted_prediction_is_unchanged():
     result = [_tags("cat", "dog"), _mask("cat", _square(5, 5))]
     stats = compare(result, result, MAX_PIXELS)
     assert stats == {"tags_accepted": 2, "tags_added": 0, "tags_removed": 0, "mask_iou": {"cat": 1.0},
-                     "unchanged": True}  # fmt: skip
+                     "box_iou": {}, "polygon_iou": {}, "unchanged": True}  # fmt: skip
 
 
 def test_fixed_tags_and_masks_are_counted():
@@ -52,6 +52,52 @@ def test_fixed_tags_and_masks_are_counted():
     assert stats["mask_iou"]["cat"] == pytest.approx(50 / 150)  # shifted by half its width
     assert stats["mask_iou"]["dog"] == 0.0 and stats["mask_iou"]["person"] == 0.0
     assert not stats["unchanged"]
+
+
+def _box(label: str, x: float, y: float, width: float, height: float, rotation: float = 0) -> dict:
+    value = {"x": x, "y": y, "width": width, "height": height, "rotation": rotation, "rectanglelabels": [label]}
+    return {"from_name": "boxes", "to_name": "image", "type": "rectanglelabels", "original_width": 400,
+            "original_height": 200, "value": value}  # fmt: skip
+
+
+def _polygon(label: str, points: list) -> dict:
+    return {"from_name": "outlines", "to_name": "image", "type": "polygonlabels",
+            "value": {"points": points, "polygonlabels": [label]}}  # fmt: skip
+
+
+def test_boxes_and_polygons_are_compared_per_label():
+    box, triangle = _box("car", 10, 20, 30, 40), _polygon("car", [[10, 10], [50, 10], [10, 50]])
+    same = compare([box, triangle], [box, triangle], MAX_PIXELS)
+    assert same["box_iou"] == {"car": 1.0} and same["polygon_iou"] == {"car": 1.0} and same["unchanged"]
+
+    moved = compare([box], [_box("car", 25, 20, 30, 40)], MAX_PIXELS)  # half of it overlaps
+    assert moved["box_iou"]["car"] == pytest.approx(15 / 45, abs=0.01) and not moved["unchanged"]
+    halved = compare([triangle], [_polygon("car", [[10, 10], [50, 10], [10, 50], [10, 30]])], MAX_PIXELS)
+    assert halved["polygon_iou"]["car"] == pytest.approx(1.0, abs=0.01)  # a redundant point changes nothing
+    other = compare([box], [_box("bus", 10, 20, 30, 40)], MAX_PIXELS)
+    assert other["box_iou"] == {"car": 0.0, "bus": 0.0}
+
+
+def test_a_rotated_box_turns_about_its_top_left_corner_in_pixels():
+    """On a 400 x 200 image, a 10 % x 20 % box (40 x 40 pixels) turned by 90 degrees clockwise lies
+    to the left of its corner: x from -10 % to 0 %, y from 20 % to 40 %."""
+    turned = compare([_box("car", 10, 20, 10, 20, rotation=90)], [_box("car", 0, 20, 10, 20)], MAX_PIXELS)
+    assert turned["box_iou"]["car"] == pytest.approx(1.0, abs=0.02)
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        _polygon("car", [[1, 2], [3, 4]]),
+        _polygon("car", [[1, 2], [3, "x"], [5, 6]]),
+        _polygon("car", [[1, 2]] * 10_001),
+        _box("car", float("nan"), 0, 10, 10),
+        {"type": "rectanglelabels", "value": {"x": 1, "y": 2, "width": True, "height": 3}},
+    ],
+)
+def test_malformed_boxes_and_polygons_are_refused_at_the_webhook(item):
+    with pytest.raises(AnnotationError, match="Annotation 7: A (box|polygon)"):
+        module.check_annotation({"id": 7, "result": [item]}, MAX_PIXELS)
 
 
 def test_report_per_version_with_updates_and_deletions(redis_url):

@@ -38,8 +38,9 @@ def test_choices_controls_labels_and_synonyms():
         ("<View><Image name='i' value='$i'/>", "cannot be parsed"),
         ("<View><Text name='t' value='$t'/><Choices name='c' toName='t'><Choice value='a'/></Choices></View>",
          "no <Image> tag"),
-        ("<View><Image name='i' value='$i'/><RectangleLabels name='r' toName='i'><Label value='a'/>"
-         "</RectangleLabels></View>", "Supported: <Choices>.*found: RectangleLabels"),
+        ("<View><Image name='i' value='$i'/><KeyPointLabels name='k' toName='i'><Label value='a'/>"
+         "</KeyPointLabels></View>", "Supported: <Choices>, <BrushLabels>, <RectangleLabels>, <PolygonLabels>.*"
+         "found: KeyPointLabels"),
         ("<View><Image name='i' value='$i'/><Choices name='c' toName='i' value='$options'/></View>",
          "no control prelabel can predict"),
         ('<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;">]>'

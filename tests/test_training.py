@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 import redis
+import torch
 from PIL import Image
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
@@ -30,8 +31,9 @@ from worker import tasks
 from worker.loading import load_clip
 from worker.predictor import Predictor
 from worker.provider import ModelProvider
+from worker.training.clipself import CLIPSelfConfig, _box_weights, train_clipself
 from worker.training.corrections import Correction, from_annotation
-from worker.training.evaluate import gate
+from worker.training.evaluate import evaluate, gate
 from worker.training.loop import TrainingCancelled
 from worker.training.run import fetch_images, run_training
 
@@ -169,7 +171,7 @@ JOB = TrainJob(
 )
 
 
-def _corrections(settings, project, image_key, choices, brushes) -> list[Correction]:
+def _corrections(settings, project, image_key, choices, brushes, regions=()) -> list[Correction]:
     """What pull_corrections would read from Label Studio, made from the VOC samples whose labels
     this project has: tags from their labels, masks from their class-id masks."""
     root = shared_data() / "voc-samples"
@@ -436,3 +438,63 @@ def test_job_errors_are_shown_without_query_strings_or_userinfo(queue_app, redis
     (line,) = app.test_client().get(f"/jobs/{job.id}").get_json()["error"]
     assert "https://bucket.s3.amazonaws.com/a.jpg" in line
     assert "SECRET" not in line and "user:pw" not in line
+
+
+REGIONS_CONFIG = """<View><Image name="image" value="$image"/>
+  <RectangleLabels name="boxes" toName="image"><Label value="bird"/><Label value="cat"/></RectangleLabels>
+  <PolygonLabels name="outlines" toName="image"><Label value="bird"/><Label value="cat"/></PolygonLabels>
+</View>"""
+
+
+def test_polygons_are_masks_and_boxes_are_weak_labels(make_settings):
+    settings = make_settings()  # IMAGE_SIZE=64
+    spec = parse_label_config(REGIONS_CONFIG, max_labels=1000)
+    size = {"original_width": 1600, "original_height": 1200}
+    polygon = {"from_name": "outlines", "type": "polygonlabels", **size,
+               "value": {"points": [[0, 0], [50, 0], [50, 50], [0, 50]], "polygonlabels": ["cat"]}}  # fmt: skip
+    box_value = {"x": 60, "y": 10, "width": 20, "height": 30, "rotation": 0, "rectanglelabels": ["bird"]}
+    box = {"from_name": "boxes", "type": "rectanglelabels", **size, "value": box_value}
+    correction = from_annotation(7, _photo_uri((1600, 1200)), [polygon, box], spec.choices, spec.brushes,
+                                 settings.max_image_pixels, settings.image_size, spec.regions)  # fmt: skip
+    assert correction.mask_labels == ("bird", "cat") and correction.mask.shape == (64, 85)
+    cat = correction.mask == 2
+    assert cat[:31, :41].all() and not cat[34:, :].any() and not cat[:, 44:].any()  # the top-left quarter
+    assert not (correction.mask == 1).any()  # a box says where a bird is, not which pixels
+    assert correction.boxes == [("bird", pytest.approx((0.6, 0.1, 0.8, 0.4)))]
+
+
+def test_boxes_steer_clipself_and_polygons_are_scored_as_masks(make_settings):
+    weights = _box_weights((0.0, 0.25, 0.5, 1.0), (4, 4))
+    assert weights.tolist() == [[0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0]]
+    assert _box_weights((0.1, 0.0, 0.35, 0.25), (4, 4))[0].tolist() == pytest.approx([0.6, 0.4, 0.0, 0.0])
+
+    settings = make_settings(background_words=("sky",), mask_min_area=0.0)
+    predictor = Predictor(settings, load_clip(settings))
+    spec = parse_label_config(REGIONS_CONFIG, max_labels=1000)
+    image = Image.open(io.BytesIO(base64.b64decode(_photo_uri((96, 64)).split(",")[1]))).convert("RGB")
+    boxed = [Correction(i, None, {}, image=image, boxes=[("cat", (0.1, 0.1, 0.6, 0.7))]) for i in range(2)]
+    text = predictor.text.classes([("bird",), ("cat",), ("sky",)])
+    cfg = CLIPSelfConfig(steps=2, batch_size=2, lr=1e-3, size=64)
+    args = (predictor.bundle.visual, predictor.bundle.visual)
+    rest = (text, {"bird": 0, "cat": 1}, predictor.bundle.mean, predictor.bundle.std, cfg)
+    with_boxes, _ = train_clipself(*args, boxed, *rest)
+    without, _ = train_clipself(*args, [dataclasses.replace(c, boxes=[]) for c in boxed], *rest)
+    assert any(not torch.equal(with_boxes[k], without[k]) for k in with_boxes)  # the boxes changed training
+
+    mask = np.zeros((64, 96), dtype=np.uint8)
+    mask[:32, :48] = 2
+    scored = evaluate(predictor, [Correction(1, None, {}, mask, ("bird", "cat"), image)], (), (), spec.regions)
+    assert "mask_miou" in scored and 0.0 <= scored["mask_miou"] <= 1.0  # polygon projects are gated on masks too
+
+
+def test_a_polygon_project_trains_a_head_and_is_gated_on_its_masks(trainer):
+    settings, base, registry = trainer
+    labels = "".join(f'<Label value="{n}"/>' for n in LABELS)
+    config = f'<View><Image name="image" value="$image"/><PolygonLabels name="outlines" toName="image">{labels}'
+    config += "</PolygonLabels></View>"
+    spec = parse_label_config(config, max_labels=1000)
+    job = TrainJob(UID, settings.model_version, "image", (), (), "test", regions=spec.regions)
+    summary = run_training(base, base, registry, job, _noop, lambda: False, collect=_corrections)
+    info = registry.get(UID, summary["version"])
+    assert "mask_miou" in info.metrics["candidate"] and info.config["zegclip"]["classes"] == list(LABELS)
+    assert "zegclip/zegclip.safetensors" in info.files

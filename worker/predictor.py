@@ -22,11 +22,14 @@ from common.errors import ImageError
 from common.jobs import (
     BrushControl,
     ChoicesControl,
+    ClassLabel,
     ControlTags,
     ImageTask,
     MaskResult,
     PredictJob,
     PredictResult,
+    RegionControl,
+    RegionResult,
     TaskId,
     TaskResult,
 )
@@ -41,9 +44,13 @@ from worker.model.selection import select_tags
 from worker.model.tagclip import LocalScores, TagCLIPConfig, reidentify, run_trunk, tagclip_head
 from worker.model.text import TextEmbedder
 from worker.model.zegclip import ZegCLIP
+from worker.regions import polygons, rectangles
 from worker.vocabulary import ClassBank
 
 log = logging.getLogger(__name__)
+
+#: How each region control's results are drawn from a label's mask.
+DRAW = {"rectanglelabels": rectangles, "polygonlabels": polygons}
 
 
 @dataclass(frozen=True)
@@ -141,7 +148,7 @@ class Predictor:
     def predict(self, job: PredictJob) -> PredictResult:
         started = time.perf_counter()
         images = self._pool.map(self._load, job.tasks)  # all submitted now; the models take them as they come
-        results, timings = self.run([t.task_id for t in job.tasks], images, job.choices, job.brushes)
+        results, timings = self.run([t.task_id for t in job.tasks], images, job.choices, job.brushes, job.regions)
         timings["total"] = _ms_since(started)
         return PredictResult(model_version=job.model_version, tasks=tuple(results), timings_ms=timings)
 
@@ -156,20 +163,22 @@ class Predictor:
         images: Iterable[Prepared | str],
         choices: Sequence[ChoicesControl],
         brushes: Sequence[BrushControl],
+        regions: Sequence[RegionControl] = (),
     ) -> tuple[list[TaskResult], dict[str, float]]:
-        """Tags and masks for prepared images, in task order (a string in place of an image is that
-        task's error). ``images`` may still be arriving: full batches run as soon as they are ready.
-        Timings: ``waiting_for_images`` is the time the models had nothing to do, ``model`` the rest."""
+        """Tags, masks, boxes and polygons for prepared images, in task order (a string in place of
+        an image is that task's error). ``images`` may still be arriving: full batches run as soon
+        as they are ready. Timings: ``waiting_for_images`` is the time the models had nothing to
+        do, ``model`` the rest."""
         timings: dict[str, float] = {}
         mark = time.perf_counter()
-        labels = [label for control in (*choices, *brushes) for label in control.labels]
+        labels = [label for control in (*choices, *brushes, *regions) for label in control.labels]
         bank = ClassBank.build(labels, self.settings.background_words)
         text = self.text.classes(bank.synonyms).to(self.bundle.device)
         timings["text"] = _ms_since(mark)
 
         mark = time.perf_counter()
         arrivals = Arrivals(images)
-        scores = self._run_models(arrivals, text, bank.n_labels, with_dense=bool(brushes))
+        scores = self._run_models(arrivals, text, bank.n_labels, with_dense=bool(brushes or regions))
         timings["waiting_for_images"] = round(arrivals.waited_ms, 1)
         timings["model"] = round(_ms_since(mark) - arrivals.waited_ms, 1)
         if len(arrivals.received) != len(task_ids):
@@ -180,8 +189,18 @@ class Predictor:
             if not isinstance(image, Prepared):
                 return TaskResult(task_ids[i], error=image)
             answers = tuple(self._answer(control, bank, scores[i]) for control in choices)
-            masks = tuple(m for brush in brushes for m in self._masks(brush, bank, text, scores[i], image.size))
-            return TaskResult(task_ids[i], answers, masks, *image.size)
+            masks = tuple(
+                MaskResult(brush.from_name, label.name, scaled_mask_to_rle(m.region, m.size), m.score)
+                for brush in brushes
+                for label, m in self._masks(brush.labels, bank, text, scores[i], image.size)
+            )
+            drawn = tuple(
+                RegionResult(control.from_name, label.name, control.type, value, m.score)
+                for control in regions
+                for label, m in self._masks(control.labels, bank, text, scores[i], image.size)
+                for value in DRAW[control.type](m.region, self.settings.mask_min_area)
+            )
+            return TaskResult(task_ids[i], answers, masks, *image.size, regions=drawn)
 
         mark = time.perf_counter()
         # Masks and their RLE are CPU work per image (upsampling, connected regions, encoding):
@@ -254,13 +273,14 @@ class Predictor:
         return ControlTags(control.from_name, selected, by_label, confidence)
 
     def _masks(
-        self, brush: BrushControl, bank: ClassBank, text: Tensor, scores: ImageScores, size: tuple[int, int]
-    ) -> list[MaskResult]:
-        """Segment the labels TagCLIP finds in the image, competing with the background words;
-        pixels a background word wins stay unlabeled."""
-        by_label = {label.name: scores.tags[bank.index[label.texts]] for label in brush.labels}
+        self, control_labels: Sequence[ClassLabel], bank: ClassBank, text: Tensor, scores: ImageScores,
+        size: tuple[int, int],
+    ) -> list[tuple[ClassLabel, dense.Mask]]:  # fmt: skip
+        """Segment the labels of a control that TagCLIP finds in the image, competing with the
+        background words; pixels a background word wins stay unlabeled."""
+        by_label = {label.name: scores.tags[bank.index[label.texts]] for label in control_labels}
         found, _ = select_tags(by_label, True, self.config.tag_threshold)
-        labels = [label for label in brush.labels if label.name in found]
+        labels = [label for label in control_labels if label.name in found]
         if not labels:
             return []
         rows = [bank.index[label.texts] for label in labels]
@@ -274,10 +294,7 @@ class Predictor:
                 rows += list(range(bank.n_labels, len(bank.synonyms)))
                 logits = dense.class_logits(scores.dense, text[rows], scores.grid)
                 masks = dense.masks_from_logits(logits, len(labels), size, min_area)
-        return [
-            MaskResult(brush.from_name, labels[m.index].name, scaled_mask_to_rle(m.region, m.size), m.score)
-            for m in masks
-        ]
+        return [(labels[m.index], m) for m in masks]
 
 
 def _ms_since(start: float) -> float:

@@ -73,13 +73,15 @@ def render(current: State) -> str:
         gpu = [({"worker": w.decode()}, float(v)) for w, v in connection.hgetall(keys.GPU_MEMORY).items()]
         metric("prelabel_worker_gpu_memory_bytes", "gauge", "GPU memory held by each worker after its last job.", gpu)
         corrections, unchanged, ious = [], [], []
+        kinds = {"mask_iou": "brush", "box_iou": "rectangle", "polygon_iou": "polygon"}
         for project, versions in current.feedback.report().items():
             for version, row in versions.items():
                 corrections.append(({"project": project, "version": version}, row["corrections"]))
                 unchanged.append(({"project": project, "version": version}, round(row["unchanged_share"], 4)))
-                ious += [({"project": project, "version": version, "label": label}, round(iou, 4))
-                         for label, iou in row["mask_iou"].items()]  # fmt: skip
+                ious += [({"project": project, "version": version, "label": label, "region": region}, round(iou, 4))
+                         for kind, region in kinds.items() for label, iou in row[kind].items()]  # fmt: skip
         metric("prelabel_corrections", "gauge", "Annotations compared with their prediction.", corrections)
         metric("prelabel_accepted_unchanged_ratio", "gauge", "Share of predictions accepted as they were.", unchanged)
-        metric("prelabel_mask_iou", "gauge", "Mean IoU of predicted and corrected masks.", ious)
+        metric("prelabel_mask_iou", "gauge", "Mean IoU of predicted and corrected regions (brush, rectangle, polygon).",
+               ious)  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -155,6 +155,28 @@ def _bits(codes: np.ndarray, widths: np.ndarray) -> np.ndarray:
     return bits[shifts >= 0].astype(np.uint8)
 
 
+def original_size(item: Mapping[str, Any], max_pixels: int) -> tuple[int, int]:
+    """``(width, height)`` of the image a region was drawn on, checked: positive integers within
+    ``max_pixels``.
+
+    Raises:
+        AnnotationError: sizes missing, not positive integers or over ``max_pixels``.
+    """
+    width, height = item.get("original_width"), item.get("original_height")
+    kind = "A brush region" if item.get("type") == "brushlabels" else "A region"
+    if not (_positive_int(width) and _positive_int(height)):
+        raise AnnotationError(
+            f"{kind} needs positive integer original_width and original_height, got {_show(width)} x {_show(height)}."
+        )
+    if width > max_pixels or height > max_pixels:  # before multiplying or printing numbers of any length
+        raise AnnotationError(f"{kind}'s sides are over MAX_IMAGE_PIXELS={max_pixels:,}.")
+    if width * height > max_pixels:
+        raise AnnotationError(
+            f"{kind} of {width}x{height} = {width * height:,} pixels is over MAX_IMAGE_PIXELS={max_pixels:,}."
+        )
+    return width, height
+
+
 def region_size(item: Mapping[str, Any], max_pixels: int) -> tuple[int, int]:
     """``(width, height)`` of a ``brushlabels`` result, checked without decoding its RLE (one
     vectorised pass over its bytes).
@@ -163,18 +185,7 @@ def region_size(item: Mapping[str, Any], max_pixels: int) -> tuple[int, int]:
         AnnotationError: sizes missing, not positive integers or over ``max_pixels``; an RLE that is
             not a list of bytes, too short for its header, or whose header announces another size.
     """
-    width, height = item.get("original_width"), item.get("original_height")
-    if not (_positive_int(width) and _positive_int(height)):
-        raise AnnotationError(
-            f"A brush region needs positive integer original_width and original_height, got {_show(width)} x "
-            f"{_show(height)}."
-        )
-    if width > max_pixels or height > max_pixels:  # before multiplying or printing numbers of any length
-        raise AnnotationError(f"A brush region's sides are over MAX_IMAGE_PIXELS={max_pixels:,}.")
-    if width * height > max_pixels:
-        raise AnnotationError(
-            f"A brush region of {width}x{height} = {width * height:,} pixels is over MAX_IMAGE_PIXELS={max_pixels:,}."
-        )
+    width, height = original_size(item, max_pixels)
     rle = (item.get("value") or {}).get("rle") if isinstance(item.get("value"), Mapping) else None
     if not isinstance(rle, list) or len(rle) < 7:
         raise AnnotationError("A brush region's value.rle must be a list of at least 7 bytes (its header).")

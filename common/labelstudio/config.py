@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from label_studio_sdk.label_interface import LabelInterface
 
 from common.errors import LabelConfigError
-from common.jobs import BrushControl, ChoicesControl, ClassLabel
+from common.jobs import REGION_TYPES, BrushControl, ChoicesControl, ClassLabel, RegionControl
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_CONTROLS = ("Choices", "BrushLabels")
+SUPPORTED_CONTROLS = ("Choices", "BrushLabels", *REGION_TYPES)
 #: Label configs are untrusted input (any /predict or webhook body carries one); real ones are a
 #: few kB, a 1,000-class taxonomy about 60 kB.
 MAX_LABEL_CONFIG_BYTES = 512 * 1024
@@ -27,6 +27,7 @@ class LabelSpec:
     image_key: str
     choices: tuple[ChoicesControl, ...]
     brushes: tuple[BrushControl, ...] = ()
+    regions: tuple[RegionControl, ...] = ()  # boxes and polygons, drawn from the masks
 
 
 @functools.lru_cache(maxsize=64)
@@ -83,6 +84,11 @@ def parse_label_config(xml: str, max_labels: int) -> LabelSpec:
                 choices=tuple(_choices_control(c, image.name) for c in controls if c.tag == "Choices"),
                 brushes=tuple(
                     BrushControl(c.name, image.name, _class_labels(c)) for c in controls if c.tag == "BrushLabels"
+                ),
+                regions=tuple(
+                    RegionControl(c.name, image.name, _class_labels(c), REGION_TYPES[c.tag])
+                    for c in controls
+                    if c.tag in REGION_TYPES
                 ),
             )
 

@@ -49,7 +49,22 @@ def _task_prediction(task: TaskResult, spec: LabelSpec, model_version: str) -> d
         }
         for i, mask in enumerate(task.masks)
     ]
+    items += [
+        {
+            "id": f"{region.from_name}-{task.task_id}-{i}",
+            "from_name": region.from_name,
+            "to_name": spec.image_name,
+            "type": region.type,
+            "original_width": task.image_width,
+            "original_height": task.image_height,
+            "image_rotation": 0,
+            "value": {**region.value, region.type: [region.label]},
+            "score": round(region.score, 4),
+        }
+        for i, region in enumerate(task.regions)
+    ]
     scores = [control.score for control in task.choices] + [mask.score for mask in task.masks]
+    scores += [region.score for region in task.regions]
     return {
         "model_version": model_version,
         "score": round(sum(scores) / len(scores), 4) if scores else 0.0,

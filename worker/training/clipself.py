@@ -6,11 +6,13 @@ self-distillation we add what annotators told us:
 
     L = L_self + sup_weight * L_sup + pix_weight * L_pix
 
-* L_self: 1 - cos(RoIAlign(D, box), teacher(crop)) for each corrected region's box (teacher
-  crop with 1.5x context) and a few random grid cells (exact crops);
+* L_self: 1 - cos(RoIAlign(D, box), teacher(crop)) for each corrected region's box and each
+  corrected RectangleLabels box (teacher crop with 1.5x context) and a few random grid cells
+  (exact crops);
 * L_sup: mask-pooled dense features classified (x100, cross-entropy) against the project's
   labels and background words, whose text embeddings stay frozen so the vocabulary stays open;
-  for corrected tags without masks, the best patch per tag (multiple-instance) instead;
+  a corrected box is a weak label, pooled over the whole box; for corrected tags without masks
+  or boxes, the best patch per tag (multiple-instance) instead;
 * L_pix: per-patch cross-entropy against the corrected mask, on labelled patches.
 
 Only the last blocks train (from ``trainable_from`` of the depth: 6..11 of 12); patch embedding,
@@ -188,17 +190,19 @@ def _loss(model, teacher, batch, text, label_index, mean, std, cfg, native, rng)
     for b, correction in enumerate(batch):
         mask = _resized_mask(correction, size)
         regions = region_boxes(mask) if mask is not None else []
-        student_boxes = [box for _, box in regions] + grid_cells(rng, cfg.grid_cells)
-        crops = [_enlarge(box, cfg.context) for _, box in regions] + student_boxes[len(regions) :]
+        weak = [(name, b) for name, b in correction.boxes if name in label_index and b[0] < b[2] and b[1] < b[3]]
+        corrected = [box for _, box in regions] + [box for _, box in weak]
+        student_boxes = corrected + grid_cells(rng, cfg.grid_cells)
+        crops = [_enlarge(box, cfg.context) for box in corrected] + student_boxes[len(corrected) :]
         teacher_inputs.append(teacher_crops(pixels[b], crops, native))
         rois += [[b, x0 * grid[1], y0 * grid[0], x1 * grid[1], y1 * grid[0]] for x0, y0, x1, y1 in student_boxes]
         features = dense[b]  # [E, h, w]
         if mask is not None:
             for k, _ in regions:
                 name = correction.mask_labels[k - 1]
-                weights = _area_weights(mask, k, grid).to(device)
-                pooled = F.normalize((features * weights).sum((1, 2)) / weights.sum().clamp(min=1e-6), dim=0)
-                sup_terms.append(F.cross_entropy(100 * pooled @ text.T, torch.tensor(label_index[name], device=device)))
+                sup_terms.append(
+                    _pooled_term(features, _area_weights(mask, k, grid).to(device), text, label_index[name])
+                )
             targets = _patch_targets(mask, grid).to(device).flatten()
             lookup = torch.full((256,), -100, dtype=torch.long, device=device)
             for k, name in enumerate(correction.mask_labels, start=1):
@@ -207,7 +211,9 @@ def _loss(model, teacher, batch, text, label_index, mean, std, cfg, native, rng)
             if (labelled >= 0).any():
                 logits = 50 * features.flatten(1).T @ text.T  # [h*w, C]
                 pix_terms.append(F.cross_entropy(logits, labelled, ignore_index=-100))
-        elif correction.all_tags:
+        for name, box in weak:  # a box says its label is inside it: pooled over the box
+            sup_terms.append(_pooled_term(features, _box_weights(box, grid).to(device), text, label_index[name]))
+        if mask is None and not weak and correction.all_tags:
             patch_logits = 50 * features.flatten(1).T @ text.T  # best patch per class
             best = patch_logits.max(dim=0).values
             present = [label_index[t] for t in correction.all_tags if t in label_index]
@@ -226,6 +232,24 @@ def _loss(model, teacher, batch, text, label_index, mean, std, cfg, native, rng)
     if pix_terms:
         loss = loss + cfg.pix_weight * torch.stack(pix_terms).mean()
     return loss
+
+
+def _pooled_term(features: Tensor, weights: Tensor, text: Tensor, row: int) -> Tensor:
+    """Cross-entropy (x100) of the features pooled with ``weights`` [h, w] against class ``row``."""
+    pooled = F.normalize((features * weights).sum((1, 2)) / weights.sum().clamp(min=1e-6), dim=0)
+    return F.cross_entropy(100 * pooled @ text.T, torch.tensor(row, device=text.device))
+
+
+def _box_weights(box: tuple[float, float, float, float], grid: tuple[int, int]) -> Tensor:
+    """The share of each patch [h, w] a box (x0, y0, x1, y1 as fractions) covers."""
+    x0, y0, x1, y1 = box
+    h, w = grid
+
+    def overlap(lo: float, hi: float, n: int) -> Tensor:
+        edges = torch.arange(n + 1, dtype=torch.float32) / n
+        return (edges[1:].clamp(max=hi) - edges[:-1].clamp(min=lo)).clamp(min=0) * n
+
+    return overlap(y0, y1, h)[:, None] * overlap(x0, x1, w)[None, :]
 
 
 def _resized_mask(correction: Correction, size: tuple[int, int]) -> np.ndarray | None:

@@ -15,10 +15,11 @@ import numpy as np
 from PIL import Image
 
 from common.errors import AnnotationError
-from common.jobs import BrushControl, ChoicesControl, TaskId
-from common.labelstudio.annotations import brush_regions, chosen, image_url, latest_annotation
-from common.labelstudio.brush import draw_scaled, region_size, rle_to_mask
+from common.jobs import BrushControl, ChoicesControl, RegionControl, TaskId
+from common.labelstudio.annotations import chosen, image_url, latest_annotation
+from common.labelstudio.brush import draw_scaled, original_size, region_size, rle_to_mask
 from common.labelstudio.client import label_studio_client
+from common.labelstudio.regions import draw_outline, region_outline
 from common.projects import project_id
 from common.settings import Settings
 
@@ -29,9 +30,11 @@ log = logging.getLogger(__name__)
 class Correction:
     """One task as an annotator left it, at training size (short side at most ``IMAGE_SIZE``, so
     a project of phone photos fits in memory). ``mask`` (uint8) holds 0 where no label applies
-    and k for ``mask_labels[k - 1]``; it is None until known (a project with BrushLabels whose
-    annotation has no region gets an all-zero mask once the image size is known). ``size`` is the
-    (width, height) the regions were drawn at: the photo's upright size."""
+    and k for ``mask_labels[k - 1]``, from brush regions and polygons; it is None until known (a
+    project with BrushLabels or PolygonLabels whose annotation has no region gets an all-zero mask
+    once the image size is known). ``boxes`` are weak labels: (label, (x0, y0, x1, y1) as fractions
+    of the image), where the label is somewhere in the box. ``size`` is the (width, height) the
+    regions were drawn at: the photo's upright size."""
 
     task_id: TaskId
     image_url: str | None
@@ -40,6 +43,7 @@ class Correction:
     mask_labels: tuple[str, ...] = ()
     image: Image.Image | None = None  # filled in when the image is fetched
     size: tuple[int, int] | None = None
+    boxes: list[tuple[str, tuple[float, float, float, float]]] = field(default_factory=list)
 
     @property
     def all_tags(self) -> set[str]:
@@ -60,24 +64,34 @@ def from_annotation(
     brushes: Sequence[BrushControl],
     max_pixels: int,
     image_size: int,
+    regions: Sequence[RegionControl] = (),
 ) -> Correction:
-    """Read one annotation's ``result`` list: Choices into tags, BrushLabels RLE into one label
-    map at training size (later regions win where regions overlap, as they are drawn on top in
-    the editor).
+    """Read one annotation's ``result`` list: Choices into tags, BrushLabels RLE and PolygonLabels
+    into one label map at training size (later regions win where regions overlap, as they are
+    drawn on top in the editor), RectangleLabels into weak box labels.
 
     Raises:
-        AnnotationError: a brush region is over ``max_pixels`` or its RLE is corrupt.
+        AnnotationError: a region is over ``max_pixels``, its RLE is corrupt or its numbers are not.
     """
     choice_names = {c.from_name for c in choices}
-    brush_names = {b.from_name for b in brushes}
-    labels = tuple(dict.fromkeys(label.name for b in brushes for label in b.labels))
+    painted = {b.from_name: "brushlabels" for b in brushes}
+    painted |= {r.from_name: r.type for r in regions if r.type == "polygonlabels"}
+    boxed = {r.from_name for r in regions if r.type == "rectanglelabels"}
+    labels = mask_labels(brushes, regions)
     tags = chosen(result)
     correction = Correction(task_id, image_url, tags={name: tags.get(name, set()) for name in choice_names},
                             mask_labels=labels)  # fmt: skip
-    for item in brush_regions(result):
-        if item.get("from_name") not in brush_names:
+    for item in result:
+        kind, name = item.get("type"), item.get("from_name")
+        if kind == "rectanglelabels" and name in boxed:
+            box = _box(item)
+            correction.boxes += [(label, box) for label in item["value"].get(kind, []) if isinstance(label, str)]
             continue
-        size = region_size(item, max_pixels)
+        if kind not in ("brushlabels", "polygonlabels") or painted.get(name) != kind:
+            continue
+        if kind == "brushlabels" and not (item.get("value") or {}).get("rle"):
+            continue
+        size = region_size(item, max_pixels) if kind == "brushlabels" else original_size(item, max_pixels)
         if correction.size is None:
             correction.size = size
             width, height = training_size(*size, image_size)
@@ -86,12 +100,28 @@ def from_annotation(
             log.warning("task %s: brush regions of different sizes; skipping one", task_id)
             continue
         assert correction.mask is not None
-        region = rle_to_mask(item["value"]["rle"], *size)
-        small = draw_scaled(region, (correction.mask.shape[1], correction.mask.shape[0]))
-        for label in item["value"].get("brushlabels", []):
+        work = (correction.mask.shape[1], correction.mask.shape[0])
+        if kind == "brushlabels":
+            small = draw_scaled(rle_to_mask(item["value"]["rle"], *size), work)
+        else:
+            small = draw_outline(region_outline(item), work)
+        for label in item["value"].get(kind, []):
             if label in labels:
                 correction.mask[small] = labels.index(label) + 1
     return correction
+
+
+def mask_labels(brushes: Sequence[BrushControl], regions: Sequence[RegionControl]) -> tuple[str, ...]:
+    """The labels a correction's mask can hold: those of BrushLabels and PolygonLabels controls."""
+    painted = [*brushes, *(r for r in regions if r.type == "polygonlabels")]
+    return tuple(dict.fromkeys(label.name for control in painted for label in control.labels))
+
+
+def _box(item: dict) -> tuple[float, float, float, float]:
+    """A box's extent (rotation applied) as fractions of the image, clipped to it."""
+    xs, ys = zip(*region_outline(item), strict=True)
+    x0, y0, x1, y1 = (min(max(v / 100, 0.0), 1.0) for v in (min(xs), min(ys), max(xs), max(ys)))
+    return x0, y0, x1, y1
 
 
 def pull_corrections(
@@ -100,6 +130,7 @@ def pull_corrections(
     image_key: str,
     choices: Sequence[ChoicesControl],
     brushes: Sequence[BrushControl],
+    regions: Sequence[RegionControl] = (),
 ) -> list[Correction]:
     """Every annotated task of ``project``, from Label Studio's API, latest annotation each."""
     client = label_studio_client(settings, "Training (it reads the corrections from Label Studio)")
@@ -112,7 +143,7 @@ def pull_corrections(
         url = image_url(task, image_key)
         try:
             corrections.append(from_annotation(task["id"], url, annotation.get("result") or [], choices, brushes,
-                                               settings.max_image_pixels, settings.image_size))  # fmt: skip
+                                               settings.max_image_pixels, settings.image_size, regions))  # fmt: skip
         except AnnotationError as e:
             log.warning("task %s left out of training: %s", task["id"], e)
     log.info("project %s: %d corrected tasks in Label Studio", project, len(corrections))

@@ -7,11 +7,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from common.jobs import BrushControl, ChoicesControl, TaskResult
+from common.jobs import BrushControl, ChoicesControl, RegionControl, TaskResult
 from common.labelstudio.brush import rle_to_mask
+from common.labelstudio.regions import draw_outline
 from common.quality import iou_table, mean_average_precision, micro_f1
 from worker.predictor import Predictor
-from worker.training.corrections import Correction
+from worker.training.corrections import Correction, mask_labels
 
 #: Metrics the promotion gate compares, when the held-out corrections allow them.
 GATED = ("tag_map", "mask_miou")
@@ -22,11 +23,13 @@ def evaluate(
     corrections: Sequence[Correction],
     choices: Sequence[ChoicesControl],
     brushes: Sequence[BrushControl],
+    regions: Sequence[RegionControl] = (),
 ) -> dict[str, float]:
-    """Tag mAP and F1 (per Choices control, averaged) and mask mIoU over the labels present,
-    predicted by ``predictor`` on the corrections' images and scored against the corrections."""
+    """Tag mAP and F1 (per Choices control, averaged) and mask mIoU over the labels present (of
+    brush masks and polygons), predicted by ``predictor`` on the corrections' images and scored
+    against the corrections."""
     images = predictor.prepare([c.image for c in corrections])
-    results, _ = predictor.run([c.task_id for c in corrections], images, choices, brushes)
+    results, _ = predictor.run([c.task_id for c in corrections], images, choices, brushes, regions)
     metrics: dict[str, float] = {"tasks": float(len(corrections))}
     maps, f1s = [], []
     for control in choices:
@@ -43,7 +46,7 @@ def evaluate(
     if f1s:
         metrics["tag_f1"] = float(np.mean(f1s))
     with_masks = [(r, c) for r, c in zip(results, corrections, strict=True) if c.mask is not None]
-    if brushes and with_masks:
+    if mask_labels(brushes, regions) and with_masks:
         labels = with_masks[0][1].mask_labels
         table = iou_table(
             [_predicted_map(r, labels) for r, _ in with_masks], [c.mask.astype(np.int64) for _, c in with_masks],
@@ -56,11 +59,15 @@ def evaluate(
 
 
 def _predicted_map(result: TaskResult, labels: Sequence[str]) -> np.ndarray:
+    """The labels a result paints (brush masks, then polygons) as one class map at its image's size."""
     out = np.zeros((result.image_height or 0, result.image_width or 0), dtype=np.int64)
+    size = (out.shape[1], out.shape[0])
     for mask in result.masks:
         if mask.label in labels:
-            region = rle_to_mask(mask.rle, out.shape[1], out.shape[0])
-            out[region] = labels.index(mask.label) + 1
+            out[rle_to_mask(mask.rle, *size)] = labels.index(mask.label) + 1
+    for region in result.regions:
+        if region.type == "polygonlabels" and region.label in labels:
+            out[draw_outline(region.value["points"], size)] = labels.index(region.label) + 1
     return out
 
 

@@ -32,7 +32,7 @@ from worker.checkpoints import version_visual, write_version
 from worker.images import decode_for_model
 from worker.predictor import Predictor
 from worker.training.clipself import CLIPSelfConfig, train_clipself
-from worker.training.corrections import Correction, pull_corrections, training_size
+from worker.training.corrections import Correction, mask_labels, pull_corrections, training_size
 from worker.training.evaluate import evaluate, gate
 from worker.training.loop import ShouldStop, check_stop
 from worker.training.zegclip import TrainingSample, calibrate_threshold, train_zegclip
@@ -112,15 +112,16 @@ def run_training(
     settings = base.settings
     started = time.perf_counter()
     progress("collecting corrections", 0, 0, None)
-    corrections = collect(settings, job.project, job.image_key, job.choices, job.brushes)
-    corrections = fetch_images(base, corrections, with_masks=bool(job.brushes), should_stop=should_stop)
+    corrections = collect(settings, job.project, job.image_key, job.choices, job.brushes, job.regions)
+    names = mask_labels(job.brushes, job.regions)  # what corrected masks (brush, polygons) can hold
+    corrections = fetch_images(base, corrections, with_masks=bool(names), should_stop=should_stop)
     if len(corrections) < settings.train_min_corrections:
         reason = f"{len(corrections)} usable corrections; training starts at {settings.train_min_corrections}"
         log.info("project %s: not training: %s", job.project, reason)
         return {"status": "skipped", "reason": reason, "corrections": len(corrections)}
     parts = split(corrections, settings.train_holdout)
 
-    labels = [label for control in (*job.choices, *job.brushes) for label in control.labels]
+    labels = [label for control in (*job.choices, *job.brushes, *job.regions) for label in control.labels]
     bank = ClassBank.build(labels, settings.background_words)
     text = base.text.classes(bank.synonyms).to(base.bundle.device)
     index = {label.name: bank.index[label.texts] for label in labels}
@@ -135,25 +136,24 @@ def run_training(
 
     head, head_meta = None, {}
     masks = [c for c in parts.train if c.mask is not None and c.mask.any()]
-    if job.brushes and len(masks) >= settings.zegclip_min_masks:
-        names = list(dict.fromkeys(label.name for b in job.brushes for label in b.labels))
+    if names and len(masks) >= settings.zegclip_min_masks:
         samples = [TrainingSample(c.image, c.mask, c.mask_labels) for c in masks]
         head, zeg_report = train_zegclip(
-            candidate.bundle, samples, names, steps=settings.train_steps, size=settings.image_size,
+            candidate.bundle, samples, list(names), steps=settings.train_steps, size=settings.image_size,
             progress=lambda step, loss: progress("zegclip", step + 1, settings.train_steps, loss),
             should_stop=should_stop,
         )  # fmt: skip
         check_stop(should_stop, "before calibrating the ZegCLIP head")
-        calibrate_threshold(candidate.bundle, head, samples, names, settings.image_size)
-        head_meta = {"classes": names, "steps": zeg_report.steps, "masks": len(masks)}
+        calibrate_threshold(candidate.bundle, head, samples, list(names), settings.image_size)
+        head_meta = {"classes": list(names), "steps": zeg_report.steps, "masks": len(masks)}
         candidate = base.with_weights(visual, head)
 
     check_stop(should_stop, "before evaluating")
     progress("evaluating", 0, 0, None)
     with torch.inference_mode():
         scores = {
-            "candidate": evaluate(candidate, parts.held_out, job.choices, job.brushes),
-            "active": evaluate(active, parts.held_out, job.choices, job.brushes),
+            "candidate": evaluate(candidate, parts.held_out, job.choices, job.brushes, job.regions),
+            "active": evaluate(active, parts.held_out, job.choices, job.brushes, job.regions),
         }
     promoted, reason = gate(scores["candidate"], scores["active"], settings.promotion_margin)
 
