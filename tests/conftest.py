@@ -19,7 +19,7 @@ from tests.tiny import save_tiny_clip
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PRELABEL_SHARED_DATA", REPO / ".." / "shared" / "data")).resolve()
 REDIS_SERVER = os.environ.get("PRELABEL_TEST_REDIS", "redis://127.0.0.1:6379")
-_CLAIM_KEY = "prelabel:test-run"
+_CLAIM_PREFIX = "prelabel:test-claim:"
 
 
 def shared_data() -> Path:
@@ -76,19 +76,30 @@ def label_studio(photos: dict[str, bytes]) -> Iterator[FakeLabelStudio]:
 
 @contextlib.contextmanager
 def claim_redis_db() -> Iterator[str]:
-    """A Redis database of our own on the real server: the first empty one, claimed, flushed after."""
+    """A Redis database of our own on the real server: the first empty one, claimed, flushed after.
+
+    The claim is a key in database 0 (with an expiry), not in the claimed database: the benchmarks
+    a test runs flush their database, and a claim kept there would let a concurrent run take it.
+    """
     try:
-        redis.Redis.from_url(REDIS_SERVER).ping()
+        claims = redis.Redis.from_url(f"{REDIS_SERVER}/0")
+        claims.ping()
     except redis.exceptions.ConnectionError as e:
         pytest.fail(f"These tests need a Redis server at {REDIS_SERVER} (scripts/test starts one): {e}")
     for db in range(15, 0, -1):
+        claim = f"{_CLAIM_PREFIX}{db}"
+        if not claims.set(claim, os.getpid(), nx=True, ex=6 * 3600):
+            continue
         client = redis.Redis.from_url(f"{REDIS_SERVER}/{db}")
-        if client.dbsize() == 0 and client.set(_CLAIM_KEY, os.getpid(), nx=True):
-            try:
-                yield f"{REDIS_SERVER}/{db}"
-            finally:
-                client.flushdb()
-            return
+        if client.dbsize() != 0:  # someone else's data: leave it alone
+            claims.delete(claim)
+            continue
+        try:
+            yield f"{REDIS_SERVER}/{db}"
+        finally:
+            client.flushdb()
+            claims.delete(claim)
+        return
     pytest.fail(f"No empty Redis database on {REDIS_SERVER} (databases 1-15 are all in use).")
 
 
