@@ -1,16 +1,17 @@
 """What annotators did with the pre-labels: kept, fixed or replaced them.
 
 The backend keeps each task's prediction when it serves it; when an annotation arrives (webhook)
-the two are compared: tags accepted, added and removed, mask IoU per label between the predicted
-and the final mask, and whether the prediction went through unchanged. Comparisons are kept per
+the two are compared: tags accepted, added and removed, IoU per label between the predicted and
+the final masks, boxes and polygons, and whether the prediction went through unchanged. Comparisons are kept per
 annotation (an update replaces, a deletion removes) and aggregated per model version and label
 for ``GET /report`` and ``/metrics``.
 
 Decoding masks takes time and memory, and Label Studio gives an event webhook one second, so the
-webhook only checks an annotation's brush regions (sizes and RLE headers, without decoding) and
-puts it in an inbox in Redis; a thread of the backend compares it later. An annotation taken
-from the inbox stays in a processing list until its comparison is stored, and a backend that
-starts moves what a dead one left there back to the inbox (comparisons are idempotent).
+webhook only checks an annotation's regions (how many; brush sizes and RLE headers, without
+decoding; box and polygon numbers; labels) and puts it in an inbox in Redis; a thread of the
+backend compares it later. An annotation taken from the inbox stays in a processing list until
+its comparison is stored, and a backend that starts moves what a dead one left there back to the
+inbox (comparisons are idempotent).
 """
 
 from __future__ import annotations
@@ -27,17 +28,24 @@ import redis
 
 from common import keys
 from common.errors import AnnotationError, ServiceUnavailable
-from common.labelstudio.annotations import brush_regions, chosen
+from common.labelstudio.annotations import chosen
 from common.labelstudio.brush import region_mask, region_size
-from common.labelstudio.regions import REGION_LABELS, outline_mask, region_outline
+from common.labelstudio.regions import (
+    MAX_REGIONS,
+    MAX_TOTAL_POINTS,
+    REGION_LABELS,
+    outline_mask,
+    region_labels,
+    region_outline,
+)
 from common.quality import UNCHANGED_IOU, mask_iou
 
 log = logging.getLogger(__name__)
 
 #: Predictions are kept this long for comparison with the corrections that follow them.
 PREDICTION_TTL = 90 * 24 * 3600
-#: The IoU figures of a comparison: brush masks, boxes and polygons, each per label.
-IOU_KINDS = ("mask_iou", "box_iou", "polygon_iou")
+#: The IoU figures of a comparison, each per label, and the results they compare.
+IOU_KINDS = {"mask_iou": "brushlabels", "box_iou": "rectanglelabels", "polygon_iou": "polygonlabels"}
 #: Annotations waiting for comparison take at most this much of Redis's memory.
 INBOX_BYTES = 256 * 1024 * 1024
 
@@ -45,32 +53,33 @@ INBOX_BYTES = 256 * 1024 * 1024
 def compare(predicted: list[dict], final: list[dict], max_pixels: int) -> dict[str, Any]:
     """Compare a prediction's result list with an annotation's (Label Studio's result format):
     tags, and per label the IoU of the predicted and final masks, boxes and polygons (each kind
-    as the union of its regions)."""
+    as the union of its regions). Only the prediction's labels are drawn: a label the annotator
+    added scores 0 without drawing it, so an annotation's own labels cost no memory."""
     tags_p, tags_f = chosen(predicted), chosen(final)
     accepted = sum(len(tags_p.get(k, set()) & v) for k, v in tags_f.items())
     added = sum(len(v - tags_p.get(k, set())) for k, v in tags_f.items())
     removed = sum(len(v - tags_f.get(k, set())) for k, v in tags_p.items())
-    ious = {
-        "mask_iou": _ious(_masks(predicted, max_pixels), _masks(final, max_pixels)),
-        "box_iou": _ious(_outlined(predicted, "rectanglelabels"), _outlined(final, "rectanglelabels")),
-        "polygon_iou": _ious(_outlined(predicted, "polygonlabels"), _outlined(final, "polygonlabels")),
-    }
+    ious = {}
+    for name, kind in IOU_KINDS.items():
+        drawn = _drawn(predicted, kind, max_pixels)
+        final_drawn = _drawn(final, kind, max_pixels, only=set(drawn))
+        ious[name] = {
+            label: _iou(drawn.get(label), final_drawn.get(label)) for label in set(drawn) | _labels(final, kind)
+        }
     unchanged = added == 0 and removed == 0 and all(v >= UNCHANGED_IOU for kind in ious.values() for v in kind.values())
     return {"tags_accepted": accepted, "tags_added": added, "tags_removed": removed, **ious, "unchanged": unchanged}
 
 
-def _ious(predicted: dict[str, np.ndarray], final: dict[str, np.ndarray]) -> dict[str, float]:
-    """Per label in either: the IoU of the two masks (0 when one side has none)."""
-    out = {}
-    for label in set(predicted) | set(final):
-        p, f = predicted.get(label), final.get(label)
-        out[label] = mask_iou(p, f) if p is not None and f is not None and p.shape == f.shape else 0.0
-    return out
+def _iou(predicted: np.ndarray | None, final: np.ndarray | None) -> float:
+    if predicted is None or final is None or predicted.shape != final.shape:
+        return 0.0
+    return mask_iou(predicted, final)
 
 
 def check_annotation(annotation: dict, max_pixels: int) -> None:
-    """What the webhook checks before accepting an annotation: its shape, every brush region's
-    sizes and RLE header (nothing is decoded), and every box's and polygon's numbers.
+    """What the webhook checks before accepting an annotation: its shape, how many regions and
+    polygon points it holds, every brush region's sizes and RLE header (nothing is decoded), every
+    box's and polygon's numbers, and every region's labels.
 
     Raises:
         AnnotationError: with the reason.
@@ -80,35 +89,48 @@ def check_annotation(annotation: dict, max_pixels: int) -> None:
     result = annotation.get("result") or []
     if not isinstance(result, list) or not all(isinstance(item, dict) for item in result):
         raise AnnotationError(f"Annotation {annotation['id']}: 'result' must be a list of objects.")
-    for item in result:
+    regions = [item for item in result if item.get("type") in ("brushlabels", *REGION_LABELS)]
+    if len(regions) > MAX_REGIONS:
+        raise AnnotationError(f"Annotation {annotation['id']}: more than {MAX_REGIONS:,} regions.")
+    points = 0
+    for item in regions:
         try:
+            region_labels(item)
             if item.get("type") == "brushlabels":
                 region_size(item, max_pixels)
-            elif item.get("type") in REGION_LABELS:
-                region_outline(item)
+            else:
+                points += len(region_outline(item))
         except AnnotationError as e:
             raise AnnotationError(f"Annotation {annotation['id']}: {e}") from e
+    if points > MAX_TOTAL_POINTS:
+        raise AnnotationError(f"Annotation {annotation['id']}: more than {MAX_TOTAL_POINTS:,} polygon points.")
 
 
-def _masks(result: Iterable[dict], max_pixels: int) -> dict[str, np.ndarray]:
-    """Union of the brush regions of each label."""
-    out: dict[str, np.ndarray] = {}
-    for item in brush_regions(result):
-        region = region_mask(item, max_pixels)
-        for label in item["value"].get("brushlabels", []):
-            out[label] = region | out[label] if label in out and out[label].shape == region.shape else region
-    return out
+def _labels(result: Iterable[dict], kind: str) -> set[str]:
+    """The labels of a result list's regions of ``kind`` (brush regions with an RLE only)."""
+    return {label for item in result if _counts(item, kind) for label in region_labels(item)}
 
 
-def _outlined(result: Iterable[dict], kind: str) -> dict[str, np.ndarray]:
-    """Union of the boxes (or polygons) of each label, on the percent grid."""
+def _counts(item: dict, kind: str) -> bool:
+    return item.get("type") == kind and (kind != "brushlabels" or bool((item.get("value") or {}).get("rle")))
+
+
+def _drawn(result: Iterable[dict], kind: str, max_pixels: int, only: set[str] | None = None) -> dict[str, np.ndarray]:
+    """Per label (of ``only``, when given), the union of its regions of ``kind``: brush masks at
+    the image's size, boxes and polygons on the percent grid."""
     out: dict[str, np.ndarray] = {}
     for item in result:
-        if item.get("type") != kind:
+        if not _counts(item, kind):
             continue
-        region = outline_mask(item)
-        for label in item["value"].get(kind, []):
-            out[label] = region | out[label] if label in out else region
+        labels = [label for label in region_labels(item) if only is None or label in only]
+        if not labels:
+            continue
+        region = region_mask(item, max_pixels) if kind == "brushlabels" else outline_mask(item)
+        for label in labels:
+            if label not in out:
+                out[label] = region.copy()
+            elif out[label].shape == region.shape:
+                np.logical_or(out[label], region, out=out[label])
     return out
 
 

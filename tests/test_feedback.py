@@ -93,11 +93,34 @@ def test_a_rotated_box_turns_about_its_top_left_corner_in_pixels():
         _polygon("car", [[1, 2]] * 10_001),
         _box("car", float("nan"), 0, 10, 10),
         {"type": "rectanglelabels", "value": {"x": 1, "y": 2, "width": True, "height": 3}},
+        _box("car", 10**400, 0, 10, 10),
+        _box("car", 1e300, 0, 10, 10),
+        {**_box("car", 1, 2, 3, 4, rotation=30), "original_width": None},
+        {**_box("car", 1, 2, 3, 4), "value": {"x": 1, "y": 2, "width": 3, "height": 4, "rectanglelabels": [7]}},
+        {**_box("car", 1, 2, 3, 4), "value": {"x": 1, "y": 2, "width": 3, "height": 4, "rectanglelabels": "car"}},
     ],
 )
 def test_malformed_boxes_and_polygons_are_refused_at_the_webhook(item):
-    with pytest.raises(AnnotationError, match="Annotation 7: A (box|polygon)"):
+    with pytest.raises(AnnotationError, match="Annotation 7: A (box|polygon|rotated box|region)"):
         module.check_annotation({"id": 7, "result": [item]}, MAX_PIXELS)
+
+
+def test_an_annotation_holds_a_bounded_number_of_regions_and_points():
+    with pytest.raises(AnnotationError, match="more than 1,000 regions"):
+        module.check_annotation({"id": 7, "result": [_box("car", 1, 1, 2, 2)] * 1001}, MAX_PIXELS)
+    big = _polygon("car", [[i % 100, i // 100] for i in range(10_000)])
+    module.check_annotation({"id": 7, "result": [big] * 10}, MAX_PIXELS)  # 100,000 points: the most
+    with pytest.raises(AnnotationError, match="more than 100,000 polygon points"):
+        module.check_annotation({"id": 7, "result": [big] * 11}, MAX_PIXELS)
+
+
+def test_labels_only_the_annotator_drew_score_zero_without_being_drawn():
+    """An annotation's own labels cost no memory: 900 made-up labels are not rasterised."""
+    predicted = [_box("car", 10, 20, 30, 40)]
+    final = [_box("car", 10, 20, 30, 40)] + [_box(f"label {i}", 0, 0, 100, 100) for i in range(900)]
+    stats = compare(predicted, final, MAX_PIXELS)
+    assert stats["box_iou"]["car"] == 1.0 and len(stats["box_iou"]) == 901
+    assert all(iou == 0.0 for label, iou in stats["box_iou"].items() if label != "car")
 
 
 def test_report_per_version_with_updates_and_deletions(redis_url):

@@ -9,7 +9,7 @@ from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image, ImageDraw
 
 from common.labelstudio.config import parse_label_config
-from common.labelstudio.regions import polygon_value, rectangle_value
+from common.labelstudio.regions import draw_outline, polygon_value, rectangle_value
 from worker.regions import parts, polygons, rectangles
 
 
@@ -63,6 +63,19 @@ def test_polygons_follow_the_part_they_outline(shape):
         assert len(value["points"]) == 6
     xs, ys = [x for x, _ in value["points"]], [y for _, y in value["points"]]
     assert max(xs) > min(xs) and max(ys) > min(ys)  # an area, even for a line or a pixel
+
+
+def test_a_thin_diagonal_part_keeps_a_thin_outline():
+    mask = np.eye(20, dtype=bool)
+    (value,) = polygons(mask, min_area=0.0)
+    drawn = _raster(value, (20, 20))
+    assert drawn.sum() < 80  # a sliver along the diagonal, not its 400-pixel box
+
+
+def test_an_outline_covers_the_pixels_whose_centres_it_holds():
+    box = [(0, 0), (20, 0), (20, 20), (0, 20)]  # percent of a 100 x 100 image: pixels 0..19
+    drawn = draw_outline(box, (100, 100))
+    assert drawn.sum() == 400 and drawn[:20, :20].all()
 
 
 def test_parts_are_eight_connected():

@@ -35,7 +35,7 @@ from worker.training.clipself import CLIPSelfConfig, _box_weights, train_clipsel
 from worker.training.corrections import Correction, from_annotation
 from worker.training.evaluate import evaluate, gate
 from worker.training.loop import TrainingCancelled
-from worker.training.run import fetch_images, run_training
+from worker.training.run import fetch_images, mark_boxes_unknown, run_training
 
 PROJECT = {"id": 4, "created_at": "2026-11-23T06:15:25Z", "title": "photos", "label_config": ""}
 UID = "4.1795414525"
@@ -358,8 +358,10 @@ def test_metrics_expose_queues_and_correction_figures(queue_app):
     app, _ = queue_app()
     client = app.test_client()
     state = app.extensions["prelabel"]
+    box = {"from_name": "boxes", "to_name": "image", "type": "rectanglelabels",
+           "value": {"x": 10, "y": 10, "width": 20, "height": 20, "rectanglelabels": ["bird"]}}  # fmt: skip
     prediction = {"model_version": "v1", "score": 0.5, "result": [{"from_name": "tags", "to_name": "image",
-                  "type": "choices", "value": {"choices": ["bird"]}}]}  # fmt: skip
+                  "type": "choices", "value": {"choices": ["bird"]}}, box]}  # fmt: skip
     state.feedback.remember_predictions(UID, {10: prediction})
     annotation = {**_annotation(1, 10), "result": prediction["result"]}
     assert client.post("/webhook", json={"action": "ANNOTATION_CREATED", "annotation": annotation,
@@ -370,6 +372,7 @@ def test_metrics_expose_queues_and_correction_figures(queue_app):
     assert 'prelabel_queue_depth{queue="predict"} 0' in text
     assert f'prelabel_corrections{{project="{UID}",version="v1"}} 1' in text
     assert f'prelabel_accepted_unchanged_ratio{{project="{UID}",version="v1"}} 1.0' in text
+    assert f'prelabel_box_iou{{project="{UID}",version="v1",label="bird"}} 1.0' in text
     assert "# TYPE prelabel_predict_requests_total counter" in text
     assert client.get(f"/report?project={UID}").get_json()[UID]["v1"]["unchanged"] == 1
 
@@ -498,3 +501,21 @@ def test_a_polygon_project_trains_a_head_and_is_gated_on_its_masks(trainer):
     info = registry.get(UID, summary["version"])
     assert "mask_miou" in info.metrics["candidate"] and info.config["zegclip"]["classes"] == list(LABELS)
     assert "zegclip/zegclip.safetensors" in info.files
+
+
+def test_boxes_are_unknown_in_masks_and_a_boxes_only_project_is_gated_on_its_boxes(make_settings):
+    mask = np.zeros((10, 20), dtype=np.uint8)
+    mask[:, :5] = 1
+    mark_boxes_unknown(mask, [("cat", (0.0, 0.0, 0.5, 0.5))])
+    assert (mask[:5, :5] == 1).all() and (mask[:5, 5:10] == 255).all() and not mask[5:, 5:].any()
+
+    settings = make_settings(background_words=("sky",), mask_min_area=0.0)
+    predictor = Predictor(settings, load_clip(settings))
+    config = '<View><Image name="image" value="$image"/><RectangleLabels name="boxes" toName="image">'
+    config += '<Label value="bird"/><Label value="cat"/></RectangleLabels></View>'
+    spec = parse_label_config(config, max_labels=1000)
+    image = Image.open(io.BytesIO(base64.b64decode(_photo_uri((96, 64)).split(",")[1]))).convert("RGB")
+    corrections = [Correction(1, None, {}, image=image, boxes=[("cat", (0.0, 0.0, 1.0, 1.0))])]
+    scored = evaluate(predictor, corrections, (), (), spec.regions)
+    assert 0.0 <= scored["box_miou"] <= 1.0  # something to gate on
+    assert gate(scored, scored, 0.0)[0]

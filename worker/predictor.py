@@ -189,15 +189,23 @@ class Predictor:
             if not isinstance(image, Prepared):
                 return TaskResult(task_ids[i], error=image)
             answers = tuple(self._answer(control, bank, scores[i]) for control in choices)
+            segmented: dict[tuple[ClassLabel, ...], list[tuple[ClassLabel, dense.Mask]]] = {}
+
+            def masks_of(labels: tuple[ClassLabel, ...]) -> list[tuple[ClassLabel, dense.Mask]]:
+                """Controls with the same labels share one segmentation of the image."""
+                if labels not in segmented:
+                    segmented[labels] = self._masks(labels, bank, text, scores[i], image.size)
+                return segmented[labels]
+
             masks = tuple(
                 MaskResult(brush.from_name, label.name, scaled_mask_to_rle(m.region, m.size), m.score)
                 for brush in brushes
-                for label, m in self._masks(brush.labels, bank, text, scores[i], image.size)
+                for label, m in masks_of(brush.labels)
             )
             drawn = tuple(
                 RegionResult(control.from_name, label.name, control.type, value, m.score)
                 for control in regions
-                for label, m in self._masks(control.labels, bank, text, scores[i], image.size)
+                for label, m in masks_of(control.labels)
                 for value in DRAW[control.type](m.region, self.settings.mask_min_area)
             )
             return TaskResult(task_ids[i], answers, masks, *image.size, regions=drawn)
@@ -290,7 +298,7 @@ class Predictor:
                 floor = self.head.cfg.mask_threshold
                 masks = dense.masks_from_logits(scores.zegclip[rows], len(rows), size, min_area, "sigmoid", floor)
             else:  # softmax against the background words, which win "none"
-                assert scores.dense is not None, "dense features are computed for jobs with BrushLabels"
+                assert scores.dense is not None, "dense features are computed for jobs with masks, boxes or polygons"
                 rows += list(range(bank.n_labels, len(bank.synonyms)))
                 logits = dense.class_logits(scores.dense, text[rows], scores.grid)
                 masks = dense.masks_from_logits(logits, len(labels), size, min_area)

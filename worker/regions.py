@@ -42,14 +42,10 @@ def outline(part: np.ndarray) -> list[tuple[float, float]]:
     contour = max(contours, key=cv2.contourArea)
     tolerance = max(2.0, POLYGON_TOLERANCE * cv2.arcLength(contour, True))
     simplified = cv2.approxPolyDP(contour, tolerance, True)[:, 0, :].astype(float)
+    if len(simplified) < 3:  # a thin part simplified to a segment: its tightest rectangle instead
+        simplified = cv2.boxPoints(cv2.minAreaRect(contour))
     # Undo the padding, take the pixel centres, halve.
-    points = [((x - 1 + 0.5) / 2, (y - 1 + 0.5) / 2) for x, y in simplified]
-    return points if len(points) >= 3 else _corners(box(part))
-
-
-def _corners(b: tuple[int, int, int, int]) -> list[tuple[float, float]]:
-    x0, y0, x1, y1 = b
-    return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+    return [((x - 1 + 0.5) / 2, (y - 1 + 0.5) / 2) for x, y in simplified]
 
 
 def rectangles(mask: np.ndarray, min_area: float) -> list[dict]:

@@ -13,6 +13,7 @@ from flask import Blueprint, Response, jsonify, request
 from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 
+from backend.feedback import IOU_KINDS
 from backend.routes import optional_project
 from backend.state import State, state
 from common import keys
@@ -72,16 +73,18 @@ def render(current: State) -> str:
         metric("prelabel_workers", "gauge", "Workers listening on each queue.", workers)
         gpu = [({"worker": w.decode()}, float(v)) for w, v in connection.hgetall(keys.GPU_MEMORY).items()]
         metric("prelabel_worker_gpu_memory_bytes", "gauge", "GPU memory held by each worker after its last job.", gpu)
-        corrections, unchanged, ious = [], [], []
-        kinds = {"mask_iou": "brush", "box_iou": "rectangle", "polygon_iou": "polygon"}
+        corrections, unchanged = [], []
+        ious: dict[str, list] = {kind: [] for kind in IOU_KINDS}
         for project, versions in current.feedback.report().items():
             for version, row in versions.items():
                 corrections.append(({"project": project, "version": version}, row["corrections"]))
                 unchanged.append(({"project": project, "version": version}, round(row["unchanged_share"], 4)))
-                ious += [({"project": project, "version": version, "label": label, "region": region}, round(iou, 4))
-                         for kind, region in kinds.items() for label, iou in row[kind].items()]  # fmt: skip
+                for kind in IOU_KINDS:
+                    ious[kind] += [({"project": project, "version": version, "label": label}, round(iou, 4))
+                                   for label, iou in row[kind].items()]  # fmt: skip
         metric("prelabel_corrections", "gauge", "Annotations compared with their prediction.", corrections)
         metric("prelabel_accepted_unchanged_ratio", "gauge", "Share of predictions accepted as they were.", unchanged)
-        metric("prelabel_mask_iou", "gauge", "Mean IoU of predicted and corrected regions (brush, rectangle, polygon).",
-               ious)  # fmt: skip
+        metric("prelabel_mask_iou", "gauge", "Mean IoU of predicted and corrected masks.", ious["mask_iou"])
+        metric("prelabel_box_iou", "gauge", "Mean IoU of predicted and corrected boxes.", ious["box_iou"])
+        metric("prelabel_polygon_iou", "gauge", "Mean IoU of predicted and corrected polygons.", ious["polygon_iou"])
     return "\n".join(lines) + "\n"

@@ -46,9 +46,32 @@ def polygon_value(points: Sequence[tuple[float, float]], size: tuple[int, int]) 
 #: Boxes and polygons are compared on a grid of this many cells a side, in percent space: IoU does
 #: not change when the two axes are scaled, so the image's size is not needed (only to rotate).
 GRID = 1000
-#: A polygon of more points than this is refused (annotators draw tens; the webhook bounds work).
+#: Bounds on what one annotation may hold (annotators draw tens of regions of tens of points): the
+#: webhook refuses more, so comparing and training stay cheap.
 MAX_POINTS = 10_000
+MAX_REGIONS = 1_000
+MAX_TOTAL_POINTS = 100_000
+MAX_LABELS_PER_REGION = 100
+#: Coordinates are percent of the image; anything far outside is not a region.
+MAX_PERCENT = 10_000.0
 REGION_LABELS = ("rectanglelabels", "polygonlabels")
+
+
+def region_labels(item: Mapping[str, Any]) -> list[str]:
+    """The labels of a region result (``value[<type>]``), checked: a list of strings.
+
+    Raises:
+        AnnotationError: not a list of at most ``MAX_LABELS_PER_REGION`` strings.
+    """
+    value = item.get("value")
+    labels = value.get(item.get("type")) if isinstance(value, Mapping) else None
+    if labels is None:
+        return []
+    if not (
+        isinstance(labels, list) and len(labels) <= MAX_LABELS_PER_REGION and all(isinstance(x, str) for x in labels)
+    ):
+        raise AnnotationError(f"A region's labels must be a list of at most {MAX_LABELS_PER_REGION} strings.")
+    return labels
 
 
 def region_outline(item: Mapping[str, Any]) -> list[tuple[float, float]]:
@@ -56,7 +79,7 @@ def region_outline(item: Mapping[str, Any]) -> list[tuple[float, float]]:
     ``polygonlabels`` one, in percent of the image.
 
     Raises:
-        AnnotationError: the value is not a box or polygon of finite numbers.
+        AnnotationError: the value is not a box or polygon of bounded numbers.
     """
     value = item.get("value")
     if not isinstance(value, Mapping):
@@ -65,20 +88,22 @@ def region_outline(item: Mapping[str, Any]) -> list[tuple[float, float]]:
         points = value.get("points")
         if not isinstance(points, list) or not 3 <= len(points) <= MAX_POINTS:
             raise AnnotationError(f"A polygon needs 3 to {MAX_POINTS:,} points.")
-        if not all(isinstance(p, list | tuple) and len(p) == 2 and all(_finite(c) for c in p) for p in points):
-            raise AnnotationError("A polygon's points must be pairs of numbers.")
+        if not all(isinstance(p, list | tuple) and len(p) == 2 and all(_coordinate(c) for c in p) for p in points):
+            raise AnnotationError(f"A polygon's points must be pairs of numbers within +-{MAX_PERCENT:g} %.")
         return [(float(x), float(y)) for x, y in points]
     box = [value.get(k) for k in ("x", "y", "width", "height")]
     rotation = value.get("rotation") or 0
-    if not all(_finite(v) for v in (*box, rotation)):
-        raise AnnotationError("A box needs numbers x, y, width, height (and rotation).")
+    if not all(_coordinate(v) for v in (*box, rotation)):
+        raise AnnotationError(f"A box needs numbers x, y, width, height (and rotation) within +-{MAX_PERCENT:g}.")
     x, y, w, h = (float(v) for v in box)
     corners = [(x, y), (x + w, y), (x + w, y + h), (x, y + h)]
     if not rotation:
         return corners
     # Label Studio turns a box clockwise about its top-left corner, in pixels: the aspect matters.
     width, height = item.get("original_width"), item.get("original_height")
-    aspect = width / height if _finite(width) and _finite(height) and width > 0 and height > 0 else 1.0
+    if not all(type(v) is int and 0 < v <= 10**7 for v in (width, height)):
+        raise AnnotationError("A rotated box needs its image's original_width and original_height.")
+    aspect = width / height
     angle = math.radians(float(rotation))
     cos, sin = math.cos(angle), math.sin(angle)
     turned = []
@@ -94,12 +119,20 @@ def outline_mask(item: Mapping[str, Any]) -> np.ndarray:
 
 
 def draw_outline(points: Sequence[tuple[float, float]], size: tuple[int, int]) -> np.ndarray:
-    """An outline in percent drawn at ``size`` (width, height): a [height, width] boolean mask."""
+    """An outline in percent drawn at ``size`` (width, height): a [height, width] boolean mask of
+    the pixels whose centres it holds (a box from 0 to 20 pixels covers pixels 0..19)."""
     width, height = size
     image = Image.new("1", size)
-    ImageDraw.Draw(image).polygon([(x * width / 100, y * height / 100) for x, y in points], fill=1)
+    # Pillow fills a pixel when the outline reaches its centre: shift edges to centres.
+    ImageDraw.Draw(image).polygon([(x * width / 100 - 0.5, y * height / 100 - 0.5) for x, y in points], fill=1)
     return np.asarray(image)
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+def _coordinate(value: Any) -> bool:
+    """A real number (not a bool) of at most ``MAX_PERCENT`` in size."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return abs(float(value)) <= MAX_PERCENT
+    except OverflowError:  # an int too large for a float
+        return False

@@ -55,6 +55,7 @@ class CLIPSelfConfig:
     grid_cells: int = 10  # random grid-cell regions per image
     context: float = 1.5  # teacher crops of corrected regions are this much larger
     alpha: float = 0.7
+    max_boxes: int = 8  # corrected boxes (weak labels) used per image and step
     size: int = 448  # training images are resized to size x size
 
 
@@ -191,6 +192,8 @@ def _loss(model, teacher, batch, text, label_index, mean, std, cfg, native, rng)
         mask = _resized_mask(correction, size)
         regions = region_boxes(mask) if mask is not None else []
         weak = [(name, b) for name, b in correction.boxes if name in label_index and b[0] < b[2] and b[1] < b[3]]
+        if len(weak) > cfg.max_boxes:  # a few per image and step: each is a teacher pass
+            weak = rng.sample(weak, cfg.max_boxes)
         corrected = [box for _, box in regions] + [box for _, box in weak]
         student_boxes = corrected + grid_cells(rng, cfg.grid_cells)
         crops = [_enlarge(box, cfg.context) for box in corrected] + student_boxes[len(corrected) :]
@@ -213,13 +216,14 @@ def _loss(model, teacher, batch, text, label_index, mean, std, cfg, native, rng)
                 pix_terms.append(F.cross_entropy(logits, labelled, ignore_index=-100))
         for name, box in weak:  # a box says its label is inside it: pooled over the box
             sup_terms.append(_pooled_term(features, _box_weights(box, grid).to(device), text, label_index[name]))
-        if mask is None and not weak and correction.all_tags:
+        unboxed = [t for t in correction.all_tags if t not in {name for name, _ in weak}]
+        if mask is None and unboxed:  # tags with no region: their best patch, multiple-instance
             patch_logits = 50 * features.flatten(1).T @ text.T  # best patch per class
             best = patch_logits.max(dim=0).values
             present = [label_index[t] for t in correction.all_tags if t in label_index]
             absent = [i for i in range(text.shape[0]) if i not in present]
             first = torch.zeros(1, dtype=torch.long, device=device)  # the present tag, against the absent ones
-            for c in present:
+            for c in (label_index[t] for t in unboxed if t in label_index):
                 candidates = torch.tensor([c, *absent], device=device)
                 sup_terms.append(F.cross_entropy(best[candidates][None], first))
     with torch.no_grad():

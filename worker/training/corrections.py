@@ -19,7 +19,7 @@ from common.jobs import BrushControl, ChoicesControl, RegionControl, TaskId
 from common.labelstudio.annotations import chosen, image_url, latest_annotation
 from common.labelstudio.brush import draw_scaled, original_size, region_size, rle_to_mask
 from common.labelstudio.client import label_studio_client
-from common.labelstudio.regions import draw_outline, region_outline
+from common.labelstudio.regions import draw_outline, region_labels, region_outline
 from common.projects import project_id
 from common.settings import Settings
 
@@ -85,7 +85,7 @@ def from_annotation(
         kind, name = item.get("type"), item.get("from_name")
         if kind == "rectanglelabels" and name in boxed:
             box = _box(item)
-            correction.boxes += [(label, box) for label in item["value"].get(kind, []) if isinstance(label, str)]
+            correction.boxes += [(label, box) for label in region_labels(item) if (label, box) not in correction.boxes]
             continue
         if kind not in ("brushlabels", "polygonlabels") or painted.get(name) != kind:
             continue
@@ -97,7 +97,7 @@ def from_annotation(
             width, height = training_size(*size, image_size)
             correction.mask = np.zeros((height, width), dtype=np.uint8)
         if size != correction.size:
-            log.warning("task %s: brush regions of different sizes; skipping one", task_id)
+            log.warning("task %s: regions drawn at different image sizes; skipping one", task_id)
             continue
         assert correction.mask is not None
         work = (correction.mask.shape[1], correction.mask.shape[0])
@@ -105,7 +105,7 @@ def from_annotation(
             small = draw_scaled(rle_to_mask(item["value"]["rle"], *size), work)
         else:
             small = draw_outline(region_outline(item), work)
-        for label in item["value"].get(kind, []):
+        for label in region_labels(item):
             if label in labels:
                 correction.mask[small] = labels.index(label) + 1
     return correction

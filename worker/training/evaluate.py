@@ -15,7 +15,9 @@ from worker.predictor import Predictor
 from worker.training.corrections import Correction, mask_labels
 
 #: Metrics the promotion gate compares, when the held-out corrections allow them.
-GATED = ("tag_map", "mask_miou")
+GATED = ("tag_map", "mask_miou", "box_miou")
+#: Boxes are scored on a grid of this many cells a side, in fractions of the image.
+BOX_GRID = 200
 
 
 def evaluate(
@@ -50,12 +52,41 @@ def evaluate(
         labels = with_masks[0][1].mask_labels
         table = iou_table(
             [_predicted_map(r, labels) for r, _ in with_masks], [c.mask.astype(np.int64) for _, c in with_masks],
-            len(labels),
+            len(labels), ignore=255,  # inside corrected boxes no mask covers: unknown
         )  # fmt: skip
         foreground = table[1:]
         if not np.all(np.isnan(foreground)):
             metrics["mask_miou"] = float(np.nanmean(foreground))
+    boxed = list(dict.fromkeys(label.name for r in regions if r.type == "rectanglelabels" for label in r.labels))
+    if boxed:
+        miou = _box_miou(results, corrections, boxed)
+        if miou is not None:
+            metrics["box_miou"] = miou
     return metrics
+
+
+def _box_miou(results: Sequence[TaskResult], corrections: Sequence[Correction], labels: Sequence[str]) -> float | None:
+    """Mean over labels of the IoU between predicted and corrected boxes (each label's union of
+    boxes per image, summed over the images); None when no label has a box on either side."""
+    inter, union = np.zeros(len(labels)), np.zeros(len(labels))
+    for result, correction in zip(results, corrections, strict=True):
+        for k, label in enumerate(labels):
+            predicted = [(r.value["x"] / 100, r.value["y"] / 100, (r.value["x"] + r.value["width"]) / 100,
+                          (r.value["y"] + r.value["height"]) / 100)
+                         for r in result.regions if r.type == "rectanglelabels" and r.label == label]  # fmt: skip
+            truth = [box for name, box in correction.boxes if name == label]
+            p, t = _box_union(predicted), _box_union(truth)
+            inter[k] += (p & t).sum()
+            union[k] += (p | t).sum()
+    present = union > 0
+    return float((inter[present] / union[present]).mean()) if present.any() else None
+
+
+def _box_union(boxes: Sequence[tuple[float, float, float, float]]) -> np.ndarray:
+    out = np.zeros((BOX_GRID, BOX_GRID), dtype=bool)
+    for x0, y0, x1, y1 in boxes:
+        out[round(y0 * BOX_GRID) : round(y1 * BOX_GRID), round(x0 * BOX_GRID) : round(x1 * BOX_GRID)] = True
+    return out
 
 
 def _predicted_map(result: TaskResult, labels: Sequence[str]) -> np.ndarray:

@@ -94,8 +94,20 @@ def fetch_images(
             correction.mask = draw_scaled(correction.mask, work)
         if with_masks and correction.mask is None:
             correction.mask = np.zeros((work[1], work[0]), dtype=np.uint8)
+        if correction.mask is not None:
+            mark_boxes_unknown(correction.mask, correction.boxes)
         kept.append(correction)
     return kept
+
+
+def mark_boxes_unknown(mask: np.ndarray, boxes: list[tuple[str, tuple[float, float, float, float]]]) -> None:
+    """Inside a corrected box that no mask region covers, the pixels are unknown (255), not
+    "nothing here": the box says an object is there without saying which pixels."""
+    height, width = mask.shape
+    for _, (x0, y0, x1, y1) in boxes:
+        area = mask[int(y0 * height) : max(int(y0 * height) + 1, round(y1 * height)),
+                    int(x0 * width) : max(int(x0 * width) + 1, round(x1 * width))]  # fmt: skip
+        area[area == 0] = 255
 
 
 def run_training(
@@ -135,7 +147,7 @@ def run_training(
     candidate = base.with_weights(visual, None)
 
     head, head_meta = None, {}
-    masks = [c for c in parts.train if c.mask is not None and c.mask.any()]
+    masks = [c for c in parts.train if c.mask is not None and ((c.mask > 0) & (c.mask < 255)).any()]
     if names and len(masks) >= settings.zegclip_min_masks:
         samples = [TrainingSample(c.image, c.mask, c.mask_labels) for c in masks]
         head, zeg_report = train_zegclip(
