@@ -241,7 +241,7 @@ class InlineRunner:
             log.exception("embedded predict failed")
             raise JobFailed(f"Prediction failed: {e}") from e
         self._forget(job_id)
-        return PredictResult.from_dict(value)
+        return PredictResult.from_dict(json.loads(json.dumps(value)))  # as a queued job's result is read
 
     def _forget(self, job_id: str) -> None:
         with self._lock:

@@ -3,6 +3,8 @@ coordinates, accepted by label-studio-sdk's validation for real predictions."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from label_studio_sdk.label_interface import LabelInterface
@@ -70,12 +72,22 @@ def test_a_thin_diagonal_part_keeps_a_thin_outline():
     (value,) = polygons(mask, min_area=0.0)
     drawn = _raster(value, (20, 20))
     assert drawn.sum() < 80  # a sliver along the diagonal, not its 400-pixel box
+    assert json.loads(json.dumps(value)) == value  # plain numbers: the job result goes through JSON
 
 
 def test_an_outline_covers_the_pixels_whose_centres_it_holds():
     box = [(0, 0), (20, 0), (20, 20), (0, 20)]  # percent of a 100 x 100 image: pixels 0..19
     drawn = draw_outline(box, (100, 100))
     assert drawn.sum() == 400 and drawn[:20, :20].all()
+
+
+def test_at_most_twenty_parts_per_label_the_largest():
+    mask = np.zeros((100, 100), dtype=bool)
+    for i in range(30):  # 30 separate squares, the i-th of side 1 + i // 10
+        y, x = divmod(i, 10)
+        mask[y * 20 : y * 20 + 1 + i // 10, x * 10 : x * 10 + 1 + i // 10] = True
+    kept = parts(mask, 0.0)
+    assert len(kept) == 20 and min(p.sum() for p in kept) == 4  # the 10 single pixels are dropped
 
 
 def test_parts_are_eight_connected():

@@ -12,6 +12,9 @@ import numpy as np
 
 from common.labelstudio.regions import polygon_value, rectangle_value
 
+#: Boxes or polygons per label and image at most, the largest parts: past a few tens, parts of a
+#: semantic mask are specks, not objects, and a prediction of thousands burdens the editor.
+MAX_PARTS = 20
 #: Polygon simplification: points may move this share of the part's perimeter (Douglas-Peucker);
 #: at least one pixel of the mask's resolution.
 POLYGON_TOLERANCE = 0.01
@@ -19,12 +22,12 @@ POLYGON_TOLERANCE = 0.01
 
 def parts(mask: np.ndarray, min_area: float) -> list[np.ndarray]:
     """The connected parts of a boolean mask covering at least ``min_area`` of it (a fraction),
-    largest first."""
+    largest first, at most ``MAX_PARTS``."""
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8)
     smallest = max(1.0, min_area * mask.size)
     kept = [i for i in range(1, count) if stats[i, cv2.CC_STAT_AREA] >= smallest]
     kept.sort(key=lambda i: -stats[i, cv2.CC_STAT_AREA])
-    return [labels == i for i in kept]
+    return [labels == i for i in kept[:MAX_PARTS]]
 
 
 def box(part: np.ndarray) -> tuple[int, int, int, int]:

@@ -19,7 +19,8 @@ DIGITS = 4
 
 
 def _percent(value: float, side: int) -> float:
-    return round(min(100.0, max(0.0, 100.0 * value / side)), DIGITS)
+    """A plain float (numpy's float32 would not survive the job's JSON), clamped to [0, 100]."""
+    return round(min(100.0, max(0.0, 100.0 * float(value) / side)), DIGITS)
 
 
 def rectangle_value(box: tuple[int, int, int, int], size: tuple[int, int]) -> dict[str, Any]:
