@@ -45,8 +45,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="prelabel-backend", description=__doc__)
     parser.add_argument("--host", help="interface to bind (default: 0.0.0.0 with basic auth, else 127.0.0.1)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 9090)), help="default 9090")
-    parser.add_argument("--workers", type=int, default=1, help="gunicorn processes (queue mode only)")
-    parser.add_argument("--threads", type=int, default=8, help="threads per process: concurrent requests")
+    parser.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", 1)),
+                        help="gunicorn processes (queue mode only; default WORKERS or 1)")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", 8)),
+                        help="threads per process: concurrent requests (default THREADS or 8)")  # fmt: skip
     parser.add_argument("--webhook-header", type=int, metavar="PROJECT_ID",
                         help="print the webhook header for a Label Studio project and exit")  # fmt: skip
     args = parser.parse_args(argv)

@@ -51,8 +51,11 @@ class Settings:
     max_labels: int = field(default=1000, metadata={"env": "MAX_LABELS"})
 
     # Label Studio, for downloading task images
-    label_studio_url: str | None = field(default=None, metadata={"env": "LABEL_STUDIO_URL"})
-    label_studio_api_key: str | None = field(default=None, repr=False, metadata={"env": "LABEL_STUDIO_API_KEY"})
+    label_studio_url: str | None = field(
+        default=None, metadata={"env": "LABEL_STUDIO_URL", "aliases": ("LABEL_STUDIO_HOST",)}
+    )
+    label_studio_api_key: str | None = field(default=None, repr=False, metadata={
+        "env": "LABEL_STUDIO_API_KEY", "aliases": ("LABEL_STUDIO_ACCESS_TOKEN",)})  # fmt: skip
     allowed_hosts: tuple[str, ...] = field(default=(), metadata={"env": "ALLOWED_HOSTS"})
     allow_internal_hosts: bool = field(default=False, metadata={"env": "ALLOW_INTERNAL_HOSTS"})
     fetch_timeout: float = field(default=15.0, metadata={"env": "FETCH_TIMEOUT"})
@@ -130,9 +133,12 @@ class Settings:
         environ = os.environ if environ is None else environ
         values: dict[str, object] = {}
         for f in fields(cls):
-            raw = environ.get(f.metadata["env"])
-            if raw is not None and raw.strip() != "":
-                values[f.name] = _parse(f.metadata["env"], raw.strip(), f.default)
+            # The name first, then the names other Label Studio ML backends use for it.
+            for env in (f.metadata["env"], *f.metadata.get("aliases", ())):
+                raw = environ.get(env)
+                if raw is not None and raw.strip() != "":
+                    values[f.name] = _parse(env, raw.strip(), f.default)
+                    break
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
 

@@ -29,6 +29,12 @@ def test_compose_sets_only_variables_prelabel_reads():
     for service in ("backend", "worker", "trainer"):
         names = set(compose["services"][service]["environment"])
         assert names <= known, names - known
+    gpus = []
     for service in ("worker", "trainer"):
-        assert compose["services"][service]["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+        (device,) = compose["services"][service]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "count" not in device
+        gpus.append(device["device_ids"])
+        command = compose["services"][service]["command"]
+        assert compose["services"][service]["healthcheck"]["test"] == ["CMD", *command, "--check"]
+    assert gpus == [["${PREDICT_GPU:-0}"], ["${TRAIN_GPU:-1}"]]  # each its own GPU by default
     assert compose["services"]["trainer"]["command"] == ["prelabel-worker", "train"]

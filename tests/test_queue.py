@@ -170,6 +170,24 @@ def test_health_shows_queue_and_workers(stack):
     assert body["queue"] == {"name": "predict", "pending": 0}  # the worker is idle
 
 
+def test_the_worker_healthcheck_finds_this_hosts_live_worker(stack):
+    """`prelabel-worker --check` (docker-compose's healthcheck) passes for a served queue and fails,
+    saying why, for a queue nobody serves or a Redis that does not answer."""
+    settings, _, _ = stack
+    env = {**os.environ, **settings_env(settings)}
+
+    def check(*args: str, **changes) -> subprocess.CompletedProcess:
+        run_env = {**env, **settings_env(dataclasses.replace(settings, **changes))} if changes else env
+        return subprocess.run([sys.executable, "-m", "worker.cli", "--check", *args], env=run_env, capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+
+    assert check().returncode == 0
+    missing = check("train")
+    assert missing.returncode == 1 and "serves queue 'train'" in missing.stderr
+    down = check(redis_url="redis://:pw@127.0.0.1:1/0")
+    assert down.returncode == 1 and "unreachable" in down.stderr and ":pw@" not in down.stderr
+
+
 def test_no_worker_gives_a_clear_503(redis_url, make_settings, voc_config):
     client = create_app(make_settings(redis_url=redis_url)).test_client()
     body = {"tasks": [{"id": 1, "data": {"image": "/data/upload/1/a.jpg"}}], "label_config": voc_config}

@@ -97,3 +97,10 @@ def test_debug_logging_keeps_urllib3_s_request_lines_out():
         root.handlers[:] = saved[1]
         root.setLevel(saved[0])
         logging.getLogger("urllib3").setLevel(logging.NOTSET)
+
+
+def test_the_names_other_label_studio_backends_use_are_read_too():
+    aliased = Settings.from_env({"LABEL_STUDIO_HOST": "http://ls:8080", "LABEL_STUDIO_ACCESS_TOKEN": "abc"})
+    assert (aliased.label_studio_url, aliased.label_studio_api_key) == ("http://ls:8080", "abc")
+    both = Settings.from_env({"LABEL_STUDIO_URL": "http://ours:8080", "LABEL_STUDIO_HOST": "http://ls:8080"})
+    assert both.label_studio_url == "http://ours:8080"  # prelabel's own name wins

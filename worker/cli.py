@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 
 import redis
-from rq import SimpleWorker, worker_registration
+from rq import Queue, SimpleWorker, Worker, worker_registration
 from rq.serializers import JSONSerializer
 
 from common.errors import ModelUnavailable, SettingsError
@@ -42,6 +43,21 @@ class PrelabelWorker(SimpleWorker):
         worker_registration.register(self, pipeline=pipeline)
 
 
+def check(settings: Settings, queues: list[str]) -> str | None:
+    """Why no live worker of this host serves each of ``queues``, or None. A worker that stops
+    heartbeating drops out of RQ's registry after WORKER_TTL, so a hung one fails this too."""
+    connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
+    host = socket.gethostname()
+    try:
+        for name in queues:
+            queue = Queue(name, connection=connection, serializer=JSONSerializer, job_class=AllowListedJob)
+            if not any(worker.hostname == host for worker in Worker.all(queue=queue)):
+                return f"no live prelabel-worker on {host} serves queue '{name}'"
+    except redis.exceptions.RedisError as e:
+        return f"Redis at {redact_url(settings.redis_url or '')} is unreachable: {e}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="prelabel-worker", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -50,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     parser.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     parser.add_argument("--name", help="worker name shown in RQ (default: host and pid)")
+    parser.add_argument("--check", action="store_true",
+                        help="healthcheck: exit 0 if a live worker of this host serves the queues, else 1")  # fmt: skip
     args = parser.parse_args(argv)
 
     try:
@@ -58,6 +76,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"prelabel-worker: {e}")
     if not settings.redis_url:
         sys.exit("prelabel-worker: set REDIS_URL (e.g. redis://localhost:6379/0) to the backend's Redis.")
+    if args.check:
+        problem = check(settings, args.queues)
+        if problem:
+            sys.exit(f"prelabel-worker: {problem}")
+        return
     configure_logging(settings.log_level)
     if PREDICT_QUEUE in args.queues and TRAIN_QUEUE in args.queues:
         log.warning("serving both '%s' and '%s': training will share this worker's device with predictions; "
