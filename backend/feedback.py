@@ -2,9 +2,9 @@
 
 The backend keeps each task's prediction when it serves it; when an annotation arrives (webhook)
 the two are compared: tags accepted, added and removed, IoU per label between the predicted and
-the final masks, boxes and polygons, and whether the prediction went through unchanged. Comparisons are kept per
-annotation (an update replaces, a deletion removes) and aggregated per model version and label
-for ``GET /report`` and ``/metrics``.
+the final masks, boxes and polygons, and whether the prediction went through unchanged.
+Comparisons are kept per annotation (an update replaces, a deletion removes) and aggregated per
+model version and label for ``GET /report`` and ``/metrics``.
 
 Decoding masks takes time and memory, and Label Studio gives an event webhook one second, so the
 webhook only checks an annotation's regions (how many; brush sizes and RLE headers, without
@@ -28,7 +28,7 @@ import redis
 
 from common import keys
 from common.errors import AnnotationError, ServiceUnavailable
-from common.labelstudio.annotations import chosen
+from common.labelstudio.annotations import chosen, regions
 from common.labelstudio.brush import region_mask, region_size
 from common.labelstudio.regions import (
     MAX_REGIONS,
@@ -108,20 +108,14 @@ def check_annotation(annotation: dict, max_pixels: int) -> None:
 
 def _labels(result: Iterable[dict], kind: str) -> set[str]:
     """The labels of a result list's regions of ``kind`` (brush regions with an RLE only)."""
-    return {label for item in result if _counts(item, kind) for label in region_labels(item)}
-
-
-def _counts(item: dict, kind: str) -> bool:
-    return item.get("type") == kind and (kind != "brushlabels" or bool((item.get("value") or {}).get("rle")))
+    return {label for item in regions(result, (kind,)) for label in region_labels(item)}
 
 
 def _drawn(result: Iterable[dict], kind: str, max_pixels: int, only: set[str] | None = None) -> dict[str, np.ndarray]:
     """Per label (of ``only``, when given), the union of its regions of ``kind``: brush masks at
     the image's size, boxes and polygons on the percent grid."""
     out: dict[str, np.ndarray] = {}
-    for item in result:
-        if not _counts(item, kind):
-            continue
+    for item in regions(result, (kind,)):
         labels = [label for label in region_labels(item) if only is None or label in only]
         if not labels:
             continue

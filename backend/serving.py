@@ -127,19 +127,13 @@ class Server:
         at a time, gets them one after the other until PREDICT_TIMEOUT, so that an annotator's
         next request does not wait behind a whole selection; Label Studio asks again for the rest.
         """
-        cache_keys = [cache_key(version, label_config, t["id"], url) for t, url in zip(tasks, images, strict=True)]
-        answers: list[Any] = self.cache.get_many(cache_keys)
-        missing = [i for i, a in enumerate(answers) if a is None]
-        cached = len(tasks) - len(missing)
-        if missing:
+        cache_keys, answers, jobs = self._lookup(tasks, spec, label_config, project, version, images)
+        cached = len(tasks) - sum(len(chunk) for chunk, _ in jobs)
+        if jobs:
             status = self.runner.status()
             if status.unavailable:
                 raise ServiceUnavailable(status.unavailable)
         deadline = time.monotonic() + self.settings.predict_timeout
-        jobs = [
-            (chunk, predict_job(spec, project, version, [tasks[i] for i in chunk], [images[i] for i in chunk]))
-            for chunk in per_job(missing, self.settings.max_tasks_per_job)
-        ]
         ids = [self.runner.submit(job) for _, job in jobs] if self.runner.background else []
         for n, (chunk, job) in enumerate(jobs):
             if not ids and time.monotonic() >= deadline:
@@ -170,15 +164,28 @@ class Server:
         if not self.runner.background:
             return None
         images = [image_url(t, spec.image_key) for t in tasks]
-        cache_keys = [cache_key(version, label_config, t["id"], url) for t, url in zip(tasks, images, strict=True)]
-        todo = [i for i, a in enumerate(self.cache.get_many(cache_keys)) if a is None]
+        cache_keys, _, jobs = self._lookup(tasks, spec, label_config, project, version, images)
         ids = []
-        for chunk in per_job(todo, self.settings.max_tasks_per_job):
-            job = predict_job(spec, project, version, [tasks[i] for i in chunk], [images[i] for i in chunk])
+        for chunk, job in jobs:
             job_id = self.runner.submit(job)
             self.finish_later(job_id, job, spec, [cache_keys[i] for i in chunk])
             ids.append(job_id)
         return ids
+
+    def _lookup(
+        self, tasks: list[dict], spec: LabelSpec, label_config: str, project: str | None, version: str,
+        images: list[str | None],
+    ) -> tuple[list[str], list[Any], list[tuple[Sequence[int], PredictJob]]]:  # fmt: skip
+        """The tasks' cache keys and cached answers (None where missing), and the jobs, of at most
+        MAX_TASKS_PER_JOB tasks, for the missing ones with the indices of their tasks."""
+        cache_keys = [cache_key(version, label_config, t["id"], url) for t, url in zip(tasks, images, strict=True)]
+        answers: list[Any] = self.cache.get_many(cache_keys)
+        missing = [i for i, a in enumerate(answers) if a is None]
+        jobs = [
+            (chunk, predict_job(spec, project, version, [tasks[i] for i in chunk], [images[i] for i in chunk]))
+            for chunk in per_job(missing, self.settings.max_tasks_per_job)
+        ]
+        return cache_keys, answers, jobs
 
     def finish_later(self, job_id: str, job: PredictJob, spec: LabelSpec, cache_keys: list[str]) -> None:
         self._background.submit(self._finish, job_id, job, spec, cache_keys)

@@ -30,8 +30,11 @@ def chosen(result: Iterable[dict]) -> dict[str, set[str]]:
     return out
 
 
-def brush_regions(result: Iterable[dict]) -> Iterator[dict]:
-    """The brush regions of a result list that carry an RLE, in drawing order."""
+def regions(result: Iterable[dict], kinds: Iterable[str]) -> Iterator[dict]:
+    """The regions of a result list whose type is one of ``kinds`` (``brushlabels``,
+    ``rectanglelabels``, ``polygonlabels``), in drawing order; brush regions only with an RLE."""
+    wanted = set(kinds)
     for item in result:
-        if item.get("type") == "brushlabels" and (item.get("value") or {}).get("rle"):
+        kind = item.get("type")
+        if kind in wanted and (kind != "brushlabels" or (item.get("value") or {}).get("rle")):
             yield item

@@ -114,6 +114,14 @@ def region_outline(item: Mapping[str, Any]) -> list[tuple[float, float]]:
     return turned
 
 
+def box_extent(item: Mapping[str, Any]) -> tuple[float, float, float, float]:
+    """A box's (or polygon's) extent, rotation applied, as fractions (x0, y0, x1, y1) of the
+    image, clipped to it."""
+    xs, ys = zip(*region_outline(item), strict=True)
+    x0, y0, x1, y1 = (min(max(v / 100, 0.0), 1.0) for v in (min(xs), min(ys), max(xs), max(ys)))
+    return x0, y0, x1, y1
+
+
 def outline_mask(item: Mapping[str, Any]) -> np.ndarray:
     """A box or polygon result drawn on the ``GRID`` x ``GRID`` percent grid (booleans)."""
     return draw_outline(region_outline(item), (GRID, GRID))

@@ -39,6 +39,7 @@ from torchvision.ops import roi_align
 from worker.model import vit
 from worker.model.dense import dense_block
 from worker.model.preprocess import to_pixels
+from worker.regions import box
 from worker.training.corrections import Correction
 from worker.training.loop import Progress, ShouldStop, TrainingReport, decay_groups, train
 
@@ -96,8 +97,8 @@ def region_boxes(mask: np.ndarray) -> list[tuple[int, tuple[float, float, float,
     height, width = mask.shape
     out = []
     for k in sorted(set(np.unique(mask).tolist()) - {0, 255}):
-        ys, xs = np.nonzero(mask == k)
-        out.append((k, (xs.min() / width, ys.min() / height, (xs.max() + 1) / width, (ys.max() + 1) / height)))
+        x0, y0, x1, y1 = box(mask == k)
+        out.append((k, (x0 / width, y0 / height, x1 / width, y1 / height)))
     return out
 
 
@@ -214,8 +215,8 @@ def _loss(model, teacher, batch, text, label_index, mean, std, cfg, native, rng)
             if (labelled >= 0).any():
                 logits = 50 * features.flatten(1).T @ text.T  # [h*w, C]
                 pix_terms.append(F.cross_entropy(logits, labelled, ignore_index=-100))
-        for name, box in weak:  # a box says its label is inside it: pooled over the box
-            sup_terms.append(_pooled_term(features, _box_weights(box, grid).to(device), text, label_index[name]))
+        for name, extent in weak:  # a box says its label is inside it: pooled over the box
+            sup_terms.append(_pooled_term(features, _box_weights(extent, grid).to(device), text, label_index[name]))
         unboxed = [t for t in correction.all_tags if t not in {name for name, _ in weak}]
         if mask is None and unboxed:  # tags with no region: their best patch, multiple-instance
             patch_logits = 50 * features.flatten(1).T @ text.T  # best patch per class

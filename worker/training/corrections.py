@@ -17,9 +17,10 @@ from PIL import Image
 from common.errors import AnnotationError
 from common.jobs import BrushControl, ChoicesControl, RegionControl, TaskId
 from common.labelstudio.annotations import chosen, image_url, latest_annotation
+from common.labelstudio.annotations import regions as regions_of
 from common.labelstudio.brush import draw_scaled, original_size, region_size, rle_to_mask
 from common.labelstudio.client import label_studio_client
-from common.labelstudio.regions import draw_outline, region_labels, region_outline
+from common.labelstudio.regions import box_extent, draw_outline, region_labels, region_outline
 from common.projects import project_id
 from common.settings import Settings
 
@@ -81,15 +82,13 @@ def from_annotation(
     tags = chosen(result)
     correction = Correction(task_id, image_url, tags={name: tags.get(name, set()) for name in choice_names},
                             mask_labels=labels)  # fmt: skip
-    for item in result:
+    for item in regions_of(result, ("rectanglelabels", "brushlabels", "polygonlabels")):
         kind, name = item.get("type"), item.get("from_name")
         if kind == "rectanglelabels" and name in boxed:
-            box = _box(item)
+            box = box_extent(item)
             correction.boxes += [(label, box) for label in region_labels(item) if (label, box) not in correction.boxes]
             continue
-        if kind not in ("brushlabels", "polygonlabels") or painted.get(name) != kind:
-            continue
-        if kind == "brushlabels" and not (item.get("value") or {}).get("rle"):
+        if painted.get(name) != kind:
             continue
         size = region_size(item, max_pixels) if kind == "brushlabels" else original_size(item, max_pixels)
         if correction.size is None:
@@ -115,13 +114,6 @@ def mask_labels(brushes: Sequence[BrushControl], regions: Sequence[RegionControl
     """The labels a correction's mask can hold: those of BrushLabels and PolygonLabels controls."""
     painted = [*brushes, *(r for r in regions if r.type == "polygonlabels")]
     return tuple(dict.fromkeys(label.name for control in painted for label in control.labels))
-
-
-def _box(item: dict) -> tuple[float, float, float, float]:
-    """A box's extent (rotation applied) as fractions of the image, clipped to it."""
-    xs, ys = zip(*region_outline(item), strict=True)
-    x0, y0, x1, y1 = (min(max(v / 100, 0.0), 1.0) for v in (min(xs), min(ys), max(xs), max(ys)))
-    return x0, y0, x1, y1
 
 
 def pull_corrections(

@@ -9,7 +9,7 @@ import numpy as np
 
 from common.jobs import BrushControl, ChoicesControl, RegionControl, TaskResult
 from common.labelstudio.brush import rle_to_mask
-from common.labelstudio.regions import draw_outline
+from common.labelstudio.regions import box_extent, draw_outline
 from common.quality import iou_table, mean_average_precision, micro_f1
 from worker.predictor import Predictor
 from worker.training.corrections import Correction, mask_labels
@@ -68,24 +68,24 @@ def evaluate(
 def _box_miou(results: Sequence[TaskResult], corrections: Sequence[Correction], labels: Sequence[str]) -> float | None:
     """Mean over labels of the IoU between predicted and corrected boxes (each label's union of
     boxes per image, summed over the images); None when no label has a box on either side."""
-    inter, union = np.zeros(len(labels)), np.zeros(len(labels))
-    for result, correction in zip(results, corrections, strict=True):
-        for k, label in enumerate(labels):
-            predicted = [(r.value["x"] / 100, r.value["y"] / 100, (r.value["x"] + r.value["width"]) / 100,
-                          (r.value["y"] + r.value["height"]) / 100)
-                         for r in result.regions if r.type == "rectanglelabels" and r.label == label]  # fmt: skip
-            truth = [box for name, box in correction.boxes if name == label]
-            p, t = _box_union(predicted), _box_union(truth)
-            inter[k] += (p & t).sum()
-            union[k] += (p | t).sum()
-    present = union > 0
-    return float((inter[present] / union[present]).mean()) if present.any() else None
+    ious = []
+    for label in labels:
+        predicted = [
+            _box_union([box_extent({"type": r.type, "value": r.value}) for r in result.regions
+                        if r.type == "rectanglelabels" and r.label == label])
+            for result in results
+        ]  # fmt: skip
+        truth = [_box_union([box for name, box in c.boxes if name == label]) for c in corrections]
+        ious.append(iou_table(predicted, truth, classes=1)[1])
+    present = [iou for iou in ious if not np.isnan(iou)]
+    return float(np.mean(present)) if present else None
 
 
 def _box_union(boxes: Sequence[tuple[float, float, float, float]]) -> np.ndarray:
-    out = np.zeros((BOX_GRID, BOX_GRID), dtype=bool)
+    """The union of boxes (fractions) on a ``BOX_GRID`` square, as a 0/1 class map."""
+    out = np.zeros((BOX_GRID, BOX_GRID), dtype=np.int64)
     for x0, y0, x1, y1 in boxes:
-        out[round(y0 * BOX_GRID) : round(y1 * BOX_GRID), round(x0 * BOX_GRID) : round(x1 * BOX_GRID)] = True
+        out[round(y0 * BOX_GRID) : round(y1 * BOX_GRID), round(x0 * BOX_GRID) : round(x1 * BOX_GRID)] = 1
     return out
 
 

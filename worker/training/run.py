@@ -65,7 +65,8 @@ def fetch_images(
 ) -> list[Correction]:
     """Attach decoded images at training size (short side at most IMAGE_SIZE: a project of phone
     photos stays a few hundred kB per task); drop tasks whose image cannot be had (logged); a
-    project with BrushLabels reads "no region" as "nothing to label here"."""
+    project with BrushLabels or PolygonLabels reads "no region" as "nothing to label here" (and a
+    corrected box's uncovered pixels as unknown)."""
     settings = predictor.settings
     kept = []
     for correction in corrections:
