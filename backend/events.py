@@ -36,11 +36,13 @@ def handle(body: dict[str, Any], state: State) -> dict[str, Any]:
         annotations = [a for a in annotations if isinstance(a, dict)]
         queued, refused = state.feedback.accept(project, annotations)
         job = state.training.corrections_arrived(project, queued, spec) if queued else None
+        adapting = state.training.adapt_after(project, queued, spec) if queued else None
         log.info("webhook %s: project %s, %d annotations queued for comparison, %d refused", action, project,
                  queued, len(refused))  # fmt: skip
         if refused and not queued:
             raise AnnotationError("; ".join(r["error"] for r in refused[:5]))
-        answer = {"action": action, "status": "recorded", "queued": queued, "job": job.id if job else None}
+        answer = {"action": action, "status": "recorded", "queued": queued, "job": job.id if job else None,
+                  "few_shot_job": adapting.id if adapting else None}  # fmt: skip
         return answer | ({"refused": refused} if refused else {})
     if action == "TASKS_CREATED":
         project, spec = _project(body, state)

@@ -38,7 +38,7 @@ from common.labelstudio.regions import (
     region_labels,
     region_outline,
 )
-from common.quality import UNCHANGED_IOU, mask_iou
+from common.quality import accepted_unchanged, mask_iou
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def compare(predicted: list[dict], final: list[dict], max_pixels: int) -> dict[s
         ious[name] = {
             label: _iou(drawn.get(label), final_drawn.get(label)) for label in set(drawn) | _labels(final, kind)
         }
-    unchanged = added == 0 and removed == 0 and all(v >= UNCHANGED_IOU for kind in ious.values() for v in kind.values())
+    unchanged = accepted_unchanged(added, removed, (v for kind in ious.values() for v in kind.values()))
     return {"tags_accepted": accepted, "tags_added": added, "tags_removed": removed, **ious, "unchanged": unchanged}
 
 

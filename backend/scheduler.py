@@ -1,5 +1,6 @@
-"""When training runs: Start Training, every N corrections, or on a schedule, and never twice at
-once for a project (one run queued or running at most). The backend only enqueues."""
+"""When learning runs. Training: Start Training, every N corrections, or on a schedule, and never
+twice at once for a project (one run queued or running at most). The few-shot learner: every
+ADAPT_EVERY corrections, one job waiting per project at most. The backend only enqueues."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from rq.serializers import JSONSerializer
 
 from common import keys
 from common.errors import NotFound
-from common.jobs import TRAIN_FUNCTION, TRAIN_QUEUE, AllowListedJob, TrainJob
+from common.jobs import ADAPT_FUNCTION, ADAPT_QUEUE, TRAIN_FUNCTION, TRAIN_QUEUE, AllowListedJob, TrainJob
 from common.labelstudio.config import LabelSpec, parse_label_config
 from common.settings import Settings
 from common.versions import Registry
@@ -24,16 +25,23 @@ from common.versions import Registry
 log = logging.getLogger(__name__)
 
 PENDING = (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED)
+#: A few-shot job that has started reads the corrections as they were: later ones need another.
+WAITING = (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED)
+#: Finished learning jobs (and their summaries) are kept this long.
+KEEP_JOBS = 30 * 24 * 3600
 
 
 class TrainingScheduler:
-    """Enqueues training runs on the ``train`` queue, deduplicated per project."""
+    """Enqueues training runs on the ``train`` queue and few-shot learner jobs on ``adapt``,
+    deduplicated per project."""
 
     def __init__(self, settings: Settings, connection: redis.Redis, registry: Registry) -> None:
         self.settings = settings
         self.connection = connection
         self.registry = registry
         self.queue = Queue(TRAIN_QUEUE, connection=connection, serializer=JSONSerializer, job_class=AllowListedJob)
+        self.adapt_queue = Queue(ADAPT_QUEUE, connection=connection, serializer=JSONSerializer,
+                                 job_class=AllowListedJob)  # fmt: skip
 
     def remember_project(self, project: str, label_config: str) -> None:
         """Keep the project's label config, for scheduled runs that have no request to read it from."""
@@ -41,14 +49,29 @@ class TrainingScheduler:
 
     def current(self, project: str) -> Job | None:
         """The project's training run that is queued or running, if any."""
-        job_id = self.connection.get(keys.training_job(project))
+        return self._latest(keys.training_job(project), PENDING)
+
+    def _latest(self, key: str, states: tuple[JobStatus, ...]) -> Job | None:
+        """The job whose id ``key`` holds, if it is in one of ``states``."""
+        job_id = self.connection.get(key)
         if job_id is None:
             return None
         try:
             job = AllowListedJob.fetch(job_id.decode(), connection=self.connection, serializer=JSONSerializer)
-        except NoSuchJobError:  # expired or deleted: no run pending
+        except NoSuchJobError:  # expired or deleted: nothing pending
             return None
-        return job if job.get_status(refresh=False) in PENDING else None
+        return job if job.get_status(refresh=False) in states else None
+
+    def _payload(self, project: str, spec: LabelSpec, trigger: str) -> dict[str, Any]:
+        return TrainJob(
+            project=project,
+            model_version=self.registry.active(project),
+            image_key=spec.image_key,
+            choices=spec.choices,
+            brushes=spec.brushes,
+            regions=spec.regions,
+            trigger=trigger,
+        ).to_dict()
 
     def enqueue(self, project: str, spec: LabelSpec, trigger: str) -> tuple[Job, bool]:
         """Queue a run unless one is pending; returns (the pending or new job, whether it is new)."""
@@ -58,21 +81,12 @@ class TrainingScheduler:
                 log.info("project %s: training already %s as job %s (%s ignored)", project,
                          pending.get_status(), pending.id, trigger)  # fmt: skip
                 return pending, False
-            payload = TrainJob(
-                project=project,
-                model_version=self.registry.active(project),
-                image_key=spec.image_key,
-                choices=spec.choices,
-                brushes=spec.brushes,
-                regions=spec.regions,
-                trigger=trigger,
-            )
             job = self.queue.enqueue_call(
                 TRAIN_FUNCTION,
-                args=(payload.to_dict(),),
+                args=(self._payload(project, spec, trigger),),
                 timeout=self.settings.train_timeout,
-                result_ttl=30 * 24 * 3600,
-                failure_ttl=30 * 24 * 3600,
+                result_ttl=KEEP_JOBS,
+                failure_ttl=KEEP_JOBS,
                 description=f"train project {project} ({trigger})",
             )
             self.connection.set(keys.training_job(project), job.id)
@@ -86,6 +100,29 @@ class TrainingScheduler:
         if self.settings.train_every and total >= self.settings.train_every:
             return self.enqueue(project, spec, "corrections")[0]
         return None
+
+    def adapt_after(self, project: str, count: int, spec: LabelSpec) -> Job | None:
+        """Count new corrections; every ADAPT_EVERY of them queues a few-shot learner job, unless
+        one is still waiting (it will read these corrections too). Returns the new job."""
+        total = self.connection.incrby(keys.adapt_corrections(project), count)
+        if not self.settings.adapt_every or total < self.settings.adapt_every:
+            return None
+        with self.connection.lock(keys.training_lock(project), timeout=10, blocking_timeout=5):
+            if self._latest(keys.adapt_job(project), WAITING) is not None:
+                self.connection.set(keys.adapt_corrections(project), 0)  # the waiting job will read them
+                return None
+            job = self.adapt_queue.enqueue_call(
+                ADAPT_FUNCTION,
+                args=(self._payload(project, spec, "corrections"),),
+                timeout=self.settings.job_timeout,
+                result_ttl=KEEP_JOBS,
+                failure_ttl=KEEP_JOBS,
+                description=f"few-shot learner for project {project}",
+            )
+            self.connection.set(keys.adapt_job(project), job.id)
+            self.connection.set(keys.adapt_corrections(project), 0)
+        log.info("project %s: few-shot learner job %s queued", project, job.id)
+        return job
 
     def sweep(self) -> list[str]:
         """The scheduled trigger: a run for every known project with corrections since its last run."""

@@ -1,17 +1,25 @@
 """Quality benchmark on the toy world: tags, masks and the learning loop, side by side.
 
-    python -m bench.quality --checkpoint bench/models/toy-clip --out docs/quality.md
+    python -m bench.quality --checkpoint bench/models/toy-clip --seeds 3 --json docs/quality.json --out docs/quality.md
 
-Everything runs on held-out scenes from fixed seeds with the service's own model code:
+Everything runs on held-out scenes from fixed seeds with the service's own model code. Held-out
+scenes include empty ones (EMPTY_RATE: no object at all), as real projects do; every figure is
+the mean and spread over ``--seeds`` independent held-out sets (and training seeds):
 
 1. tagging mAP and F1 (TagCLIP's relative threshold) over colour and over shape classes, for the
-   global embedding (plain CLIP), patch-level classification, TagCLIP with DMAR, and with DMAR + CWR;
+   global embedding (plain CLIP), patch-level classification, TagCLIP with DMAR, and with DMAR +
+   CWR, on all scenes and on multi-object scenes apart; per-label AP in the JSON;
 2. segmentation mIoU for the MaskCLIP value path and the dense heads (ClearCLIP, NACLIP), over all
    classes and restricted to the tags TagCLIP found;
-3. the learning loop: K scenes corrected (the correction is the ground truth), a ZegCLIP head
-   trained on them, shape masks and the share of pre-labels accepted unchanged before and after;
-4. active learning: the K scenes to correct chosen by the service's confidence score (least sure
-   first) or at random, and the gain per correction of each.
+3. small label sets, through the service's own ``Predictor`` (its decision rule, distractors and
+   masks): projects of 1, 2, 3 and 5 colour or shape labels drawn at random, on scenes where none,
+   one or several of them appear: exact tag set, recall when several are present, false tags on
+   scenes with none, mask IoU of the present labels, and pre-labels accepted unchanged by the
+   service's own definition (``common.quality.accepted_unchanged``); and the TAG_MIN_SCORE that
+   maximises the exact tag set on the pool scenes (a calibration set apart from the held-out ones);
+4. the learning loop: K scenes corrected (the correction is the ground truth), CLIPSelf and a
+   ZegCLIP head trained on them, shape masks and the share accepted unchanged before and after,
+   the K scenes chosen at random or least confident first (the service's confidence score).
 
 Prints the tables, writes them as JSON (``--json``) and as a markdown report (``--out``).
 """
@@ -35,28 +43,37 @@ import torch
 import torch.nn.functional as F
 
 from bench.publish import publish
+from bench.toy_clip import SCENE_SIZE
 from bench.toyworld import BACKGROUNDS, COLOURS, SHAPES, Scene, scenes
-from common.labelstudio.brush import draw_scaled
-from common.quality import mean_average_precision, micro_f1, miou
+from common.jobs import BrushControl, ChoicesControl, ClassLabel
+from common.labelstudio.brush import draw_scaled, rle_to_mask
+from common.quality import UNCHANGED_IOU, accepted_unchanged, mask_iou, mean_average_precision, micro_f1, miou
+from common.settings import Settings
 from worker.checkpoints import version_visual
 from worker.model import dense, vit
 from worker.model.bundle import ClipBundle
 from worker.model.preprocess import to_pixels
-from worker.model.selection import select_tags
+from worker.model.selection import TagRule, select_tags
 from worker.model.tagclip import TagCLIPConfig, reidentify, run_trunk, tagclip_head
 from worker.model.text import TextEmbedder
 from worker.model.zegclip import ZegCLIP, ZegCLIPConfig
+from worker.predictor import Predictor
+from worker.training.adapt import fit
 from worker.training.clipself import CLIPSelfConfig, train_clipself
 from worker.training.corrections import Correction
 from worker.training.zegclip import TrainingSample, calibrate_threshold, train_zegclip
 
-HELD_OUT_SEED, POOL_SEED = 1000, 2000
-SIZE = 64
+HELD_OUT_SEED, POOL_SEED = 1000, 2000  # seed s of a run uses HELD_OUT_SEED + s and POOL_SEED + s
+SIZE = SCENE_SIZE
+EMPTY_RATE = 0.15  # held-out scenes with no object
 KINDS = {"colour": tuple(COLOURS), "shape": SHAPES}
 TAG_METHODS = ("global", "patch", "dmar", "dmar+cwr")
 HEADS = ("maskclip", "clearclip", "naclip")
-ACCEPT_IOU = 0.75  # a mask counts as accepted unchanged at this IoU with the truth
 MIN_AREA = 0.002  # the service's default MASK_MIN_AREA
+RELATIVE = TagRule("relative")  # TagCLIP's rule, for the paper's figures (sections 1, 2 and 4)
+SMALL_SETS = (1, 2, 3, 5)  # label counts of the small projects of section 3
+ADAPT_KS = (10, 20, 50)  # corrections the few-shot learner sees in section 3
+MIN_SCORES = tuple(round(0.05 * i, 2) for i in range(1, 19))  # TAG_MIN_SCORE values tried on the pool
 
 
 @dataclass
@@ -65,13 +82,15 @@ class Bench:
     text: TextEmbedder
     cfg: TagCLIPConfig
     batch_size: int
+    input_size: int = 64  # the side scenes are resized to for the model (the service's IMAGE_SIZE)
 
     def class_text(self, classes: Sequence[str]) -> torch.Tensor:
         """The classes first, then the toy world's backgrounds as background words."""
         return self.text.classes([(c,) for c in classes] + [(b,) for b in BACKGROUNDS])
 
     def pixels(self, batch: Sequence[Scene]) -> torch.Tensor:
-        return torch.stack([to_pixels(s.image, (SIZE, SIZE), self.bundle.mean, self.bundle.std) for s in batch])
+        side = (self.input_size, self.input_size)
+        return torch.stack([to_pixels(s.image, side, self.bundle.mean, self.bundle.std) for s in batch])
 
 
 def truth_tags(held_out: Sequence[Scene], kind: str) -> np.ndarray:
@@ -100,13 +119,13 @@ def tag_scores(bench: Bench, held_out: Sequence[Scene], kind: str) -> dict[str, 
     return {m: torch.cat(v).float().numpy() for m, v in out.items()}
 
 
-def selected(scores: np.ndarray, names: Sequence[str], threshold: float) -> np.ndarray:
-    """TagCLIP's relative-threshold decision per image, as the service makes it."""
+def selected(scores: np.ndarray, names: Sequence[str], rule: TagRule = RELATIVE) -> np.ndarray:
+    """The decision per image, as the service makes it with ``rule``."""
     rows = []
     for row in scores:
-        chosen, _ = select_tags(dict(zip(names, row.tolist(), strict=True)), True, threshold)
+        chosen, _ = select_tags(dict(zip(names, row.tolist(), strict=True)), True, rule)
         rows.append([name in chosen for name in names])
-    return np.array(rows)
+    return np.array(rows).reshape(len(scores), len(names))
 
 
 def class_map(masks: Sequence[dense.Mask], class_ids: Sequence[int]) -> np.ndarray:
@@ -150,22 +169,21 @@ def zegclip_maps(bench: Bench, model: ZegCLIP, held_out: Sequence[Scene], tags: 
 
 
 def accepted_share(predicted: Sequence[np.ndarray], truth: Sequence[np.ndarray]) -> float:
-    """Share of scenes whose masks an annotator would accept unchanged: the same classes, each
-    mask within ACCEPT_IOU of the truth."""
+    """Share of scenes whose masks an annotator would accept unchanged, by the service's definition
+    (``accepted_unchanged``): the same classes (a class only one side has is a tag added or
+    removed), each mask within UNCHANGED_IOU of the truth."""
     accepted = 0
     for p, t in zip(predicted, truth, strict=True):
-        classes = set(np.unique(p)) | set(np.unique(t))
-        classes.discard(0)
-        ious = [((p == c) & (t == c)).sum() / ((p == c) | (t == c)).sum() for c in classes]
-        accepted += all(iou >= ACCEPT_IOU for iou in ious)
+        ours, theirs = set(np.unique(p)) - {0}, set(np.unique(t)) - {0}
+        ious = [mask_iou(p == c, t == c) for c in ours & theirs]
+        accepted += accepted_unchanged(len(theirs - ours), len(ours - theirs), ious)
     return accepted / len(truth)
 
 
 def confidence(bench: Bench, pool: Sequence[Scene]) -> np.ndarray:
     """The service's task score for shape tags (mean distance from the tag threshold): low = unsure."""
     scores = tag_scores(bench, pool, "shape")["dmar+cwr"]
-    return np.array([select_tags(dict(zip(SHAPES, row.tolist(), strict=True)), True, bench.cfg.tag_threshold)[1]
-                     for row in scores])  # fmt: skip
+    return np.array([select_tags(dict(zip(SHAPES, row.tolist(), strict=True)), True, RELATIVE)[1] for row in scores])
 
 
 def learning_loop(bench: Bench, pool, held_out, ks: Sequence[int], steps: int, seed: int, lr: float) -> dict:
@@ -175,7 +193,7 @@ def learning_loop(bench: Bench, pool, held_out, ks: Sequence[int], steps: int, s
     truth = [s.class_map("shape") for s in held_out]
     shape_truth = truth_tags(held_out, "shape")
     scores = tag_scores(bench, held_out, "shape")["dmar+cwr"]
-    tags = selected(scores, SHAPES, bench.cfg.tag_threshold)
+    tags = selected(scores, SHAPES)
     before_maps = dense_maps(bench, held_out, "shape", "clearclip", tags)
     before = {"tag_map": mean_average_precision(scores, shape_truth), "miou": miou(before_maps, truth, len(SHAPES)),
               "accepted": accepted_share(before_maps, truth)}  # fmt: skip
@@ -194,17 +212,17 @@ def learning_loop(bench: Bench, pool, held_out, ks: Sequence[int], steps: int, s
             started = time.perf_counter()
             weights, _ = train_clipself(
                 bench.bundle.visual, bench.bundle.visual, corrections, text, index, bench.bundle.mean,
-                bench.bundle.std, CLIPSelfConfig(steps=steps, batch_size=8, lr=lr, size=SIZE), seed=seed,
+                bench.bundle.std, CLIPSelfConfig(steps=steps, batch_size=8, lr=lr, size=bench.input_size), seed=seed,
             )  # fmt: skip
             tuned_bundle = dataclasses.replace(bench.bundle, visual=version_visual(bench.bundle.visual, weights))
-            tuned = Bench(tuned_bundle, bench.text, bench.cfg, bench.batch_size)
+            tuned = dataclasses.replace(bench, bundle=tuned_bundle)
             tuned_scores = tag_scores(tuned, held_out, "shape")["dmar+cwr"]
-            tuned_tags = selected(tuned_scores, SHAPES, bench.cfg.tag_threshold)
+            tuned_tags = selected(tuned_scores, SHAPES)
             clipself_maps = dense_maps(tuned, held_out, "shape", "clearclip", tuned_tags)
             samples = [TrainingSample(s.image, s.class_map("shape"), SHAPES) for s in chosen]
             head, _ = train_zegclip(tuned_bundle, samples, SHAPES, head_cfg, steps=steps, batch_size=8, lr=1e-3,
-                                    size=SIZE, seed=seed)  # fmt: skip
-            calibrate_threshold(tuned_bundle, head, samples, SHAPES, SIZE)
+                                    size=bench.input_size, seed=seed)  # fmt: skip
+            calibrate_threshold(tuned_bundle, head, samples, SHAPES, bench.input_size)
             head_maps = zegclip_maps(tuned, head, held_out, tuned_tags)
             final = miou(head_maps, truth, len(SHAPES))
             rows.append({
@@ -220,22 +238,112 @@ def learning_loop(bench: Bench, pool, held_out, ks: Sequence[int], steps: int, s
     return {"before": before, "rows": rows, "clipself_lr": lr, "steps": steps}
 
 
-def run(
-    bench: Bench, n_held_out: int, n_pool: int, ks: Sequence[int], steps: int, seed: int = 0, lr: float = 1e-4
-) -> dict:
-    held_out = [s for s in scenes(HELD_OUT_SEED, n_held_out, SIZE) if s.objects]
-    pool = [s for s in scenes(POOL_SEED, n_pool, SIZE) if s.objects]
-    report: dict = {"tagging": {}, "segmentation": {}, "scenes": len(held_out)}
+def small_label_sets(
+    predictor: Predictor, held_out: Sequence[Scene], pool: Sequence[Scene], seed: int, ks: Sequence[int] = ADAPT_KS
+) -> dict:  # fmt: skip
+    """Section 3: projects of a few labels drawn at random (seeded), through the service's predictor,
+    before and after the few-shot learner has seen K corrected pool scenes (random ones)."""
+    rng = np.random.default_rng(seed)
+    prepared = list(predictor.prepare([s.image for s in held_out]))
+    pool_prepared = list(predictor.prepare([s.image for s in pool]))
+    out: dict = {}
+    for kind, names in KINDS.items():
+        for n in SMALL_SETS:
+            labels = tuple(str(name) for name in rng.choice(names, n, replace=False))
+            figures = {"before": project_figures(predictor, held_out, prepared, kind, labels)}
+            sweep = tag_sweep(predictor, pool, pool_prepared, kind, labels)
+            with torch.inference_mode():
+                scores, embeddings = predictor.label_scores(pool_prepared, [ClassLabel(x, (x,)) for x in labels])
+            truth = np.array([[x in _present(s, kind, labels) for x in labels] for s in pool])
+            order, default = rng.permutation(len(pool)), predictor.settings.tag_min_score
+            for k in ks:
+                chosen = order[:k]
+                fitted = fit(scores[chosen], embeddings[chosen], truth[chosen], labels, default)
+                adapted = predictor.with_adapter(fitted.adapter, fitted.thresholds)
+                figures[f"after {k}"] = {**project_figures(adapted, held_out, prepared, kind, labels),
+                                         "alpha": fitted.adapter.alpha if fitted.adapter else 0.0}  # fmt: skip
+            out[f"{kind} x{n}"] = {**figures, "labels": list(labels), "best_min_score": max(sweep, key=sweep.get)}
+    return out
+
+
+def _predict(predictor: Predictor, prepared: list, kind: str, labels: tuple[str, ...], masks: bool) -> list:
+    control = tuple(ClassLabel(label, (label,)) for label in labels)
+    brushes = [BrushControl("masks", "image", control)] if masks else []
+    results, _ = predictor.run(list(range(len(prepared))), prepared, [ChoicesControl("tags", "image", control, True)],
+                               brushes)  # fmt: skip
+    return results
+
+
+def _present(scene: Scene, kind: str, labels: tuple[str, ...]) -> set[str]:
+    return set(labels) & (scene.colours if kind == "colour" else scene.shapes)
+
+
+def project_figures(predictor: Predictor, held_out, prepared, kind: str, labels: tuple[str, ...]) -> dict:
+    """Tags and masks of one small project on the held-out scenes, as an annotator would find them."""
+    names = KINDS[kind]
+    exact = accepted = none = false_on_none = found = several = 0
+    ious: list[float] = []
+    for scene, result in zip(held_out, _predict(predictor, prepared, kind, labels, masks=True), strict=True):
+        present, chosen = _present(scene, kind, labels), set(result.choices[0].selected)
+        exact += chosen == present
+        if not present:
+            none += 1
+            false_on_none += bool(chosen)
+        if len(present) >= 2:
+            several += len(present)
+            found += len(present & chosen)
+        truth = scene.class_map(kind)
+        drawn = {m.label: rle_to_mask(m.rle, *scene.image.size) for m in result.masks}
+        empty = np.zeros(truth.shape, dtype=bool)
+        label_ious = {label: mask_iou(drawn.get(label, empty), truth == 1 + names.index(label))
+                      for label in present | set(drawn)}  # fmt: skip
+        ious += [label_ious[label] for label in present]
+        accepted += accepted_unchanged(len(present - chosen), len(chosen - present), label_ious.values())
+    return {
+        "exact": exact / len(held_out),
+        "recall_several": found / several if several else float("nan"),
+        "false_on_none": false_on_none / none if none else float("nan"),
+        "mask_iou": float(np.mean(ious)) if ious else float("nan"),
+        "accepted": accepted / len(held_out),
+        "scenes": {"none": none, "several": sum(len(_present(s, kind, labels)) >= 2 for s in held_out)},
+    }
+
+
+def tag_sweep(predictor: Predictor, pool, prepared, kind: str, labels: tuple[str, ...]) -> dict[float, float]:
+    """Exact tag-set rate on the pool scenes for each TAG_MIN_SCORE in MIN_SCORES."""
+    results = _predict(predictor, prepared, kind, labels, masks=False)
+    rates = {}
+    for t in MIN_SCORES:
+        rule = TagRule("absolute", min_score=t)
+        hits = [set(select_tags(r.choices[0].scores, True, rule)[0]) == _present(s, kind, labels)
+                for s, r in zip(pool, results, strict=True)]  # fmt: skip
+        rates[t] = float(np.mean(hits))
+    return rates
+
+
+def run_seed(bench: Bench, predictor: Predictor | None, n_held_out: int, n_pool: int, ks: Sequence[int], steps: int,
+             seed: int, lr: float) -> dict:  # fmt: skip
+    """Every section on the held-out and pool scenes of one seed."""
+    held_out = scenes(HELD_OUT_SEED + seed, n_held_out, SIZE, empty_rate=EMPTY_RATE)
+    pool = scenes(POOL_SEED + seed, n_pool, SIZE, empty_rate=EMPTY_RATE)
+    multi = [i for i, s in enumerate(held_out) if len(s.objects) >= 2]
+    report: dict = {"tagging": {}, "tagging_multi": {}, "per_label_ap": {}, "segmentation": {},
+                    "scenes": len(held_out), "empty_scenes": sum(not s.objects for s in held_out),
+                    "multi_object_scenes": len(multi)}  # fmt: skip
     restricted: dict[str, np.ndarray] = {}
     for kind, names in KINDS.items():
         truth = truth_tags(held_out, kind)
         scores = tag_scores(bench, held_out, kind)
         report["tagging"][kind] = {
-            m: {"mAP": mean_average_precision(s, truth),
-                "F1": micro_f1(selected(s, names, bench.cfg.tag_threshold), truth)}
+            m: {"mAP": mean_average_precision(s, truth), "F1": micro_f1(selected(s, names), truth)}
             for m, s in scores.items()
-        }  # fmt: skip
-        restricted[kind] = selected(scores["dmar+cwr"], names, bench.cfg.tag_threshold)
+        }
+        report["tagging_multi"][kind] = {m: mean_average_precision(s[multi], truth[multi]) for m, s in scores.items()}
+        report["per_label_ap"][kind] = {
+            name: mean_average_precision(scores["dmar+cwr"][:, [c]], truth[:, [c]]) if truth[:, c].any() else None
+            for c, name in enumerate(names)
+        }
+        restricted[kind] = selected(scores["dmar+cwr"], names)
     for head in HEADS:
         for restrict in (False, True):
             key = f"{head}{' + tags' if restrict else ''}"
@@ -244,8 +352,61 @@ def run(
                            [s.class_map(kind) for s in held_out], len(names))
                 for kind, names in KINDS.items()
             }  # fmt: skip
-    report["learning"] = learning_loop(bench, pool, held_out, ks, steps, seed, lr)
+    if predictor is not None:
+        report["small_sets"] = small_label_sets(predictor, held_out, pool, seed)
+    if ks:
+        objects = [s for s in pool if s.objects]
+        report["learning"] = learning_loop(bench, objects, held_out, ks, steps, seed, lr)
     return report
+
+
+def combine(runs: list) -> object:
+    """Per-seed reports -> one report of the same shape whose numbers are {mean, std, runs}."""
+    first = runs[0]
+    if isinstance(first, dict):
+        return {key: combine([r[key] for r in runs]) for key in first}
+    if isinstance(first, list) and first and isinstance(first[0], dict):
+        return [combine(list(rows)) for rows in zip(*runs, strict=True)]
+    if isinstance(first, int) and all(r == first for r in runs):  # a count every seed shares (K, scenes)
+        return first
+    if isinstance(first, int | float) and not isinstance(first, bool) and None not in runs:
+        values = np.array(runs, dtype=float)
+        kept = values[~np.isnan(values)]
+        return {"mean": float(kept.mean()) if kept.size else None, "std": float(kept.std()) if kept.size else None,
+                "runs": [None if np.isnan(v) else float(v) for v in values]}  # fmt: skip
+    return first if all(r == first for r in runs) else runs
+
+
+def run(
+    bench: Bench, n_held_out: int, n_pool: int, ks: Sequence[int], steps: int, seeds: int = 1, lr: float = 1e-4,
+    predictor: Predictor | None = None,
+) -> dict:  # fmt: skip
+    """All sections for each of ``seeds`` seeds, combined; ``predictor`` runs section 3."""
+    runs = []
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        runs.append(run_seed(bench, predictor, n_held_out, n_pool, ks, steps, seed, lr))
+        print(json.dumps({"seed": seed, "done": True}), flush=True)
+    report = combine(runs)
+    assert isinstance(report, dict)
+    report["seeds"] = seeds
+    report["input_size"] = bench.input_size
+    return report
+
+
+def mean_of(figure: dict | float) -> float:
+    """A combined figure's mean (a count all seeds share is a plain number)."""
+    return figure["mean"] if isinstance(figure, dict) else figure
+
+
+def cell(figure: dict | None, percent: bool = False) -> str:
+    """``mean ± std`` of a combined figure (``std`` left out for a single seed)."""
+    if not isinstance(figure, dict) or figure.get("mean") is None:
+        return "n/a"
+    mean, std, n = figure["mean"], figure["std"], len(figure["runs"])
+    if percent:
+        return f"{mean:.1%}" + (f" ± {std:.1%}" if n > 1 else "")
+    return f"{mean:.3f}" + (f" ± {std:.3f}" if n > 1 else "")
 
 
 def markdown(report: dict, command: str, description: str) -> str:
@@ -253,62 +414,117 @@ def markdown(report: dict, command: str, description: str) -> str:
         "# Quality on the toy world",
         "",
         f"Produced by `{command}` on {dt.date.today().isoformat()} ({platform.processor() or platform.machine()},",
-        f"CPU, torch {torch.__version__}), model: {description}. {report['scenes']} held-out scenes",
-        "(seed 1000), 64 x 64 pixels. See `bench/quality.py` for the definitions.",
+        f"CPU, torch {torch.__version__}), model: {description}. Per seed {mean_of(report['scenes']):.0f} held-out "
+        f"scenes of {SIZE} x {SIZE} pixels ({mean_of(report['empty_scenes']):.0f} empty, "
+        f"{mean_of(report['multi_object_scenes']):.0f} with several objects), seen by the model at "
+        f"{report['input_size']} pixels; mean ± spread (std) over {report['seeds']} seeds. See `bench/quality.py` "
+        "for the definitions.",
         "",
         "## 1. Tagging",
         "",
-        "| method | colour mAP | colour F1 | shape mAP | shape F1 |",
-        "|---|---|---|---|---|",
+        "| method | colour mAP | colour F1 | shape mAP | shape F1 | colour mAP, several objects | "
+        "shape mAP, several objects |",
+        "|---|---|---|---|---|---|---|",
     ]
-    tags = report["tagging"]
+    tags, multi = report["tagging"], report["tagging_multi"]
     for m in TAG_METHODS:
         c, s = tags["colour"][m], tags["shape"][m]
-        lines.append(f"| {m} | {c['mAP']:.3f} | {c['F1']:.3f} | {s['mAP']:.3f} | {s['F1']:.3f} |")
-    lines += ["", "## 2. Segmentation (mIoU, background included)", "",
+        lines.append(f"| {m} | {cell(c['mAP'])} | {cell(c['F1'])} | {cell(s['mAP'])} | {cell(s['F1'])} | "
+                     f"{cell(multi['colour'][m])} | {cell(multi['shape'][m])} |")  # fmt: skip
+    lines += ["", "F1 uses TagCLIP's relative rule (TAG_RULE=relative), as the paper does.", "",
+              "## 2. Segmentation (mIoU, background included)", "",
               "| head | colour mIoU | shape mIoU |", "|---|---|---|"]  # fmt: skip
     for key, row in report["segmentation"].items():
-        lines.append(f"| {key} | {row['colour']:.3f} | {row['shape']:.3f} |")
-    learning = report["learning"]
+        lines.append(f"| {key} | {cell(row['colour'])} | {cell(row['shape'])} |")
+    if "small_sets" in report:
+        lines += small_sets_markdown(report["small_sets"])
+    if "learning" in report:
+        lines += learning_markdown(report["learning"])
+    return "\n".join(lines) + "\n"
+
+
+def small_sets_markdown(small: dict) -> list[str]:
+    lines = [
+        "",
+        "## 3. Small label sets, as the service decides (TAG_RULE=absolute, builtin distractors)",
+        "",
+        "Each seed draws its own labels. Accepted = the service's definition: tags exact and every mask "
+        f"within IoU {UNCHANGED_IOU} of the truth.",
+        "",
+        "| project | exact tag set | recall, several present | false tags, none present | mask IoU, present "
+        "labels | accepted unchanged | best TAG_MIN_SCORE on the pool |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, row in small.items():
+        b = row["before"]
+        lines.append(f"| {key} | {cell(b['exact'], True)} | {cell(b['recall_several'], True)} | "
+                     f"{cell(b['false_on_none'], True)} | {cell(b['mask_iou'])} | {cell(b['accepted'], True)} | "
+                     f"{cell(row['best_min_score'])} |")  # fmt: skip
+    after = [key for key in next(iter(small.values())) if key.startswith("after ")]
+    if not after:
+        return lines
+    last = after[-1]
     lines += [
         "",
-        "## 3-4. Learning loop and active learning (shape tags and masks)",
+        "### 3b. After the few-shot learner (thresholds + Tip-Adapter cache fitted on K corrected scenes)",
+        "",
+        "| project | exact before | " + " | ".join(f"exact {k}" for k in after) + f" | false tags on none, {last} | "
+        f"recall several, {last} | mask IoU, {last} |",
+        "|---|---|" + "---|" * len(after) + "---|---|---|",
+    ]
+    for key, row in small.items():
+        lines.append(f"| {key} | {cell(row['before']['exact'], True)} | "
+                     + " | ".join(cell(row[k]["exact"], True) for k in after)
+                     + f" | {cell(row[last]['false_on_none'], True)} | {cell(row[last]['recall_several'], True)} | "
+                     f"{cell(row[last]['mask_iou'])} |")  # fmt: skip
+    return lines
+
+
+def learning_markdown(learning: dict) -> list[str]:
+    before = learning["before"]
+    lines = [
+        "",
+        "## 4. Learning loop and active learning (shape tags and masks)",
         "",
         f"As a project's training run: CLIPSelf + supervised terms ({learning['steps']} steps, lr "
-        f"{learning['clipself_lr']}), then a ZegCLIP head on the fine-tuned ViT ({learning['steps']} steps).",
-        f"Before any correction: shape tag mAP {learning['before']['tag_map']:.3f}, mask mIoU (ClearCLIP + tags) "
-        f"{learning['before']['miou']:.3f}, accepted unchanged {learning['before']['accepted']:.1%}.",
+        f"{mean_of(learning['clipself_lr'])}), then a ZegCLIP head on the fine-tuned ViT ({learning['steps']} steps).",
+        f"Before any correction: shape tag mAP {cell(before['tag_map'])}, mask mIoU (ClearCLIP + tags) "
+        f"{cell(before['miou'])}, accepted unchanged {cell(before['accepted'], True)}.",
         "",
         "| chosen | K | tag mAP after | mIoU after CLIPSelf | mIoU after + ZegCLIP | accepted after | "
         "mIoU gain per correction | train s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in learning["rows"]:
-        lines.append(f"| {r['strategy']} | {r['k']} | {r['tag_map_after']:.3f} | {r['miou_clipself']:.3f} | "
-                     f"{r['miou_after']:.3f} | {r['accepted_after']:.1%} | {r['gain_per_correction']:+.4f} | "
-                     f"{r['train_seconds']} |")  # fmt: skip
-    return "\n".join(lines) + "\n"
+        lines.append(f"| {r['strategy']} | {r['k']} | {cell(r['tag_map_after'])} | {cell(r['miou_clipself'])} | "
+                     f"{cell(r['miou_after'])} | {cell(r['accepted_after'], True)} | "
+                     f"{cell(r['gain_per_correction'])} | {cell(r['train_seconds'])} |")  # fmt: skip
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
-    from common.settings import Settings
     from worker.loading import load_clip
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="bench/models/toy-clip")
-    parser.add_argument("--scenes", type=int, default=300, help="held-out scenes")
-    parser.add_argument("--pool", type=int, default=300, help="scenes the annotator may correct")
-    parser.add_argument("--k", type=int, nargs="+", default=[10, 50, 100], help="corrections per run")
+    parser.add_argument("--scenes", type=int, default=300, help="held-out scenes per seed")
+    parser.add_argument("--pool", type=int, default=300, help="scenes the annotator may correct, per seed")
+    parser.add_argument("--seeds", type=int, default=3, help="independent held-out sets and training seeds")
+    parser.add_argument("--image-size", type=int, default=SIZE, help="the side the model sees (IMAGE_SIZE)")
+    parser.add_argument("--k", type=int, nargs="*", default=[10, 50, 100], help="corrections per run (none: skip)")
     parser.add_argument("--steps", type=int, default=500, help="CLIPSelf and ZegCLIP steps per training run")
     parser.add_argument("--lr", type=float, default=1e-4, help="CLIPSelf learning rate (the service's TRAIN_LR)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--out", type=Path, help="write the markdown report here")
     args = parser.parse_args(argv)
 
-    torch.manual_seed(0)
-    bundle = load_clip(Settings(model_checkpoint=args.checkpoint, device="cpu"))
-    bench = Bench(bundle, TextEmbedder(bundle), TagCLIPConfig(), batch_size=32)
-    report = run(bench, args.scenes, args.pool, args.k, args.steps, lr=args.lr)
+    settings = Settings(model_checkpoint=args.checkpoint, device="cpu", image_size=args.image_size,
+                        background_words=BACKGROUNDS)  # fmt: skip
+    bundle = load_clip(settings)
+    text = TextEmbedder(bundle)
+    bench = Bench(bundle, text, TagCLIPConfig(), batch_size=32, input_size=args.image_size)
+    predictor = Predictor(settings, bundle, text=text)
+    report = run(bench, args.scenes, args.pool, args.k, args.steps, args.seeds, args.lr, predictor)
     command = "python -m bench.quality " + " ".join(sys.argv[1:] if argv is None else argv)
     publish(markdown(report, command, bundle.description), report, args.json, args.out)
 

@@ -123,13 +123,15 @@ def _cut(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, 
         draw.ellipse((cx + dx - r * 0.85, cy + dy - r * 0.85, cx + dx + r * 0.85, cy + dy + r * 0.85), fill=fill)
 
 
-def render_scene(rng: np.random.Generator, size: int = 96, max_objects: int = 4) -> Scene:
-    """One random scene of ``size`` x ``size`` pixels."""
+def render_scene(rng: np.random.Generator, size: int = 96, max_objects: int = 4, empty_rate: float = 0.0) -> Scene:
+    """One random scene of ``size`` x ``size`` pixels; with probability ``empty_rate`` it shows
+    only its background (real projects have many images with none of their labels)."""
     background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     image = _texture(background, size, rng)
     canvas = np.asarray(image).copy()
     object_map = np.zeros((size, size), dtype=np.uint8)
-    count = int(rng.integers(1, max_objects + 1))
+    empty = empty_rate > 0 and rng.random() < empty_rate  # no draw at 0: older seeds keep their scenes
+    count = 0 if empty else int(rng.integers(1, max_objects + 1))
     drawn: list[ToyObject] = []
     for k in range(count):
         shape = SHAPES[rng.integers(len(SHAPES))]
@@ -157,10 +159,29 @@ def render_scene(rng: np.random.Generator, size: int = 96, max_objects: int = 4)
     return Scene(image, lookup[object_map], tuple(drawn[k - 1] for k in visible), background)
 
 
-def scenes(seed: int, count: int, size: int = 96, max_objects: int = 4) -> list[Scene]:
+def scenes(seed: int, count: int, size: int = 96, max_objects: int = 4, empty_rate: float = 0.0) -> list[Scene]:
     """``count`` scenes, the same for the same arguments on every machine."""
     rng = np.random.default_rng(seed)
-    return [render_scene(rng, size, max_objects) for _ in range(count)]
+    return [render_scene(rng, size, max_objects, empty_rate) for _ in range(count)]
+
+
+#: A cropped object counts as shown when at least this share of it is inside the crop.
+CROP_VISIBLE = 0.4
+
+
+def crop(scene: Scene, left: int, top: int, side: int) -> Scene:
+    """The square ``side`` x ``side`` view of ``scene`` at (``left``, ``top``): a close-up when small.
+    Objects mostly outside it are not among its objects (their pixels become unknown: 255)."""
+    box = (slice(top, top + side), slice(left, left + side))
+    inside = np.bincount(scene.object_map[box].ravel(), minlength=len(scene.objects) + 1)
+    total = np.bincount(scene.object_map.ravel(), minlength=len(scene.objects) + 1)
+    keep = [k for k in range(1, len(scene.objects) + 1) if inside[k] >= CROP_VISIBLE * total[k]]
+    lookup = np.full(256, 255, dtype=np.uint8)
+    lookup[0] = 0
+    for new, old in enumerate(keep, start=1):
+        lookup[old] = new
+    image = scene.image.crop((left, top, left + side, top + side))
+    return Scene(image, lookup[scene.object_map[box]], tuple(scene.objects[k - 1] for k in keep), scene.background)
 
 
 CAPTIONS = (

@@ -20,8 +20,13 @@ PREDICT_FUNCTION = "worker.tasks.predict"
 TRAIN_QUEUE = "train"
 TRAIN_FUNCTION = "worker.tasks.train"
 
+#: The few-shot learner's jobs (seconds each): served by the predict workers after their predict
+#: queue, so a project's first corrections change its tags without waiting for a training run.
+ADAPT_QUEUE = "adapt"
+ADAPT_FUNCTION = "worker.tasks.adapt"
+
 #: The only functions a job may name (see ``AllowListedJob``).
-JOB_FUNCTIONS = (PREDICT_FUNCTION, TRAIN_FUNCTION)
+JOB_FUNCTIONS = (PREDICT_FUNCTION, TRAIN_FUNCTION, ADAPT_FUNCTION)
 
 TaskId = int | str
 

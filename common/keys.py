@@ -52,6 +52,16 @@ def new_corrections(project: str) -> str:
     return f"{PREFIX}new-corrections:{project}"
 
 
+def adapt_job(project: str) -> str:
+    """The id of the project's latest few-shot learner job (at most one is queued)."""
+    return f"{PREFIX}adapt:{project}"
+
+
+def adapt_corrections(project: str) -> str:
+    """Corrections counted since the project's last few-shot learner job (ADAPT_EVERY compares with it)."""
+    return f"{PREFIX}adapt-corrections:{project}"
+
+
 def served_predictions(project: str) -> str:
     """Hash task id -> the prediction last served for it, kept to compare with its correction."""
     return f"{PREFIX}predictions:{project}"

@@ -3,12 +3,19 @@ benchmarks share (numpy only, so the backend can use them)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 #: A predicted mask this close to the final one counts as accepted as it was.
 UNCHANGED_IOU = 0.99
+
+
+def accepted_unchanged(tags_added: int, tags_removed: int, ious: Iterable[float]) -> bool:
+    """Whether an annotator accepted a pre-label as it was: no tag added or removed, and every
+    mask, box and polygon within UNCHANGED_IOU of the final one. The one definition that the
+    correction report, the promotion gate's readers and the benchmarks use."""
+    return tags_added == 0 and tags_removed == 0 and all(iou >= UNCHANGED_IOU for iou in ious)
 
 
 def mask_iou(predicted: np.ndarray, truth: np.ndarray) -> float:

@@ -26,13 +26,15 @@ DEFAULT_BACKGROUND_WORDS: tuple[str, ...] = (
 
 #: Training-free dense heads for masks (see worker/model/dense.py); maskclip is the baseline.
 DENSE_HEADS = ("clearclip", "naclip", "maskclip")
+#: How scores become tags (see worker/model/selection.py): absolute thresholds, or TagCLIP's relative one.
+TAG_RULES = ("absolute", "relative")
 
 #: Inference precision of the ViT: auto = bf16 where the hardware computes it natively.
 PRECISIONS = ("auto", "bf16", "fp32")
 
 #: Bumped when a change to the algorithms changes predictions for the same weights, so that
 #: Label Studio re-predicts tasks that hold predictions from the old code.
-ALGORITHM_REVISION = "3"
+ALGORITHM_REVISION = "4"
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,10 @@ class Settings:
 
     # Algorithm
     image_size: int = field(default=448, metadata={"env": "IMAGE_SIZE"})
+    tag_rule: str = field(default="absolute", metadata={"env": "TAG_RULE"})
+    tag_min_score: float = field(default=0.3, metadata={"env": "TAG_MIN_SCORE"})
     tag_threshold: float = field(default=0.5, metadata={"env": "TAG_THRESHOLD"})
+    distractors: str = field(default="builtin", metadata={"env": "DISTRACTORS"})
     cwr_max_classes: int = field(default=6, metadata={"env": "CWR_MAX_CLASSES"})
     background_words: tuple[str, ...] = field(default=DEFAULT_BACKGROUND_WORDS, metadata={"env": "BACKGROUND_WORDS"})
     dense_head: str = field(default="clearclip", metadata={"env": "DENSE_HEAD"})
@@ -92,6 +97,9 @@ class Settings:
     train_steps: int = field(default=300, metadata={"env": "TRAIN_STEPS"})
     train_lr: float = field(default=1e-5, metadata={"env": "TRAIN_LR"})
     zegclip_min_masks: int = field(default=50, metadata={"env": "ZEGCLIP_MIN_MASKS"})
+    adapt_every: int = field(default=5, metadata={"env": "ADAPT_EVERY"})
+    adapt_min_corrections: int = field(default=10, metadata={"env": "ADAPT_MIN_CORRECTIONS"})
+    adapt_max_corrections: int = field(default=500, metadata={"env": "ADAPT_MAX_CORRECTIONS"})
     promotion_margin: float = field(default=0.0, metadata={"env": "PROMOTION_MARGIN"})
 
     def __post_init__(self) -> None:
@@ -102,6 +110,10 @@ class Settings:
             )
         if not 0 <= self.tag_threshold < 1:
             raise SettingsError(f"TAG_THRESHOLD={self.tag_threshold} must be in [0, 1).")
+        if self.tag_rule not in TAG_RULES:
+            raise SettingsError(f"TAG_RULE={self.tag_rule} must be one of {', '.join(TAG_RULES)}.")
+        if not 0 < self.tag_min_score < 1:
+            raise SettingsError(f"TAG_MIN_SCORE={self.tag_min_score} must be a probability in (0, 1).")
         if self.image_size < 32:
             raise SettingsError(f"IMAGE_SIZE={self.image_size} is too small (at least 32 pixels).")
         if self.dense_head not in DENSE_HEADS:
@@ -118,11 +130,11 @@ class Settings:
             raise SettingsError(f"TRAIN_HOLDOUT={self.train_holdout} must be a fraction in (0, 1).")
         if self.fetch_threads < 0:
             raise SettingsError(f"FETCH_THREADS={self.fetch_threads} must be 0 (automatic) or positive.")
-        if self.train_every < 0 or self.train_interval < 0:
-            raise SettingsError("TRAIN_EVERY and TRAIN_INTERVAL must be 0 (off) or positive.")
+        if self.train_every < 0 or self.train_interval < 0 or self.adapt_every < 0:
+            raise SettingsError("TRAIN_EVERY, TRAIN_INTERVAL and ADAPT_EVERY must be 0 (off) or positive.")
         positive = ("job_timeout", "result_ttl", "max_image_bytes", "max_image_pixels", "batch_size", "train_timeout",
                     "train_min_corrections", "train_steps", "zegclip_min_masks", "max_tasks_per_job",
-                    "max_labels")  # fmt: skip
+                    "adapt_min_corrections", "adapt_max_corrections", "max_labels")  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()} must be a positive number.")
@@ -183,7 +195,10 @@ class Settings:
         knobs = {
             "algorithm": ALGORITHM_REVISION,
             "image_size": self.image_size,
+            "tag_rule": self.tag_rule,
+            "tag_min_score": self.tag_min_score,
             "tag_threshold": self.tag_threshold,
+            "distractors": self.distractors,
             "cwr_max_classes": self.cwr_max_classes,
             "background_words": list(self.background_words),
             "dense_head": self.dense_head,

@@ -13,6 +13,7 @@ from common.settings import Settings
 from worker.loading import load_clip
 from worker.model.tagclip import TagCLIPConfig
 from worker.model.text import TextEmbedder
+from worker.predictor import Predictor
 
 
 def test_mean_average_precision_on_known_rankings():
@@ -41,18 +42,37 @@ def test_micro_f1():
 
 
 def test_benchmark_smoke_run(tiny_checkpoint):
-    bundle = load_clip(Settings(model_checkpoint=str(tiny_checkpoint), device="cpu"))
-    bench = quality.Bench(bundle, TextEmbedder(bundle), TagCLIPConfig(), batch_size=4)
-    report = quality.run(bench, n_held_out=6, n_pool=6, ks=[2], steps=2)
-    assert set(report["tagging"]) == {"colour", "shape"}
+    settings = Settings(model_checkpoint=str(tiny_checkpoint), device="cpu", background_words=quality.BACKGROUNDS)
+    bundle = load_clip(settings)
+    text = TextEmbedder(bundle)
+    bench = quality.Bench(bundle, text, TagCLIPConfig(), batch_size=4)
+    predictor = Predictor(settings, bundle, text=text)
+    report = quality.run(bench, n_held_out=8, n_pool=8, ks=[2], steps=2, seeds=2, predictor=predictor)
+    assert report["seeds"] == 2 and set(report["tagging"]) == {"colour", "shape"}
     for kind in report["tagging"].values():
         assert set(kind) == set(quality.TAG_METHODS)
-        assert all(0 <= v["mAP"] <= 1 and 0 <= v["F1"] <= 1 for v in kind.values())
+        for figures in kind.values():  # mean and spread over the seeds
+            assert all(0 <= v <= 1 for v in figures["mAP"]["runs"]) and len(figures["F1"]["runs"]) == 2
     assert set(report["segmentation"]) == {f"{h}{r}" for h in quality.HEADS for r in ("", " + tags")}
+    assert set(report["small_sets"]) == {f"{k} x{n}" for k in quality.KINDS for n in quality.SMALL_SETS}
+    for row in report["small_sets"].values():
+        assert {"before", *(f"after {k}" for k in quality.ADAPT_KS)} <= set(row)
+        assert 0 <= row["before"]["exact"]["mean"] <= 1
     rows = report["learning"]["rows"]
     assert [(r["strategy"], r["k"]) for r in rows] == [("random", 2), ("least confident", 2)]
     text = quality.markdown(report, "python -m bench.quality --smoke", bundle.description)
     assert "## 1. Tagging" in text and "| dmar+cwr |" in text and "least confident" in text
+    assert "## 3. Small label sets" in text and "| colour x3 |" in text and "exact after 50" in text
+
+
+def test_the_benchmark_scores_acceptance_with_the_services_definition():
+    truth = np.zeros((4, 4), dtype=np.int64)
+    truth[:2, :2] = 1
+    almost = truth.copy()
+    almost[3, 3] = 1  # one pixel more: IoU 0.8, which an annotator would have to fix
+    assert quality.accepted_share([truth], [truth]) == 1.0
+    assert quality.accepted_share([almost], [truth]) == 0.0
+    assert quality.accepted_share([np.zeros_like(truth)], [np.zeros_like(truth)]) == 1.0  # nothing, rightly
 
 
 def test_throughput_benchmark_smoke_run(tiny_checkpoint, redis_url, tmp_path):

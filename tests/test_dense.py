@@ -83,6 +83,18 @@ def test_mask_score_is_the_mean_probability_inside():
     assert mask.score == pytest.approx(float(torch.tensor([2.0, 0.0]).softmax(0)[0]), abs=1e-6)
 
 
+def test_a_label_wins_the_pixels_where_it_beats_every_competitor_of_hundreds():
+    torch.manual_seed(0)
+    logits = 3 * torch.randn(302, 12, 12)  # 2 labels, 300 competitors (background words, distractors)
+    logits[:2] += 6  # labels that win about half the pixels between them
+    masks = dense.masks_from_logits(logits, 2, (12, 12), min_area=0)  # image = grid: no resampling
+    winner = logits.argmax(dim=0).numpy()
+    assert {m.index for m in masks} == {0, 1}
+    assert 0.2 < (winner < 2).mean() < 0.8  # competitors win the rest
+    for m in masks:
+        assert (m.region == (winner == m.index)).all()
+
+
 def test_sigmoid_masks_leave_low_scores_unlabeled():
     logits = torch.full((2, 4, 4), -5.0)
     logits[1, 1:3, 1:3] = 5.0

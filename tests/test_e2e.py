@@ -46,8 +46,12 @@ def test_retrieve_predictions_from_label_studio(label_studio, token_kind, tmp_pa
             model_checkpoint=str(TOY_CLIP),
             image_size=64,
             background_words=("sky",),  # few background words, so the toy model draws masks
+            distractors="none",  # ... and no distractors, with a low threshold: it tags the photos
+            tag_min_score=0.01,
             mask_min_area=0.0,
             webhook_secret="hook-s3cret",
+            adapt_every=len(PHOTOS),  # the few-shot learner runs once every task is corrected
+            adapt_min_corrections=2,
             train_every=0,  # training starts with the button only
             train_min_corrections=2,
             train_steps=10,
@@ -114,12 +118,19 @@ def learn_from_corrections(label_studio: LabelStudio, project: int, backend: int
         time.sleep(0.5)
     (uid,) = reports  # every correction was compared with its prediction
 
+    # The corrections' webhooks queued the few-shot learner on the predict worker: its version first.
+    deadline = time.monotonic() + 120
+    while not (details := prelabel.get(f"/versions?project={uid}").get("details")):
+        assert time.monotonic() < deadline, prelabel.worker_log.read_text()[-3000:]
+        time.sleep(1)
+    assert [(d["learner"], d["promoted"]) for d in details] == [("few-shot", True)], details
+
     label_studio.start_training(backend)
     deadline = time.monotonic() + 600
     while True:
-        versions = prelabel.get(f"/versions?project={uid}")
-        if versions.get("details"):
-            assert versions["details"][-1]["promoted"], versions
+        details = prelabel.get(f"/versions?project={uid}")["details"]
+        if len(details) == 2:
+            assert details[-1]["learner"] == "training" and details[-1]["promoted"], details
             return uid
         assert time.monotonic() < deadline, prelabel.trainer_log.read_text()[-3000:]
         time.sleep(2)
@@ -160,7 +171,8 @@ def test_boxes_and_polygons_round_trip_through_label_studio(label_studio, tmp_pa
         settings = Settings(redis_url=redis_url, label_studio_url=label_studio.url,
                             label_studio_api_key=label_studio.legacy_token, basic_auth_user="labelstudio",
                             basic_auth_pass="s3cret-pass", model_checkpoint=str(TOY_CLIP), image_size=64,
-                            background_words=("sky",), mask_min_area=0.0, webhook_secret="hook-s3cret",
+                            background_words=("sky",), distractors="none", tag_min_score=0.01,
+                            mask_min_area=0.0, webhook_secret="hook-s3cret",
                             train_every=0)  # fmt: skip
         prelabel = Prelabel(settings, tmp_path)
         try:

@@ -122,7 +122,8 @@ def world(tmp_path_factory, photos) -> Iterator[World]:
                 label_studio_api_key=label_studio.legacy_token, basic_auth_user=USER, basic_auth_pass=PASSWORD,
                 webhook_secret=WEBHOOK_SECRET, model_checkpoint=str(TOY_CLIP), image_size=64,
                 allowed_hosts=("127.0.0.1",), allow_internal_hosts=True, fetch_timeout=3.0,
-                max_image_bytes=2_000_000, max_image_pixels=5_000_000, train_every=0,
+                max_image_bytes=2_000_000, max_image_pixels=5_000_000, train_every=0, distractors="none",
+                tag_min_score=0.01,
                 model_dir=tmp_path_factory.mktemp("models"),
             )  # fmt: skip
             prelabel = Prelabel(settings, tmp_path_factory.mktemp("prelabel"))

@@ -105,6 +105,41 @@ def test_loss_is_small_for_right_answers_and_ignores_ignored_pixels():
     torch.testing.assert_close(segmentation_loss(changed, ignored, CFG), segmentation_loss(right, ignored, CFG))
 
 
+def test_loss_is_the_reference_focal_and_dice_normalised_per_mask():
+    """Written pixel by pixel from ZegCLIP's criterion: per class map, the mean over pixels of
+    0.25/0.75-weighted (1 - p_t)^2 * BCE; summed over all B x C maps and divided by the number of
+    masks present; dice (smooth 1) averaged over the masks present; 100 x focal + 1 x dice."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5, 5)
+    target = torch.randint(-1, 2, (2, 5, 5))  # classes 0 and 1 and "no class"; class 2 absent
+    B, C, H, W = logits.shape
+    focal_sum, dice_terms, masks = 0.0, [], 0
+    for b in range(B):
+        for c in range(C):
+            y = [[1.0 if int(target[b, i, j]) == c else 0.0 for j in range(W)] for i in range(H)]
+            terms, inter, total = [], 0.0, 0.0
+            for i in range(H):
+                for j in range(W):
+                    p = 1 / (1 + np.exp(-float(logits[b, c, i, j])))
+                    t = y[i][j]
+                    p_t = p * t + (1 - p) * (1 - t)
+                    weight = 0.25 if t else 0.75
+                    terms.append(weight * (1 - p_t) ** 2 * -np.log(p_t))
+                    inter, total = inter + p * t, total + p + t
+            focal_sum += sum(terms) / len(terms)
+            if any(any(row) for row in y):
+                masks += 1
+                dice_terms.append(1 - (2 * inter + 1) / (total + 1))
+    expected = 100 * focal_sum / masks + np.mean(dice_terms)
+    assert float(segmentation_loss(logits, target, CFG)) == pytest.approx(expected, rel=1e-4)
+
+
+def test_patch_features_enter_the_decoder_as_they_are(bundle):
+    """use_proj=False, as in both official configs: no Linear or LayerNorm on the patch features."""
+    model = ZegCLIP(bundle.visual, ZegCLIPConfig(decoder_heads=4))
+    assert not any(name.startswith("head.input") for name, _ in model.named_parameters())
+
+
 def test_short_training_on_real_photos_lowers_the_loss_and_raises_iou(trained, bundle, voc_pair):
     model, report, before = trained
     losses = report.losses

@@ -1,30 +1,47 @@
-"""A trained version's files: the ViT blocks CLIPSelf changed and the project's ZegCLIP head.
+"""A trained version's files: the ViT blocks CLIPSelf changed, the project's ZegCLIP head, and
+its few-shot adapter and tag thresholds.
 
 ``common/versions.py`` numbers versions, checks their checksums and activates them; this module
 writes and reads the tensors inside a version's directory (and a ZegCLIP head anywhere):
 
-    v<N>/visual.safetensors        the trained blocks, keyed as in the ViT's state_dict
+    v<N>/visual.safetensors        the trained blocks, keyed as in the ViT's state_dict (none: the base's)
     v<N>/zegclip/zegclip.safetensors + zegclip.json   the head's prompts and decoder, its config
+    v<N>/adapter.json              per-label tag thresholds, and the adapter's labels, alpha, beta
+    v<N>/adapter.safetensors       the adapter's cache: keys (image embeddings) and values (labels)
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import shutil
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from open_clip.transformer import VisionTransformer
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from common.versions import WEIGHTS_FILE, Registry
+from worker.model.adapter import TipAdapter
 from worker.model.zegclip import ZegCLIP, ZegCLIPConfig
 
 HEAD_DIR = "zegclip"
 HEAD_WEIGHTS = "zegclip.safetensors"
 HEAD_CONFIG = "zegclip.json"
+ADAPTER_CONFIG = "adapter.json"
+ADAPTER_CACHE = "adapter.safetensors"
+
+
+class LoadedVersion(NamedTuple):
+    """What a version changes in the base model (``Predictor.with_weights`` takes these)."""
+
+    visual: VisionTransformer
+    head: ZegCLIP | None
+    adapter: TipAdapter | None
+    thresholds: dict[str, float]
 
 
 def version_visual(base: VisionTransformer, weights: dict[str, Tensor]) -> VisionTransformer:
@@ -37,17 +54,42 @@ def version_visual(base: VisionTransformer, weights: dict[str, Tensor]) -> Visio
     return visual.eval().requires_grad_(False)
 
 
-def write_version(directory: Path, weights: dict[str, Tensor], head: ZegCLIP | None, head_meta: dict) -> None:
+def write_version(
+    directory: Path, weights: dict[str, Tensor], head: ZegCLIP | None, head_meta: dict,
+    adapter: TipAdapter | None = None, thresholds: Mapping[str, float] | None = None,
+) -> None:  # fmt: skip
     """Fill a new version's directory (``Registry.add`` calls this with the one it numbered)."""
     save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / WEIGHTS_FILE))
     if head is not None:
         save_head(head, directory / HEAD_DIR, head_meta)
+    write_adapter(directory, adapter, thresholds or {})
 
 
-def read_version(
-    registry: Registry, project: str, version: str, base: VisionTransformer
-) -> tuple[VisionTransformer, ZegCLIP | None]:
-    """The ViT and head of ``version`` of ``project``, after checking its checksum.
+def write_adapter(directory: Path, adapter: TipAdapter | None, thresholds: Mapping[str, float]) -> None:
+    """The few-shot adapter's cache and the per-label thresholds (nothing when there are neither)."""
+    if adapter is None and not thresholds:
+        return
+    config: dict[str, Any] = {"thresholds": dict(thresholds)}
+    if adapter is not None:
+        cache = {"keys": adapter.keys, "values": adapter.values}
+        save_file({k: v.float().contiguous().cpu() for k, v in cache.items()}, str(directory / ADAPTER_CACHE))
+        config |= {"labels": list(adapter.labels), "alpha": adapter.alpha, "beta": adapter.beta}
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def carry_over(source: Path | None, directory: Path) -> None:
+    """Copy a version's trained blocks and head into a new version's ``directory`` (the few-shot
+    learner adds to the active version, it does not retrain it); ``source`` None: the base model."""
+    if source is None:
+        save_file({}, str(directory / WEIGHTS_FILE))
+        return
+    shutil.copy2(source / WEIGHTS_FILE, directory / WEIGHTS_FILE)
+    if (source / HEAD_DIR).is_dir():
+        shutil.copytree(source / HEAD_DIR, directory / HEAD_DIR)
+
+
+def read_version(registry: Registry, project: str, version: str, base: VisionTransformer) -> LoadedVersion:
+    """The ViT, head, adapter and thresholds of ``version`` of ``project``, after checking its checksums.
 
     Raises:
         NotFound, BadRequest (corrupt), ValueError (another architecture): with the reason.
@@ -57,7 +99,22 @@ def read_version(
     directory = registry.version_dir(project, info.number)
     visual = version_visual(base, load_file(str(directory / WEIGHTS_FILE)))
     head = load_head(directory / HEAD_DIR, visual)[0] if (directory / HEAD_DIR / HEAD_WEIGHTS).is_file() else None
-    return visual, head
+    return LoadedVersion(visual, head, *read_adapter(directory, base.output_dim))
+
+
+def read_adapter(directory: Path, embed_dim: int) -> tuple[TipAdapter | None, dict[str, float]]:
+    """A version's few-shot adapter (None without one) and per-label thresholds ({} without)."""
+    if not (directory / ADAPTER_CONFIG).is_file():
+        return None, {}
+    config = json.loads((directory / ADAPTER_CONFIG).read_text())
+    thresholds = {str(k): float(v) for k, v in config.get("thresholds", {}).items()}
+    if not (directory / ADAPTER_CACHE).is_file():
+        return None, thresholds
+    cache = load_file(str(directory / ADAPTER_CACHE))
+    keys, values, labels = cache["keys"], cache["values"], tuple(config["labels"])
+    if keys.shape[1] != embed_dim or values.shape != (keys.shape[0], len(labels)):
+        raise ValueError(f"The few-shot adapter in {directory} was built for another model or label set.")
+    return TipAdapter(keys, values, labels, float(config["alpha"]), float(config["beta"])), thresholds
 
 
 def save_head(model: ZegCLIP, directory: Path, meta: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ from rq import Queue, SimpleWorker, Worker, worker_registration
 from rq.serializers import JSONSerializer
 
 from common.errors import ModelUnavailable, SettingsError
-from common.jobs import PREDICT_QUEUE, TRAIN_QUEUE, AllowListedJob
+from common.jobs import ADAPT_QUEUE, PREDICT_QUEUE, TRAIN_QUEUE, AllowListedJob
 from common.logs import configure_logging, redact_url
 from common.settings import Settings
 from worker import tasks
@@ -61,8 +61,9 @@ def check(settings: Settings, queues: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="prelabel-worker", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "queues", nargs="*", default=[PREDICT_QUEUE],
-        help=f"queues to serve: {PREDICT_QUEUE} (default) or {TRAIN_QUEUE} (training runs)",
+        "queues", nargs="*", default=[PREDICT_QUEUE, ADAPT_QUEUE],
+        help=f"queues to serve, first first: {PREDICT_QUEUE} {ADAPT_QUEUE} (default: predictions, then the few-shot "
+        f"learner's jobs) or {TRAIN_QUEUE} (training runs)",
     )  # fmt: skip
     parser.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     parser.add_argument("--name", help="worker name shown in RQ (default: host and pid)")

@@ -9,7 +9,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -38,14 +38,15 @@ from common.settings import Settings
 from worker.fetch import ImageFetcher
 from worker.images import PixelBudget, decode_for_model
 from worker.model import dense, vit
+from worker.model.adapter import TipAdapter
 from worker.model.bundle import ClipBundle, autocast
 from worker.model.preprocess import to_pixels, working_size
-from worker.model.selection import select_tags
+from worker.model.selection import TagRule, select_tags
 from worker.model.tagclip import LocalScores, TagCLIPConfig, reidentify, run_trunk, tagclip_head
 from worker.model.text import TextEmbedder
 from worker.model.zegclip import ZegCLIP
 from worker.regions import polygons, rectangles
-from worker.vocabulary import ClassBank
+from worker.vocabulary import ClassBank, distinct_competitors, distractor_words
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class ImageScores:
     grid: tuple[int, int]
     dense: Tensor | None = None  # [h*w, E] dense patch embeddings (training-free masks)
     zegclip: Tensor | None = None  # [n_labels, h, w] mask logits of the project's trained head
+    embedding: Tensor | None = None  # [E] normalised image embedding (the few-shot adapter's key)
 
 
 class Predictor:
@@ -119,31 +121,43 @@ class Predictor:
         fetcher: ImageFetcher | None = None,
         text: TextEmbedder | None = None,
         head: ZegCLIP | None = None,
+        adapter: TipAdapter | None = None,
+        thresholds: Mapping[str, float] | None = None,
     ) -> None:
         """``text`` lets versions that share a text tower share its cache; ``head`` is a trained
-        version's ZegCLIP head, which then draws the masks."""
+        version's ZegCLIP head, which then draws the masks; ``adapter`` and ``thresholds`` are a
+        version's few-shot cache and per-label tag thresholds, fitted on the project's corrections."""
         self.settings = settings
         self.bundle = bundle
         self.text = text or TextEmbedder(bundle)
         self.fetcher = fetcher or ImageFetcher(settings)
         self.head = head
-        self.config = TagCLIPConfig(
-            tag_threshold=settings.tag_threshold, cwr_max_classes=settings.cwr_max_classes or None
-        )
+        self.adapter = adapter
+        self.config = TagCLIPConfig(cwr_max_classes=settings.cwr_max_classes or None)
+        self.rule = TagRule(settings.tag_rule, settings.tag_min_score, settings.tag_threshold, dict(thresholds or {}))
+        self.competitors = (*settings.background_words, *distractor_words(settings.distractors))
         threads = settings.fetch_threads or max(8, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="prelabel-fetch")
         self._budget = PixelBudget(2 * settings.max_image_pixels)
 
-    def with_weights(self, visual: VisionTransformer, head: ZegCLIP | None) -> Predictor:
-        """A predictor for a trained version: its own ViT and head; this one's text tower, text
-        cache and fetcher."""
+    def with_weights(
+        self, visual: VisionTransformer, head: ZegCLIP | None, adapter: TipAdapter | None = None,
+        thresholds: Mapping[str, float] | None = None,
+    ) -> Predictor:  # fmt: skip
+        """A predictor for a trained version: its own ViT, head, adapter and thresholds; this one's
+        text tower, text cache and fetcher."""
         bundle = dataclasses.replace(self.bundle, visual=visual.to(self.bundle.device))
         head = head.to(self.bundle.device) if head is not None else None
-        return Predictor(self.settings, bundle, fetcher=self.fetcher, text=self.text, head=head)
+        return Predictor(self.settings, bundle, self.fetcher, self.text, head, adapter, thresholds)
+
+    def with_adapter(self, adapter: TipAdapter | None, thresholds: Mapping[str, float]) -> Predictor:
+        """This predictor's weights and head with another few-shot adapter and thresholds."""
+        return Predictor(self.settings, self.bundle, self.fetcher, self.text, self.head, adapter, thresholds)
 
     def warm_up(self) -> None:
-        """Embed the background words now: every job needs them, so no job should pay for them."""
-        self.text.words(self.settings.background_words)
+        """Embed the background words and distractors now: every job needs them, so no job should
+        pay for them (~330 words x 85 prompts: a second on a GPU, a few minutes on a CPU)."""
+        self.text.words(self.competitors)
 
     def predict(self, job: PredictJob) -> PredictResult:
         started = time.perf_counter()
@@ -172,13 +186,14 @@ class Predictor:
         timings: dict[str, float] = {}
         mark = time.perf_counter()
         labels = [label for control in (*choices, *brushes, *regions) for label in control.labels]
-        bank = ClassBank.build(labels, self.settings.background_words)
-        text = self.text.classes(bank.synonyms).to(self.bundle.device)
+        bank = ClassBank.build(labels, self.competitors)
+        text = self.text.classes(bank.synonyms)
+        text = text[distinct_competitors(text, bank.n_labels)].to(self.bundle.device)
         timings["text"] = _ms_since(mark)
 
         mark = time.perf_counter()
         arrivals = Arrivals(images)
-        scores = self._run_models(arrivals, text, bank.n_labels, with_dense=bool(brushes or regions))
+        scores = self._run_models(arrivals, text, bank.n_labels, bool(brushes or regions), self.adapter is not None)
         timings["waiting_for_images"] = round(arrivals.waited_ms, 1)
         timings["model"] = round(_ms_since(mark) - arrivals.waited_ms, 1)
         if len(arrivals.received) != len(task_ids):
@@ -238,12 +253,25 @@ class Predictor:
         work = working_size(*size, self.settings.image_size, vit.patch_size(self.bundle.visual))
         return Prepared(to_pixels(image, work, self.bundle.mean, self.bundle.std), size)
 
+    def label_scores(self, images: Sequence[Prepared], labels: Sequence[ClassLabel]) -> tuple[Tensor, Tensor]:
+        """[n, L] TagCLIP scores of ``labels`` (before any adapter) and [n, E] image embeddings:
+        what the few-shot learner fits on."""
+        bank = ClassBank.build(labels, self.competitors)
+        text = self.text.classes(bank.synonyms)
+        text = text[distinct_competitors(text, bank.n_labels)].to(self.bundle.device)
+        scores = self._run_models(enumerate(images), text, bank.n_labels, False, True)
+        rows = [bank.index[label.texts] for label in labels]
+        tags = torch.tensor([[scores[i].tags[r] for r in rows] for i in range(len(images))]).reshape(len(images), -1)
+        return tags, torch.stack([scores[i].embedding for i in range(len(images))])  # type: ignore[misc]
+
     def _run_models(
-        self, images: Iterable[tuple[int, Prepared]], text: Tensor, n_labels: int, with_dense: bool
-    ) -> dict[int, ImageScores]:
+        self, images: Iterable[tuple[int, Prepared]], text: Tensor, n_labels: int, with_dense: bool,
+        with_embedding: bool,
+    ) -> dict[int, ImageScores]:  # fmt: skip
         """Same-size images share forward passes: one trunk (blocks 0..L-2) feeds both TagCLIP and
         the dense head; then the CWR crops of all images share batches. A project's ZegCLIP head,
-        when it has one, replaces the dense head with its own prompted pass."""
+        when it has one, replaces the dense head with its own prompted pass. ``with_embedding``
+        also finishes the trunk's plain last block for the image embedding."""
         visual = self.bundle.visual
         order: list[int] = []
         local: list[LocalScores] = []
@@ -261,6 +289,11 @@ class Predictor:
                     extras += [{"dense": f.float()} for f in features]
                 else:
                     extras += [{} for _ in chunk]
+                if with_embedding:
+                    last = visual.transformer.resblocks[-1]
+                    embedded = vit.project(visual, vit.block_forward(last, trunk.tokens))[:, 0].float().cpu()
+                    for extra, embedding in zip(extras[-len(chunk) :], embedded, strict=True):
+                        extra["embedding"] = embedding
                 local += tagclip_head(self.bundle, trunk, text, n_labels, self.config)
                 order += chunk
             fused = reidentify(self.bundle, local, text, self.config, self.settings.batch_size)
@@ -275,19 +308,25 @@ class Predictor:
         with torch.inference_mode(), autocast(self.bundle):
             yield
 
+    def _label_scores(self, labels: Sequence[ClassLabel], bank: ClassBank, scores: ImageScores) -> dict[str, float]:
+        """Each label's tag score, through the version's few-shot adapter when it has one."""
+        by_label = {label.name: scores.tags[bank.index[label.texts]] for label in labels}
+        if self.adapter is not None and scores.embedding is not None:
+            return self.adapter.adjust(by_label, scores.embedding)
+        return by_label
+
     def _answer(self, control: ChoicesControl, bank: ClassBank, scores: ImageScores) -> ControlTags:
-        by_label = {label.name: scores.tags[bank.index[label.texts]] for label in control.labels}
-        selected, confidence = select_tags(by_label, control.multiple, self.config.tag_threshold)
+        by_label = self._label_scores(control.labels, bank, scores)
+        selected, confidence = select_tags(by_label, control.multiple, self.rule)
         return ControlTags(control.from_name, selected, by_label, confidence)
 
     def _masks(
         self, control_labels: Sequence[ClassLabel], bank: ClassBank, text: Tensor, scores: ImageScores,
         size: tuple[int, int],
     ) -> list[tuple[ClassLabel, dense.Mask]]:  # fmt: skip
-        """Segment the labels of a control that TagCLIP finds in the image, competing with the
-        background words; pixels a background word wins stay unlabeled."""
-        by_label = {label.name: scores.tags[bank.index[label.texts]] for label in control_labels}
-        found, _ = select_tags(by_label, True, self.config.tag_threshold)
+        """Segment the labels of a control that the tag rule finds in the image, competing with the
+        background words and distractors; pixels a competitor wins stay unlabeled."""
+        found, _ = select_tags(self._label_scores(control_labels, bank, scores), True, self.rule)
         labels = [label for label in control_labels if label.name in found]
         if not labels:
             return []
@@ -299,7 +338,7 @@ class Predictor:
                 masks = dense.masks_from_logits(scores.zegclip[rows], len(rows), size, min_area, "sigmoid", floor)
             else:  # softmax against the background words, which win "none"
                 assert scores.dense is not None, "dense features are computed for jobs with masks, boxes or polygons"
-                rows += list(range(bank.n_labels, len(bank.synonyms)))
+                rows += list(range(bank.n_labels, len(text)))
                 logits = dense.class_logits(scores.dense, text[rows], scores.grid)
                 masks = dense.masks_from_logits(logits, len(labels), size, min_area)
         return [(labels[m.index], m) for m in masks]

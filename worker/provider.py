@@ -85,11 +85,11 @@ class ModelProvider:
         """A trained version from the registry; one that is missing, corrupt or does not fit this
         base is refused with the reason."""
         try:
-            visual, head = read_version(self.registry, project, version, base.bundle.visual)
+            loaded = read_version(self.registry, project, version, base.bundle.visual)
         except Exception as e:  # any failure here means this version cannot serve
             raise ModelUnavailable(f"Cannot load version {version} of project {project}: {e}") from e
         log.info("loaded version %s of project %s", version, project)
-        return base.with_weights(visual, head)
+        return base.with_weights(*loaded)
 
     def status(self) -> dict[str, Any]:
         status: dict[str, Any] = {"state": self._state, "version": self.settings.model_version}

@@ -21,6 +21,7 @@ from common.settings import Settings
 from common.versions import Registry
 from worker.progress import JobProgress
 from worker.provider import ModelProvider
+from worker.training.adapt import run_adaptation
 from worker.training.run import run_training
 
 log = logging.getLogger(__name__)
@@ -88,3 +89,18 @@ def train(payload: dict[str, Any]) -> dict[str, Any]:
     base = models.get()
     active = models.for_version(job.model_version, job.project)
     return run_training(base, active, registry, job, job_progress.report, job_progress.should_stop)
+
+
+def adapt(payload: dict[str, Any]) -> dict[str, Any]:
+    """Fit a project's few-shot adapter and tag thresholds on its corrections (queue ``adapt``,
+    served by the predict workers after their predictions); returns its summary."""
+    job = TrainJob.from_dict(payload)
+    models = provider()
+    rq_job = get_current_job()
+    connection = rq_job.connection if rq_job else None
+    registry = Registry(models.settings.model_dir, models.settings.model_version, connection)
+    job_progress = JobProgress(rq_job, f"adapt (project {job.project})")
+    log.info("adapt job %s: project %s from %s (trigger %s)", rq_job.id if rq_job else "inline", job.project,
+             job.model_version, job.trigger)  # fmt: skip
+    active = models.for_version(job.model_version, job.project)
+    return run_adaptation(active, registry, job, job_progress.report, job_progress.should_stop)

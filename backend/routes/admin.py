@@ -31,7 +31,8 @@ def versions():
         body["active"] = active
         body["details"] = [
             {"version": v.version, "created_at": v.created_at, "promoted": v.promoted, "reason": v.reason,
-             "metrics": v.metrics, "trained_on": len(v.trained_on), "active": v.version == active}
+             "learner": (v.config or {}).get("learner", "training"), "metrics": v.metrics,
+             "trained_on": len(v.trained_on), "active": v.version == active}
             for v in trained
         ]  # fmt: skip
     return jsonify(body)

@@ -34,6 +34,7 @@ def _task_prediction(task: TaskResult, spec: LabelSpec, model_version: str) -> d
             "score": round(control.score, 4),
         }
         for control in task.choices
+        if control.selected  # none of the labels: no result (a choices result must choose)
     ]
     items += [
         {

@@ -1,4 +1,4 @@
-"""Training-free dense CLIP segmentation on TagCLIP's trunk (ALGORITHMS.md sections 4-5).
+"""Training-free dense CLIP segmentation on TagCLIP's trunk (docs/algorithms.md section 3).
 
 CLIP's last block mixes every patch with the whole image, which blurs where things are. The
 dense heads replace only that block, on the tokens the trunk already computed:
@@ -98,7 +98,7 @@ def masks_from_logits(
     floor: float = 0.0,
 ) -> list[Mask]:
     """Upsample [K, h, w] logits to the image, give each pixel its best class, keep labels
-    ``0..n_labels-1`` (the rest are background words), drop connected regions smaller than
+    ``0..n_labels-1`` (the rest are competitors: background words, distractors), drop connected regions smaller than
     ``min_area`` of the image, and score each mask by its mean probability.
 
     ``activation`` is ``softmax`` (classes compete, as for CLIP similarities) or ``sigmoid``
@@ -106,6 +106,11 @@ def masks_from_logits(
     unlabeled.
     """
     width, height = image_size
+    if activation == "softmax" and logits.shape[0] > n_labels + 1:
+        # Competitors (background words, distractors) need only be beaten, not told apart: their
+        # best logit per patch stands for all of them, so n_labels + 1 maps are upsampled, not
+        # hundreds (each is up to MAX_MASK_SIDE^2 floats).
+        logits = torch.cat([logits[:n_labels], logits[n_labels:].amax(dim=0, keepdim=True)])
     scale = min(1.0, MAX_MASK_SIDE / max(width, height))
     work = (max(1, round(height * scale)), max(1, round(width * scale)))
     upsampled = F.interpolate(logits.detach()[None].float(), size=work, mode="bilinear", align_corners=False)[0]

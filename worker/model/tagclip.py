@@ -1,9 +1,9 @@
-"""TagCLIP: training-free multi-label tags from a frozen CLIP ViT (Lin et al., CVPR 2024).
+"""TagCLIP: training-free multi-label tags from a frozen CLIP ViT (Lin et al., AAAI 2024).
 
 Local-to-global: classify every patch (with a self-attending last block that keeps patches
 local), refine the patch scores with the model's own attention (DMAR), take each class's best
 patch, then re-identify each candidate class on a crop around it (CWR). See
-ALGORITHMS.md section 1. Two deliberate departures from the reference code:
+docs/algorithms.md section 1. Two deliberate departures from the reference code:
 
 * boxes keep the last patch row and column (the reference clips them to ``h-1``/``w-1``);
 * CWR skips a class with an empty region and goes on (the reference stops at the first one).
@@ -27,7 +27,6 @@ from worker.model.bundle import ClipBundle
 class TagCLIPConfig:
     """Hyperparameters; the defaults are the paper's for ViT-B/16 (12 blocks)."""
 
-    tag_threshold: float = 0.5  # relative: tag if score > min + t * (max - min)
     cwr_threshold: float = 0.5  # relative, over all refined patch scores: which classes get a crop
     cwr_weight: float = 0.5  # fused score = (1 - w) * local + w * crop
     cwr_max_classes: int | None = None  # crops per image at most, for the best-scoring candidates

@@ -1,5 +1,5 @@
 """ZegCLIP (Zhou et al., CVPR 2023): a segmentation head trained on a project's corrected masks,
-on top of the frozen CLIP ViT (ALGORITHMS.md section 2).
+on top of the frozen CLIP ViT (docs/algorithms.md section 4).
 
 * Deep prompt tuning: learned tokens join the sequence after the class token and are replaced
   before every block; a shared Linear + Dropout maps them, a new LayerNorm closes the encoder.
@@ -8,8 +8,11 @@ on top of the frozen CLIP ViT (ALGORITHMS.md section 2).
 * Decoder: 3 post-norm layers of cross-attention from class queries to patch features (no query
   self-attention, so a class's mask does not depend on which other classes are asked); the last
   layer's head-averaged attention logits are the masks.
-* Loss: sigmoid focal (x100) + dice (x1), non-mutually-exclusive; pixels marked ignore are left
-  out, unlike the reference code.
+* Patch features enter the decoder as they are (``use_proj=False`` in both official configs).
+* Loss: sigmoid focal (x100) + dice (x1), non-mutually-exclusive, both normalised as the reference
+  ``criterion.py`` does: each class map's focal term is its mean over pixels, summed over the
+  batch's maps and divided by the number of masks present (so focal keeps its weight against dice
+  whatever the number of classes asked); pixels marked ignore are left out, unlike the reference.
 
 Only the prompts and the head train: a checkpoint holds those (megabytes), not the backbone
 (``worker/checkpoints.py`` writes and reads it).
@@ -95,8 +98,6 @@ class ZegCLIPHead(nn.Module):
 
     def __init__(self, dim: int, cfg: ZegCLIPConfig) -> None:
         super().__init__()
-        self.input_proj = nn.Linear(dim, dim)
-        self.input_norm = nn.LayerNorm(dim)
         self.relation = nn.Linear(2 * dim, dim)
         self.layers = nn.ModuleList(
             RelationDecoderLayer(dim, cfg.decoder_heads, cfg.dropout) for _ in range(cfg.decoder_layers)
@@ -108,7 +109,7 @@ class ZegCLIPHead(nn.Module):
 
     def forward(self, image: Tensor, patches: Tensor, text: Tensor, grid: tuple[int, int]) -> Tensor:
         """image [B, E], patches [B, N, E], text [C, E] -> mask logits [B, C, h, w]."""
-        memory = self.input_norm(self.input_proj(patches))
+        memory = patches
         t = text[None].expand(image.shape[0], -1, -1)
         queries = self.relation(torch.cat([image[:, None] * t, t], dim=-1))
         logits = None
@@ -158,17 +159,19 @@ def one_hot_targets(mask: Tensor, classes: int) -> tuple[Tensor, Tensor]:
 
 
 def segmentation_loss(logits: Tensor, mask: Tensor, cfg: ZegCLIPConfig) -> Tensor:
-    """Sigmoid focal loss over every class and valid pixel, plus dice on the classes present.
-    ``logits`` [B, C, H, W] at the mask's size; ``mask`` [B, H, W] as in ``one_hot_targets``."""
+    """Sigmoid focal loss over every class map (its mean over valid pixels, summed over the maps,
+    divided by the number of masks present), plus dice on the masks present. ``logits``
+    [B, C, H, W] at the mask's size; ``mask`` [B, H, W] as in ``one_hot_targets``."""
     targets, valid = one_hot_targets(mask, logits.shape[1])
     weight = valid.float().expand_as(logits)
     p = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     p_t = p * targets + (1 - p) * (1 - targets)
     alpha_t = 0.25 * targets + 0.75 * (1 - targets)
-    focal = (alpha_t * (1 - p_t) ** 2 * ce * weight).sum() / weight.sum().clamp(min=1)
-
     present = (targets * weight).flatten(2).sum(-1) > 0  # [B, C]
+    per_map = (alpha_t * (1 - p_t) ** 2 * ce * weight).flatten(2).sum(-1) / weight.flatten(2).sum(-1).clamp(min=1)
+    focal = per_map.sum() / present.sum().clamp(min=1)
+
     inter = (p * targets * weight).flatten(2).sum(-1)
     total = (p * weight).flatten(2).sum(-1) + (targets * weight).flatten(2).sum(-1)
     dice = 1 - (2 * inter + 1) / (total + 1)

@@ -1,4 +1,4 @@
-"""CLIPSelf fine-tuning of the CLIP ViT on a project's corrections (ALGORITHMS.md sections 3-4).
+"""CLIPSelf fine-tuning of the CLIP ViT on a project's corrections (docs/algorithms.md section 5).
 
 CLIP's image embedding is good, its patch features less so; CLIPSelf makes the dense features of
 a region agree with what the frozen model says about that region cropped out. On top of that

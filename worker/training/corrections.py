@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from common.errors import AnnotationError
+from common.errors import AnnotationError, ImageError
 from common.jobs import BrushControl, ChoicesControl, RegionControl, TaskId
 from common.labelstudio.annotations import chosen, image_url, latest_annotation
 from common.labelstudio.annotations import regions as regions_of
@@ -23,6 +23,9 @@ from common.labelstudio.client import label_studio_client
 from common.labelstudio.regions import box_extent, draw_outline, region_labels, region_outline
 from common.projects import project_id
 from common.settings import Settings
+from worker.images import decode_for_model
+from worker.predictor import Predictor
+from worker.training.loop import ShouldStop, check_stop
 
 log = logging.getLogger(__name__)
 
@@ -140,3 +143,70 @@ def pull_corrections(
             log.warning("task %s left out of training: %s", task["id"], e)
     log.info("project %s: %d corrected tasks in Label Studio", project, len(corrections))
     return corrections
+
+
+@dataclass(frozen=True)
+class Split:
+    train: list[Correction]
+    held_out: list[Correction]
+
+
+def split(corrections: list[Correction], fraction: float) -> Split:
+    """Every k-th task by id goes to the held-out set (at least one, once there are two)."""
+    ordered = sorted(corrections, key=lambda c: str(c.task_id))
+    if len(ordered) < 2:
+        return Split(ordered, [])
+    every = max(2, round(1 / fraction))
+    held = [c for i, c in enumerate(ordered) if i % every == every - 1] or [ordered[-1]]
+    return Split([c for c in ordered if c not in held], held)
+
+
+def fetch_images(
+    predictor: Predictor, corrections: list[Correction], with_masks: bool, should_stop: ShouldStop | None = None
+) -> list[Correction]:
+    """Attach decoded images at training size (short side at most IMAGE_SIZE: a project of phone
+    photos stays a few hundred kB per task); drop tasks whose image cannot be had (logged); a
+    project with BrushLabels or PolygonLabels reads "no region" as "nothing to label here" (and a
+    corrected box's uncovered pixels as unknown)."""
+    settings = predictor.settings
+    kept = []
+    for correction in corrections:
+        check_stop(should_stop, "while fetching images")
+        if correction.image_url is None:
+            continue
+        try:
+            data = predictor.fetcher.fetch(correction.image_url)
+            image, upright = decode_for_model(data, settings.max_image_pixels, settings.image_size)
+        except ImageError as e:
+            log.warning("task %s left out of training: %s", correction.task_id, e)
+            continue
+        except Exception:  # an input nobody foresaw costs this task, not the run
+            log.exception("task %s left out of training: unexpected error fetching its image", correction.task_id)
+            continue
+        drawn_at = correction.size
+        if drawn_at is None and correction.mask is not None:
+            drawn_at = (correction.mask.shape[1], correction.mask.shape[0])
+        if drawn_at is not None and drawn_at != upright:
+            log.warning("task %s left out of training: mask and image sizes differ", correction.task_id)
+            continue
+        work = training_size(*upright, settings.image_size)
+        correction.image = image if image.size == work else image.resize(work, Image.Resampling.BICUBIC)
+        correction.size = upright
+        if correction.mask is not None and correction.mask.shape != (work[1], work[0]):
+            correction.mask = draw_scaled(correction.mask, work)
+        if with_masks and correction.mask is None:
+            correction.mask = np.zeros((work[1], work[0]), dtype=np.uint8)
+        if correction.mask is not None:
+            mark_boxes_unknown(correction.mask, correction.boxes)
+        kept.append(correction)
+    return kept
+
+
+def mark_boxes_unknown(mask: np.ndarray, boxes: list[tuple[str, tuple[float, float, float, float]]]) -> None:
+    """Inside a corrected box that no mask region covers, the pixels are unknown (255), not
+    "nothing here": the box says an object is there without saying which pixels."""
+    height, width = mask.shape
+    for _, (x0, y0, x1, y1) in boxes:
+        area = mask[int(y0 * height) : max(int(y0 * height) + 1, round(y1 * height)),
+                    int(x0 * width) : max(int(x0 * width) + 1, round(x1 * width))]  # fmt: skip
+        area[area == 0] = 255

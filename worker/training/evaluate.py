@@ -15,7 +15,7 @@ from worker.predictor import Predictor
 from worker.training.corrections import Correction, mask_labels
 
 #: Metrics the promotion gate compares, when the held-out corrections allow them.
-GATED = ("tag_map", "mask_miou", "box_miou")
+GATED = ("tag_map", "tag_exact", "mask_miou", "box_miou")
 #: Boxes are scored on a grid of this many cells a side, in fractions of the image.
 BOX_GRID = 200
 
@@ -27,13 +27,14 @@ def evaluate(
     brushes: Sequence[BrushControl],
     regions: Sequence[RegionControl] = (),
 ) -> dict[str, float]:
-    """Tag mAP and F1 (per Choices control, averaged) and mask mIoU over the labels present (of
+    """Tag mAP, F1 and exact tag sets (the share of tasks whose tags need no change; per Choices
+    control, averaged) and mask mIoU over the labels present (of
     brush masks and polygons), predicted by ``predictor`` on the corrections' images and scored
     against the corrections."""
     images = predictor.prepare([c.image for c in corrections])
     results, _ = predictor.run([c.task_id for c in corrections], images, choices, brushes, regions)
     metrics: dict[str, float] = {"tasks": float(len(corrections))}
-    maps, f1s = [], []
+    maps, f1s, exact = [], [], []
     for control in choices:
         names = [label.name for label in control.labels]
         answers = [next(a for a in r.choices if a.from_name == control.from_name) for r in results]
@@ -43,10 +44,12 @@ def evaluate(
         if truth.any():
             maps.append(mean_average_precision(scores, truth))
         f1s.append(micro_f1(predicted, truth))
+        exact.append(float((predicted == truth).all(axis=1).mean()))
     if maps:
         metrics["tag_map"] = float(np.mean(maps))
     if f1s:
         metrics["tag_f1"] = float(np.mean(f1s))
+        metrics["tag_exact"] = float(np.mean(exact))
     with_masks = [(r, c) for r, c in zip(results, corrections, strict=True) if c.mask is not None]
     if mask_labels(brushes, regions) and with_masks:
         labels = with_masks[0][1].mask_labels

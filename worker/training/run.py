@@ -4,7 +4,8 @@
 2. hold out a fifth of the corrected tasks (by task id, so reruns hold out the same ones);
 3. fine-tune the active version's ViT with CLIPSelf + the supervised terms (teacher: the base);
 4. when enough corrected masks exist, train a ZegCLIP head on the new ViT;
-5. measure the candidate and the active version on the held-out tasks, save the candidate as a
+5. fit the few-shot adapter and tag thresholds on the new ViT (``adapt.py``);
+6. measure the candidate and the active version on the held-out tasks, save the candidate as a
    new version with that report, and make it active only if the gate passes.
 
 A crash or a cancel at any step leaves the active version as it was: activation is the last step.
@@ -17,22 +18,17 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
-from common.errors import ImageError
 from common.jobs import TrainJob
-from common.labelstudio.brush import draw_scaled
 from common.versions import Registry
 from worker.checkpoints import version_visual, write_version
-from worker.images import decode_for_model
 from worker.predictor import Predictor
+from worker.training.adapt import fit_adapter, project_labels
 from worker.training.clipself import CLIPSelfConfig, train_clipself
-from worker.training.corrections import Correction, mask_labels, pull_corrections, training_size
+from worker.training.corrections import Correction, fetch_images, mask_labels, pull_corrections, split
 from worker.training.evaluate import evaluate, gate
 from worker.training.loop import ShouldStop, check_stop
 from worker.training.zegclip import TrainingSample, calibrate_threshold, train_zegclip
@@ -42,73 +38,6 @@ log = logging.getLogger(__name__)
 
 #: Called with (stage, step, steps, loss) as training goes.
 StageProgress = Callable[[str, int, int, float | None], None]
-
-
-@dataclass(frozen=True)
-class Split:
-    train: list[Correction]
-    held_out: list[Correction]
-
-
-def split(corrections: list[Correction], fraction: float) -> Split:
-    """Every k-th task by id goes to the held-out set (at least one, once there are two)."""
-    ordered = sorted(corrections, key=lambda c: str(c.task_id))
-    if len(ordered) < 2:
-        return Split(ordered, [])
-    every = max(2, round(1 / fraction))
-    held = [c for i, c in enumerate(ordered) if i % every == every - 1] or [ordered[-1]]
-    return Split([c for c in ordered if c not in held], held)
-
-
-def fetch_images(
-    predictor: Predictor, corrections: list[Correction], with_masks: bool, should_stop: ShouldStop | None = None
-) -> list[Correction]:
-    """Attach decoded images at training size (short side at most IMAGE_SIZE: a project of phone
-    photos stays a few hundred kB per task); drop tasks whose image cannot be had (logged); a
-    project with BrushLabels or PolygonLabels reads "no region" as "nothing to label here" (and a
-    corrected box's uncovered pixels as unknown)."""
-    settings = predictor.settings
-    kept = []
-    for correction in corrections:
-        check_stop(should_stop, "while fetching images")
-        if correction.image_url is None:
-            continue
-        try:
-            data = predictor.fetcher.fetch(correction.image_url)
-            image, upright = decode_for_model(data, settings.max_image_pixels, settings.image_size)
-        except ImageError as e:
-            log.warning("task %s left out of training: %s", correction.task_id, e)
-            continue
-        except Exception:  # an input nobody foresaw costs this task, not the run
-            log.exception("task %s left out of training: unexpected error fetching its image", correction.task_id)
-            continue
-        drawn_at = correction.size
-        if drawn_at is None and correction.mask is not None:
-            drawn_at = (correction.mask.shape[1], correction.mask.shape[0])
-        if drawn_at is not None and drawn_at != upright:
-            log.warning("task %s left out of training: mask and image sizes differ", correction.task_id)
-            continue
-        work = training_size(*upright, settings.image_size)
-        correction.image = image if image.size == work else image.resize(work, Image.Resampling.BICUBIC)
-        correction.size = upright
-        if correction.mask is not None and correction.mask.shape != (work[1], work[0]):
-            correction.mask = draw_scaled(correction.mask, work)
-        if with_masks and correction.mask is None:
-            correction.mask = np.zeros((work[1], work[0]), dtype=np.uint8)
-        if correction.mask is not None:
-            mark_boxes_unknown(correction.mask, correction.boxes)
-        kept.append(correction)
-    return kept
-
-
-def mark_boxes_unknown(mask: np.ndarray, boxes: list[tuple[str, tuple[float, float, float, float]]]) -> None:
-    """Inside a corrected box that no mask region covers, the pixels are unknown (255), not
-    "nothing here": the box says an object is there without saying which pixels."""
-    height, width = mask.shape
-    for _, (x0, y0, x1, y1) in boxes:
-        area = mask[int(y0 * height) : max(int(y0 * height) + 1, round(y1 * height)),
-                    int(x0 * width) : max(int(x0 * width) + 1, round(x1 * width))]  # fmt: skip
-        area[area == 0] = 255
 
 
 def run_training(
@@ -161,6 +90,11 @@ def run_training(
         head_meta = {"classes": list(names), "steps": zeg_report.steps, "masks": len(masks)}
         candidate = base.with_weights(visual, head)
 
+    check_stop(should_stop, "before fitting the few-shot adapter")
+    progress("fitting", 0, 0, None)
+    fitted = fit_adapter(candidate, parts.train, project_labels(job))  # its cache must come from the new ViT
+    candidate = candidate.with_adapter(fitted.adapter, fitted.thresholds)
+
     check_stop(should_stop, "before evaluating")
     progress("evaluating", 0, 0, None)
     with torch.inference_mode():
@@ -173,7 +107,7 @@ def run_training(
     check_stop(should_stop, "before saving")
     info = registry.add(
         job.project,
-        lambda directory: write_version(directory, weights, head, head_meta),
+        lambda directory: write_version(directory, weights, head, head_meta, fitted.adapter, fitted.thresholds),
         trained_on=[c.task_id for c in parts.train],
         held_out=[c.task_id for c in parts.held_out],
         metrics={**scores, "final_loss": report.losses[-1] if report.losses else None},
@@ -182,6 +116,8 @@ def run_training(
             "trigger": job.trigger,
             "clipself": dataclasses.asdict(cfg),
             "zegclip": head_meta,
+            "adapter": {"alpha": fitted.adapter.alpha, "beta": fitted.adapter.beta} if fitted.adapter else None,
+            "thresholds": fitted.thresholds,
         },  # fmt: skip
         promoted=promoted,
         reason=reason,

@@ -1,0 +1,203 @@
+"""The fast learner: a project's first corrections change its tags within seconds, long before a
+GPU training run (docs/algorithms.md section 6).
+
+When corrections arrive (the annotation webhook), an ``adapt`` job:
+
+1. pulls the project's corrections from Label Studio and fetches their images, as training does;
+2. holds out the same tasks as training (every fifth by task id);
+3. scores and embeds the other corrections with the active version, and fits on them, leave one
+   out, the few-shot adapter's blend (``alpha``, ``beta``; ``alpha`` 0 is no cache) and one tag
+   threshold per label (the cut that gets most of them right);
+4. measures the candidate and the active version on the held-out corrections and promotes the
+   candidate only through the gate training runs use.
+
+The candidate keeps the active version's trained blocks and head: this learner adds to them.
+Training runs refit it on their own candidate, so a newly trained ViT never serves a stale cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from common.jobs import ClassLabel, TrainJob
+from common.versions import Registry
+from worker.checkpoints import carry_over, write_adapter
+from worker.model.adapter import TipAdapter
+from worker.predictor import Predictor
+from worker.training.corrections import Correction, fetch_images, mask_labels, pull_corrections, split
+from worker.training.evaluate import evaluate, gate
+from worker.training.loop import ShouldStop, check_stop
+
+log = logging.getLogger(__name__)
+
+#: The blends tried (Tip-Adapter searches its alpha and beta on validation data the same way).
+ALPHAS = (0.0, 0.25, 0.5, 0.75)
+BETAS = (1.0, 3.0, 5.5, 10.0)
+
+
+@dataclass(frozen=True)
+class Fitted:
+    adapter: TipAdapter | None  # None: the cache did not help on the training corrections
+    thresholds: dict[str, float]
+    exact: float  # share of training corrections (left out in turn) whose tag set the fit gets right
+
+
+def newest(corrections: list[Correction], count: int) -> list[Correction]:
+    """The ``count`` corrections of the newest tasks (highest ids)."""
+    order = sorted(corrections, key=lambda c: (0, c.task_id, "") if isinstance(c.task_id, int) else (1, 0, c.task_id))
+    return order[-count:]
+
+
+def project_labels(job: TrainJob) -> list[ClassLabel]:
+    """Every label of the project's controls, once per name."""
+    labels = [label for control in (*job.choices, *job.brushes, *job.regions) for label in control.labels]
+    return list({label.name: label for label in labels}.values())
+
+
+def presence(corrections: Sequence[Correction], names: Sequence[str]) -> np.ndarray:
+    """[n, L] booleans: the annotator's tags, mask and polygon labels and box labels of each task."""
+    rows = []
+    for c in corrections:
+        present = set(c.all_tags) | {label for label, _ in c.boxes}
+        if c.mask is not None:
+            present |= {c.mask_labels[k - 1] for k in np.unique(c.mask) if 0 < k <= len(c.mask_labels)}
+        rows.append([name in present for name in names])
+    return np.array(rows, dtype=bool).reshape(len(corrections), len(names))
+
+
+def leave_one_out(scores: Tensor, embeddings: Tensor, truth: Tensor, alpha: float, beta: float) -> Tensor:
+    """[n, L] blended scores, each task's cache answer made from the other tasks only."""
+    if alpha == 0 or len(scores) < 2:
+        return scores.float()
+    affinity = torch.exp(-beta * (1 - embeddings.float() @ embeddings.float().T))
+    affinity.fill_diagonal_(0)
+    cache = affinity @ truth.float() / affinity.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    return (1 - alpha) * scores.float() + alpha * cache
+
+
+def best_threshold(scores: np.ndarray, truth: np.ndarray, default: float) -> float:
+    """The cut that classifies most of ``scores`` right, the one nearest ``default`` among ties;
+    ``default`` when the label was always or never present (nothing to learn a cut from)."""
+    if truth.all() or not truth.any():
+        return default
+    values = np.unique(scores)
+    cuts = np.concatenate([[default], (values[:-1] + values[1:]) / 2, [values[0] - 1e-6, values[-1] + 1e-6]])
+    right = np.array([((scores >= cut) == truth).sum() for cut in cuts])
+    best = cuts[right == right.max()]
+    return float(best[np.argmin(np.abs(best - default))])
+
+
+def fit(scores: Tensor, embeddings: Tensor, truth: np.ndarray, names: Sequence[str], default: float) -> Fitted:
+    """The blend and thresholds that get the most tag sets right (leave one out), the plainest
+    (smallest alpha) among ties."""
+    target = torch.from_numpy(truth)
+    best: tuple[tuple[float, float], Fitted] | None = None
+    for alpha in ALPHAS:
+        for beta in BETAS if alpha > 0 else BETAS[:1]:
+            blended = leave_one_out(scores, embeddings, target, alpha, beta).numpy()
+            cuts = [best_threshold(blended[:, i], truth[:, i], default) for i in range(len(names))]
+            predicted = blended >= np.array(cuts)
+            exact = float((predicted == truth).all(axis=1).mean())
+            rank = (exact, float((predicted == truth).mean()))
+            if best is None or rank > best[0]:
+                adapter = TipAdapter(embeddings.float(), target.float(), tuple(names), alpha, beta) if alpha else None
+                best = rank, Fitted(adapter, dict(zip(names, cuts, strict=True)), exact)
+    assert best is not None
+    return best[1]
+
+
+def fit_adapter(predictor: Predictor, corrections: Sequence[Correction], labels: Sequence[ClassLabel]) -> Fitted:
+    """Score and embed ``corrections`` with ``predictor`` (before any adapter of its own) and fit."""
+    prepared = list(predictor.prepare([c.image for c in corrections]))
+    with torch.inference_mode():
+        scores, embeddings = predictor.label_scores(prepared, labels)
+    names = [label.name for label in labels]
+    return fit(scores, embeddings, presence(corrections, names), names, predictor.settings.tag_min_score)
+
+
+def run_adaptation(
+    active: Predictor,
+    registry: Registry,
+    job: TrainJob,
+    progress: Callable[[str, int, int, float | None], None],
+    should_stop: ShouldStop,
+    collect: Callable[..., list[Correction]] = pull_corrections,
+) -> dict[str, Any]:
+    """Fit, evaluate, save and maybe promote; returns the summary the job stores as its result."""
+    settings = active.settings
+    started = time.perf_counter()
+    progress("collecting corrections", 0, 0, None)
+    corrections = collect(settings, job.project, job.image_key, job.choices, job.brushes, job.regions)
+    corrections = newest(corrections, settings.adapt_max_corrections)  # fetched each time: keep it bounded
+    names = mask_labels(job.brushes, job.regions)
+    if len(corrections) >= settings.adapt_min_corrections:  # else no image is worth fetching
+        corrections = fetch_images(active, corrections, with_masks=bool(names), should_stop=should_stop)
+    if len(corrections) < settings.adapt_min_corrections:
+        reason = (f"{len(corrections)} usable corrections; "
+                  f"the few-shot learner starts at {settings.adapt_min_corrections}")  # fmt: skip
+        log.info("project %s: not adapting: %s", job.project, reason)
+        return {"status": "skipped", "reason": reason, "corrections": len(corrections)}
+    parts = split(corrections, settings.train_holdout)
+
+    check_stop(should_stop, "before fitting")
+    progress("fitting", 0, 0, None)
+    fitted = fit_adapter(active, parts.train, project_labels(job))
+    candidate = active.with_adapter(fitted.adapter, fitted.thresholds)
+
+    check_stop(should_stop, "before evaluating")
+    progress("evaluating", 0, 0, None)
+    with torch.inference_mode():
+        scores = {
+            "candidate": evaluate(candidate, parts.held_out, job.choices, job.brushes, job.regions),
+            "active": evaluate(active, parts.held_out, job.choices, job.brushes, job.regions),
+        }
+    promoted, reason = gate(scores["candidate"], scores["active"], settings.promotion_margin)
+
+    source = None
+    if job.model_version != settings.model_version:
+        info = registry.get(job.project, job.model_version)
+        source = registry.version_dir(job.project, info.number)
+
+    def write(directory) -> None:
+        carry_over(source, directory)
+        write_adapter(directory, fitted.adapter, fitted.thresholds)
+
+    check_stop(should_stop, "before saving")
+    adapter = fitted.adapter
+    info = registry.add(
+        job.project,
+        write,
+        trained_on=[c.task_id for c in parts.train],
+        held_out=[c.task_id for c in parts.held_out],
+        metrics={**scores, "fit_exact": fitted.exact},
+        config={
+            "from_version": job.model_version,
+            "trigger": job.trigger,
+            "learner": "few-shot",
+            "adapter": {"alpha": adapter.alpha, "beta": adapter.beta, "cache": len(adapter.keys)} if adapter else None,
+            "thresholds": fitted.thresholds,
+        },
+        promoted=promoted,
+        reason=reason,
+    )
+    if promoted:
+        registry.activate(job.project, info.version)
+    seconds = round(time.perf_counter() - started, 1)
+    log.info("project %s: few-shot version %s %s (%s) in %.1f s", job.project, info.version,
+             "promoted" if promoted else "kept as candidate", reason, seconds)  # fmt: skip
+    return {
+        "status": "promoted" if promoted else "rejected",
+        "version": info.version,
+        "reason": reason,
+        "metrics": scores,
+        "corrections": len(corrections),
+        "seconds": seconds,
+    }
