@@ -76,3 +76,55 @@ def test_grid_cells_follow_clipself_splits():
         assert 1 <= len(cells) <= 10
         for x0, y0, x1, y1 in cells:
             assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
+
+
+MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def _normalised(image) -> torch.Tensor:
+    import numpy as np
+
+    array = (np.asarray(image, dtype=np.float32) / 255 - np.array(MEAN, dtype=np.float32)) / np.array(STD, np.float32)
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+
+def _photo(width: int, height: int):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_teacher_targets_are_crops_of_the_original_image_resized_bicubic_and_centred_on_black():
+    """As CLIPSelf's data.py: the box cut from the original photo (not from the student's resized
+    input), its longest side resized to the teacher's input with bicubic, centred on black."""
+    from PIL import Image
+
+    from worker.training.clipself import teacher_crops
+
+    photo = _photo(90, 60)
+    box = (0.1, 0.2, 0.6, 0.5)  # 45 x 18 pixels of the photo
+    (crop,) = teacher_crops(photo, [box], 32, MEAN, STD)
+    expected = Image.new("RGB", (32, 32), (0, 0, 0))
+    piece = photo.crop((9, 12, 54, 30)).resize((32, 13), Image.Resampling.BICUBIC)
+    expected.paste(piece, (0, 9))
+    torch.testing.assert_close(crop, _normalised(expected), atol=1e-5, rtol=0)
+
+
+def test_student_input_keeps_the_aspect_and_its_boxes_land_on_the_same_pixels():
+    """CLIPSelf resizes the longest side and pads black at the bottom and right; a box of the
+    photo is the same box of the canvas scaled by the part the photo covers."""
+    from PIL import Image
+
+    from worker.training.clipself import from_canvas, letterbox, to_canvas
+
+    photo = _photo(80, 40)
+    pixels, cover = letterbox(photo, 32, MEAN, STD)
+    assert cover == (0.0, 0.0, 1.0, 0.5)
+    expected = Image.new("RGB", (32, 32), (0, 0, 0))
+    expected.paste(photo.resize((32, 16), Image.Resampling.BICUBIC), (0, 0))
+    torch.testing.assert_close(pixels, _normalised(expected), atol=1e-5, rtol=0)
+    box = (0.25, 0.5, 0.75, 1.0)
+    assert to_canvas(box, cover) == (0.25, 0.25, 0.75, 0.5)
+    assert from_canvas(to_canvas(box, cover), cover) == box

@@ -199,3 +199,64 @@ def test_bf16_autocast_path_agrees_with_fp32():
     for a, b in zip(exact, fast, strict=True):
         assert b.dtype == torch.float32
         torch.testing.assert_close(b, a, atol=0.02, rtol=0.1)
+
+
+def test_local_stage_matches_the_papers_definition_computed_independently():
+    """TagCLIP's local stage written from the paper with torch's own attention module (not
+    worker/model/vit.py): blocks 0..L-2 as CLIP runs them; the last block's attention restricted
+    to the diagonal (-100 elsewhere) so each patch is classified alone; patch probabilities a
+    softmax over the classes; DMAR: every block's patch attention votes where it is above its
+    mean, the refinement blocks' (L-4..L-2) mean attention is kept where at least a third of the
+    blocks agree, scores propagate along it, then again with each class restricted to the boxes of
+    its connected regions above its mean; a class's score is its best refined patch."""
+    bundle = _bundle()
+    visual, cfg = bundle.visual, TagCLIPConfig()
+    torch.manual_seed(1)
+    pixels = torch.randn(1, 3, 64, 64)
+    text = torch.nn.functional.normalize(torch.randn(5, visual.output_dim), dim=-1)
+    n_fg, depth, grid = 3, len(visual.transformer.resblocks), (8, 8)
+
+    with torch.no_grad():
+        x = visual.conv1(pixels).flatten(2).transpose(1, 2)
+        x = torch.cat([visual.class_embedding.expand(1, 1, -1), x], dim=1) + visual.positional_embedding
+        x = visual.ln_pre(x)
+        maps = []
+
+        def attend(block, h, mask=None):
+            out, weights = block.attn(h, h, h, need_weights=True, average_attn_weights=True, attn_mask=mask)
+            return out, weights
+
+        for block in visual.transformer.resblocks[:-1]:
+            out, weights = attend(block, block.ln_1(x))
+            maps.append(weights[0, 1:, 1:])
+            x = x + out
+            x = x + block.mlp(block.ln_2(x))
+        last = visual.transformer.resblocks[-1]
+        maps.append(attend(last, last.ln_1(x))[1][0, 1:, 1:])  # the last block votes with its plain attention
+        diagonal = -100.0 * (1 - torch.eye(x.shape[1]))
+        out, _ = attend(last, last.ln_1(x), diagonal)
+        x = x + out
+        x = x + last.mlp(last.ln_2(x))
+        features = torch.nn.functional.normalize(visual.ln_post(x[0, 1:]) @ visual.proj, dim=-1)
+        probs = (bundle.logit_scale * features @ text.T).softmax(dim=-1)  # [N, C]
+
+        votes = sum((a > a.mean()).int() for a in maps)
+        refine = range(depth - 4, depth - 1)
+        refined_attention = sum(maps[i] for i in refine) / len(refine) * (votes >= round(depth / 3))
+        coarse = refined_attention @ probs
+        boxes = torch.zeros_like(coarse)
+        for c in range(coarse.shape[1]):
+            column = coarse[:, c].numpy()
+            normalised = (column - column.min()) / (column.max() - column.min())
+            above = (np.floor(normalised * 255) > np.floor(normalised.mean() * 255)).reshape(grid).astype(np.uint8)
+            count, _, stats, _ = cv2.connectedComponentsWithStats(above, connectivity=8)
+            box = np.zeros(grid, dtype=bool)
+            for x0, y0, w, h, _ in stats[1:count]:
+                box[y0 : y0 + h, x0 : x0 + w] = True
+            boxes[:, c] = torch.from_numpy(box.ravel()).float()
+        expected = refined_attention @ (boxes * probs)
+
+    (item,) = local_scores(bundle, pixels, text, n_fg, cfg)
+    torch.testing.assert_close(item.patch_probs, probs, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(item.patch_scores, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(item.scores, expected[:, :n_fg].amax(dim=0), atol=1e-5, rtol=1e-4)

@@ -57,7 +57,7 @@ class CLIPSelfConfig:
     context: float = 1.5  # teacher crops of corrected regions are this much larger
     alpha: float = 0.7
     max_boxes: int = 8  # corrected boxes (weak labels) used per image and step
-    size: int = 448  # training images are resized to size x size
+    size: int = 448  # training images: the longest side resized to this, padded black to a square
 
 
 def trainable_blocks(visual: VisionTransformer, cfg: CLIPSelfConfig) -> range:
@@ -108,20 +108,53 @@ def _enlarge(box: tuple[float, float, float, float], factor: float) -> tuple[flo
     return max(0.0, cx - w / 2), max(0.0, cy - h / 2), min(1.0, cx + w / 2), min(1.0, cy + h / 2)
 
 
-def teacher_crops(pixels: Tensor, boxes: Sequence[tuple[float, float, float, float]], size: int) -> Tensor:
-    """Crops of a normalised image [3, H, W], each resized to fit ``size`` x ``size`` keeping its
-    aspect ratio and centred on zero padding (the mean colour), as CLIPSelf feeds its teacher."""
-    _, H, W = pixels.shape
-    out = torch.zeros(len(boxes), 3, size, size, dtype=pixels.dtype, device=pixels.device)
+Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) as fractions
+
+
+def black(count: int, size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """[count, 3, size, size] black pixels, normalised (CLIPSelf pads with zeros before normalising)."""
+    value = (0 - torch.tensor(mean, dtype=torch.float32)) / torch.tensor(std, dtype=torch.float32)
+    return value[None, :, None, None].expand(count, 3, size, size).clone()
+
+
+def letterbox(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> tuple[Tensor, Box]:
+    """CLIPSelf's student input: the longest side resized to ``size`` (bicubic, aspect kept), black
+    at the bottom and right. Returns the pixels [3, size, size] and the part of the canvas the image
+    covers, as a box."""
+    width, height = image.size
+    scale = size / max(width, height)
+    w, h = max(1, round(width * scale)), max(1, round(height * scale))
+    canvas = black(1, size, mean, std)[0]
+    canvas[:, :h, :w] = to_pixels(image, (w, h), mean, std)
+    return canvas, (0.0, 0.0, w / size, h / size)
+
+
+def teacher_crops(
+    image: Image.Image, boxes: Sequence[Box], size: int, mean: Sequence[float], std: Sequence[float]
+) -> Tensor:
+    """Crops of the original image (boxes as fractions of it), each resized (bicubic) so that its
+    longest side is ``size`` and centred on black, as CLIPSelf feeds its teacher: [K, 3, size, size]."""
+    W, H = image.size
+    out = black(len(boxes), size, mean, std)
     for k, (x0, y0, x1, y1) in enumerate(boxes):
-        top, left = int(y0 * H), int(x0 * W)
-        crop = pixels[:, top : max(top + 1, math.ceil(y1 * H)), left : max(left + 1, math.ceil(x1 * W))]
-        scale = size / max(crop.shape[1:])
-        h, w = max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[2] * scale))
-        resized = F.interpolate(crop[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        left, top = min(W - 1, int(x0 * W)), min(H - 1, int(y0 * H))
+        crop = image.crop((left, top, max(left + 1, math.ceil(x1 * W)), max(top + 1, math.ceil(y1 * H))))
+        scale = size / max(crop.size)
+        w, h = max(1, round(crop.width * scale)), max(1, round(crop.height * scale))
         oy, ox = (size - h) // 2, (size - w) // 2
-        out[k, :, oy : oy + h, ox : ox + w] = resized
+        out[k, :, oy : oy + h, ox : ox + w] = to_pixels(crop, (w, h), mean, std)
     return out
+
+
+def to_canvas(box: Box, cover: Box) -> Box:
+    """A box in fractions of the image -> fractions of the letterboxed canvas covering ``cover``."""
+    fx, fy = cover[2], cover[3]
+    return box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy
+
+
+def from_canvas(box: Box, cover: Box) -> Box:
+    fx, fy = cover[2], cover[3]
+    return box[0] / fx, box[1] / fy, min(1.0, box[2] / fx), min(1.0, box[3] / fy)
 
 
 def _patch_targets(mask: np.ndarray, grid: tuple[int, int]) -> Tensor:
@@ -184,21 +217,23 @@ def train_clipself(
 
 def _loss(model, teacher, batch, text, label_index, mean, std, cfg, native, rng) -> Tensor:
     device = text.device
-    size = (cfg.size, cfg.size)
-    pixels = torch.stack([to_pixels(c.image, size, mean, std) for c in batch]).to(device)
+    boxed = [letterbox(c.image, cfg.size, mean, std) for c in batch]
+    pixels = torch.stack([pixels for pixels, _ in boxed]).to(device)
     dense = dense_map(model, pixels)  # [B, E, h, w]
     grid = tuple(dense.shape[-2:])
     rois, teacher_inputs, sup_terms, pix_terms = [], [], [], []
     for b, correction in enumerate(batch):
-        mask = _resized_mask(correction, size)
-        regions = region_boxes(mask) if mask is not None else []
+        cover = boxed[b][1]
+        mask = _canvas_mask(correction, cfg.size, cover)
+        regions = [(k, from_canvas(box, cover)) for k, box in region_boxes(mask)] if mask is not None else []
         weak = [(name, b) for name, b in correction.boxes if name in label_index and b[0] < b[2] and b[1] < b[3]]
         if len(weak) > cfg.max_boxes:  # a few per image and step: each is a teacher pass
             weak = rng.sample(weak, cfg.max_boxes)
-        corrected = [box for _, box in regions] + [box for _, box in weak]
-        student_boxes = corrected + grid_cells(rng, cfg.grid_cells)
-        crops = [_enlarge(box, cfg.context) for box in corrected] + student_boxes[len(corrected) :]
-        teacher_inputs.append(teacher_crops(pixels[b], crops, native))
+        corrected = [box for _, box in regions] + [box for _, box in weak]  # fractions of the image
+        image_boxes = corrected + grid_cells(rng, cfg.grid_cells)
+        crops = [_enlarge(box, cfg.context) for box in corrected] + image_boxes[len(corrected) :]
+        teacher_inputs.append(teacher_crops(correction.image, crops, native, mean, std).to(device))
+        student_boxes = [to_canvas(box, cover) for box in image_boxes]
         rois += [[b, x0 * grid[1], y0 * grid[0], x1 * grid[1], y1 * grid[0]] for x0, y0, x1, y1 in student_boxes]
         features = dense[b]  # [E, h, w]
         if mask is not None:
@@ -216,7 +251,8 @@ def _loss(model, teacher, batch, text, label_index, mean, std, cfg, native, rng)
                 logits = 50 * features.flatten(1).T @ text.T  # [h*w, C]
                 pix_terms.append(F.cross_entropy(logits, labelled, ignore_index=-100))
         for name, extent in weak:  # a box says its label is inside it: pooled over the box
-            sup_terms.append(_pooled_term(features, _box_weights(extent, grid).to(device), text, label_index[name]))
+            weights = _box_weights(to_canvas(extent, cover), grid).to(device)
+            sup_terms.append(_pooled_term(features, weights, text, label_index[name]))
         unboxed = [t for t in correction.all_tags if t not in {name for name, _ in weak}]
         if mask is None and unboxed:  # tags with no region: their best patch, multiple-instance
             patch_logits = 50 * features.flatten(1).T @ text.T  # best patch per class
@@ -257,7 +293,11 @@ def _box_weights(box: tuple[float, float, float, float], grid: tuple[int, int]) 
     return overlap(y0, y1, h)[:, None] * overlap(x0, x1, w)[None, :]
 
 
-def _resized_mask(correction: Correction, size: tuple[int, int]) -> np.ndarray | None:
+def _canvas_mask(correction: Correction, size: int, cover: Box) -> np.ndarray | None:
+    """The corrected mask on the letterboxed canvas; the padding is unknown (255)."""
     if correction.mask is None or correction.mask.size == 0:
         return None
-    return np.asarray(Image.fromarray(correction.mask).resize(size, Image.Resampling.NEAREST))
+    w, h = round(cover[2] * size), round(cover[3] * size)
+    canvas = np.full((size, size), 255, dtype=np.uint8)
+    canvas[:h, :w] = np.asarray(Image.fromarray(correction.mask).resize((w, h), Image.Resampling.NEAREST))
+    return canvas
