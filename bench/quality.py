@@ -69,6 +69,8 @@ EMPTY_RATE = 0.15  # held-out scenes with no object
 KINDS = {"colour": tuple(COLOURS), "shape": SHAPES}
 TAG_METHODS = ("global", "patch", "dmar", "dmar+cwr")
 HEADS = ("maskclip", "clearclip", "naclip")
+#: (head, sliding window) rows of section 2: the whole image on TagCLIP's trunk, and the papers' slide
+SEGMENTATION = tuple((h, False) for h in HEADS) + (("clearclip", True), ("naclip", True))
 MIN_AREA = 0.002  # the service's default MASK_MIN_AREA
 RELATIVE = TagRule("relative")  # TagCLIP's rule, for the paper's figures (sections 1, 2 and 4)
 SMALL_SETS = (1, 2, 3, 5)  # label counts of the small projects of section 3
@@ -137,15 +139,21 @@ def class_map(masks: Sequence[dense.Mask], class_ids: Sequence[int]) -> np.ndarr
 
 
 @torch.no_grad()
-def dense_maps(bench: Bench, held_out: Sequence[Scene], kind: str, head: str, tags: np.ndarray | None) -> list:
-    """Predicted class maps from a training-free head; ``tags`` [N, C] restricts the classes."""
+def dense_maps(
+    bench: Bench, held_out: Sequence[Scene], kind: str, head: str, tags: np.ndarray | None, sliding: bool = False
+) -> list:  # fmt: skip
+    """Predicted class maps from a training-free head; ``tags`` [N, C] restricts the classes;
+    ``sliding``: the papers' sliding-window inference instead of the whole image on TagCLIP's trunk."""
     classes = KINDS[kind]
     C, text = len(classes), bench.class_text(classes)
     maps = []
     for start in range(0, len(held_out), bench.batch_size):
         pixels = bench.pixels(held_out[start : start + bench.batch_size])
         trunk = run_trunk(bench.bundle, pixels, bench.cfg)
-        features = dense.dense_features(bench.bundle.visual, trunk.tokens, trunk.grid, head)
+        if sliding:
+            features = dense.sliding_features(bench.bundle.visual, pixels, head, bench.batch_size)
+        else:
+            features = dense.dense_features(bench.bundle.visual, trunk.tokens, trunk.grid, head)
         for b in range(pixels.shape[0]):
             ids = list(np.flatnonzero(tags[start + b])) if tags is not None else list(range(C))
             rows = ids + list(range(C, text.shape[0]))
@@ -344,11 +352,11 @@ def run_seed(bench: Bench, predictor: Predictor | None, n_held_out: int, n_pool:
             for c, name in enumerate(names)
         }
         restricted[kind] = selected(scores["dmar+cwr"], names)
-    for head in HEADS:
+    for head, sliding in SEGMENTATION:
         for restrict in (False, True):
-            key = f"{head}{' + tags' if restrict else ''}"
+            key = f"{head}{' sliding' if sliding else ''}{' + tags' if restrict else ''}"
             report["segmentation"][key] = {
-                kind: miou(dense_maps(bench, held_out, kind, head, restricted[kind] if restrict else None),
+                kind: miou(dense_maps(bench, held_out, kind, head, restricted[kind] if restrict else None, sliding),
                            [s.class_map(kind) for s in held_out], len(names))
                 for kind, names in KINDS.items()
             }  # fmt: skip
@@ -369,8 +377,9 @@ def combine(runs: list) -> object:
         return [combine(list(rows)) for rows in zip(*runs, strict=True)]
     if isinstance(first, int) and all(r == first for r in runs):  # a count every seed shares (K, scenes)
         return first
-    if isinstance(first, int | float) and not isinstance(first, bool) and None not in runs:
-        values = np.array(runs, dtype=float)
+    numbers = [r for r in runs if r is not None]
+    if numbers and all(isinstance(r, int | float) and not isinstance(r, bool) for r in numbers):
+        values = np.array([np.nan if r is None else r for r in runs], dtype=float)  # None: not measurable
         kept = values[~np.isnan(values)]
         return {"mean": float(kept.mean()) if kept.size else None, "std": float(kept.std()) if kept.size else None,
                 "runs": [None if np.isnan(v) else float(v) for v in values]}  # fmt: skip

@@ -84,6 +84,7 @@ class Settings:
     cwr_max_classes: int = field(default=6, metadata={"env": "CWR_MAX_CLASSES"})
     background_words: tuple[str, ...] = field(default=DEFAULT_BACKGROUND_WORDS, metadata={"env": "BACKGROUND_WORDS"})
     dense_head: str = field(default="clearclip", metadata={"env": "DENSE_HEAD"})
+    dense_sliding: bool = field(default=False, metadata={"env": "DENSE_SLIDING"})
     mask_min_area: float = field(default=0.002, metadata={"env": "MASK_MIN_AREA"})
 
     # Learning from corrections
@@ -202,6 +203,7 @@ class Settings:
             "cwr_max_classes": self.cwr_max_classes,
             "background_words": list(self.background_words),
             "dense_head": self.dense_head,
+            "dense_sliding": self.dense_sliding,
             "mask_min_area": self.mask_min_area,
         }
         digest = hashlib.sha1(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:6]

@@ -14,8 +14,10 @@ writes and reads the weights files.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -33,6 +35,8 @@ from common.errors import BadRequest, NotFound
 META_FILE = "meta.json"
 ACTIVE_FILE = "active.json"
 WEIGHTS_FILE = "visual.safetensors"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,17 +89,48 @@ class Registry:
         return f"{self.base_version}+p{project.split('.')[0]}-v{number}"
 
     def active(self, project: str | None) -> str:
-        """The version a project's predictions come from (the base model when none was promoted)."""
+        """The version a project's predictions come from: the base model when none was promoted,
+        or when the promoted one was trained from another base (the weights or the algorithm
+        settings changed since: its files no longer fit, so the project starts again from the base)."""
         if not project:
             return self.base_version
+        stored = None
         if self.connection is not None:
             value = self.connection.get(keys.active_version(project))
-            if value is not None:
-                return value.decode()
+            stored = value.decode() if value is not None else None
         path = self.project_dir(project) / ACTIVE_FILE
-        if path.is_file():
-            return json.loads(path.read_text())["version"]
+        if stored is None and path.is_file():
+            stored = json.loads(path.read_text())["version"]
+        if stored is None or stored == self.base_version or stored.startswith(self.base_version + "+"):
+            return stored or self.base_version
+        log.warning("project %s: active version %s was made from another base; serving %s", project, stored,
+                    self.base_version)  # fmt: skip
         return self.base_version
+
+    def lineage(self, project: str, version: str) -> list[str]:
+        """``version`` and the versions it was made from, newest first, back to the base model."""
+        chain = [version]
+        while chain[-1] != self.base_version and len(chain) < 10_000:
+            try:
+                info = self.get(project, chain[-1])
+            except NotFound:
+                break
+            chain.append((info.config or {}).get("from_version") or self.base_version)
+        return chain
+
+    def promote(self, project: str, version: str, made_from: str, exact: bool = False) -> bool:
+        """Activate ``version`` unless the active one has moved on from ``made_from``, the version
+        it was made from: a learner must not undo what another promoted while it ran. A training
+        run may replace the few-shot versions made on top of its start since (``exact`` False; its
+        own candidate refits the few-shot learner); a few-shot version may not (``exact``)."""
+        lock = self.connection.lock(keys.training_lock(project), timeout=10, blocking_timeout=5) \
+            if self.connection is not None else contextlib.nullcontext()  # fmt: skip
+        with lock:
+            current = self.active(project)
+            if current != made_from and (exact or made_from not in self.lineage(project, current)):
+                return False
+            self.activate(project, version)
+            return True
 
     def versions(self, project: str | None) -> list[VersionInfo]:
         """Trained versions of ``project`` from the current base, oldest first."""

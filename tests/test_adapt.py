@@ -23,6 +23,7 @@ from worker.model.adapter import TipAdapter
 from worker.predictor import Predictor
 from worker.provider import ModelProvider
 from worker.training.adapt import best_threshold, fit, leave_one_out, presence, run_adaptation
+from worker.training.corrections import Correction
 
 
 def test_cache_scores_are_tip_adapters_affinities_normalised():
@@ -60,13 +61,14 @@ def test_leave_one_out_never_reads_a_task_s_own_labels():
     assert torch.allclose(blended, torch.tensor([[1 / 3], [2 / 3], [1 / 3], [2 / 3]]))
 
 
-def test_threshold_is_the_cut_that_gets_most_right_and_the_default_without_evidence():
+def test_threshold_is_the_cut_that_gets_most_right_nearest_the_default():
     scores = np.array([0.02, 0.05, 0.08, 0.12, 0.15, 0.2])
     truth = np.array([False, False, False, True, True, True])
     cut = best_threshold(scores, truth, default=0.3)
     assert 0.08 < cut <= 0.12
-    assert best_threshold(scores, np.ones(6, dtype=bool), 0.3) == 0.3  # always present: nothing to learn
-    assert best_threshold(scores, np.zeros(6, dtype=bool), 0.3) == 0.3
+    assert best_threshold(scores, np.zeros(6, dtype=bool), 0.3) == 0.3  # never present, never over the default
+    assert 0.2 < best_threshold(scores, np.zeros(6, dtype=bool), 0.1) < 0.2001  # never present, but tagged
+    assert 0.0199 < best_threshold(scores, np.ones(6, dtype=bool), 0.3) < 0.02  # always present: all of them
 
 
 def test_fit_recalibrates_scores_that_miss_the_default_threshold():
@@ -143,24 +145,61 @@ def test_a_version_carries_its_adapter_and_thresholds(adapter_setup, tmp_path):
         read_version(registry, UID, info.version, base.bundle.visual)
 
 
+def _colour_uri(rgb: tuple[int, int, int]) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), rgb).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _colour_corrections(settings, project, image_key, choices, brushes, regions=(), limit=None) -> list[Correction]:
+    """Red photos are tagged "bird", blue ones "bottle": the random tiny model's scores mean
+    nothing, but equal images score equally, so the few-shot learner can learn the project."""
+    red, blue = _colour_uri((200, 30, 30)), _colour_uri((30, 30, 200))
+    return [Correction(200 + i, red if i % 2 else blue, {"tags": {"bird" if i % 2 else "bottle"}}) for i in range(24)]
+
+
 def test_the_job_fits_saves_and_promotes_through_the_gate_and_workers_serve_it(adapter_setup):
     settings, base, registry = adapter_setup
-    job = dataclasses.replace(JOB, model_version=settings.model_version)
+    job = dataclasses.replace(JOB, model_version=settings.model_version, brushes=())
     stages = []
     summary = run_adaptation(base, registry, job, lambda stage, *a: stages.append(stage), lambda: False,
-                             collect=_corrections)  # fmt: skip
+                             collect=_colour_corrections)  # fmt: skip
     assert summary["status"] == "promoted", summary
     assert stages == ["collecting corrections", "fitting", "evaluating"]
+    metrics = summary["metrics"]
+    assert metrics["candidate"]["tag_exact"] == 1.0 > metrics["active"]["tag_exact"]  # the base tags most labels
     (info,) = registry.versions(UID)
-    assert info.config["learner"] == "few-shot" and set(info.config["thresholds"]) == {
-        "aeroplane", "bird", "bicycle", "bottle"}  # fmt: skip
-    assert {"tag_map", "tag_exact"} <= set(info.metrics["candidate"])
+    assert info.config["learner"] == "few-shot"
+    assert set(info.config["thresholds"]) == {"aeroplane", "bird", "bicycle", "bottle"}
     assert registry.active(UID) == info.version
-    # a worker loads the version with its thresholds, and predicts with them
+    # a worker loads the version with its thresholds and cache, on the base's own ViT, and predicts with them
     provider = ModelProvider(settings)
     provider._predictor = base
     served = provider.for_version(info.version, UID)
     assert served.rule.per_label == info.config["thresholds"]
+    assert served.bundle.visual is base.bundle.visual  # few-shot only: no copy of the ViT
+    # fitted again on the same corrections, the candidate is only as good: no promotion, no re-predicting
+    again = run_adaptation(served, registry, dataclasses.replace(job, model_version=info.version), lambda *a: None,
+                           lambda: False, collect=_colour_corrections)  # fmt: skip
+    assert again["status"] == "rejected" and "no better" in again["reason"]
+    assert registry.active(UID) == info.version
+
+
+def test_a_learner_never_undoes_a_version_promoted_while_it_ran(adapter_setup):
+    settings, base, registry = adapter_setup
+    job = dataclasses.replace(JOB, model_version=settings.model_version, brushes=())
+    meanwhile = registry.add(UID, lambda d: write_version(d, {}, None, {}),
+                             config={"from_version": settings.model_version})  # fmt: skip
+    registry.activate(UID, meanwhile.version)  # e.g. a training run finished while this job was queued
+    summary = run_adaptation(base, registry, job, lambda *a: None, lambda: False, collect=_colour_corrections)
+    assert summary["status"] == "rejected" and "while this one was fitted" in summary["reason"]
+    assert registry.active(UID) == meanwhile.version
+    assert not registry.get(UID, summary["version"]).promoted  # recorded as a candidate
 
 
 def test_too_few_corrections_fit_nothing_and_fetch_no_image(adapter_setup):
@@ -207,3 +246,20 @@ def _decode(data: bytes):
     from PIL import Image
 
     return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def test_held_out_tasks_stay_held_out_as_corrections_come_and_go():
+    """The gate must never measure a version on tasks the active one learned from: a task's side
+    depends on its id alone, not on which other tasks are there."""
+    from worker.training.adapt import newest
+    from worker.training.corrections import split
+
+    corrections = [Correction(i, None) for i in range(1, 200)]
+    first = {c.task_id for c in split(corrections[:100], 0.2).held_out}
+    later = {c.task_id for c in split(corrections, 0.2).held_out}
+    assert first == later & set(range(1, 101)) and 10 <= len(first) <= 30
+    trimmed = newest(corrections, 50)
+    assert [c.task_id for c in trimmed] == list(range(150, 200))
+    assert {c.task_id for c in split(trimmed, 0.2).held_out} == later & set(range(150, 200))
+    assert [c.task_id for c in newest([Correction("b", None), Correction(3, None), Correction("a", None)], 2)] == [
+        "a", "b"]  # fmt: skip

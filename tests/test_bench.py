@@ -53,7 +53,9 @@ def test_benchmark_smoke_run(tiny_checkpoint):
         assert set(kind) == set(quality.TAG_METHODS)
         for figures in kind.values():  # mean and spread over the seeds
             assert all(0 <= v <= 1 for v in figures["mAP"]["runs"]) and len(figures["F1"]["runs"]) == 2
-    assert set(report["segmentation"]) == {f"{h}{r}" for h in quality.HEADS for r in ("", " + tags")}
+    rows = {f"{h}{' sliding' if slide else ''}" for h, slide in quality.SEGMENTATION}
+    assert set(report["segmentation"]) == {f"{row}{r}" for row in rows for r in ("", " + tags")}
+    assert "naclip sliding" in report["segmentation"]
     assert set(report["small_sets"]) == {f"{k} x{n}" for k in quality.KINDS for n in quality.SMALL_SETS}
     for row in report["small_sets"].values():
         assert {"before", *(f"after {k}" for k in quality.ADAPT_KS)} <= set(row)

@@ -213,3 +213,35 @@ def test_the_setting_offers_the_heads_the_model_has():
     assert DENSE_HEADS == dense.HEADS
     with pytest.raises(ValueError, match="Unknown dense head"):
         dense.dense_block(None, torch.zeros(1, 2, 4), "nope", (1, 1))  # type: ignore[arg-type]
+
+
+def test_windows_slide_at_half_their_side_and_the_last_one_is_flush_with_the_end():
+    assert dense.window_starts(224, 224, 112) == [0]
+    assert dense.window_starts(448, 224, 112) == [0, 112, 224]
+    assert dense.window_starts(600, 224, 112) == [0, 112, 224, 336, 376]
+    assert dense.window_starts(100, 224, 112) == [0]  # smaller than a window: one, the image itself
+
+
+def test_sliding_features_average_each_windows_own_features_where_they_overlap():
+    """ClearCLIP's and NACLIP's slide inference, recomputed window by window."""
+    model = build_tiny_clip()
+    visual = model.visual
+    torch.manual_seed(0)
+    pixels = torch.randn(1, 3, 64, 96)  # native 64: windows at x = 0 and 32 (stride 32)
+    with torch.no_grad():
+        got = dense.sliding_features(visual, pixels, "naclip", batch_size=1).reshape(1, 8, 12, -1)
+
+        def window(x: int) -> torch.Tensor:
+            crop = pixels[:, :, :, x : x + 64]
+            tokens = vit.run_blocks(visual, vit.embed(visual, crop), range(len(visual.transformer.resblocks) - 1))
+            return dense.dense_features(visual, tokens, (8, 8), "naclip").reshape(1, 8, 8, -1)
+
+        left, right = window(0), window(32)
+    torch.testing.assert_close(got[:, :, :4], left[:, :, :4])  # only the first window covers these
+    torch.testing.assert_close(got[:, :, 4:8], (left[:, :, 4:] + right[:, :, :4]) / 2)
+    torch.testing.assert_close(got[:, :, 8:], right[:, :, 4:])
+    whole = torch.randn(2, 3, 64, 64)  # one window: the plain dense features
+    with torch.no_grad():
+        tokens = vit.run_blocks(visual, vit.embed(visual, whole), range(len(visual.transformer.resblocks) - 1))
+        torch.testing.assert_close(dense.sliding_features(visual, whole, "clearclip", 4),
+                                   dense.dense_features(visual, tokens, (8, 8), "clearclip"))  # fmt: skip

@@ -103,3 +103,33 @@ def test_every_file_of_a_version_is_checked_and_a_failed_write_leaves_nothing(tm
         registry.add(PROJECT, disk_full)
     assert [v.number for v in registry.versions(PROJECT)] == [info.number]
     assert not registry.version_dir(PROJECT, info.number + 1).exists()
+
+
+def test_a_version_made_from_another_base_is_not_served(tmp_path, redis_url):
+    """After an upgrade that changes the base version (weights or algorithm settings), a project
+    whose active version was trained from the old base is served the new base, not refused."""
+    old = Registry(tmp_path, "prelabel-old-111111", redis.Redis.from_url(redis_url))
+    info = _add_version(old)
+    old.activate(PROJECT, info.version)
+    assert old.active(PROJECT) == info.version
+    new = Registry(tmp_path, "prelabel-new-222222", redis.Redis.from_url(redis_url))
+    assert new.active(PROJECT) == "prelabel-new-222222"
+    assert Registry(tmp_path, "prelabel-new-222222").active(PROJECT) == "prelabel-new-222222"  # from active.json too
+
+
+def test_promotion_never_undoes_a_version_promoted_meanwhile(tmp_path, redis_url):
+    registry = Registry(tmp_path, BASE, redis.Redis.from_url(redis_url))
+
+    def add(made_from: str) -> str:
+        write = lambda d: (d / WEIGHTS_FILE).write_bytes(b"w")  # noqa: E731
+        return registry.add(PROJECT, write, config={"from_version": made_from}).version
+
+    trained = add(BASE)  # a training run started from the base ...
+    few_shot = add(BASE)  # ... while a few-shot version was made from the base and promoted
+    assert registry.promote(PROJECT, few_shot, BASE, exact=True)
+    assert not registry.promote(PROJECT, add(BASE), BASE, exact=True)  # another few-shot job of the same start: refused
+    assert registry.promote(PROJECT, trained, BASE)  # training may replace what was made on top of its start
+    assert registry.active(PROJECT) == trained
+    assert registry.lineage(PROJECT, few_shot) == [few_shot, BASE]
+    assert not registry.promote(PROJECT, add(few_shot), few_shot)  # made from a version no longer in the line
+    assert registry.active(PROJECT) == trained

@@ -171,7 +171,7 @@ JOB = TrainJob(
 )
 
 
-def _corrections(settings, project, image_key, choices, brushes, regions=()) -> list[Correction]:
+def _corrections(settings, project, image_key, choices, brushes, regions=(), limit=None) -> list[Correction]:
     """What pull_corrections would read from Label Studio, made from the VOC samples whose labels
     this project has: tags from their labels, masks from their class-id masks."""
     root = shared_data() / "voc-samples"

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import os
 import shutil
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -83,9 +85,18 @@ def carry_over(source: Path | None, directory: Path) -> None:
     if source is None:
         save_file({}, str(directory / WEIGHTS_FILE))
         return
-    shutil.copy2(source / WEIGHTS_FILE, directory / WEIGHTS_FILE)
+    # Linked, not copied: a few-shot version every few corrections must not add a ViT's weights each time.
+    _link(source / WEIGHTS_FILE, directory / WEIGHTS_FILE)
     if (source / HEAD_DIR).is_dir():
-        shutil.copytree(source / HEAD_DIR, directory / HEAD_DIR)
+        shutil.copytree(source / HEAD_DIR, directory / HEAD_DIR, copy_function=_link)
+
+
+def _link(source: str | Path, target: str | Path) -> None:
+    """A hard link (versions are never written after they are made), or a copy where links fail."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def read_version(registry: Registry, project: str, version: str, base: VisionTransformer) -> LoadedVersion:
@@ -97,7 +108,8 @@ def read_version(registry: Registry, project: str, version: str, base: VisionTra
     info = registry.get(project, version)
     registry.verify(info)
     directory = registry.version_dir(project, info.number)
-    visual = version_visual(base, load_file(str(directory / WEIGHTS_FILE)))
+    weights = load_file(str(directory / WEIGHTS_FILE))
+    visual = version_visual(base, weights) if weights else base  # few-shot only: the base's own ViT
     head = load_head(directory / HEAD_DIR, visual)[0] if (directory / HEAD_DIR / HEAD_WEIGHTS).is_file() else None
     return LoadedVersion(visual, head, *read_adapter(directory, base.output_dim))
 
@@ -108,13 +120,18 @@ def read_adapter(directory: Path, embed_dim: int) -> tuple[TipAdapter | None, di
         return None, {}
     config = json.loads((directory / ADAPTER_CONFIG).read_text())
     thresholds = {str(k): float(v) for k, v in config.get("thresholds", {}).items()}
+    if not all(math.isfinite(t) for t in thresholds.values()):
+        raise ValueError(f"The tag thresholds in {directory} are not all finite numbers.")
     if not (directory / ADAPTER_CACHE).is_file():
         return None, thresholds
     cache = load_file(str(directory / ADAPTER_CACHE))
     keys, values, labels = cache["keys"], cache["values"], tuple(config["labels"])
-    if keys.shape[1] != embed_dim or values.shape != (keys.shape[0], len(labels)):
+    alpha, beta = float(config["alpha"]), float(config["beta"])
+    if keys.ndim != 2 or keys.shape[1] != embed_dim or values.shape != (keys.shape[0], len(labels)):
         raise ValueError(f"The few-shot adapter in {directory} was built for another model or label set.")
-    return TipAdapter(keys, values, labels, float(config["alpha"]), float(config["beta"])), thresholds
+    if not (0 <= alpha <= 1 and 0 < beta < 1000):
+        raise ValueError(f"The few-shot adapter in {directory} has alpha {alpha} or beta {beta} out of range.")
+    return TipAdapter(keys, values, labels, alpha, beta), thresholds
 
 
 def save_head(model: ZegCLIP, directory: Path, meta: dict[str, Any]) -> None:

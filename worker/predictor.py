@@ -285,7 +285,11 @@ class Predictor:
                     logits = self.head(visual, pixels, text[:n_labels])
                     extras += [{"zegclip": image_logits.float()} for image_logits in logits]
                 elif with_dense:
-                    features = dense.dense_features(visual, trunk.tokens, trunk.grid, self.settings.dense_head)
+                    head = self.settings.dense_head
+                    if self.settings.dense_sliding:
+                        features = dense.sliding_features(visual, pixels, head, self.settings.batch_size)
+                    else:
+                        features = dense.dense_features(visual, trunk.tokens, trunk.grid, head)
                     extras += [{"dense": f.float()} for f in features]
                 else:
                     extras += [{} for _ in chunk]

@@ -99,6 +99,8 @@ def adapt(payload: dict[str, Any]) -> dict[str, Any]:
     rq_job = get_current_job()
     connection = rq_job.connection if rq_job else None
     registry = Registry(models.settings.model_dir, models.settings.model_version, connection)
+    # A queued job may have waited while a version was promoted: it builds on the active one now.
+    job = dataclasses.replace(job, model_version=registry.active(job.project))
     job_progress = JobProgress(rq_job, f"adapt (project {job.project})")
     log.info("adapt job %s: project %s from %s (trigger %s)", rq_job.id if rq_job else "inline", job.project,
              job.model_version, job.trigger)  # fmt: skip

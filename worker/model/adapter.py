@@ -38,11 +38,8 @@ class TipAdapter:
 
     def adjust(self, scores: Mapping[str, float], embedding: Tensor) -> dict[str, float]:
         """One image's scores by label name: the adapter's labels blended, any other kept."""
-        known = [label for label in self.labels if label in scores]
-        if not known:
+        if not any(label in scores for label in self.labels):
             return dict(scores)
-        cache = self.cache_scores(embedding[None])[0]
-        out = dict(scores)
-        for label in known:
-            out[label] = (1 - self.alpha) * scores[label] + self.alpha * float(cache[self.labels.index(label)])
-        return out
+        zero_shot = torch.tensor([[scores.get(label, 0.0) for label in self.labels]])
+        blended = self.blend(zero_shot, embedding[None])[0].tolist()
+        return {**scores, **{label: s for label, s in zip(self.labels, blended, strict=True) if label in scores}}

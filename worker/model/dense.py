@@ -67,6 +67,43 @@ def dense_features(visual: VisionTransformer, tokens: Tensor, grid: tuple[int, i
     return vit.project(visual, x)[:, 1:]
 
 
+def window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Where windows of ``window`` start along a side of ``length``, ``stride`` apart, the last one
+    flush with the end (as ClearCLIP's and NACLIP's slide inference)."""
+    if length <= window:
+        return [0]
+    starts = list(range(0, length - window + 1, stride))
+    return starts if starts[-1] + window >= length else [*starts, length - window]
+
+
+def sliding_features(visual: VisionTransformer, pixels: Tensor, head: str, batch_size: int) -> Tensor:
+    """ClearCLIP's and NACLIP's inference: windows of the model's native input (224 for a ViT-B/16)
+    slid at half their side over the image, each window's dense features computed on its own
+    (the whole trunk, at the positions the model was trained with), averaged where windows
+    overlap (so the class logits are the mean of the windows' logits, as the papers average them).
+    Pixels [B, 3, H, W] -> [B, h*w, E] on the image's patch grid, as ``dense_features``. Costs a
+    trunk pass per window instead of sharing TagCLIP's."""
+    B, _, H, W = pixels.shape
+    p = vit.patch_size(visual)
+    window = vit.native_grid(visual)[0] * p
+    wy, wx = min(window, H), min(window, W)
+    boxes = [(y, x) for y in window_starts(H, wy, window // 2) for x in window_starts(W, wx, window // 2)]
+    crops = torch.cat([pixels[:, :, y : y + wy, x : x + wx] for y, x in boxes])  # window-major
+    depth = len(visual.transformer.resblocks)
+    features = []
+    for start in range(0, len(crops), batch_size):
+        chunk = crops[start : start + batch_size]
+        tokens = vit.run_blocks(visual, vit.embed(visual, chunk), range(depth - 1))
+        features.append(dense_features(visual, tokens, (wy // p, wx // p), head).float())
+    per_window = torch.cat(features).reshape(len(boxes), B, wy // p, wx // p, -1)
+    total = torch.zeros(B, H // p, W // p, per_window.shape[-1], device=pixels.device)
+    count = torch.zeros(1, H // p, W // p, 1, device=pixels.device)
+    for (y, x), f in zip(boxes, per_window, strict=True):
+        total[:, y // p : (y + wy) // p, x // p : (x + wx) // p] += f
+        count[:, y // p : (y + wy) // p, x // p : (x + wx) // p] += 1
+    return (total / count).flatten(1, 2)  # a mean of features: class logits are then the windows' mean
+
+
 def class_logits(
     features: Tensor, text: Tensor, grid: tuple[int, int], logit_scale: float = DENSE_LOGIT_SCALE
 ) -> Tensor:

@@ -4,12 +4,13 @@ GPU training run (docs/algorithms.md section 6).
 When corrections arrive (the annotation webhook), an ``adapt`` job:
 
 1. pulls the project's corrections from Label Studio and fetches their images, as training does;
-2. holds out the same tasks as training (every fifth by task id);
+2. holds out the same tasks as training (a fifth, by a hash of the task id);
 3. scores and embeds the other corrections with the active version, and fits on them, leave one
    out, the few-shot adapter's blend (``alpha``, ``beta``; ``alpha`` 0 is no cache) and one tag
    threshold per label (the cut that gets most of them right);
 4. measures the candidate and the active version on the held-out corrections and promotes the
-   candidate only through the gate training runs use.
+   candidate only through the gate training runs use, and only when it is better on some metric
+   (each promotion makes Label Studio predict the project's tasks again).
 
 The candidate keeps the active version's trained blocks and head: this learner adds to them.
 Training runs refit it on their own candidate, so a newly trained ViT never serves a stale cache.
@@ -17,6 +18,7 @@ Training runs refit it on their own candidate, so a newly trained ViT never serv
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -33,14 +35,14 @@ from worker.checkpoints import carry_over, write_adapter
 from worker.model.adapter import TipAdapter
 from worker.predictor import Predictor
 from worker.training.corrections import Correction, fetch_images, mask_labels, pull_corrections, split
-from worker.training.evaluate import evaluate, gate
+from worker.training.evaluate import GATED, evaluate, gate
 from worker.training.loop import ShouldStop, check_stop
 
 log = logging.getLogger(__name__)
 
 #: The blends tried (Tip-Adapter searches its alpha and beta on validation data the same way).
 ALPHAS = (0.0, 0.25, 0.5, 0.75)
-BETAS = (1.0, 3.0, 5.5, 10.0)
+BETAS = (1.0, 3.0, 5.5, 10.0, 30.0)  # 5.5 is Tip-Adapter's default; sharper ones for large caches
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,11 @@ def newest(corrections: list[Correction], count: int) -> list[Correction]:
     """The ``count`` corrections of the newest tasks (highest ids)."""
     order = sorted(corrections, key=lambda c: (0, c.task_id, "") if isinstance(c.task_id, int) else (1, 0, c.task_id))
     return order[-count:]
+
+
+def better(candidate: dict[str, float], active: dict[str, float]) -> bool:
+    """Whether the candidate beats the active version on at least one gated metric."""
+    return any(m in candidate and m in active and candidate[m] > active[m] for m in GATED)
 
 
 def project_labels(job: TrainJob) -> list[ClassLabel]:
@@ -84,10 +91,9 @@ def leave_one_out(scores: Tensor, embeddings: Tensor, truth: Tensor, alpha: floa
 
 
 def best_threshold(scores: np.ndarray, truth: np.ndarray, default: float) -> float:
-    """The cut that classifies most of ``scores`` right, the one nearest ``default`` among ties;
-    ``default`` when the label was always or never present (nothing to learn a cut from)."""
-    if truth.all() or not truth.any():
-        return default
+    """The cut that classifies most of ``scores`` right, the one nearest ``default`` among ties
+    (a label never present in the corrections keeps ``default`` if no correction scored above it,
+    else its cut goes just over the highest one: the model was wrong on each of them)."""
     values = np.unique(scores)
     cuts = np.concatenate([[default], (values[:-1] + values[1:]) / 2, [values[0] - 1e-6, values[-1] + 1e-6]])
     right = np.array([((scores >= cut) == truth).sum() for cut in cuts])
@@ -135,8 +141,9 @@ def run_adaptation(
     settings = active.settings
     started = time.perf_counter()
     progress("collecting corrections", 0, 0, None)
-    corrections = collect(settings, job.project, job.image_key, job.choices, job.brushes, job.regions)
-    corrections = newest(corrections, settings.adapt_max_corrections)  # fetched each time: keep it bounded
+    limit = settings.adapt_max_corrections  # read, decoded and fetched every few corrections: bounded
+    corrections = collect(settings, job.project, job.image_key, job.choices, job.brushes, job.regions, limit=limit)
+    corrections = newest(corrections, limit)
     names = mask_labels(job.brushes, job.regions)
     if len(corrections) >= settings.adapt_min_corrections:  # else no image is worth fetching
         corrections = fetch_images(active, corrections, with_masks=bool(names), should_stop=should_stop)
@@ -160,6 +167,9 @@ def run_adaptation(
             "active": evaluate(active, parts.held_out, job.choices, job.brushes, job.regions),
         }
     promoted, reason = gate(scores["candidate"], scores["active"], settings.promotion_margin)
+    if promoted and not better(scores["candidate"], scores["active"]):
+        # Every promotion makes Label Studio predict the project's tasks again: not for a tie.
+        promoted, reason = False, "no better than the active version on the held-out corrections"
 
     source = None
     if job.model_version != settings.model_version:
@@ -188,8 +198,10 @@ def run_adaptation(
         promoted=promoted,
         reason=reason,
     )
-    if promoted:
-        registry.activate(job.project, info.version)
+    if promoted and not registry.promote(job.project, info.version, job.model_version, exact=True):
+        promoted, reason = False, "another version was promoted while this one was fitted; kept as a candidate"
+        info = dataclasses.replace(info, promoted=False, reason=reason)
+        registry.save(info)
     seconds = round(time.perf_counter() - started, 1)
     log.info("project %s: few-shot version %s %s (%s) in %.1f s", job.project, info.version,
              "promoted" if promoted else "kept as candidate", reason, seconds)  # fmt: skip

@@ -7,7 +7,9 @@ pulls the project's current annotations through label-studio-sdk, takes the late
 
 from __future__ import annotations
 
+import heapq
 import logging
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -126,12 +128,17 @@ def pull_corrections(
     choices: Sequence[ChoicesControl],
     brushes: Sequence[BrushControl],
     regions: Sequence[RegionControl] = (),
+    limit: int | None = None,
 ) -> list[Correction]:
-    """Every annotated task of ``project``, from Label Studio's API, latest annotation each."""
+    """Every annotated task of ``project`` (the ``limit`` newest, by id, when given: only those
+    are kept while the pages stream in, and decoded), from Label Studio's API, latest annotation each."""
     client = label_studio_client(settings, "Training (it reads the corrections from Label Studio)")
+    pages = client.tasks.list(project=project_id(project), fields="all", only_annotated=True)
+    tasks = (task if isinstance(task, dict) else task.model_dump() for task in pages)
+    if limit is not None:
+        tasks = iter(sorted(heapq.nlargest(limit, tasks, key=_task_order), key=_task_order))
     corrections = []
-    for task in client.tasks.list(project=project_id(project), fields="all", only_annotated=True):
-        task = task if isinstance(task, dict) else task.model_dump()
+    for task in tasks:
         annotation = latest_annotation(task.get("annotations") or [])
         if annotation is None:
             continue
@@ -145,6 +152,11 @@ def pull_corrections(
     return corrections
 
 
+def _task_order(task: dict) -> tuple[int, int, str]:
+    task_id = task.get("id")
+    return (0, task_id, "") if isinstance(task_id, int) else (1, 0, str(task_id))
+
+
 @dataclass(frozen=True)
 class Split:
     train: list[Correction]
@@ -152,13 +164,18 @@ class Split:
 
 
 def split(corrections: list[Correction], fraction: float) -> Split:
-    """Every k-th task by id goes to the held-out set (at least one, once there are two)."""
+    """About ``fraction`` of the tasks, chosen by a hash of their id, go to the held-out set (at
+    least one, once there are two): a task stays on its side whatever other tasks come and go, so
+    a version is never measured on the tasks the active one learned from."""
     ordered = sorted(corrections, key=lambda c: str(c.task_id))
     if len(ordered) < 2:
         return Split(ordered, [])
     every = max(2, round(1 / fraction))
-    held = [c for i, c in enumerate(ordered) if i % every == every - 1] or [ordered[-1]]
-    return Split([c for c in ordered if c not in held], held)
+    held = [c for c in ordered if zlib.crc32(str(c.task_id).encode()) % every == 0] or [ordered[-1]]
+    if len(held) == len(ordered):
+        held = held[-1:]
+    held_ids = {id(c) for c in held}
+    return Split([c for c in ordered if id(c) not in held_ids], held)
 
 
 def fetch_images(

@@ -26,7 +26,7 @@ from common.jobs import TrainJob
 from common.versions import Registry
 from worker.checkpoints import version_visual, write_version
 from worker.predictor import Predictor
-from worker.training.adapt import fit_adapter, project_labels
+from worker.training.adapt import fit_adapter, newest, project_labels
 from worker.training.clipself import CLIPSelfConfig, train_clipself
 from worker.training.corrections import Correction, fetch_images, mask_labels, pull_corrections, split
 from worker.training.evaluate import evaluate, gate
@@ -92,7 +92,8 @@ def run_training(
 
     check_stop(should_stop, "before fitting the few-shot adapter")
     progress("fitting", 0, 0, None)
-    fitted = fit_adapter(candidate, parts.train, project_labels(job))  # its cache must come from the new ViT
+    # its cache must come from the new ViT; as many corrections as the few-shot learner reads
+    fitted = fit_adapter(candidate, newest(parts.train, settings.adapt_max_corrections), project_labels(job))
     candidate = candidate.with_adapter(fitted.adapter, fitted.thresholds)
 
     check_stop(should_stop, "before evaluating")
@@ -122,8 +123,10 @@ def run_training(
         promoted=promoted,
         reason=reason,
     )
-    if promoted:
-        registry.activate(job.project, info.version)
+    if promoted and not registry.promote(job.project, info.version, job.model_version):
+        promoted, reason = False, "another version was promoted while this one trained; kept as a candidate"
+        info = dataclasses.replace(info, promoted=False, reason=reason)
+        registry.save(info)
     log.info("project %s: version %s %s (%s) in %.0f s", job.project, info.version,
              "promoted" if promoted else "kept as candidate", reason, time.perf_counter() - started)  # fmt: skip
     return {
