@@ -182,25 +182,3 @@ def crop(scene: Scene, left: int, top: int, side: int) -> Scene:
         lookup[old] = new
     image = scene.image.crop((left, top, left + side, top + side))
     return Scene(image, lookup[scene.object_map[box]], tuple(scene.objects[k - 1] for k in keep), scene.background)
-
-
-CAPTIONS = (
-    "a photo of a {c0} {s0}.",
-    "a {c0} {s0} on {bg}.",
-    "a {s0} that is {c0}.",
-    "a {c0} {s0} and a {c1} {s1}.",
-    "{c0} {s0}, {c1} {s1}, {bg}.",
-    "a picture of {bg} with a {c0} {s0}.",
-)
-
-
-def caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A short caption (under 16 tokens) naming the largest object first."""
-    if not scene.objects:
-        return f"a photo of {scene.background}."
-    objects = list(scene.objects)
-    templates = [t for t in CAPTIONS if "{c1}" not in t or len(objects) > 1]
-    template = templates[rng.integers(len(templates))]
-    second = objects[1 + rng.integers(len(objects) - 1)] if len(objects) > 1 else objects[0]
-    return template.format(c0=objects[0].colour, s0=objects[0].shape, c1=second.colour, s1=second.shape,
-                           bg=scene.background)  # fmt: skip

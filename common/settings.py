@@ -78,13 +78,13 @@ class Settings:
     # Algorithm
     image_size: int = field(default=448, metadata={"env": "IMAGE_SIZE"})
     tag_rule: str = field(default="absolute", metadata={"env": "TAG_RULE"})
-    tag_min_score: float = field(default=0.3, metadata={"env": "TAG_MIN_SCORE"})
+    tag_min_score: float = field(default=0.15, metadata={"env": "TAG_MIN_SCORE"})
     tag_threshold: float = field(default=0.5, metadata={"env": "TAG_THRESHOLD"})
     distractors: str = field(default="builtin", metadata={"env": "DISTRACTORS"})
     cwr_max_classes: int = field(default=6, metadata={"env": "CWR_MAX_CLASSES"})
     background_words: tuple[str, ...] = field(default=DEFAULT_BACKGROUND_WORDS, metadata={"env": "BACKGROUND_WORDS"})
     dense_head: str = field(default="clearclip", metadata={"env": "DENSE_HEAD"})
-    dense_sliding: bool = field(default=False, metadata={"env": "DENSE_SLIDING"})
+    dense_sliding: bool = field(default=True, metadata={"env": "DENSE_SLIDING"})
     mask_min_area: float = field(default=0.002, metadata={"env": "MASK_MIN_AREA"})
 
     # Learning from corrections

@@ -10,8 +10,9 @@ import numpy as np
 import open_clip
 import pytest
 
-from bench.toy_clip import zero_shot_accuracy
-from bench.toyworld import BACKGROUNDS, COLOURS, MIN_VISIBLE, SHAPES, caption, render_scene, scenes
+from bench.toy_clip import TOY_CLIP as TOY_CONFIG
+from bench.toy_clip import random_view, view_caption, zero_shot_accuracy
+from bench.toyworld import BACKGROUNDS, COLOURS, MIN_VISIBLE, SHAPES, crop, render_scene, scenes
 from common.settings import Settings
 from worker.loading import load_clip
 from worker.model.text import TEMPLATES
@@ -56,16 +57,42 @@ def test_first_object_is_the_large_one():
             assert areas[0] >= max(areas[1:]) * 0.5  # large even when partly covered
 
 
-def test_captions_fit_the_context_and_name_the_main_object():
+def test_views_are_captioned_with_what_they_show_each_object_bound_to_its_colour():
     tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=77)
+    context = TOY_CONFIG["text_cfg"]["context_length"]
     rng = np.random.default_rng(1)
-    for scene in scenes(9, 50):
-        text = caption(scene, rng)
-        assert (tokenizer([text])[0] != 0).sum() <= 16
-        if scene.objects:
-            assert scene.objects[0].shape in text
+    seen_empty = seen_several = 0
+    for _ in range(300):
+        view = random_view(render_scene(rng, 128, empty_rate=0.1), rng)
+        text = view_caption(view, rng)
+        assert (tokenizer([text])[0] != 0).sum() <= context
+        if not view.objects:
+            seen_empty += 1
+            assert view.background in text or "sky" in text
+            continue
+        areas = [(view.object_map == k).sum() for k in range(1, len(view.objects) + 1)]
+        largest = view.objects[int(np.argmax(areas))]
+        assert largest.shape in text or largest.colour in text  # a close-up may name one attribute
+        if len(view.objects) >= 2 and " and " in text:
+            seen_several += 1
+            assert f"{largest.colour} {largest.shape}" in text  # bound: "a red star", never "red" apart
+    assert seen_empty > 10 and seen_several > 10
     longest = max(TEMPLATES, key=len).format("purple crescent")
-    assert (tokenizer([longest])[0] != 0).sum() <= 16
+    assert (tokenizer([longest])[0] != 0).sum() <= context
+
+
+def test_a_crop_keeps_the_objects_mostly_inside_it():
+    scene = scenes(11, 1, 128, max_objects=1)[0]
+    ys, xs = np.nonzero(scene.object_map)
+    side = int(max(xs.max() - xs.min(), ys.max() - ys.min())) + 1
+    left, top = min(int(xs.min()), 128 - side), min(int(ys.min()), 128 - side)
+    around = crop(scene, left, top, side)
+    assert around.objects == scene.objects and around.image.size == (side, side)
+    assert (around.object_map == 1).sum() == (scene.object_map == 1).sum()
+    corner = next((x, y) for y in range(0, 112, 8) for x in range(0, 112, 8)
+                  if not scene.object_map[y : y + 16, x : x + 16].any())  # fmt: skip
+    away = crop(scene, *corner, 16)
+    assert away.objects == () and not away.object_map.any()
 
 
 def test_committed_toy_clip_loads_through_the_service_and_keeps_its_scores():

@@ -24,7 +24,7 @@ class TagRule:
     """
 
     kind: str = "absolute"
-    min_score: float = 0.3
+    min_score: float = 0.15
     relative: float = 0.5
     per_label: Mapping[str, float] = field(default_factory=dict)
 
