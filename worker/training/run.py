@@ -80,13 +80,15 @@ def run_training(
     masks = [c for c in parts.train if c.mask is not None and ((c.mask > 0) & (c.mask < 255)).any()]
     if names and len(masks) >= settings.zegclip_min_masks:
         samples = [TrainingSample(c.image, c.mask, c.mask_labels) for c in masks]
+        words = {label.name: label.texts for label in labels}
+        texts = [words.get(name, (name,)) for name in names]  # as the predictor will ask the head
         head, zeg_report = train_zegclip(
             candidate.bundle, samples, list(names), steps=settings.train_steps, size=settings.image_size,
             progress=lambda step, loss: progress("zegclip", step + 1, settings.train_steps, loss),
-            should_stop=should_stop,
+            should_stop=should_stop, texts=texts,
         )  # fmt: skip
         check_stop(should_stop, "before calibrating the ZegCLIP head")
-        calibrate_threshold(candidate.bundle, head, samples, list(names), settings.image_size)
+        calibrate_threshold(candidate.bundle, head, samples, list(names), settings.image_size, texts)
         head_meta = {"classes": list(names), "steps": zeg_report.steps, "masks": len(masks)}
         candidate = base.with_weights(visual, head)
 

@@ -87,11 +87,14 @@ def train_zegclip(
     seed: int = 0,
     progress: Progress | None = None,
     should_stop: ShouldStop | None = None,
+    texts: Sequence[Sequence[str]] | None = None,
 ) -> tuple[ZegCLIP, TrainingReport]:
     """Train prompts and head (the CLIP backbone stays frozen) on ``samples`` for ``classes``.
 
     AdamW (weight decay 0.01), linear warm-up over the first tenth, then polynomial decay (0.9),
-    as ZegCLIP trains its new parameters. ``progress(step, loss)`` is called every step.
+    as ZegCLIP trains its new parameters. ``progress(step, loss)`` is called every step. ``texts``:
+    the words each class is embedded from, as the service will ask the head (a label's value, alias
+    and hints; default: its name).
     """
     if not samples:
         raise ValueError("ZegCLIP needs at least one corrected mask to train on.")
@@ -99,7 +102,7 @@ def train_zegclip(
     torch.manual_seed(seed)
     rng = random.Random(seed)
     device = bundle.device
-    text = TextEmbedder(bundle).classes([(name,) for name in classes]).to(device)
+    text = TextEmbedder(bundle).classes(texts or [(name,) for name in classes]).to(device)
     model = ZegCLIP(bundle.visual, cfg).to(device).train()
     cuda = device.type == "cuda"
 
@@ -123,10 +126,11 @@ THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 
 @torch.no_grad()
 def _probabilities(
-    bundle: ClipBundle, model: ZegCLIP, samples: Sequence[TrainingSample], classes: Sequence[str], size: int
-) -> list[tuple[torch.Tensor, np.ndarray]]:
+    bundle: ClipBundle, model: ZegCLIP, samples: Sequence[TrainingSample], classes: Sequence[str], size: int,
+    texts: Sequence[Sequence[str]] | None = None,
+) -> list[tuple[torch.Tensor, np.ndarray]]:  # fmt: skip
     """Per sample: sigmoid scores [C, H, W] at the mask's size, and the target map."""
-    text = TextEmbedder(bundle).classes([(name,) for name in classes]).to(bundle.device)
+    text = TextEmbedder(bundle).classes(texts or [(name,) for name in classes]).to(bundle.device)
     out = []
     for sample in samples:
         target = target_map(sample, classes)
@@ -157,11 +161,12 @@ def mean_iou(
 
 
 def calibrate_threshold(
-    bundle: ClipBundle, model: ZegCLIP, samples: Sequence[TrainingSample], classes: Sequence[str], size: int
-) -> float:
+    bundle: ClipBundle, model: ZegCLIP, samples: Sequence[TrainingSample], classes: Sequence[str], size: int,
+    texts: Sequence[Sequence[str]] | None = None,
+) -> float:  # fmt: skip
     """Set the head's "no label" floor to the one that fits the corrected masks best: focal loss
     keeps sigmoid scores low, so a fixed 0.5 can leave a useful head drawing nothing."""
-    scored = _probabilities(bundle, model, samples, classes, size)
+    scored = _probabilities(bundle, model, samples, classes, size, texts)
     best = max(THRESHOLDS, key=lambda t: _mean_iou(scored, len(classes), t))
     model.cfg = dataclasses.replace(model.cfg, mask_threshold=best)
     return best
