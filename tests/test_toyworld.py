@@ -105,3 +105,27 @@ def test_committed_toy_clip_loads_through_the_service_and_keeps_its_scores():
     assert measured["shape"] == pytest.approx(recorded["shape"], abs=0.01)
     assert recorded["colour"] > 0.5  # it learned colours (chance is 1/8)
     assert sum(f.stat().st_size for f in TOY_CLIP.iterdir()) < 12_000_000
+
+
+def test_the_committed_toy_clip_tags_a_small_project_by_the_services_rule():
+    """The service's own decision (absolute rule, builtin distractors, default TAG_MIN_SCORE) on a
+    three-colour project of the trained toy CLIP: an image showing none of the labels mostly gets
+    no tag at all, and a present label is tagged far more often than an absent one. (What TagCLIP's
+    relative rule cannot do: it always tags at least one of the three.)"""
+    from bench import quality
+    from worker.predictor import Predictor
+
+    settings = Settings(model_checkpoint=str(TOY_CLIP), device="cpu", image_size=128,
+                        background_words=quality.BACKGROUNDS)  # fmt: skip
+    predictor = Predictor(settings, load_clip(settings))
+    held_out = scenes(77, 80, 128, empty_rate=0.3)
+    prepared = list(predictor.prepare([s.image for s in held_out]))
+    labels = ("red", "blue", "green")
+    results = quality._predict(predictor, prepared, "colour", labels, masks=False)
+    none = [r for s, r in zip(held_out, results, strict=True) if not set(labels) & s.colours]
+    assert len(none) >= 15 and sum(bool(r.choices[0].selected) for r in none) <= 0.1 * len(none)
+    hits = [(label in r.choices[0].selected, label in s.colours)
+            for s, r in zip(held_out, results, strict=True) for label in labels]  # fmt: skip
+    tagged_when_present = np.mean([tagged for tagged, present in hits if present])
+    tagged_when_absent = np.mean([tagged for tagged, present in hits if not present])
+    assert tagged_when_present > 0.3 > 0.05 > tagged_when_absent
