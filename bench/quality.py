@@ -271,7 +271,7 @@ def small_label_sets(
                 figures[f"after {k}"] = {**project_figures(adapted, held_out, prepared, kind, labels),
                                          "alpha": fitted.adapter.alpha if fitted.adapter else 0.0}  # fmt: skip
             out[f"{kind} x{n}"] = {**figures, "labels": list(labels), "best_min_score": max(sweep, key=sweep.get)}
-    return out
+    return {**out, "dense_head": predictor.settings.dense_head}
 
 
 def _predict(predictor: Predictor, prepared: list, kind: str, labels: tuple[str, ...], masks: bool) -> list:
@@ -455,7 +455,8 @@ def markdown(report: dict, command: str, description: str) -> str:
 def small_sets_markdown(small: dict) -> list[str]:
     lines = [
         "",
-        "## 3. Small label sets, as the service decides (TAG_RULE=absolute, builtin distractors)",
+        "## 3. Small label sets, as the service decides (TAG_RULE=absolute, builtin distractors, "
+        f"DENSE_HEAD={small['dense_head']})",
         "",
         "Each seed draws its own labels. Accepted = the service's definition: tags exact and every mask "
         f"within IoU {UNCHANGED_IOU} of the truth.",
@@ -464,12 +465,13 @@ def small_sets_markdown(small: dict) -> list[str]:
         "labels | accepted unchanged | best TAG_MIN_SCORE on the pool |",
         "|---|---|---|---|---|---|---|",
     ]
-    for key, row in small.items():
+    projects = {key: row for key, row in small.items() if key != "dense_head"}
+    for key, row in projects.items():
         b = row["before"]
         lines.append(f"| {key} | {cell(b['exact'], True)} | {cell(b['recall_several'], True)} | "
                      f"{cell(b['false_on_none'], True)} | {cell(b['mask_iou'])} | {cell(b['accepted'], True)} | "
                      f"{cell(row['best_min_score'])} |")  # fmt: skip
-    after = [key for key in next(iter(small.values())) if key.startswith("after ")]
+    after = [key for key in next(iter(projects.values())) if key.startswith("after ")]
     if not after:
         return lines
     last = after[-1]
@@ -481,7 +483,7 @@ def small_sets_markdown(small: dict) -> list[str]:
         f"recall several, {last} | mask IoU, {last} |",
         "|---|---|" + "---|" * len(after) + "---|---|---|",
     ]
-    for key, row in small.items():
+    for key, row in projects.items():
         lines.append(f"| {key} | {cell(row['before']['exact'], True)} | "
                      + " | ".join(cell(row[k]["exact"], True) for k in after)
                      + f" | {cell(row[last]['false_on_none'], True)} | {cell(row[last]['recall_several'], True)} | "
@@ -520,6 +522,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pool", type=int, default=300, help="scenes the annotator may correct, per seed")
     parser.add_argument("--seeds", type=int, default=3, help="independent held-out sets and training seeds")
     parser.add_argument("--image-size", type=int, default=SIZE, help="the side the model sees (IMAGE_SIZE)")
+    parser.add_argument("--dense-head", default="clearclip", choices=HEADS,
+                        help="the service's DENSE_HEAD in section 3 (section 2 measures them all)")  # fmt: skip
     parser.add_argument("--k", type=int, nargs="*", default=[10, 50, 100], help="corrections per run (none: skip)")
     parser.add_argument("--steps", type=int, default=500, help="CLIPSelf and ZegCLIP steps per training run")
     parser.add_argument("--lr", type=float, default=1e-4, help="CLIPSelf learning rate (the service's TRAIN_LR)")
@@ -528,7 +532,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     settings = Settings(model_checkpoint=args.checkpoint, device="cpu", image_size=args.image_size,
-                        background_words=BACKGROUNDS)  # fmt: skip
+                        background_words=BACKGROUNDS, dense_head=args.dense_head)  # fmt: skip
     bundle = load_clip(settings)
     text = TextEmbedder(bundle)
     bench = Bench(bundle, text, TagCLIPConfig(), batch_size=32, input_size=args.image_size)

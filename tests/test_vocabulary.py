@@ -27,8 +27,11 @@ def test_labels_come_first_and_competitors_equal_to_a_label_are_left_out():
     labels = [ClassLabel("Car", ("car", "automobile")), ClassLabel("sky", ("sky",))]
     bank = ClassBank.build(labels, ("sky", "ground"), ("dog", "Car", "ground", "tree"))
     assert bank.synonyms == (("car", "automobile"), ("sky",), ("ground",), ("dog",), ("tree",))
-    assert bank.n_labels == 2
+    assert bank.n_labels == 2 and bank.n_background == 1  # "sky" is a label: only "ground" is left
     assert bank.index[("sky",)] == 1
+    # masks compete with the labels and the background words: distractors decide tags only
+    kept = torch.tensor([0, 1, 2, 4])  # what distinct_competitors kept: "dog" dropped
+    assert bank.mask_rows(kept) == [0, 1, 2]
 
 
 def test_competitors_that_are_a_label_or_an_earlier_competitor_for_the_model_are_dropped():

@@ -135,7 +135,7 @@ class Predictor:
         self.adapter = adapter
         self.config = TagCLIPConfig(cwr_max_classes=settings.cwr_max_classes or None)
         self.rule = TagRule(settings.tag_rule, settings.tag_min_score, settings.tag_threshold, dict(thresholds or {}))
-        self.competitors = (*settings.background_words, *distractor_words(settings.distractors))
+        self.distractors = distractor_words(settings.distractors)
         threads = settings.fetch_threads or max(8, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="prelabel-fetch")
         self._budget = PixelBudget(2 * settings.max_image_pixels)
@@ -157,7 +157,7 @@ class Predictor:
     def warm_up(self) -> None:
         """Embed the background words and distractors now: every job needs them, so no job should
         pay for them (~330 words x 85 prompts: a second on a GPU, a few minutes on a CPU)."""
-        self.text.words(self.competitors)
+        self.text.words((*self.settings.background_words, *self.distractors))
 
     def predict(self, job: PredictJob) -> PredictResult:
         started = time.perf_counter()
@@ -186,9 +186,10 @@ class Predictor:
         timings: dict[str, float] = {}
         mark = time.perf_counter()
         labels = [label for control in (*choices, *brushes, *regions) for label in control.labels]
-        bank = ClassBank.build(labels, self.competitors)
+        bank = ClassBank.build(labels, self.settings.background_words, self.distractors)
         text = self.text.classes(bank.synonyms)
-        text = text[distinct_competitors(text, bank.n_labels)].to(self.bundle.device)
+        kept = distinct_competitors(text, bank.n_labels)
+        text, mask_rows = text[kept].to(self.bundle.device), bank.mask_rows(kept)
         timings["text"] = _ms_since(mark)
 
         mark = time.perf_counter()
@@ -209,7 +210,7 @@ class Predictor:
             def masks_of(labels: tuple[ClassLabel, ...]) -> list[tuple[ClassLabel, dense.Mask]]:
                 """Controls with the same labels share one segmentation of the image."""
                 if labels not in segmented:
-                    segmented[labels] = self._masks(labels, bank, text, scores[i], image.size)
+                    segmented[labels] = self._masks(labels, bank, text[mask_rows], scores[i], image.size)
                 return segmented[labels]
 
             masks = tuple(
@@ -256,7 +257,7 @@ class Predictor:
     def label_scores(self, images: Sequence[Prepared], labels: Sequence[ClassLabel]) -> tuple[Tensor, Tensor]:
         """[n, L] TagCLIP scores of ``labels`` (before any adapter) and [n, E] image embeddings:
         what the few-shot learner fits on."""
-        bank = ClassBank.build(labels, self.competitors)
+        bank = ClassBank.build(labels, self.settings.background_words, self.distractors)
         text = self.text.classes(bank.synonyms)
         text = text[distinct_competitors(text, bank.n_labels)].to(self.bundle.device)
         scores = self._run_models(enumerate(images), text, bank.n_labels, False, True)
@@ -328,8 +329,9 @@ class Predictor:
         self, control_labels: Sequence[ClassLabel], bank: ClassBank, text: Tensor, scores: ImageScores,
         size: tuple[int, int],
     ) -> list[tuple[ClassLabel, dense.Mask]]:  # fmt: skip
-        """Segment the labels of a control that the tag rule finds in the image, competing with the
-        background words and distractors; pixels a competitor wins stay unlabeled."""
+        """Segment the labels of a control that the tag rule finds in the image (decided against
+        every competitor), competing with the background words in ``text`` (the labels' rows, then
+        theirs); pixels a background word wins stay unlabeled."""
         found, _ = select_tags(self._label_scores(control_labels, bank, scores), True, self.rule)
         labels = [label for label in control_labels if label.name in found]
         if not labels:

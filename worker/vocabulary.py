@@ -46,19 +46,33 @@ class ClassBank:
     synonyms: tuple[tuple[str, ...], ...]
     n_labels: int
     index: dict[tuple[str, ...], int]
+    n_background: int = 0  # the first competitors: background words (masks compete with these only)
 
     @classmethod
-    def build(cls, labels: Iterable[ClassLabel], *competitors: Iterable[str]) -> ClassBank:
-        """``competitors``: word lists (background words, distractors); a word that is one of the
-        labels' texts is left out."""
+    def build(
+        cls, labels: Iterable[ClassLabel], background: Iterable[str], distractors: Iterable[str] = ()
+    ) -> ClassBank:
+        """Labels, then background words, then distractors; a word that is one of the labels'
+        texts (or came before) is left out."""
         texts = list(dict.fromkeys(label.texts for label in labels))
         taken = {text.lower() for group in texts for text in group}
-        extra = []
-        for word in (w for words in competitors for w in words):
-            if word.lower() not in taken:
-                taken.add(word.lower())
-                extra.append((word,))
-        return cls(tuple(texts + extra), len(texts), {group: i for i, group in enumerate(texts)})
+        extra: list[tuple[str, ...]] = []
+        n_background = 0
+        for group, words in enumerate((background, distractors)):
+            for word in words:
+                if word.lower() not in taken:
+                    taken.add(word.lower())
+                    extra.append((word,))
+                    n_background += group == 0
+        index = {group: i for i, group in enumerate(texts)}
+        return cls(tuple(texts + extra), len(texts), index, n_background)
+
+    def mask_rows(self, kept: Tensor) -> list[int]:
+        """Of the rows ``distinct_competitors`` kept (positions in its result), the labels' and the
+        background words': what masks compete with. Distractors decide tags, not pixels: on one
+        object, an attribute or a part ("red" and "star", "car" and "wheel") would take the label's
+        pixels."""
+        return [i for i, row in enumerate(kept.tolist()) if row < self.n_labels + self.n_background]
 
 
 def distinct_competitors(text: Tensor, n_labels: int) -> Tensor:
