@@ -186,10 +186,7 @@ class Predictor:
         timings: dict[str, float] = {}
         mark = time.perf_counter()
         labels = [label for control in (*choices, *brushes, *regions) for label in control.labels]
-        bank = ClassBank.build(labels, self.settings.background_words, self.distractors)
-        text = self.text.classes(bank.synonyms)
-        kept = distinct_competitors(text, bank.n_labels)
-        text, mask_rows = text[kept].to(self.bundle.device), bank.mask_rows(kept)
+        bank, text, mask_rows = self._vocabulary(labels)
         timings["text"] = _ms_since(mark)
 
         mark = time.perf_counter()
@@ -254,12 +251,18 @@ class Predictor:
         work = working_size(*size, self.settings.image_size, vit.patch_size(self.bundle.visual))
         return Prepared(to_pixels(image, work, self.bundle.mean, self.bundle.std), size)
 
+    def _vocabulary(self, labels: Sequence[ClassLabel]) -> tuple[ClassBank, Tensor, list[int]]:
+        """The labels and their distinct competitors: the bank, its text embeddings on the device,
+        and the rows masks compete with (the labels' and the background words')."""
+        bank = ClassBank.build(labels, self.settings.background_words, self.distractors)
+        text = self.text.classes(bank.synonyms)
+        kept = distinct_competitors(text, bank.n_labels)
+        return bank, text[kept].to(self.bundle.device), bank.mask_rows(kept)
+
     def label_scores(self, images: Sequence[Prepared], labels: Sequence[ClassLabel]) -> tuple[Tensor, Tensor]:
         """[n, L] TagCLIP scores of ``labels`` (before any adapter) and [n, E] image embeddings:
         what the few-shot learner fits on."""
-        bank = ClassBank.build(labels, self.settings.background_words, self.distractors)
-        text = self.text.classes(bank.synonyms)
-        text = text[distinct_competitors(text, bank.n_labels)].to(self.bundle.device)
+        bank, text, _ = self._vocabulary(labels)
         scores = self._run_models(enumerate(images), text, bank.n_labels, False, True)
         rows = [bank.index[label.texts] for label in labels]
         tags = torch.tensor([[scores[i].tags[r] for r in rows] for i in range(len(images))]).reshape(len(images), -1)

@@ -35,7 +35,7 @@ from worker.checkpoints import carry_over, write_adapter
 from worker.model.adapter import TipAdapter
 from worker.predictor import Predictor
 from worker.training.corrections import Correction, fetch_images, mask_labels, pull_corrections, split
-from worker.training.evaluate import GATED, evaluate, gate
+from worker.training.evaluate import GATED, judge
 from worker.training.loop import ShouldStop, check_stop
 
 log = logging.getLogger(__name__)
@@ -161,12 +161,7 @@ def run_adaptation(
 
     check_stop(should_stop, "before evaluating")
     progress("evaluating", 0, 0, None)
-    with torch.inference_mode():
-        scores = {
-            "candidate": evaluate(candidate, parts.held_out, job.choices, job.brushes, job.regions),
-            "active": evaluate(active, parts.held_out, job.choices, job.brushes, job.regions),
-        }
-    promoted, reason = gate(scores["candidate"], scores["active"], settings.promotion_margin)
+    scores, promoted, reason = judge(candidate, active, parts.held_out, job, settings.promotion_margin)
     if promoted and not better(scores["candidate"], scores["active"]):
         # Every promotion makes Label Studio predict the project's tasks again: not for a tie.
         promoted, reason = False, "no better than the active version on the held-out corrections"

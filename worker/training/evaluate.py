@@ -6,8 +6,9 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
-from common.jobs import BrushControl, ChoicesControl, RegionControl, TaskResult
+from common.jobs import BrushControl, ChoicesControl, RegionControl, TaskResult, TrainJob
 from common.labelstudio.brush import rle_to_mask
 from common.labelstudio.regions import box_extent, draw_outline
 from common.quality import iou_table, mean_average_precision, micro_f1
@@ -103,6 +104,18 @@ def _predicted_map(result: TaskResult, labels: Sequence[str]) -> np.ndarray:
         if region.type == "polygonlabels" and region.label in labels:
             out[draw_outline(region.value["points"], size)] = labels.index(region.label) + 1
     return out
+
+
+def judge(
+    candidate: Predictor, active: Predictor, held_out: Sequence[Correction], job: TrainJob, margin: float
+) -> tuple[dict[str, dict[str, float]], bool, str]:
+    """Both versions measured on the held-out corrections, and the gate's verdict on the candidate."""
+    with torch.inference_mode():
+        scores = {
+            "candidate": evaluate(candidate, held_out, job.choices, job.brushes, job.regions),
+            "active": evaluate(active, held_out, job.choices, job.brushes, job.regions),
+        }
+    return scores, *gate(scores["candidate"], scores["active"], margin)
 
 
 def gate(candidate: dict[str, float], active: dict[str, float], margin: float) -> tuple[bool, str]:

@@ -20,8 +20,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from common.jobs import TrainJob
 from common.versions import Registry
 from worker.checkpoints import version_visual, write_version
@@ -29,7 +27,7 @@ from worker.predictor import Predictor
 from worker.training.adapt import fit_adapter, newest, project_labels
 from worker.training.clipself import CLIPSelfConfig, train_clipself
 from worker.training.corrections import Correction, fetch_images, mask_labels, pull_corrections, split
-from worker.training.evaluate import evaluate, gate
+from worker.training.evaluate import judge
 from worker.training.loop import ShouldStop, check_stop
 from worker.training.zegclip import TrainingSample, calibrate_threshold, train_zegclip
 from worker.vocabulary import ClassBank
@@ -100,12 +98,7 @@ def run_training(
 
     check_stop(should_stop, "before evaluating")
     progress("evaluating", 0, 0, None)
-    with torch.inference_mode():
-        scores = {
-            "candidate": evaluate(candidate, parts.held_out, job.choices, job.brushes, job.regions),
-            "active": evaluate(active, parts.held_out, job.choices, job.brushes, job.regions),
-        }
-    promoted, reason = gate(scores["candidate"], scores["active"], settings.promotion_margin)
+    scores, promoted, reason = judge(candidate, active, parts.held_out, job, settings.promotion_margin)
 
     check_stop(should_stop, "before saving")
     info = registry.add(
