@@ -64,6 +64,10 @@ class Settings:
     max_image_bytes: int = field(default=40 * 1024 * 1024, metadata={"env": "MAX_IMAGE_BYTES"})
     max_image_pixels: int = field(default=60_000_000, metadata={"env": "MAX_IMAGE_PIXELS"})
     fetch_threads: int = field(default=0, metadata={"env": "FETCH_THREADS"})  # 0: max(8, CPU cores)
+    fetch_retries: int = field(default=2, metadata={"env": "FETCH_RETRIES"})
+    # TLS for Label Studio and image hosts: an internal CA's bundle, or no check at all (tests only).
+    verify_ssl: bool = field(default=True, metadata={"env": "VERIFY_SSL"})
+    ca_bundle: str | None = field(default=None, metadata={"env": "REQUESTS_CA_BUNDLE", "aliases": ("SSL_CERT_FILE",)})
 
     # Model
     model_name: str = field(default="ViT-B-16-quickgelu", metadata={"env": "MODEL_NAME"})
@@ -131,6 +135,13 @@ class Settings:
             raise SettingsError(f"TRAIN_HOLDOUT={self.train_holdout} must be a fraction in (0, 1).")
         if self.fetch_threads < 0:
             raise SettingsError(f"FETCH_THREADS={self.fetch_threads} must be 0 (automatic) or positive.")
+        if not 0 <= self.fetch_retries <= 10:
+            raise SettingsError(f"FETCH_RETRIES={self.fetch_retries} must be between 0 (no retry) and 10.")
+        if self.ca_bundle and not Path(self.ca_bundle).is_file():
+            raise SettingsError(
+                f"REQUESTS_CA_BUNDLE={self.ca_bundle} is not a file: give the PEM file of the CA certificates "
+                "that sign Label Studio's and the image hosts' certificates."
+            )
         if self.train_every < 0 or self.train_interval < 0 or self.adapt_every < 0:
             raise SettingsError("TRAIN_EVERY, TRAIN_INTERVAL and ADAPT_EVERY must be 0 (off) or positive.")
         positive = ("job_timeout", "result_ttl", "max_image_bytes", "max_image_pixels", "batch_size", "train_timeout",

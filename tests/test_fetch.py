@@ -7,6 +7,7 @@ import base64
 import contextlib
 import gzip
 import http.server
+import json
 import ssl
 import subprocess
 import threading
@@ -14,22 +15,23 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
+import httpx
 import pytest
 
 from common.errors import ImageFetchError
-from common.labelstudio.client import is_personal_access_token
+from common.labelstudio.client import is_personal_access_token, label_studio_client
 from tests.lsfake import FakeLabelStudio, trickle, trickle_headers
-from worker.fetch import ImageFetcher, address_refusal, parse_strict
+from worker.fetch import RETRY_BACKOFF, ImageFetcher, address_refusal, parse_strict
 
 PHOTO = "2011_000003.jpg"
 
 
 @pytest.fixture
 def fetcher_for(make_settings, label_studio):
-    def build(api_key=None, resolver=None, ca_certs=None, **overrides) -> ImageFetcher:
+    def build(api_key=None, resolver=None, **overrides) -> ImageFetcher:
         overrides.setdefault("label_studio_url", label_studio.url)
         settings = make_settings(label_studio_api_key=api_key, **overrides)
-        return ImageFetcher(settings, **({"resolver": resolver} if resolver else {}), ca_certs=ca_certs)
+        return ImageFetcher(settings, **({"resolver": resolver} if resolver else {}))
 
     return build
 
@@ -279,7 +281,7 @@ def test_https_is_pinned_with_the_name_in_sni_and_the_certificate_check(fetcher_
         port = server.server_address[1]
         resolver = lambda host, port: ["127.0.0.1"]  # noqa: E731
         fetcher = fetcher_for(allowed_hosts=("*.test",), allow_internal_hosts=True, resolver=resolver,
-                              ca_certs=str(cert))  # fmt: skip
+                              ca_bundle=str(cert))  # fmt: skip
         assert fetcher.fetch(f"https://images.test:{port}/a.jpg") == photos[PHOTO]
         assert server.seen == [("images.test", f"images.test:{port}")]  # (SNI, Host)
         with pytest.raises(ImageFetchError, match="Could not download"):
@@ -287,6 +289,100 @@ def test_https_is_pinned_with_the_name_in_sni_and_the_certificate_check(fetcher_
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_an_internal_ca_is_refused_by_default_with_the_setting_to_use(fetcher_for, tmp_path, photos):
+    cert = _certificate(tmp_path, "images.test")
+    server = _tls_server(cert, photos[PHOTO])
+    try:
+        url = f"https://images.test:{server.server_address[1]}/a.jpg"
+        resolver = lambda host, port: ["127.0.0.1"]  # noqa: E731
+        open_to = {"allowed_hosts": ("*.test",), "allow_internal_hosts": True, "resolver": resolver}
+        with pytest.raises(ImageFetchError, match="certificate was not accepted.*REQUESTS_CA_BUNDLE"):
+            fetcher_for(**open_to).fetch(url)  # certifi's bundle does not know this CA
+        assert fetcher_for(ca_bundle=str(cert), **open_to).fetch(url) == photos[PHOTO]
+        # VERIFY_SSL=false takes any certificate, even one for another name
+        other = f"https://other.test:{server.server_address[1]}/a.jpg"
+        assert fetcher_for(verify_ssl=False, **open_to).fetch(other) == photos[PHOTO]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_sdk_client_checks_certificates_against_the_ca_bundle(make_settings, tmp_path):
+    cert = _certificate(tmp_path, "localhost")
+    task = json.dumps({"id": 1, "data": {"image": "/data/upload/1/a.jpg"}, "project": 3}).encode()
+    server = _tls_server(cert, task)
+    try:
+        base = f"https://localhost:{server.server_address[1]}"
+        settings = make_settings(label_studio_url=base, label_studio_api_key="k" * 40)
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            label_studio_client(settings, "A test").tasks.get(1, request_options={"max_retries": 0})
+        trusted = make_settings(label_studio_url=base, label_studio_api_key="k" * 40, ca_bundle=str(cert))
+        assert label_studio_client(trusted, "A test").tasks.get(1).project == 3
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _flaky(statuses: list[int], body: bytes):
+    """A route that answers each status of ``statuses`` in turn (0: drops the connection unanswered),
+    then ``body``; it counts the requests it got."""
+    calls = []
+
+    def route(handler) -> None:
+        calls.append(1)
+        if len(calls) <= len(statuses):
+            status = statuses[len(calls) - 1]
+            if status == 0:
+                handler.close_connection = True
+                return
+            handler._send(status, b"busy", **({"Retry-After": "1"} if status == 429 else {}))
+            return
+        handler._send(200, body, "image/jpeg")
+
+    return route, calls
+
+
+@pytest.mark.parametrize("failures", [[503, 502], [0], [429, 500]])
+def test_transient_failures_are_retried_with_backoff(fetcher_for, attacker, photos, failures):
+    route, calls = _flaky(failures, photos[PHOTO])
+    attacker.extra_routes["/flaky"] = route
+    fetcher = fetcher_for(allowed_hosts=("127.0.0.1",), allow_internal_hosts=True, fetch_retries=2)
+    started = time.monotonic()
+    assert fetcher.fetch(f"http://127.0.0.1:{attacker.port}/flaky") == photos[PHOTO]
+    assert len(calls) == len(failures) + 1
+    assert time.monotonic() - started >= RETRY_BACKOFF * (2 ** len(failures) - 1)  # it waited between tries
+
+
+def test_retries_are_bounded_by_their_count_and_by_the_time_limit(fetcher_for, attacker, photos):
+    route, calls = _flaky([503] * 100, photos[PHOTO])
+    attacker.extra_routes["/down"] = route
+    url = f"http://127.0.0.1:{attacker.port}/down"
+    open_to = {"allowed_hosts": ("127.0.0.1",), "allow_internal_hosts": True}
+    with pytest.raises(ImageFetchError, match="HTTP 503"):
+        fetcher_for(fetch_retries=0, **open_to).fetch(url)
+    assert len(calls) == 1
+    with pytest.raises(ImageFetchError, match="HTTP 503"):
+        fetcher_for(fetch_retries=2, **open_to).fetch(url)
+    assert len(calls) == 1 + 3
+    started = time.monotonic()
+    with pytest.raises(ImageFetchError, match="HTTP 503"):
+        fetcher_for(fetch_retries=10, fetch_timeout=2.0, **open_to).fetch(url)  # 0.5 + 1 s, then no time left
+    assert time.monotonic() - started < 2.5
+    assert len(calls) == 4 + 2
+
+
+def test_answers_that_will_not_change_are_not_retried(fetcher_for, label_studio, attacker, photos):
+    route, calls = _flaky([404, 404], photos[PHOTO])
+    attacker.extra_routes["/gone"] = route
+    fetcher = fetcher_for(label_studio.legacy_token, allowed_hosts=("127.0.0.1",), allow_internal_hosts=True)
+    with pytest.raises(ImageFetchError, match="HTTP 404"):
+        fetcher.fetch(f"http://127.0.0.1:{attacker.port}/gone")
+    assert len(calls) == 1
+    with pytest.raises(ImageFetchError, match="check LABEL_STUDIO_API_KEY"):
+        fetcher_for("0" * 40).fetch(label_studio.upload_path(PHOTO))
+    assert len(label_studio.requests) == 1  # a refused key is not tried again
 
 
 def test_size_limit_from_the_header_and_while_streaming(fetcher_for, label_studio):

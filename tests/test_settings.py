@@ -53,6 +53,9 @@ def test_environment_names_and_types():
         ({"FETCH_THREADS": "-2"}, r"FETCH_THREADS=-2 must be 0 \(automatic\) or positive"),
         ({"MAX_TASKS_PER_JOB": "0"}, "MAX_TASKS_PER_JOB must be a positive number"),
         ({"MAX_LABELS": "-5"}, "MAX_LABELS must be a positive number"),
+        ({"FETCH_RETRIES": "50"}, "FETCH_RETRIES=50 must be between 0"),
+        ({"REQUESTS_CA_BUNDLE": "/nonexistent/ca.pem"}, "REQUESTS_CA_BUNDLE=/nonexistent/ca.pem is not a file"),
+        ({"VERIFY_SSL": "perhaps"}, "VERIFY_SSL='perhaps' is not a valid bool"),
     ],
 )
 def test_invalid_values_name_the_variable(env, message):
@@ -104,3 +107,11 @@ def test_the_names_other_label_studio_backends_use_are_read_too():
     assert (aliased.label_studio_url, aliased.label_studio_api_key) == ("http://ls:8080", "abc")
     both = Settings.from_env({"LABEL_STUDIO_URL": "http://ours:8080", "LABEL_STUDIO_HOST": "http://ls:8080"})
     assert both.label_studio_url == "http://ours:8080"  # prelabel's own name wins
+
+
+def test_tls_settings_use_the_names_requests_and_openssl_read(tmp_path):
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    assert Settings.from_env({"REQUESTS_CA_BUNDLE": str(bundle)}).ca_bundle == str(bundle)
+    assert Settings.from_env({"SSL_CERT_FILE": str(bundle)}).ca_bundle == str(bundle)
+    assert Settings.from_env({}).verify_ssl and not Settings.from_env({"VERIFY_SSL": "false"}).verify_ssl

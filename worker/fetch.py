@@ -48,7 +48,14 @@ from urllib.parse import unquote, urljoin
 import certifi
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.exceptions import HTTPError, LocationParseError, NewConnectionError
+from urllib3.exceptions import (
+    HTTPError,
+    InsecureRequestWarning,
+    LocationParseError,
+    NewConnectionError,
+    ProtocolError,
+    SSLError,
+)
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from urllib3.util import Url, parse_url
 
@@ -60,6 +67,10 @@ log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 3
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+#: Answers worth asking again (the server is busy or restarting); so are refused or reset connections.
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+#: Seconds before the first retry; doubled for each one after, never past FETCH_TIMEOUT.
+RETRY_BACKOFF = 0.5
 _CHUNK = 256 * 1024
 #: Connection pools kept open (one per address and host), least recently used closed first.
 _POOLS = 64
@@ -83,6 +94,10 @@ Resolver = Callable[[str, int], list[str]]
 _LOOKUPS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="prelabel-dns")
 #: The deadline of the download running on each thread, for the connections it uses.
 _current = threading.local()
+
+
+class TransientFetchError(ImageFetchError):
+    """A failure that asking again may fix: a refused or reset connection, a 429 or 5xx answer."""
 
 
 def system_resolver(host: str, port: int) -> list[str]:
@@ -280,9 +295,10 @@ class Connector:
     certificate check). Pools are kept per (address, host) so Label Studio downloads reuse
     their connections."""
 
-    def __init__(self, threads: int, ca_certs: str | None = None) -> None:
+    def __init__(self, threads: int, ca_certs: str | None = None, verify: bool = True) -> None:
         self._threads = threads
         self._ca_certs = ca_certs or certifi.where()
+        self._verify = verify
         self._pools: OrderedDict[tuple, urllib3.HTTPConnectionPool] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -307,8 +323,9 @@ class Connector:
                 return pool
             if scheme == "https":
                 pool = urllib3.HTTPSConnectionPool(
-                    address, port, maxsize=self._threads, server_hostname=host, assert_hostname=host,
-                    cert_reqs="CERT_REQUIRED", ca_certs=self._ca_certs,
+                    address, port, maxsize=self._threads, server_hostname=host,
+                    assert_hostname=host if self._verify else False,
+                    cert_reqs="CERT_REQUIRED" if self._verify else "CERT_NONE", ca_certs=self._ca_certs,
                 )  # fmt: skip
                 pool.ConnectionCls = _WatchedHTTPSConnection
             else:
@@ -323,10 +340,13 @@ class Connector:
 class ImageFetcher:
     """Fetch image bytes for a task, by the rules in this module's docstring."""
 
-    def __init__(self, settings: Settings, resolver: Resolver = system_resolver, ca_certs: str | None = None) -> None:
+    def __init__(self, settings: Settings, resolver: Resolver = system_resolver) -> None:
         self.settings = settings
         self.resolver = resolver
-        self.connector = Connector(settings.fetch_threads or 8, ca_certs)
+        if not settings.verify_ssl:
+            log.warning("VERIFY_SSL=false: image downloads do not check HTTPS certificates")
+            urllib3.disable_warnings(InsecureRequestWarning)  # said once above, not once per download
+        self.connector = Connector(settings.fetch_threads or 8, settings.ca_bundle, settings.verify_ssl)
         self.allowed_hosts = tuple(pattern.lower().rstrip(".") for pattern in settings.allowed_hosts)
         self.ls_url = parse_url(settings.label_studio_url.rstrip("/")) if settings.label_studio_url else None
         key = settings.label_studio_api_key
@@ -343,7 +363,7 @@ class ImageFetcher:
             chain_on_label_studio = True  # every hop so far was on Label Studio
             for _ in range(MAX_REDIRECTS + 1):
                 target = self._check(url, chain_on_label_studio, deadline)
-                response = self._get(target, deadline)
+                response = self._get_retrying(target, deadline)
                 if response.status not in REDIRECT_STATUSES:
                     return self._read(response, target, deadline)
                 location = response.headers.get("Location", "")
@@ -440,6 +460,21 @@ class ImageFetcher:
             raise ImageFetchError(f"Cannot resolve image host '{host}': no address.")
         return addresses
 
+    def _get_retrying(self, target: Target, deadline: Deadline) -> urllib3.BaseHTTPResponse:
+        """``_get``, asked again FETCH_RETRIES times after a transient failure, with exponential
+        backoff, while FETCH_TIMEOUT leaves time for it."""
+        retries = self.settings.fetch_retries
+        for attempt in range(retries + 1):
+            try:
+                return self._get(target, deadline)
+            except TransientFetchError as e:
+                pause = RETRY_BACKOFF * 2**attempt
+                if attempt == retries or deadline.at - time.monotonic() < pause + 0.5:
+                    raise
+                log.info("%s; retry %d of %d in %.1f s", e, attempt + 1, retries, pause)
+                time.sleep(pause)
+        raise AssertionError("unreachable")
+
     def _get(self, target: Target, deadline: Deadline) -> urllib3.BaseHTTPResponse:
         auth = self.ls_auth if target.with_key else None
         response = self._request(target, auth.headers() if auth else {}, deadline)
@@ -461,7 +496,8 @@ class ImageFetcher:
             )
         if response.status >= 400:
             _discard(response, deadline)
-            raise ImageFetchError(f"The image URL answered HTTP {response.status}: {short(target.url)}")
+            error = TransientFetchError if response.status in RETRY_STATUSES else ImageFetchError
+            raise error(f"The image URL answered HTTP {response.status}: {short(target.url)}")
         return response
 
     def _request(self, target: Target, headers: dict[str, str], deadline: Deadline) -> urllib3.BaseHTTPResponse:
@@ -469,11 +505,17 @@ class ImageFetcher:
         try:
             return self.connector.request("GET", target.url, target.address, headers, deadline.left())
         except NewConnectionError as e:  # a subclass of urllib3's timeout error, for history's sake
-            raise ImageFetchError(f"Could not connect to {short(target.url)}: {_reason(e)}") from e
+            raise TransientFetchError(f"Could not connect to {short(target.url)}: {_reason(e)}") from e
+        except SSLError as e:
+            raise ImageFetchError(
+                f"Could not download {short(target.url)}: its HTTPS certificate was not accepted ({_reason(e)}). "
+                "Behind an internal CA, set REQUESTS_CA_BUNDLE to the PEM file of its certificates."
+            ) from e
         except (Urllib3Timeout, HTTPError) as e:
             if deadline.expired or isinstance(e, Urllib3Timeout):
                 raise self._too_slow(target) from e
-            raise ImageFetchError(f"Could not download {short(target.url)}: {_reason(e)}") from e
+            error = TransientFetchError if isinstance(e, ProtocolError) else ImageFetchError  # reset, closed
+            raise error(f"Could not download {short(target.url)}: {_reason(e)}") from e
 
     def _read(self, response: urllib3.BaseHTTPResponse, target: Target, deadline: Deadline) -> bytes:
         limit = self.settings.max_image_bytes

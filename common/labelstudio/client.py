@@ -12,14 +12,24 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable
 
+import certifi
+import httpx
 from label_studio_sdk import LabelStudio
 
 from common.errors import ImageFetchError, ServiceUnavailable
 from common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Seconds one SDK call may take (the SDK's own default); it retries connection errors and
+#: 5xx answers twice, with exponential backoff.
+SDK_TIMEOUT = 60.0
 
 #: POSTs JSON to a path on Label Studio; returns (HTTP status, parsed JSON or None).
 Post = Callable[[str, dict], tuple[int, object]]
@@ -30,7 +40,19 @@ def label_studio_client(settings: Settings, purpose: str) -> LabelStudio:
     what needs it when either setting is missing."""
     if not settings.label_studio_url or not settings.label_studio_api_key:
         raise ServiceUnavailable(f"{purpose} needs Label Studio's API: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY.")
-    return LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key)
+    client = httpx.Client(timeout=SDK_TIMEOUT, verify=tls_context(settings))
+    return LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key, httpx_client=client)
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    """How HTTPS certificates are checked on every connection prelabel opens: against
+    REQUESTS_CA_BUNDLE (an internal CA) or certifi's bundle, or not at all with VERIFY_SSL=false."""
+    context = ssl.create_default_context(cafile=settings.ca_bundle or certifi.where())
+    if not settings.verify_ssl:
+        log.warning("VERIFY_SSL=false: HTTPS certificates are not checked (anyone on the path can read the API key)")
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def is_personal_access_token(key: str) -> bool:
