@@ -48,10 +48,10 @@ def handle(body: dict[str, Any], state: State) -> dict[str, Any]:
         project, spec = _project(body, state)
         tasks = [t for t in body.get("tasks") or [] if isinstance(t, dict) and "id" in t]
         label_config = body["project"]["label_config"]
-        jobs = state.server.precompute(tasks, spec, label_config, project, state.registry.active(project))
-        if jobs is None:
+        if not state.runner.background:
             return {"action": action, "status": "ignored", "detail": "embedded mode predicts tasks when opened"}
-        return {"action": action, "status": "precomputing" if jobs else "cached", "jobs": jobs}
+        request = state.server.precompute(tasks, spec, label_config, project, state.registry.active(project))
+        return {"action": action, "status": "precomputing" if request else "cached", "request": request}
     if action == "ANNOTATIONS_DELETED" and state.feedback is not None:
         project = project_uid(body.get("project"))
         ids = [a.get("id") for a in body.get("annotations") or [] if isinstance(a, dict)]

@@ -28,6 +28,7 @@ from rq.registry import StartedJobRegistry
 from rq.results import Result
 from rq.serializers import JSONSerializer
 
+from common import keys
 from common.errors import JobFailed, JobTimeout, PrelabelError, ServiceUnavailable
 from common.jobs import PREDICT_FUNCTION, PREDICT_QUEUE, AllowListedJob, PredictJob, PredictResult
 from common.logs import redact_url
@@ -75,8 +76,18 @@ class Runner(Protocol):
     #: without holding up interactive requests: the queue scales with workers, embedded does not.
     background: bool
 
-    def submit(self, job: PredictJob) -> str:
-        """Start ``job`` and return its id at once."""
+    def submit(self, job: PredictJob, interactive: bool = False) -> str:
+        """Start ``job`` and return its id at once; an ``interactive`` one (an annotator waiting
+        for one task) goes ahead of bulk work already queued."""
+        ...
+
+    def track(self, job_ids: list[str], tasks: int, project: str | None) -> str | None:
+        """Name the chunks of one bulk request, for ``GET /jobs/<request id>``; None where
+        requests are not tracked (embedded mode: the request waits for its jobs itself)."""
+        ...
+
+    def progress(self, request_id: str) -> dict[str, Any] | None:
+        """A tracked request's state over all its chunks; None when unknown or expired."""
         ...
 
     def wait(self, job_id: str, deadline: float) -> PredictResult:
@@ -109,8 +120,10 @@ class QueueRunner:
         self.queue = Queue(PREDICT_QUEUE, connection=self.connection, serializer=JSONSerializer,
                            job_class=AllowListedJob)  # fmt: skip
 
-    def submit(self, job: PredictJob) -> str:
-        """Enqueue ``job`` (it waits in the queue if no worker listens yet)."""
+    def submit(self, job: PredictJob, interactive: bool = False) -> str:
+        """Enqueue ``job`` (it waits in the queue if no worker listens yet): at the back, or at
+        the front when an annotator waits for it, so the next free worker takes it before the
+        queued chunks of a bulk selection or an import."""
         with self.redis_errors():
             rq_job = self.queue.enqueue_call(
                 PREDICT_FUNCTION,
@@ -120,9 +133,51 @@ class QueueRunner:
                 failure_ttl=self.settings.result_ttl * 24,
                 description=f"predict {len(job.tasks)} tasks (project {job.project})",
                 retry=Retry(max=1),  # a job whose worker died runs once more elsewhere
+                at_front=interactive,
             )
-        log.info("predict job %s enqueued: %d tasks, model %s", rq_job.id, len(job.tasks), job.model_version)
+        log.info("predict job %s enqueued%s: %d tasks, model %s", rq_job.id, " at the front" if interactive else "",
+                 len(job.tasks), job.model_version)  # fmt: skip
         return rq_job.id
+
+    def track(self, job_ids: list[str], tasks: int, project: str | None) -> str:
+        """Record the chunks of one request under a new id, kept as long as their results."""
+        request_id = f"request-{uuid.uuid4().hex}"
+        record = {"jobs": job_ids, "tasks": tasks, "project": project, "created_at": time.time()}
+        with self.redis_errors():
+            self.connection.set(keys.predict_request(request_id), json.dumps(record), ex=self.settings.result_ttl)
+        log.info("request %s: %d tasks in %d predict jobs, project %s", request_id, tasks, len(job_ids), project)
+        return request_id
+
+    def progress(self, request_id: str) -> dict[str, Any] | None:
+        with self.redis_errors():
+            raw = self.connection.get(keys.predict_request(request_id))
+            if raw is None:
+                return None
+            record = json.loads(raw)
+            jobs = AllowListedJob.fetch_many(record["jobs"], connection=self.connection, serializer=JSONSerializer)
+        counts = dict.fromkeys(("queued", "started", "finished", "failed", "expired"), 0)
+        tasks_done = 0
+        for job in jobs:
+            status = job.get_status(refresh=False).value if job is not None else "expired"
+            status = status if status in counts else "queued"  # deferred, scheduled: still to run
+            counts[status] += 1
+            if status == "finished":
+                tasks_done += len(job.args[0]["tasks"])
+        if counts["queued"] or counts["started"]:
+            state = "started" if counts["started"] or counts["finished"] or counts["failed"] else "queued"
+        else:
+            state = "failed" if counts["failed"] or counts["expired"] else "finished"
+        return {
+            "id": request_id,
+            "kind": "predict request",
+            "status": state,
+            "project": record["project"],
+            "tasks": record["tasks"],
+            "tasks_done": tasks_done,
+            "chunks": {"total": len(jobs), **counts},
+            "jobs": record["jobs"],
+            "created_at": record["created_at"],
+        }
 
     def wait(self, job_id: str, deadline: float) -> PredictResult:
         """Block until the job has a result or ``deadline`` passes; the job itself keeps its place
@@ -200,7 +255,9 @@ class InlineRunner:
         self._finished: dict[str, float] = {}  # job id -> when it finished (monotonic)
         self._lock = threading.Lock()
 
-    def submit(self, job: PredictJob) -> str:
+    def submit(self, job: PredictJob, interactive: bool = False) -> str:
+        """Jobs run in order: a request here waits for its own jobs one at a time (see
+        ``Server.predict``), so no bulk work is ever queued ahead of an annotator."""
         payload = json.loads(json.dumps(job.to_dict()))  # the same round trip as through Redis
         job_id = uuid.uuid4().hex
         future = self._executor.submit(self._predict, payload)
@@ -209,6 +266,12 @@ class InlineRunner:
             self._jobs[job_id] = future
         future.add_done_callback(lambda _: self._done(job_id))
         return job_id
+
+    def track(self, job_ids: list[str], tasks: int, project: str | None) -> None:
+        return None
+
+    def progress(self, request_id: str) -> None:
+        return None
 
     def _done(self, job_id: str) -> None:
         with self._lock:

@@ -22,6 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis
@@ -106,6 +107,16 @@ class MemoryCache:
                 self._bytes -= len(key) + len(text)
 
 
+@dataclass(frozen=True)
+class Served:
+    """What /predict answers: one prediction per task ([] where not ready), how many came from
+    the cache, and the id under which the rest is tracked (None for one task or none missing)."""
+
+    predictions: list[Any]
+    cached: int
+    request: str | None
+
+
 class Server:
     """Answers /predict from the cache and the runner, and finishes late jobs in the background."""
 
@@ -118,14 +129,15 @@ class Server:
     def predict(
         self, tasks: list[dict], spec: LabelSpec, label_config: str, project: str | None, version: str,
         images: list[str | None],
-    ) -> tuple[list[Any], int]:  # fmt: skip
-        """One prediction per task, in order ([] for a task not ready yet); and how many were cached.
+    ) -> Served:  # fmt: skip
+        """One prediction per task, in order ([] for a task not ready yet).
 
         The missing tasks become jobs of at most MAX_TASKS_PER_JOB tasks. A runner that takes
-        background work (the queue) gets them all at once; a job not done by PREDICT_TIMEOUT is
-        finished later, cached and posted to Label Studio. The embedded runner, which runs one job
-        at a time, gets them one after the other until PREDICT_TIMEOUT, so that an annotator's
-        next request does not wait behind a whole selection; Label Studio asks again for the rest.
+        background work (the queue) gets them all at once, a single task (an annotator opening
+        it) ahead of queued bulk work; a job not done by PREDICT_TIMEOUT is finished later,
+        cached and posted to Label Studio. The embedded runner, which runs one job at a time,
+        gets them one after the other until PREDICT_TIMEOUT, so that an annotator's next request
+        does not wait behind a whole selection; Label Studio asks again for the rest.
         """
         cache_keys, answers, jobs = self._lookup(tasks, spec, label_config, project, version, images)
         cached = len(tasks) - sum(len(chunk) for chunk, _ in jobs)
@@ -134,7 +146,9 @@ class Server:
             if status.unavailable:
                 raise ServiceUnavailable(status.unavailable)
         deadline = time.monotonic() + self.settings.predict_timeout
-        ids = [self.runner.submit(job) for _, job in jobs] if self.runner.background else []
+        interactive = len(tasks) == 1
+        ids = [self.runner.submit(job, interactive) for _, job in jobs] if self.runner.background else []
+        request = self.runner.track(ids, len(tasks) - cached, project) if ids and not interactive else None
         for n, (chunk, job) in enumerate(jobs):
             if not ids and time.monotonic() >= deadline:
                 break
@@ -153,14 +167,15 @@ class Server:
             self.cache.put_many({cache_keys[i]: p for i, p in zip(chunk, fresh, strict=True) if p})
             for i, p in zip(chunk, fresh, strict=True):
                 answers[i] = p
-        return [a if a is not None else [] for a in answers], cached
+        return Served([a if a is not None else [] for a in answers], cached, request)
 
     def precompute(
         self, tasks: list[dict], spec: LabelSpec, label_config: str, project: str, version: str
-    ) -> list[str] | None:
+    ) -> str | None:
         """Queue predictions for newly imported tasks (jobs of at most MAX_TASKS_PER_JOB); they
-        are cached and posted when done. Returns the job ids; None when the runner takes no
-        background work (embedded mode: imports are predicted when their tasks are opened)."""
+        are cached and posted when done. Returns the request's id (its progress is at
+        ``/jobs/<id>``), or None when every task is cached or the runner takes no background work
+        (embedded mode: imports are predicted when their tasks are opened)."""
         if not self.runner.background:
             return None
         images = [image_url(t, spec.image_key) for t in tasks]
@@ -170,7 +185,7 @@ class Server:
             job_id = self.runner.submit(job)
             self.finish_later(job_id, job, spec, [cache_keys[i] for i in chunk])
             ids.append(job_id)
-        return ids
+        return self.runner.track(ids, sum(len(chunk) for chunk, _ in jobs), project) if ids else None
 
     def _lookup(
         self, tasks: list[dict], spec: LabelSpec, label_config: str, project: str | None, version: str,

@@ -70,3 +70,8 @@ def served_predictions(project: str) -> str:
 def corrections(project: str) -> str:
     """Hash annotation id -> how its prediction fared (the correction report's rows)."""
     return CORRECTIONS_PREFIX + project
+
+
+def predict_request(request_id: str) -> str:
+    """The predict jobs (chunks) of one bulk request, for its progress."""
+    return f"{PREFIX}request:{request_id}"

@@ -49,7 +49,7 @@ class Settings:
     job_timeout: int = field(default=600, metadata={"env": "JOB_TIMEOUT"})
     result_ttl: int = field(default=3600, metadata={"env": "RESULT_TTL"})
     log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL"})
-    max_tasks_per_job: int = field(default=32, metadata={"env": "MAX_TASKS_PER_JOB"})
+    max_tasks_per_job: int = field(default=8, metadata={"env": "MAX_TASKS_PER_JOB"})
     max_labels: int = field(default=1000, metadata={"env": "MAX_LABELS"})
 
     # Label Studio, for downloading task images

@@ -359,7 +359,10 @@ def test_a_forged_import_never_writes_into_another_project_or_over_another_image
     before = len(ls.predictions(imported))
     answer = world.webhook({"action": "TASKS_CREATED", "tasks": [foreign, swapped], "project": world.project})
     assert answer.status_code == 200, answer.text
-    (job_id,) = answer.json()["jobs"]
+    request = answer.json()["request"]
+    progress = requests.get(f"{world.prelabel.url}/jobs/{request}", auth=(USER, PASSWORD), timeout=10).json()
+    assert progress["tasks"] == 2 and progress["chunks"]["total"] == 1
+    (job_id,) = progress["jobs"]
     deadline = time.monotonic() + 120
     while f"background predict job {job_id} done" not in (log := world.prelabel.backend_log.read_text()):
         assert time.monotonic() < deadline, log[-3000:]

@@ -256,6 +256,63 @@ def test_a_job_keeps_its_place_when_the_wait_ends(redis_url, make_settings, labe
     assert job.get_status() == JobStatus.QUEUED and runner.queue.count == 1
 
 
+def test_a_single_task_goes_ahead_of_queued_bulk_chunks(redis_url, make_settings, label_studio):
+    settings = make_settings(
+        redis_url=redis_url, label_studio_url=label_studio.url, label_studio_api_key=label_studio.legacy_token
+    )
+    runner = QueueRunner(settings)
+    bulk = [runner.submit(_job(settings, label_studio)) for _ in range(3)]
+    single = runner.submit(_job(settings, label_studio), interactive=True)
+    assert runner.queue.job_ids == [single, *bulk]  # the next free worker takes the annotator's task
+
+    request = runner.track(bulk, 3 * len(PHOTOS), "3.1700000000")
+    waiting = runner.progress(request)
+    assert waiting["status"] == "queued" and waiting["tasks"] == 12 and waiting["tasks_done"] == 0
+    assert waiting["chunks"] == {"total": 3, "queued": 3, "started": 0, "finished": 0, "failed": 0, "expired": 0}
+
+    tasks.configure(settings)
+    SimpleWorker([runner.queue], connection=runner.connection, serializer=JSONSerializer).work(burst=True)
+    ended = {job_id: Job.fetch(job_id, connection=runner.connection).ended_at for job_id in [single, *bulk]}
+    assert ended[single] < min(ended[job_id] for job_id in bulk)
+    done = runner.progress(request)
+    assert done["status"] == "finished" and done["tasks_done"] == 12 and done["chunks"]["finished"] == 3
+    assert runner.progress("request-unknown") is None
+
+
+def test_an_opened_task_is_answered_while_a_bulk_selection_waits(stack, voc_config):
+    """One worker, a selection of 8 chunks whose images are slow to download, and an annotator
+    opening another task meanwhile: the task is answered while chunks of the selection still wait."""
+    settings, label_studio, _ = stack
+    photo = label_studio.files[PHOTOS[1]]
+
+    def slow(handler):
+        time.sleep(0.4)
+        handler._send(200, photo, "image/png")
+
+    label_studio.extra_routes["/data/upload/1/slow-bulk.png"] = slow
+    chunked = dataclasses.replace(settings, max_tasks_per_job=2)
+    bulk = [{"id": 500 + i, "data": {"image": f"/data/upload/1/slow-bulk.png?{i}"}} for i in range(16)]
+    runner = QueueRunner(chunked)
+    answers = []
+    selection = threading.Thread(target=lambda: answers.append(create_app(chunked).test_client().post(
+        "/predict", json={"tasks": bulk, "label_config": voc_config, "project": "3.1700000000"})))  # fmt: skip
+    selection.start()
+    deadline = time.monotonic() + 30
+    while runner.queue.count < 6:  # the selection's chunks are queued and the worker is on the first
+        assert time.monotonic() < deadline, "the selection never reached the queue"
+        time.sleep(0.02)
+    opened = {"id": 600, "data": {"image": label_studio.upload_path(PHOTOS[2])}}
+    answer = create_app(chunked).test_client().post("/predict", json={"tasks": [opened], "label_config": voc_config})
+    still_waiting = runner.queue.count
+    assert answer.get_json()["results"][0]["result"]
+    assert still_waiting >= 4, "the opened task waited behind the selection"
+    selection.join(timeout=120)
+    response = answers[0]
+    assert all(response.get_json()["results"])
+    progress = create_app(chunked).test_client().get(f"/jobs/{response.headers['X-Prelabel-Request']}").get_json()
+    assert progress["status"] == "finished" and progress["tasks_done"] == 16 and progress["chunks"]["total"] == 8
+
+
 def test_imported_tasks_are_precomputed_into_the_cache(stack, voc_config):
     settings, label_studio, _ = stack
     app = create_app(settings)
@@ -263,7 +320,7 @@ def test_imported_tasks_are_precomputed_into_the_cache(stack, voc_config):
     project = {"id": 8, "created_at": "2026-11-23T06:15:25Z", "label_config": voc_config}
     tasks = [{"id": 80 + i, "data": {"image": label_studio.upload_path(name)}} for i, name in enumerate(PHOTOS[:2])]
     answer = client.post("/webhook", json={"action": "TASKS_CREATED", "tasks": tasks, "project": project}).get_json()
-    assert answer["status"] == "precomputing" and len(answer["jobs"]) == 1
+    assert answer["status"] == "precomputing" and answer["request"].startswith("request-")
 
     server = app.extensions["prelabel"].server
     keys = [cache_key(settings.model_version, voc_config, t["id"], t["data"]["image"]) for t in tasks]
@@ -272,7 +329,9 @@ def test_imported_tasks_are_precomputed_into_the_cache(stack, voc_config):
         assert time.monotonic() < deadline, "precomputed predictions never reached the cache"
         time.sleep(0.2)
     again = client.post("/webhook", json={"action": "TASKS_CREATED", "tasks": tasks, "project": project}).get_json()
-    assert again["status"] == "cached" and again["jobs"] == []
+    assert again["status"] == "cached" and again["request"] is None
+    finished = client.get(f"/jobs/{answer['request']}").get_json()
+    assert finished["status"] == "finished" and finished["tasks_done"] == 2 and finished["chunks"]["finished"] == 1
     results = client.post("/predict", json={"tasks": tasks, "label_config": voc_config,
                                             "project": "8.1795414525"}).get_json()["results"]  # fmt: skip
     assert results == server.cache.get_many(keys)

@@ -10,7 +10,7 @@ from flask import Blueprint, jsonify, request
 
 from backend.routes import json_body, optional_project
 from backend.state import state
-from common.errors import BadRequest
+from common.errors import BadRequest, NotFound
 from common.jobs import PREDICT_QUEUE
 from common.logs import redact_urls
 
@@ -51,9 +51,15 @@ def activate(version: str):
 
 @bp.get("/jobs/<job_id>")
 def job_status(job_id: str):
-    """A training run's progress and result, or a predict job's status and task counts. Errors
-    carry no URL query strings or userinfo."""
-    job = state().require_training().job(job_id)
+    """A training run's progress and result, a predict job's status and task counts, or a bulk
+    request's progress over all its chunks. Errors carry no URL query strings or userinfo."""
+    current = state()
+    if job_id.startswith("request-"):
+        progress = current.runner.progress(job_id)
+        if progress is None:
+            raise NotFound(f"No request {job_id!r} (requests are kept RESULT_TTL seconds).")
+        return jsonify(progress)
+    job = current.require_training().job(job_id)
     status = job.get_status()
     result = job.latest_result()
     value = result.return_value if result is not None and result.type == result.Type.SUCCESSFUL else None

@@ -71,16 +71,20 @@ def predict():
     version = current.registry.active(project)
     images = [image_url(t, spec.image_key) for t in tasks]
     started = time.perf_counter()
-    predictions, cached = current.server.predict(tasks, spec, label_config, project, version, images)
+    served = current.server.predict(tasks, spec, label_config, project, version, images)
     seconds = time.perf_counter() - started
-    empty = sum(1 for p in predictions if not p)
+    empty = sum(1 for p in served.predictions if not p)
     record_predict(len(tasks), empty, seconds)
     if project and current.feedback is not None:
-        served = {task["id"]: p for task, p in zip(tasks, predictions, strict=True) if p}
-        current.feedback.remember_predictions(project, served)
-    log.info("predict: %d tasks (%d cached, %d without prediction) in %.0f ms, model %s, project %s",
-             len(tasks), cached, empty, seconds * 1000, version, project)  # fmt: skip
-    return jsonify(results=predictions)
+        ready = {task["id"]: p for task, p in zip(tasks, served.predictions, strict=True) if p}
+        current.feedback.remember_predictions(project, ready)
+    log.info("predict: %d tasks (%d cached, %d without prediction) in %.0f ms, model %s, project %s%s",
+             len(tasks), served.cached, empty, seconds * 1000, version, project,
+             f", request {served.request}" if served.request else "")  # fmt: skip
+    response = jsonify(results=served.predictions)
+    if served.request:  # Label Studio reads only "results"; an operator follows /jobs/<request>
+        response.headers["X-Prelabel-Request"] = served.request
+    return response
 
 
 @bp.post("/webhook")
