@@ -103,3 +103,12 @@ def test_load_test_smoke_run(tiny_checkpoint, redis_url):
 
     result = load.run(clients=2, seconds=2, tasks=2, redis_url=redis_url, checkpoint=str(tiny_checkpoint), threads=2)
     assert result["errors"] == 0 and result["requests"] > 0 and result["p50_ms"] > 0
+
+
+def test_scaling_benchmark_smoke_run(tiny_checkpoint, redis_url):
+    from bench import scaling
+
+    row = scaling.run(workers=1, tasks=4, chunk=2, size=64, redis_url=redis_url, checkpoint=str(tiny_checkpoint),
+                      delay=0.0)  # fmt: skip
+    assert row["served"] == 4 and row["chunks"] == 2
+    assert 0 < row["opened_task_s"] and 0 < row["selection_s"]
