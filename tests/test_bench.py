@@ -111,4 +111,4 @@ def test_scaling_benchmark_smoke_run(tiny_checkpoint, redis_url):
     row = scaling.run(workers=1, tasks=4, chunk=2, size=64, redis_url=redis_url, checkpoint=str(tiny_checkpoint),
                       delay=0.0)  # fmt: skip
     assert row["served"] == 4 and row["chunks"] == 2
-    assert 0 < row["opened_task_s"] and 0 < row["selection_s"]
+    assert row["opened_task_s"] > 0 and row["selection_s"] > 0
