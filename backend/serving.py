@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis
+from label_studio_sdk.core.request_options import RequestOptions
 
 from backend.runner import Runner
 from common import keys
@@ -41,6 +42,8 @@ from common.settings import Settings
 log = logging.getLogger(__name__)
 
 CACHE_TTL = 7 * 24 * 3600
+#: Label Studio's task API rewrites storage URIs into its own resolver URLs unless told not to.
+AS_STORED: RequestOptions = {"additional_query_parameters": {"resolve_uri": False}}
 #: The embedded mode keeps at most this much of served predictions in memory.
 MEMORY_CACHE_BYTES = 256 * 1024 * 1024
 
@@ -230,7 +233,8 @@ class Server:
             if not prediction:
                 continue
             try:
-                stored = client.tasks.get(int(task.task_id))
+                # as stored, cloud storage URIs (s3://...) included, not as Label Studio's editor sees it
+                stored = client.tasks.get(str(int(task.task_id)), request_options=AS_STORED)
                 if stored.project != pid or (stored.data or {}).get(job.image_key) != task.image_url:
                     log.warning("task %s: prediction not posted: the task is not project %s's, or its image "
                                 "changed", task.task_id, pid)  # fmt: skip

@@ -24,6 +24,12 @@ DEFAULT_BACKGROUND_WORDS: tuple[str, ...] = (
     "rock", "street", "valley", "bridge", "sign",
 )  # fmt: skip
 
+#: Where Label Studio's storage resolver may redirect an image download (a presigned URL): the
+#: public clouds' storage hosts. An S3-compatible server of your own (MinIO) is added by name.
+DEFAULT_STORAGE_HOSTS: tuple[str, ...] = (
+    "*.amazonaws.com", "storage.googleapis.com", "*.storage.googleapis.com", "*.blob.core.windows.net",
+)  # fmt: skip
+
 #: Training-free dense heads for masks (see worker/model/dense.py); maskclip is the baseline.
 DENSE_HEADS = ("clearclip", "naclip", "maskclip")
 #: How scores become tags (see worker/model/selection.py): absolute thresholds, or TagCLIP's relative one.
@@ -60,6 +66,7 @@ class Settings:
         "env": "LABEL_STUDIO_API_KEY", "aliases": ("LABEL_STUDIO_ACCESS_TOKEN",)})  # fmt: skip
     allowed_hosts: tuple[str, ...] = field(default=(), metadata={"env": "ALLOWED_HOSTS"})
     allow_internal_hosts: bool = field(default=False, metadata={"env": "ALLOW_INTERNAL_HOSTS"})
+    storage_hosts: tuple[str, ...] = field(default=DEFAULT_STORAGE_HOSTS, metadata={"env": "STORAGE_HOSTS"})
     fetch_timeout: float = field(default=15.0, metadata={"env": "FETCH_TIMEOUT"})
     max_image_bytes: int = field(default=40 * 1024 * 1024, metadata={"env": "MAX_IMAGE_BYTES"})
     max_image_pixels: int = field(default=60_000_000, metadata={"env": "MAX_IMAGE_PIXELS"})

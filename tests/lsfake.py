@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import secrets
 import threading
 import time
@@ -57,6 +58,11 @@ class FakeLabelStudio:
         self.requests: list[tuple[str, str | None]] = []  # (path, Authorization header) of every GET
         self.headers: list[dict[str, str]] = []  # all headers of every GET
         self.extra_routes: dict[str, Callable[[BaseHTTPRequestHandler], None]] = {}
+        #: Objects of a connected cloud storage (URI -> name in ``files``), served by the storage
+        #: resolver ``/tasks/<id>/resolve/?fileuri=<base64>``: streamed, or with ``presign_to``
+        #: set, a 303 to ``<presign_to>/raw/<name>?X-Amz-Signature=...`` as for a presigned URL.
+        self.storage: dict[str, str] = {}
+        self.presign_to: str | None = None
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
 
@@ -122,6 +128,16 @@ class FakeLabelStudio:
                 fake.headers.append(dict(self.headers.items()))
                 if parts.path in fake.extra_routes:
                     return fake.extra_routes[parts.path](self)
+                fileuri = parse_qs(parts.query).get("fileuri")
+                if fileuri and re.fullmatch(r"/tasks/\d+/resolve/", parts.path):
+                    if not fake._authorized(self.headers.get("Authorization")):
+                        return self._send(401, b'{"detail": "Authentication credentials were not provided."}')
+                    name = fake.storage.get(base64.urlsafe_b64decode(fileuri[0]).decode())
+                    if name is None:
+                        return self._send(404, b"")
+                    if fake.presign_to:
+                        return self._send(303, b"", Location=f"{fake.presign_to}/raw/{name}?X-Amz-Signature=s3cr3t")
+                    return self._file(name)
                 if parts.path.endswith("/redirect") or parts.path == "/tasks/1/resolve/":  # resolve needs auth
                     if parts.path.startswith("/tasks/") and not fake._authorized(self.headers.get("Authorization")):
                         return self._send(401, b'{"detail": "Authentication credentials were not provided."}')

@@ -274,6 +274,49 @@ def test_every_redirect_hop_is_checked(fetcher_for, label_studio, photos):
     assert label_studio.requests[-1][1] == f"Token {label_studio.legacy_token}"
 
 
+def test_cloud_storage_uris_are_streamed_by_label_studio_for_their_task(fetcher_for, label_studio, photos):
+    label_studio.storage = {"s3://bucket/my photos/a.jpg": PHOTO, "gs://other/b.jpg": PHOTO}
+    fetcher = fetcher_for(label_studio.legacy_token)
+    assert fetcher.fetch("s3://bucket/my photos/a.jpg", 7) == photos[PHOTO]
+    assert fetcher.fetch("gs://other/b.jpg", "8") == photos[PHOTO]
+    assert [path for path, _ in label_studio.requests] == ["/tasks/7/resolve/", "/tasks/8/resolve/"]
+    assert all(auth == f"Token {label_studio.legacy_token}" for _, auth in label_studio.requests)
+    with pytest.raises(ImageFetchError, match="could not resolve the task's cloud storage URI"):
+        fetcher.fetch("s3://bucket/missing.jpg", 7)  # no such object, or no storage for the bucket
+
+
+def test_presigned_redirects_go_only_to_storage_hosts_and_never_get_the_key(fetcher_for, label_studio, attacker,
+                                                                            photos):  # fmt: skip
+    label_studio.storage = {"s3://bucket/a.jpg": PHOTO}
+    label_studio.presign_to = f"http://127.0.0.1:{attacker.port}"  # the storage server
+    with pytest.raises(ImageFetchError, match="Refused storage host '127.0.0.1'.*STORAGE_HOSTS"):
+        fetcher_for(label_studio.legacy_token, allow_internal_hosts=True).fetch("s3://bucket/a.jpg", 1)
+    storage = fetcher_for(label_studio.legacy_token, storage_hosts=("127.0.0.1",), allow_internal_hosts=True)
+    assert storage.fetch("s3://bucket/a.jpg", 1) == photos[PHOTO]
+    assert attacker.requests == [(f"/raw/{PHOTO}", None)]  # the presigned URL, without the API key
+    with pytest.raises(ImageFetchError, match="internal address"):
+        fetcher_for(label_studio.legacy_token, storage_hosts=("127.0.0.1",)).fetch("s3://bucket/a.jpg", 1)
+    # STORAGE_HOSTS is for the storage resolver's redirects only
+    bounce = f"http://localhost:{attacker.port}/redirect?to=http://127.0.0.1:{attacker.port}/raw/{PHOTO}"
+    with pytest.raises(ImageFetchError, match="neither LABEL_STUDIO_URL nor in ALLOWED_HOSTS"):
+        fetcher_for(allowed_hosts=("localhost",), storage_hosts=("127.0.0.1",), allow_internal_hosts=True).fetch(bounce)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "uri", "task_id", "message"),
+    [
+        ({"label_studio_url": None}, "s3://bucket/a.jpg", 1, "Set LABEL_STUDIO_URL"),
+        ({}, "s3://bucket/a.jpg", None, "without its Label Studio task id"),
+        ({}, "azure-blob://container/a.jpg", "1/../../api", "without its Label Studio task id"),
+        ({}, "s3://bucket/" + "k" * 3000, 1, "over 2,048"),
+    ],
+)
+def test_cloud_storage_uris_that_cannot_be_resolved(fetcher_for, label_studio, overrides, uri, task_id, message):
+    with pytest.raises(ImageFetchError, match=message):
+        fetcher_for(label_studio.legacy_token, **overrides).fetch(uri, task_id)
+    assert label_studio.requests == []
+
+
 def test_https_is_pinned_with_the_name_in_sni_and_the_certificate_check(fetcher_for, tmp_path, photos):
     cert = _certificate(tmp_path, "images.test")
     server = _tls_server(cert, photos[PHOTO])

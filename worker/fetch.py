@@ -79,6 +79,12 @@ _POOLS = 64
 LABEL_STUDIO_DATA_PATH = re.compile(
     r"/(?:data/upload/|data/local-files/|storage-data/uploaded/|(?:tasks|projects)/\d+/(?:resolve|presign)/)"
 )
+#: Label Studio's storage resolvers: they stream an object from cloud storage, or redirect to it.
+LABEL_STUDIO_RESOLVE_PATH = re.compile(r"/(?:tasks|projects)/\d+/(?:resolve|presign)/")
+#: URI schemes of Label Studio's cloud storages (S3 and S3-compatible, GCS, Azure Blob).
+STORAGE_SCHEMES = ("s3", "gs", "azure-blob", "azure-spi")
+#: The longest storage URI resolved (Label Studio takes it base64-encoded in a query string).
+MAX_STORAGE_URI = 2048
 #: IPv6 ranges that carry an IPv4 address: a way to reach an internal IPv4 host by an IPv6 name.
 _EMBEDDED_IPV4 = tuple(
     ipaddress.ip_network(n)
@@ -98,6 +104,11 @@ _current = threading.local()
 
 class TransientFetchError(ImageFetchError):
     """A failure that asking again may fix: a refused or reset connection, a 429 or 5xx answer."""
+
+
+def is_storage_uri(raw: str) -> bool:
+    """``s3://...``, ``gs://...``, ``azure-blob://...``: an object in a Label Studio cloud storage."""
+    return raw.split("://", 1)[0].lower() in STORAGE_SCHEMES if "://" in raw else False
 
 
 def system_resolver(host: str, port: int) -> list[str]:
@@ -123,8 +134,7 @@ def parse_strict(raw: str) -> Url:
     if url.scheme not in ("http", "https"):
         raise ImageFetchError(
             f"Refused image URL scheme '{url.scheme or '(none)'}:' ({describe(raw)}): only http(s) URLs, Label "
-            "Studio paths and data: URIs are fetched. Cloud storage URIs (s3://, gs://, azure-blob://) need "
-            "Label Studio's presigned URLs."
+            "Studio paths, data: URIs and cloud storage URIs (s3://, gs://, azure-blob://) are fetched."
         )
     authority = re.split(r"[/?#]", raw.split("//", 1)[-1], maxsplit=1)[0]
     if url.auth is not None or "@" in authority:
@@ -348,21 +358,24 @@ class ImageFetcher:
             urllib3.disable_warnings(InsecureRequestWarning)  # said once above, not once per download
         self.connector = Connector(settings.fetch_threads or 8, settings.ca_bundle, settings.verify_ssl)
         self.allowed_hosts = tuple(pattern.lower().rstrip(".") for pattern in settings.allowed_hosts)
+        self.storage_hosts = tuple(pattern.lower().rstrip(".") for pattern in settings.storage_hosts)
         self.ls_url = parse_url(settings.label_studio_url.rstrip("/")) if settings.label_studio_url else None
         key = settings.label_studio_api_key
         self.ls_auth = LabelStudioAuth(key, self.post_to_label_studio) if self.ls_url else None
 
-    def fetch(self, raw: str) -> bytes:
-        """Return the bytes behind ``raw`` (a task's image value). Raises ImageFetchError with the reason."""
+    def fetch(self, raw: str, task_id: object = None) -> bytes:
+        """Return the bytes behind ``raw``, the image value of task ``task_id`` (which a cloud
+        storage URI needs). Raises ImageFetchError with the reason."""
         if not isinstance(raw, str) or not raw:
             raise ImageFetchError("The task's image value is not a URL.")
         if raw.startswith("data:"):
             return self._data_uri(raw)
-        url = self._absolute(raw)
+        url = self._absolute(self._storage_resolver(raw, task_id) if is_storage_uri(raw) else raw)
         with _deadline(self.settings.fetch_timeout) as deadline:
             chain_on_label_studio = True  # every hop so far was on Label Studio
+            from_resolver = False  # this hop is a redirect from Label Studio's storage resolver
             for _ in range(MAX_REDIRECTS + 1):
-                target = self._check(url, chain_on_label_studio, deadline)
+                target = self._check(url, chain_on_label_studio, deadline, from_resolver)
                 response = self._get_retrying(target, deadline)
                 if response.status not in REDIRECT_STATUSES:
                     return self._read(response, target, deadline)
@@ -370,6 +383,7 @@ class ImageFetcher:
                 _discard(response, deadline)
                 if not location:
                     raise ImageFetchError(f"A redirect without a Location header: {short(target.url)}")
+                from_resolver = target.on_label_studio and self._is_resolver(target.url)
                 chain_on_label_studio = chain_on_label_studio and target.on_label_studio
                 try:
                     joined = urljoin(target.url.url, location)
@@ -398,6 +412,30 @@ class ImageFetcher:
         except ValueError:
             return response.status, None
 
+    def _storage_resolver(self, uri: str, task_id: object) -> str:
+        """Label Studio's path that serves ``uri`` (``s3://bucket/key`` and the like) for the task:
+        Label Studio holds the storage's credentials and either streams the object or redirects
+        to a presigned URL, as for its own editor. prelabel needs no cloud credentials."""
+        scheme = uri.split(":", 1)[0]
+        if self.ls_url is None:
+            raise ImageFetchError(
+                f"Cloud storage URI ({scheme}://) without LABEL_STUDIO_URL: prelabel downloads such images "
+                "through Label Studio, which holds the storage's credentials. Set LABEL_STUDIO_URL and "
+                "LABEL_STUDIO_API_KEY."
+            )
+        if len(uri) > MAX_STORAGE_URI:
+            raise ImageFetchError(f"Cloud storage URI of {len(uri):,} characters, over {MAX_STORAGE_URI:,}.")
+        if not (isinstance(task_id, int) or (isinstance(task_id, str) and task_id.isascii() and task_id.isdigit())):
+            raise ImageFetchError(
+                f"Cloud storage URI ({scheme}://) without its Label Studio task id: Label Studio resolves it per task."
+            )
+        encoded = base64.urlsafe_b64encode(uri.encode()).decode()
+        return f"/tasks/{int(task_id)}/resolve/?fileuri={encoded}"
+
+    def _is_resolver(self, url: Url) -> bool:
+        base = (self.ls_url.path or "").rstrip("/") if self.ls_url else ""
+        return bool(LABEL_STUDIO_RESOLVE_PATH.fullmatch((url.path or "")[len(base) :]))
+
     def _absolute(self, raw: str) -> Url:
         """A Label Studio path becomes a URL on LABEL_STUDIO_URL; anything else must be absolute."""
         if raw.startswith("/") and not raw.startswith("//"):
@@ -409,8 +447,9 @@ class ImageFetcher:
             raw = self.ls_url.url + raw
         return parse_strict(raw)
 
-    def _check(self, url: Url, chain_on_label_studio: bool, deadline: Deadline) -> Target:
-        """Refuse ``url`` outside the rules; otherwise say where it goes and whether with the key."""
+    def _check(self, url: Url, chain_on_label_studio: bool, deadline: Deadline, from_resolver: bool = False) -> Target:
+        """Refuse ``url`` outside the rules; otherwise say where it goes and whether with the key.
+        A redirect from Label Studio's storage resolver may also go to STORAGE_HOSTS."""
         if self.ls_url is not None and _origin(url) == _origin(self.ls_url):
             base = (self.ls_url.path or "").rstrip("/")
             path = url.path or "/"
@@ -424,7 +463,14 @@ class ImageFetcher:
             address = self._resolve_label_studio(url)
             return Target(url, address, with_key=chain_on_label_studio, on_label_studio=True)
         host = (url.host or "").strip("[]").rstrip(".")
-        if not any(fnmatch.fnmatchcase(host, pattern) for pattern in self.allowed_hosts):
+        allowed = self.allowed_hosts + (self.storage_hosts if from_resolver else ())
+        if not any(fnmatch.fnmatchcase(host, pattern) for pattern in allowed):
+            if from_resolver:
+                raise ImageFetchError(
+                    f"Refused storage host '{host}': Label Studio's storage resolver redirected there (a presigned "
+                    "URL), but it is in neither STORAGE_HOSTS nor ALLOWED_HOSTS. Add it to STORAGE_HOSTS (an "
+                    "S3-compatible server such as MinIO), or turn presigned URLs off on the storage."
+                )
             raise ImageFetchError(
                 f"Refused image host '{host}': it is neither LABEL_STUDIO_URL nor in ALLOWED_HOSTS "
                 "(a comma-separated list; '*.example.com' and '*' work)."
@@ -493,6 +539,12 @@ class ImageFetcher:
                 f"Label Studio refused the image download (HTTP {response.status}): check "
                 "LABEL_STUDIO_API_KEY. A legacy token only works when legacy tokens are enabled for the "
                 "organisation; a personal access token works as is."
+            )
+        if response.status == 404 and target.on_label_studio and self._is_resolver(target.url):
+            _discard(response, deadline)
+            raise ImageFetchError(
+                "Label Studio could not resolve the task's cloud storage URI (HTTP 404): the project has no source "
+                "storage for its bucket or container, or the object is gone."
             )
         if response.status >= 400:
             _discard(response, deadline)

@@ -236,7 +236,7 @@ class Predictor:
         if task.image_url is None:
             return "The task has no image URL in its data."
         try:
-            data = self.fetcher.fetch(task.image_url)
+            data = self.fetcher.fetch(task.image_url, task.task_id)
             image, size = decode_for_model(data, self.settings.max_image_pixels, self.settings.image_size, self._budget)
             return self.prepare_image(image, size)
         except ImageError as e:

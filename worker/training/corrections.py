@@ -133,7 +133,8 @@ def pull_corrections(
     """Every annotated task of ``project`` (the ``limit`` newest, by id, when given: only those
     are kept while the pages stream in, and decoded), from Label Studio's API, latest annotation each."""
     client = label_studio_client(settings, "Training (it reads the corrections from Label Studio)")
-    pages = client.tasks.list(project=project_id(project), fields="all", only_annotated=True)
+    # resolve_uri=False: cloud storage URIs as stored (s3://...), which the fetcher resolves itself
+    pages = client.tasks.list(project=project_id(project), fields="all", only_annotated=True, resolve_uri=False)
     tasks = (task if isinstance(task, dict) else task.model_dump() for task in pages)
     if limit is not None:
         tasks = iter(sorted(heapq.nlargest(limit, tasks, key=_task_order), key=_task_order))
@@ -192,7 +193,7 @@ def fetch_images(
         if correction.image_url is None:
             continue
         try:
-            data = predictor.fetcher.fetch(correction.image_url)
+            data = predictor.fetcher.fetch(correction.image_url, correction.task_id)
             image, upright = decode_for_model(data, settings.max_image_pixels, settings.image_size)
         except ImageError as e:
             log.warning("task %s left out of training: %s", correction.task_id, e)
