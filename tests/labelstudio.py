@@ -135,6 +135,21 @@ class LabelStudio:
         """The "Start Training" button of the model's settings."""
         return self.api("POST", f"/api/ml/{backend}/train")
 
+    def connect_s3(self, project: int, bucket: str, prefix: str, endpoint: str, presign: bool) -> int:
+        """Source cloud storage: an S3 bucket (here a moto server), its objects as ``s3://`` tasks."""
+        storage = self.api("POST", "/api/storages/s3", json={
+            "project": project, "title": bucket, "bucket": bucket, "prefix": prefix, "regex_filter": ".*",
+            "use_blob_urls": True, "presign": presign, "presign_ttl": 5, "s3_endpoint": endpoint,
+            "aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1",
+        })  # fmt: skip
+        self.api("POST", f"/api/storages/s3/{storage['id']}/sync")
+        return storage["id"]
+
+    def stored_tasks(self, project: int) -> list[dict]:
+        """The tasks with their data as stored (cloud storage URIs not rewritten to Label Studio's resolver)."""
+        body = self.api("GET", f"/api/tasks?project={project}&page_size=1000&resolve_uri=false")
+        return body["tasks"] if isinstance(body, dict) else body
+
     def webhooks(self, project: int) -> list[dict]:
         return self.api("GET", f"/api/webhooks/?project={project}")
 

@@ -1,23 +1,29 @@
 """End to end with the real Label Studio 1.23.2: a project from label_config/, real photos
 uploaded (so the worker must fetch /data/upload/... with auth), prelabel connected as an ML
 backend with basic auth, Retrieve Predictions on all tasks, every task checked. Once with a
-legacy token and once with a personal access token."""
+legacy token and once with a personal access token. Then the same photos in cloud storage: a real
+S3 server on loopback (moto), connected to Label Studio as the project's source storage."""
 
 from __future__ import annotations
 
+import base64
+import re
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
 import numpy as np
 import pytest
+import requests
 from label_studio_sdk.converter.brush import decode_rle
 from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 
 from common.settings import Settings
 from tests.conftest import REPO, claim_redis_db, shared_data
-from tests.labelstudio import LabelStudio, Prelabel, free_port
+from tests.labelstudio import VENV_BIN, LabelStudio, Prelabel, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -137,19 +143,19 @@ def learn_from_corrections(label_studio: LabelStudio, project: int, backend: int
         time.sleep(2)
 
 
-def check_predictions(label_studio: LabelStudio, project: int, version: str) -> None:
-    """Every task holds one prediction from this version, with valid tags and masks that decode
-    to the photo's size."""
+def check_predictions(label_studio: LabelStudio, project: int, version: str, source: str = "/data/upload/") -> None:
+    """Every task (its image at ``source``) holds one prediction from this version, with valid tags
+    and masks that decode to the photo's size."""
     interface = LabelInterface(CONFIG.read_text())
     sizes = {}
     for photo in PHOTOS:
         with Image.open(shared_data() / photo) as image:
             sizes[Path(photo).name] = image.size
-    tasks = label_studio.tasks(project)
+    tasks = label_studio.stored_tasks(project)
     assert len(tasks) == len(PHOTOS)
     masks = 0
     for task in tasks:
-        assert task["data"]["image"].startswith("/data/upload/")  # fetched by the worker with auth
+        assert task["data"]["image"].startswith(source)  # fetched by the worker through Label Studio, with auth
         (prediction,) = [p for p in label_studio.predictions(task["id"]) if p["model_version"] == version]
         assert interface.validate_prediction(prediction, return_errors=True) == []
         items = prediction["result"]
@@ -219,3 +225,70 @@ def test_boxes_and_polygons_round_trip_through_label_studio(label_studio, tmp_pa
             assert row["unchanged_share"] < 1.0
         finally:
             prelabel.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory) -> Iterator[str]:
+    """A real S3 API on loopback: moto in server mode, as an S3-compatible store (MinIO) would be."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([VENV_BIN / "moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                                   stderr=subprocess.STDOUT)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            requests.get(url, timeout=1)
+            break
+        except requests.RequestException:
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("presign", [False, True], ids=["streamed by Label Studio", "presigned URLs"])
+def test_images_in_s3_storage(label_studio, s3_server, presign, tmp_path):
+    bucket = "photos-presigned" if presign else "photos-streamed"
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1", aws_access_key_id="testing",
+                      aws_secret_access_key="testing")  # fmt: skip
+    s3.create_bucket(Bucket=bucket)
+    for photo in PHOTOS:
+        s3.upload_file(str(shared_data() / photo), bucket, f"raw images/{Path(photo).name}")  # a space in the key
+
+    with claim_redis_db() as redis_url:
+        settings = Settings(
+            redis_url=redis_url, label_studio_url=label_studio.url, label_studio_api_key=label_studio.legacy_token,
+            basic_auth_user="labelstudio", basic_auth_pass="s3cret-pass", model_checkpoint=str(TOY_CLIP),
+            image_size=64, background_words=("sky",), distractors="none", tag_min_score=0.01, mask_min_area=0.0,
+            # the presigned URLs point at the S3 server on loopback
+            storage_hosts=("127.0.0.1",), allow_internal_hosts=True, predict_timeout=60.0,
+        )  # fmt: skip
+        prelabel = Prelabel(settings, tmp_path)
+        try:
+            prelabel.wait_ready()
+            project = label_studio.create_project(f"prelabel s3 ({bucket})", CONFIG.read_text())
+            label_studio.connect_s3(project, bucket, "raw images/", s3_server, presign)
+            stored = label_studio.stored_tasks(project)
+            assert sorted(t["data"]["image"] for t in stored) == sorted(
+                f"s3://{bucket}/raw images/{Path(p).name}" for p in PHOTOS
+            )
+            backend = label_studio.connect_backend(project, prelabel.url, "labelstudio", "s3cret-pass")
+            assert label_studio.retrieve_predictions(project)["processed_items"] == len(PHOTOS)
+            check_predictions(label_studio, project, settings.model_version, f"s3://{bucket}/")
+        finally:
+            prelabel.stop()
+    assert backend["readable_state"] == "Connected"
+    # Label Studio's access log: the worker asked its storage resolver for each object, which
+    # streamed it (200) or redirected to a presigned URL on the S3 server (303)
+    answers = {}
+    for uri, status in re.findall(
+        r'"GET /tasks/\d+/resolve/\?fileuri=(\S+) HTTP/1.1" (\d+)', label_studio.log_path.read_text()
+    ):
+        answers.setdefault(base64.urlsafe_b64decode(uri).decode(), set()).add(status)
+    ours = {uri: status for uri, status in answers.items() if uri.startswith(f"s3://{bucket}/")}
+    assert len(ours) == len(PHOTOS) and all(status == {"303" if presign else "200"} for status in ours.values())
+    worker_log = prelabel.worker_log.read_text()
+    assert "testing" not in worker_log and "Signature" not in worker_log  # no storage credential or signature
