@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 
 from backend.auth import check_request
 from backend.feedback import Feedback
+from backend.project_settings import ProjectSettings
 from backend.routes import admin, metrics, protocol
 from backend.runner import make_runner, redis_connection, redis_unreachable
 from backend.scheduler import TrainingScheduler
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         training=TrainingScheduler(settings, connection, registry) if connection is not None else None,
         feedback=Feedback(connection, settings.max_image_pixels) if connection is not None else None,
         securer=WebhookSecurer(settings),
+        project_settings=ProjectSettings(settings, connection),
     )
     app.before_request(lambda: check_request(request, settings))
     for blueprint in (protocol.bp, admin.bp, metrics.bp):

@@ -50,7 +50,9 @@ def handle(body: dict[str, Any], state: State) -> dict[str, Any]:
         label_config = body["project"]["label_config"]
         if not state.runner.background:
             return {"action": action, "status": "ignored", "detail": "embedded mode predicts tasks when opened"}
-        request = state.server.precompute(tasks, spec, label_config, project, state.registry.active(project))
+        own_settings = state.project_settings.get(project)
+        request = state.server.precompute(tasks, spec, label_config, project, state.registry.active(project),
+                                          own_settings)  # fmt: skip
         return {"action": action, "status": "precomputing" if request else "cached", "request": request}
     if action == "ANNOTATIONS_DELETED" and state.feedback is not None:
         project = project_uid(body.get("project"))

@@ -37,7 +37,7 @@ from common.labelstudio.client import label_studio_client
 from common.labelstudio.config import LabelSpec
 from common.labelstudio.predictions import to_label_studio
 from common.projects import project_id
-from common.settings import Settings
+from common.settings import Settings, project_version
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +131,10 @@ class Server:
 
     def predict(
         self, tasks: list[dict], spec: LabelSpec, label_config: str, project: str | None, version: str,
-        images: list[str | None],
+        images: list[str | None], project_settings: dict[str, Any] | None = None,
     ) -> Served:  # fmt: skip
-        """One prediction per task, in order ([] for a task not ready yet).
+        """One prediction per task, in order ([] for a task not ready yet), from ``version`` with
+        the project's own settings (extra_params).
 
         The missing tasks become jobs of at most MAX_TASKS_PER_JOB tasks. A runner that takes
         background work (the queue) gets them all at once, a single task (an annotator opening
@@ -142,7 +143,8 @@ class Server:
         gets them one after the other until PREDICT_TIMEOUT, so that an annotator's next request
         does not wait behind a whole selection; Label Studio asks again for the rest.
         """
-        cache_keys, answers, jobs = self._lookup(tasks, spec, label_config, project, version, images)
+        cache_keys, answers, jobs = self._lookup(tasks, spec, label_config, project, version, images,
+                                                 project_settings or {})  # fmt: skip
         cached = len(tasks) - sum(len(chunk) for chunk, _ in jobs)
         if jobs:
             status = self.runner.status()
@@ -166,15 +168,16 @@ class Server:
                 for (later, later_job), later_id in zip(jobs[n + 1 :], ids[n + 1 :], strict=False):
                     self.finish_later(later_id, later_job, spec, [cache_keys[i] for i in later])
                 raise
-            fresh = to_label_studio(result, spec, version)
+            fresh = to_label_studio(result, spec, job.served_version)
             self.cache.put_many({cache_keys[i]: p for i, p in zip(chunk, fresh, strict=True) if p})
             for i, p in zip(chunk, fresh, strict=True):
                 answers[i] = p
         return Served([a if a is not None else [] for a in answers], cached, request)
 
     def precompute(
-        self, tasks: list[dict], spec: LabelSpec, label_config: str, project: str, version: str
-    ) -> str | None:
+        self, tasks: list[dict], spec: LabelSpec, label_config: str, project: str, version: str,
+        project_settings: dict[str, Any],
+    ) -> str | None:  # fmt: skip
         """Queue predictions for newly imported tasks (jobs of at most MAX_TASKS_PER_JOB); they
         are cached and posted when done. Returns the request's id (its progress is at
         ``/jobs/<id>``), or None when every task is cached or the runner takes no background work
@@ -182,7 +185,7 @@ class Server:
         if not self.runner.background:
             return None
         images = [image_url(t, spec.image_key) for t in tasks]
-        cache_keys, _, jobs = self._lookup(tasks, spec, label_config, project, version, images)
+        cache_keys, _, jobs = self._lookup(tasks, spec, label_config, project, version, images, project_settings)
         ids = []
         for chunk, job in jobs:
             job_id = self.runner.submit(job)
@@ -192,15 +195,21 @@ class Server:
 
     def _lookup(
         self, tasks: list[dict], spec: LabelSpec, label_config: str, project: str | None, version: str,
-        images: list[str | None],
+        images: list[str | None], project_settings: dict[str, Any],
     ) -> tuple[list[str], list[Any], list[tuple[Sequence[int], PredictJob]]]:  # fmt: skip
         """The tasks' cache keys and cached answers (None where missing), and the jobs, of at most
         MAX_TASKS_PER_JOB tasks, for the missing ones with the indices of their tasks."""
-        cache_keys = [cache_key(version, label_config, t["id"], url) for t, url in zip(tasks, images, strict=True)]
+        served = project_version(version, project_settings)
+        cache_keys = [cache_key(served, label_config, t["id"], url) for t, url in zip(tasks, images, strict=True)]
         answers: list[Any] = self.cache.get_many(cache_keys)
         missing = [i for i, a in enumerate(answers) if a is None]
         jobs = [
-            (chunk, predict_job(spec, project, version, [tasks[i] for i in chunk], [images[i] for i in chunk]))
+            (
+                chunk,
+                predict_job(
+                    spec, project, version, [tasks[i] for i in chunk], [images[i] for i in chunk], project_settings
+                ),
+            )  # fmt: skip
             for chunk in per_job(missing, self.settings.max_tasks_per_job)
         ]
         return cache_keys, answers, jobs
@@ -214,7 +223,7 @@ class Server:
         except Exception as e:  # failed or never picked up: nothing to post, the log says why
             log.warning("background predict job %s gave nothing to post: %s", job_id, e)
             return
-        predictions = to_label_studio(result, spec, job.model_version)
+        predictions = to_label_studio(result, spec, job.served_version)
         self.cache.put_many({k: p for k, p in zip(cache_keys, predictions, strict=True) if p})
         posted = self._post(job, predictions)
         log.info("background predict job %s done: %d predictions cached, %d posted to Label Studio",
@@ -259,8 +268,9 @@ def per_job(indices: Sequence[int], size: int) -> Iterator[Sequence[int]]:
 
 
 def predict_job(
-    spec: LabelSpec, project: str | None, version: str, tasks: list[dict], images: list[str | None]
-) -> PredictJob:
+    spec: LabelSpec, project: str | None, version: str, tasks: list[dict], images: list[str | None],
+    project_settings: dict[str, Any] | None = None,
+) -> PredictJob:  # fmt: skip
     """The job for ``tasks`` (Label Studio task dicts) whose image URLs are ``images``."""
     return PredictJob(
         model_version=version,
@@ -270,4 +280,5 @@ def predict_job(
         regions=spec.regions,
         tasks=tuple(ImageTask(t["id"], url) for t, url in zip(tasks, images, strict=True)),
         project=project,
+        project_settings=dict(project_settings or {}),
     )

@@ -8,6 +8,7 @@ import redis
 from flask import current_app
 
 from backend.feedback import Feedback
+from backend.project_settings import ProjectSettings
 from backend.runner import Runner
 from backend.scheduler import TrainingScheduler
 from backend.serving import Server
@@ -27,6 +28,7 @@ class State:
     training: TrainingScheduler | None  # None without Redis: training needs the queue
     feedback: Feedback | None
     securer: WebhookSecurer
+    project_settings: ProjectSettings  # each project's extra_params, from its last /setup
 
     def require_training(self) -> TrainingScheduler:
         if self.training is None:

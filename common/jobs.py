@@ -11,6 +11,8 @@ from typing import Any
 
 from rq.job import Job
 
+from common.settings import project_version
+
 #: RQ queue that predict jobs go to; ``prelabel-worker`` listens on it by default.
 PREDICT_QUEUE = "predict"
 #: The job function, by dotted path, so the backend never imports the worker.
@@ -159,6 +161,14 @@ class PredictJob:
     brushes: tuple[BrushControl, ...] = ()
     project: str | None = None
     regions: tuple[RegionControl, ...] = ()
+    #: The project's own settings (Label Studio's extra_params, by environment name), checked
+    #: again by the worker (``Settings.project_overrides``).
+    project_settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def served_version(self) -> str:
+        """The model version its predictions carry: the weights' version and the project's settings."""
+        return project_version(self.model_version, self.project_settings)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -173,6 +183,7 @@ class PredictJob:
             brushes=tuple(BrushControl.from_dict(x) for x in d.get("brushes", ())),
             project=d.get("project"),
             regions=tuple(RegionControl.from_dict(x) for x in d.get("regions", ())),
+            project_settings=dict(d.get("project_settings") or {}),
         )
 
 

@@ -75,3 +75,7 @@ def corrections(project: str) -> str:
 def predict_request(request_id: str) -> str:
     """The predict jobs (chunks) of one bulk request, for its progress."""
     return f"{PREFIX}request:{request_id}"
+
+
+#: Hash project uid -> the project's own settings (JSON), from the extra_params of its /setup.
+PROJECT_SETTINGS = PREFIX + "project-settings"

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from common.errors import SettingsError
@@ -37,6 +37,14 @@ TAG_RULES = ("absolute", "relative")
 
 #: Inference precision of the ViT: auto = bf16 where the hardware computes it natively.
 PRECISIONS = ("auto", "bf16", "fp32")
+
+#: What a project manager may set for one project, in the "Extra params" (JSON) of its model
+#: connection in Label Studio, by the environment variable's name: how tags are decided and masks
+#: drawn. Never paths, hosts, sizes or credentials: Label Studio's project admins are not operators.
+PROJECT_SETTINGS = ("TAG_RULE", "TAG_MIN_SCORE", "TAG_THRESHOLD", "CWR_MAX_CLASSES", "BACKGROUND_WORDS",
+                    "DENSE_HEAD", "DENSE_SLIDING", "MASK_MIN_AREA")  # fmt: skip
+#: Bounds on a project's BACKGROUND_WORDS (each word is embedded by the text tower once).
+MAX_PROJECT_WORDS, MAX_WORD_LENGTH = 200, 60
 
 #: Bumped when a change to the algorithms changes predictions for the same weights, so that
 #: Label Studio re-predicts tasks that hold predictions from the old code.
@@ -185,6 +193,43 @@ class Settings:
             env[f.metadata["env"]] = str(value).lower() if isinstance(value, bool) else str(value)
         return env
 
+    def project_overrides(self, extra_params: object) -> dict[str, object]:
+        """The settings a project sets in Label Studio's ``extra_params``, checked as the
+        environment's are: field name -> value ({} when it sets none).
+
+        Raises:
+            SettingsError: what is wrong, naming the setting, for Label Studio's connect dialog.
+        """
+        if extra_params is None or extra_params == {} or extra_params == "":
+            return {}
+        if not isinstance(extra_params, dict):
+            raise SettingsError('Extra params must be a JSON object, such as {"TAG_MIN_SCORE": 0.2}.')
+        by_env = {f.metadata["env"]: f for f in fields(self) if f.metadata["env"] in PROJECT_SETTINGS}
+        overrides: dict[str, object] = {}
+        for key, value in extra_params.items():
+            f = by_env.get(str(key).upper())
+            if f is None:
+                raise SettingsError(
+                    f"Extra params: {str(key)[:60]!r} is not a per-project setting; these are: "
+                    f"{', '.join(PROJECT_SETTINGS)}."
+                )
+            env = f.metadata["env"]
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                value = ",".join(value)
+            if isinstance(value, bool):
+                value = str(value).lower()
+            if not isinstance(value, str | int | float):
+                raise SettingsError(f"Extra params: {env} must be a number, true/false, a string or a list of words.")
+            overrides[f.name] = _parse(env, str(value).strip(), f.default)
+        words = overrides.get("background_words", ())
+        if len(words) > MAX_PROJECT_WORDS or any(len(w) > MAX_WORD_LENGTH for w in words):  # type: ignore[arg-type]
+            raise SettingsError(
+                f"Extra params: BACKGROUND_WORDS takes at most {MAX_PROJECT_WORDS} words of at most "
+                f"{MAX_WORD_LENGTH} characters."
+            )
+        replace(self, **overrides)  # the checks the environment's values go through
+        return overrides
+
     @property
     def embedded(self) -> bool:
         """Without Redis, jobs run inside the backend process (a laptop demo, one command)."""
@@ -226,6 +271,15 @@ class Settings:
         }
         digest = hashlib.sha1(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:6]
         return f"prelabel-{weights}-{digest}"
+
+
+def project_version(version: str, project_settings: Mapping[str, object]) -> str:
+    """The version Label Studio sees for a project with settings of its own (``<version>~<digest>``):
+    changing them makes Label Studio predict the project's tasks again, and nothing else does."""
+    if not project_settings:
+        return version
+    digest = hashlib.sha1(json.dumps(project_settings, sort_keys=True).encode()).hexdigest()[:6]
+    return f"{version}~{digest}"
 
 
 def _parse(env: str, raw: str, default: object) -> object:

@@ -114,12 +114,16 @@ class LabelStudio:
             "auth_method": "BASIC_AUTH", "basic_auth_user": user, "basic_auth_pass": password,
         })  # fmt: skip
 
-    def retrieve_predictions(self, project: int) -> dict:
-        return self.api(
-            "POST",
-            f"/api/dm/actions?id=retrieve_tasks_predictions&project={project}",
-            json={"selectedItems": {"all": True, "excluded": []}},
-        )
+    def retrieve_predictions(self, project: int, tasks: list[int] | None = None) -> dict:
+        """Actions > Retrieve Predictions on all tasks, or on the ``tasks`` selected."""
+        selected = {"all": True, "excluded": []} if tasks is None else {"all": False, "included": tasks}
+        return self.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={project}",
+                        json={"selectedItems": selected})  # fmt: skip
+
+    def open_task(self, task: int) -> dict:
+        """What the editor loads when an annotator opens a task: Label Studio asks the ML backend
+        for this one task first when it has no prediction (with predictions to pre-label on)."""
+        return self.api("GET", f"/api/tasks/{task}/")
 
     def tasks(self, project: int) -> list[dict]:
         body = self.api("GET", f"/api/tasks?project={project}&page_size=1000")

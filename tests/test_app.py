@@ -262,3 +262,53 @@ def test_the_memory_cache_keeps_the_most_recently_used_within_its_bytes():
     assert cache.get_many(["a"]) == [item]  # a is now the most recently used
     cache.put_many({"c": item})
     assert cache.get_many(["a", "b", "c"]) == [item, None, item]
+
+
+def test_a_projects_extra_params_are_its_own_settings_and_part_of_its_version(app_for, voc_config, label_studio):
+    """Label Studio sends the model connection's "Extra params" with /setup only; /predict of that
+    project then uses them, and its model version changes with them (so Label Studio re-predicts)."""
+    client = app_for().test_client()  # TAG_MIN_SCORE=0.01: the random tiny model tags most labels
+
+    def setup(project: str, extra_params: object):
+        return client.post("/setup", json={"project": project, "schema": voc_config, "extra_params": extra_params})
+
+    def predict(project: str) -> list[dict]:
+        body = {"tasks": _tasks(label_studio, PHOTOS[:2]), "label_config": voc_config, "project": project}
+        return client.post("/predict", json=body).get_json()["results"]
+
+    base = setup("1.1700000000", None).get_json()["model_version"]
+    strict = setup("2.1700000000", {"TAG_MIN_SCORE": 0.99, "mask_min_area": 0.01}).get_json()["model_version"]
+    assert strict.startswith(base + "~") and strict != base
+    assert (
+        setup("2.1700000000", {"mask_min_area": "0.01", "tag_min_score": "0.99"}).get_json()["model_version"] == strict
+    )
+
+    loose, tight = predict("1.1700000000"), predict("2.1700000000")
+    assert all(p["model_version"] == base and p["result"][0]["value"]["choices"] for p in loose)
+    assert all(p["model_version"] == strict for p in tight)
+    assert all(not any(item["type"] == "choices" for item in p["result"]) for p in tight)  # no label reaches 0.99
+
+    # the project drops its extra params: back to the environment's settings and version
+    assert setup("2.1700000000", None).get_json()["model_version"] == base
+    assert [p["model_version"] for p in predict("2.1700000000")] == [base, base]
+
+
+@pytest.mark.parametrize(
+    ("extra_params", "message"),
+    [
+        ({"MODEL_CHECKPOINT": "/etc/passwd"}, "'MODEL_CHECKPOINT' is not a per-project setting; these are: TAG_RULE"),
+        ({"ALLOWED_HOSTS": "*"}, "'ALLOWED_HOSTS' is not a per-project setting"),
+        ({"TAG_MIN_SCORE": 2}, "TAG_MIN_SCORE=2.0 must be a probability"),
+        ({"DENSE_HEAD": "unet"}, "DENSE_HEAD=unet must be one of"),
+        ({"DENSE_SLIDING": "sometimes"}, "DENSE_SLIDING='sometimes' is not a valid bool"),
+        ({"CWR_MAX_CLASSES": 2.5}, "CWR_MAX_CLASSES='2.5' is not a valid int"),
+        ({"BACKGROUND_WORDS": {"sky": 1}}, "must be a number, true/false, a string or a list of words"),
+        ({"BACKGROUND_WORDS": ["w"] * 201}, "at most 200 words"),
+        ("TAG_MIN_SCORE=0.2", "must be a JSON object"),
+    ],
+)
+def test_extra_params_label_studio_cannot_use_are_refused_with_the_reason(client, voc_config, extra_params, message):
+    response = client.post("/setup", json={"project": "1.1700000000", "schema": voc_config,
+                                           "extra_params": extra_params})  # fmt: skip
+    assert response.status_code == 400
+    assert message in response.get_json()["error"]

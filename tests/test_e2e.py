@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import re
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,11 +17,14 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pytest
+import redis
 import requests
 from label_studio_sdk.converter.brush import decode_rle
 from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
+from rq import Queue
 
+from common.jobs import PREDICT_QUEUE
 from common.settings import Settings
 from tests.conftest import REPO, claim_redis_db, shared_data
 from tests.labelstudio import VENV_BIN, LabelStudio, Prelabel, free_port
@@ -101,6 +105,56 @@ def test_retrieve_predictions_from_label_studio(label_studio, token_kind, tmp_pa
         assert secret not in logs  # no secret in the logs
     if token_kind == "personal access token":
         assert "POST /api/token/refresh/" in label_studio.log_path.read_text()
+
+
+def test_an_annotator_opening_a_task_is_served_ahead_of_a_bulk_selection(label_studio, tmp_path):
+    """One worker; Retrieve Predictions on 12 tasks becomes 6 chunks; an annotator opens another
+    task meanwhile: Label Studio asks for that one task, which goes ahead of the waiting chunks."""
+    photos = sorted((shared_data() / "imagenet-samples").glob("*.JPEG"))[:13]
+    with claim_redis_db() as redis_url:
+        settings = Settings(
+            redis_url=redis_url, label_studio_url=label_studio.url, label_studio_api_key=label_studio.legacy_token,
+            basic_auth_user="labelstudio", basic_auth_pass="s3cret-pass", model_checkpoint=str(TOY_CLIP),
+            image_size=224, background_words=("sky",), distractors="none", tag_min_score=0.01, max_tasks_per_job=2,
+        )  # fmt: skip
+        prelabel = Prelabel(settings, tmp_path)
+        try:
+            prelabel.wait_ready()
+            project = label_studio.create_project("prelabel bulk and interactive", CONFIG.read_text())
+            for photo in photos:
+                label_studio.upload(project, photo)
+            label_studio.connect_backend(project, prelabel.url, "labelstudio", "s3cret-pass")
+            *selection, opened = sorted(task["id"] for task in label_studio.stored_tasks(project))
+            seconds: dict[str, float] = {}
+
+            def retrieve() -> None:
+                started = time.monotonic()
+                assert label_studio.retrieve_predictions(project, selection)["processed_items"] == len(selection)
+                seconds["selection"] = time.monotonic() - started
+
+            bulk = threading.Thread(target=retrieve)
+            bulk.start()
+            queue = Queue(PREDICT_QUEUE, connection=redis.Redis.from_url(redis_url))
+            deadline = time.monotonic() + 60
+            while queue.count < 4:  # the selection's chunks wait behind the one the worker is on
+                assert time.monotonic() < deadline and bulk.is_alive(), prelabel.backend_log.read_text()[-3000:]
+                time.sleep(0.05)
+            started = time.monotonic()
+            label_studio.open_task(opened)
+            seconds["opened"] = time.monotonic() - started
+            waiting = queue.count
+            bulk.join(timeout=120)
+            assert len(label_studio.predictions(opened)) == 1
+            assert waiting >= 2, "the opened task waited for the whole selection"
+            assert seconds["opened"] < 0.5 * seconds["selection"], seconds
+            (request,) = re.findall(
+                r"request (request-\w+): 12 tasks in 6 predict jobs", prelabel.backend_log.read_text()
+            )
+            progress = prelabel.get(f"/jobs/{request}")
+            assert progress["status"] == "finished" and progress["tasks_done"] == 12
+            assert all(len(label_studio.predictions(task)) == 1 for task in selection)
+        finally:
+            prelabel.stop()
 
 
 def learn_from_corrections(label_studio: LabelStudio, project: int, backend: int, prelabel: Prelabel) -> str:

@@ -34,7 +34,7 @@ class Files:
         self.held = held
         self.gate = threading.Event()
 
-    def fetch(self, url: str) -> bytes:
+    def fetch(self, url: str, task_id: object = None) -> bytes:
         if url == self.held and not self.gate.wait(timeout=60):
             raise AssertionError("the models waited for every image before starting")
         if url not in self.files:

@@ -115,3 +115,21 @@ def test_tls_settings_use_the_names_requests_and_openssl_read(tmp_path):
     assert Settings.from_env({"REQUESTS_CA_BUNDLE": str(bundle)}).ca_bundle == str(bundle)
     assert Settings.from_env({"SSL_CERT_FILE": str(bundle)}).ca_bundle == str(bundle)
     assert Settings.from_env({}).verify_ssl and not Settings.from_env({"VERIFY_SSL": "false"}).verify_ssl
+
+
+def test_per_project_settings_are_named_as_in_the_environment():
+    from dataclasses import fields
+
+    from common.settings import PROJECT_SETTINGS
+
+    envs = {f.metadata["env"]: f.name for f in fields(Settings)}
+    assert all(envs[name] == name.lower() for name in PROJECT_SETTINGS)  # extra_params keys are env names
+    settings = Settings.from_env({})
+    assert settings.project_overrides(
+        {"tag_rule": "relative", "BACKGROUND_WORDS": ["sky", " floor "], "DENSE_SLIDING": False}
+    ) == {  # fmt: skip
+        "tag_rule": "relative",
+        "background_words": ("sky", "floor"),
+        "dense_sliding": False,
+    }
+    assert settings.project_overrides(None) == settings.project_overrides({}) == {}

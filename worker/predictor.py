@@ -4,6 +4,7 @@ scores into tags and masks."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import os
@@ -153,6 +154,21 @@ class Predictor:
     def with_adapter(self, adapter: TipAdapter | None, thresholds: Mapping[str, float]) -> Predictor:
         """This predictor's weights and head with another few-shot adapter and thresholds."""
         return Predictor(self.settings, self.bundle, self.fetcher, self.text, self.head, adapter, thresholds)
+
+    def for_project(self, project_settings: Mapping[str, object]) -> Predictor:
+        """This predictor with a project's own settings (Label Studio's extra_params: how tags
+        are decided, how masks are drawn), checked again here; the same weights, caches and
+        threads. A version's fitted per-label thresholds still win over TAG_MIN_SCORE."""
+        overrides = self.settings.project_overrides(dict(project_settings))
+        if not overrides:
+            return self
+        settings = dataclasses.replace(self.settings, **overrides)
+        predictor = copy.copy(self)
+        predictor.settings = settings
+        predictor.config = TagCLIPConfig(cwr_max_classes=settings.cwr_max_classes or None)
+        predictor.rule = TagRule(settings.tag_rule, settings.tag_min_score, settings.tag_threshold,
+                                 self.rule.per_label)  # fmt: skip
+        return predictor
 
     def warm_up(self) -> None:
         """Embed the background words and distractors now: every job needs them, so no job should

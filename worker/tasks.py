@@ -59,7 +59,7 @@ def predict(payload: dict[str, Any]) -> dict[str, Any]:
     """Run one predict job (all tasks of one /predict call) and return ``PredictResult.to_dict()``."""
     job = PredictJob.from_dict(payload)
     models = provider()
-    result = models.for_version(job.model_version, job.project).predict(job)
+    result = models.for_version(job.model_version, job.project).for_project(job.project_settings).predict(job)
     result = dataclasses.replace(result, worker=models.identity())
     rq_job = get_current_job()
     if rq_job is not None and torch.cuda.is_available():
@@ -67,7 +67,7 @@ def predict(payload: dict[str, Any]) -> dict[str, Any]:
     log.info(
         "predict job %s: %d tasks (%d failed), model %s, timings %s",
         rq_job.id if rq_job else "inline", len(result.tasks), sum(1 for t in result.tasks if t.error),
-        job.model_version, result.timings_ms,
+        job.served_version, result.timings_ms,
     )  # fmt: skip
     return result.to_dict()
 

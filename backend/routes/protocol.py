@@ -15,6 +15,7 @@ from backend.state import state
 from common.errors import BadRequest, ServiceUnavailable
 from common.labelstudio.annotations import image_url
 from common.labelstudio.config import parse_label_config
+from common.settings import project_version
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,12 @@ def setup():
     if misconfigured:
         raise ServiceUnavailable(misconfigured)
     project = optional_project(body.get("project"))
+    own_settings = current.project_settings.update(project, body.get("extra_params")) if project else {}
     if project and current.training is not None:
         current.training.remember_project(project, schema)
     if project:
         current.securer.schedule(project)
-    return jsonify(model_version=current.registry.active(project))
+    return jsonify(model_version=project_version(current.registry.active(project), own_settings))
 
 
 @bp.post("/predict")
@@ -69,9 +71,10 @@ def predict():
     spec = parse_label_config(label_config, current.settings.max_labels)
     project = optional_project(body.get("project"))
     version = current.registry.active(project)
+    own_settings = current.project_settings.get(project)
     images = [image_url(t, spec.image_key) for t in tasks]
     started = time.perf_counter()
-    served = current.server.predict(tasks, spec, label_config, project, version, images)
+    served = current.server.predict(tasks, spec, label_config, project, version, images, own_settings)
     seconds = time.perf_counter() - started
     empty = sum(1 for p in served.predictions if not p)
     record_predict(len(tasks), empty, seconds)
@@ -79,7 +82,7 @@ def predict():
         ready = {task["id"]: p for task, p in zip(tasks, served.predictions, strict=True) if p}
         current.feedback.remember_predictions(project, ready)
     log.info("predict: %d tasks (%d cached, %d without prediction) in %.0f ms, model %s, project %s%s",
-             len(tasks), served.cached, empty, seconds * 1000, version, project,
+             len(tasks), served.cached, empty, seconds * 1000, project_version(version, own_settings), project,
              f", request {served.request}" if served.request else "")  # fmt: skip
     response = jsonify(results=served.predictions)
     if served.request:  # Label Studio reads only "results"; an operator follows /jobs/<request>
