@@ -35,8 +35,13 @@ class ProjectSettings:
             overrides = self.settings.project_overrides(extra_params)
         except SettingsError as e:
             raise BadRequest(str(e)) from e
-        # by environment name, values as parsed: "0.2" and 0.2 are the same settings, one version
-        kept = {name.upper(): list(v) if isinstance(v, tuple) else v for name, v in sorted(overrides.items())}
+        # by environment name, values as parsed ("0.2" and 0.2 are the same settings, one version),
+        # only those that differ from the environment's
+        kept = {
+            name.upper(): list(value) if isinstance(value, tuple) else value
+            for name, value in sorted(overrides.items())
+            if getattr(self.settings, name) != value
+        }
         if self.connection is None:
             with self._lock:
                 self._memory[project] = kept

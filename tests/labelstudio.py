@@ -108,10 +108,14 @@ class LabelStudio:
         with open(path, "rb") as f:
             self.api("POST", f"/api/projects/{project}/import", files={"file": (path.name, f)})
 
-    def connect_backend(self, project: int, url: str, user: str, password: str) -> dict:
+    def connect_backend(
+        self, project: int, url: str, user: str, password: str, extra_params: dict | None = None
+    ) -> dict:
+        """Settings > Model > Connect model, with basic auth and, optionally, "Extra params"."""
         return self.api("POST", "/api/ml", json={
             "url": url, "project": project, "title": "prelabel", "is_interactive": False,
             "auth_method": "BASIC_AUTH", "basic_auth_user": user, "basic_auth_pass": password,
+            "extra_params": extra_params,
         })  # fmt: skip
 
     def retrieve_predictions(self, project: int, tasks: list[int] | None = None) -> dict:

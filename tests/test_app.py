@@ -288,7 +288,8 @@ def test_a_projects_extra_params_are_its_own_settings_and_part_of_its_version(ap
     assert all(p["model_version"] == strict for p in tight)
     assert all(not any(item["type"] == "choices" for item in p["result"]) for p in tight)  # no label reaches 0.99
 
-    # the project drops its extra params: back to the environment's settings and version
+    # a value equal to the environment's is no setting of its own; no extra params: the environment's
+    assert setup("2.1700000000", {"TAG_MIN_SCORE": 0.01}).get_json()["model_version"] == base
     assert setup("2.1700000000", None).get_json()["model_version"] == base
     assert [p["model_version"] for p in predict("2.1700000000")] == [base, base]
 

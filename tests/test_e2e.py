@@ -25,7 +25,7 @@ from PIL import Image
 from rq import Queue
 
 from common.jobs import PREDICT_QUEUE
-from common.settings import Settings
+from common.settings import Settings, project_version
 from tests.conftest import REPO, claim_redis_db, shared_data
 from tests.labelstudio import VENV_BIN, LabelStudio, Prelabel, free_port
 
@@ -329,9 +329,13 @@ def test_images_in_s3_storage(label_studio, s3_server, presign, tmp_path):
             assert sorted(t["data"]["image"] for t in stored) == sorted(
                 f"s3://{bucket}/raw images/{Path(p).name}" for p in PHOTOS
             )
-            backend = label_studio.connect_backend(project, prelabel.url, "labelstudio", "s3cret-pass")
+            # the project's own settings, in the connection's Extra params
+            own = {"TAG_MIN_SCORE": 0.02, "MASK_MIN_AREA": 0.0}
+            backend = label_studio.connect_backend(project, prelabel.url, "labelstudio", "s3cret-pass", own)
+            version = project_version(settings.model_version, {"TAG_MIN_SCORE": 0.02})  # MASK_MIN_AREA: as is
+            assert backend["model_version"] == version != settings.model_version
             assert label_studio.retrieve_predictions(project)["processed_items"] == len(PHOTOS)
-            check_predictions(label_studio, project, settings.model_version, f"s3://{bucket}/")
+            check_predictions(label_studio, project, version, f"s3://{bucket}/")
         finally:
             prelabel.stop()
     assert backend["readable_state"] == "Connected"
