@@ -17,7 +17,7 @@ from werkzeug.exceptions import HTTPException
 from backend.auth import check_request
 from backend.feedback import Feedback
 from backend.project_settings import ProjectSettings
-from backend.routes import admin, metrics, protocol
+from backend.routes import admin, dashboard, metrics, protocol
 from backend.runner import make_runner, redis_connection, redis_unreachable
 from backend.scheduler import TrainingScheduler
 from backend.serving import MemoryCache, RedisCache, Server
@@ -58,7 +58,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         project_settings=ProjectSettings(settings, connection),
     )
     app.before_request(lambda: check_request(request, settings))
-    for blueprint in (protocol.bp, admin.bp, metrics.bp):
+    for blueprint in (protocol.bp, admin.bp, metrics.bp, dashboard.bp):
         app.register_blueprint(blueprint)
     app.register_error_handler(PrelabelError, _prelabel_error)
     app.register_error_handler(HTTPException, _http_error)

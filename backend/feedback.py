@@ -16,11 +16,14 @@ inbox (comparisons are idempotent).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -46,6 +49,8 @@ log = logging.getLogger(__name__)
 PREDICTION_TTL = 90 * 24 * 3600
 #: The IoU figures of a comparison, each per label, and the results they compare.
 IOU_KINDS = {"mask_iou": "brushlabels", "box_iou": "rectanglelabels", "polygon_iou": "polygonlabels"}
+#: Lead times over a day are left out of the annotator-time figures.
+MAX_LEAD_TIME = 24 * 3600
 #: Annotations waiting for comparison take at most this much of Redis's memory.
 INBOX_BYTES = 256 * 1024 * 1024
 
@@ -56,9 +61,13 @@ def compare(predicted: list[dict], final: list[dict], max_pixels: int) -> dict[s
     as the union of its regions). Only the prediction's labels are drawn: a label the annotator
     added scores 0 without drawing it, so an annotation's own labels cost no memory."""
     tags_p, tags_f = chosen(predicted), chosen(final)
-    accepted = sum(len(tags_p.get(k, set()) & v) for k, v in tags_f.items())
-    added = sum(len(v - tags_p.get(k, set())) for k, v in tags_f.items())
-    removed = sum(len(v - tags_f.get(k, set())) for k, v in tags_p.items())
+    tags: dict[str, dict[str, int]] = defaultdict(lambda: {"accepted": 0, "added": 0, "removed": 0})
+    for control in set(tags_p) | set(tags_f):
+        offered, kept = tags_p.get(control, set()), tags_f.get(control, set())
+        for label, outcome in [*((x, "accepted") for x in offered & kept), *((x, "added") for x in kept - offered),
+                               *((x, "removed") for x in offered - kept)]:  # fmt: skip
+            tags[label][outcome] += 1
+    accepted, added, removed = (sum(t[k] for t in tags.values()) for k in ("accepted", "added", "removed"))
     ious = {}
     for name, kind in IOU_KINDS.items():
         drawn = _drawn(predicted, kind, max_pixels)
@@ -67,7 +76,27 @@ def compare(predicted: list[dict], final: list[dict], max_pixels: int) -> dict[s
             label: _iou(drawn.get(label), final_drawn.get(label)) for label in set(drawn) | _labels(final, kind)
         }
     unchanged = accepted_unchanged(added, removed, (v for kind in ious.values() for v in kind.values()))
-    return {"tags_accepted": accepted, "tags_added": added, "tags_removed": removed, **ious, "unchanged": unchanged}
+    return {"tags_accepted": accepted, "tags_added": added, "tags_removed": removed, "tags": dict(tags), **ious,
+            "unchanged": unchanged}  # fmt: skip
+
+
+def _timestamp(annotation: dict) -> float:
+    """When the annotation was last saved (Label Studio's ISO times), else now."""
+    for key in ("updated_at", "created_at"):
+        value = annotation.get(key)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError, OverflowError, OSError):
+                return datetime.fromisoformat(value[:64].replace("Z", "+00:00")).timestamp()
+    return time.time()
+
+
+def _lead_time(annotation: dict) -> float | None:
+    """Seconds the annotator had the task open (Label Studio's ``lead_time``); None when missing
+    or over MAX_LEAD_TIME (a task left open overnight says nothing about labelling)."""
+    value = annotation.get("lead_time")
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= MAX_LEAD_TIME:
+        return float(value)
+    return None
 
 
 def _iou(predicted: np.ndarray | None, final: np.ndarray | None) -> float:
@@ -168,17 +197,37 @@ class Feedback:
         return len(queued), refused
 
     def record(self, project: str, annotation: dict) -> dict[str, Any] | None:
-        """Compare ``annotation`` with the prediction its task got; None when there was none."""
+        """Compare ``annotation`` with the prediction its task got, and keep when it was made and
+        how long the annotator took; an annotation of a task that had no prediction is kept too
+        (``prelabeled`` false: the time annotators take without pre-labels). None when skipped."""
+        if annotation.get("was_cancelled"):
+            return None
         task = annotation.get("task")
         task = task.get("id") if isinstance(task, dict) else task
         raw = self.connection.hget(keys.served_predictions(project), str(task))
-        if raw is None or annotation.get("was_cancelled"):
-            return None
-        prediction = json.loads(raw)
-        record = {"task": task, "version": prediction.get("model_version"),
-                  **compare(prediction.get("result", []), annotation.get("result") or [], self.max_pixels)}  # fmt: skip
+        record: dict[str, Any] = {"task": task, "at": _timestamp(annotation), "lead_time": _lead_time(annotation),
+                                  "prelabeled": raw is not None, "version": None}  # fmt: skip
+        if raw is not None:
+            prediction = json.loads(raw)
+            record["version"] = prediction.get("model_version")
+            record.update(compare(prediction.get("result", []), annotation.get("result") or [], self.max_pixels))
         self.connection.hset(keys.corrections(project), str(annotation["id"]), json.dumps(record))
         return record
+
+    def records(self, project: str) -> list[dict[str, Any]]:
+        """Every kept comparison of ``project`` (older ones, from before timestamps, get time 0)."""
+        rows = [json.loads(raw) for raw in self.connection.hvals(keys.corrections(project))]
+        for row in rows:
+            row.setdefault("at", 0.0)
+            row.setdefault("prelabeled", True)  # kept only for pre-labelled tasks before
+        return rows
+
+    def projects(self) -> list[str]:
+        """Every project prelabel knows: connected (``/setup``) or with corrections."""
+        found = {k.decode().removeprefix(keys.CORRECTIONS_PREFIX) for k in self.connection.scan_iter(
+            f"{keys.CORRECTIONS_PREFIX}*")}  # fmt: skip
+        found.update(k.decode() for k in self.connection.hkeys(keys.PROJECTS))
+        return sorted(found)
 
     def process_one(self, timeout: float = 1.0) -> bool:
         """Compare the inbox's oldest annotation; False when the inbox stayed empty for ``timeout``."""
@@ -230,12 +279,15 @@ class Feedback:
         out: dict[str, Any] = {}
         for p in projects:
             by_version: dict[str, dict[str, Any]] = {}
-            for raw in self.connection.hvals(keys.corrections(p)):
-                record = json.loads(raw)
+            for record in self.records(p):
+                if not record["prelabeled"]:
+                    continue
                 row = by_version.setdefault(record["version"] or "unknown", {
                     "corrections": 0, "unchanged": 0, "tags_accepted": 0, "tags_added": 0, "tags_removed": 0,
-                    **{kind: defaultdict(list) for kind in IOU_KINDS},
+                    **{kind: defaultdict(list) for kind in IOU_KINDS}, "first_at": record["at"],
+                    "last_at": record["at"],
                 })  # fmt: skip
+                row["first_at"], row["last_at"] = min(row["first_at"], record["at"]), max(row["last_at"], record["at"])
                 row["corrections"] += 1
                 row["unchanged"] += int(record["unchanged"])
                 for k in ("tags_accepted", "tags_added", "tags_removed"):

@@ -28,6 +28,7 @@ from rq.registry import StartedJobRegistry
 from rq.results import Result
 from rq.serializers import JSONSerializer
 
+from backend.job_index import remember_job
 from common import keys
 from common.errors import JobFailed, JobTimeout, PrelabelError, ServiceUnavailable
 from common.jobs import PREDICT_FUNCTION, PREDICT_QUEUE, AllowListedJob, PredictJob, PredictResult
@@ -38,6 +39,13 @@ log = logging.getLogger(__name__)
 
 #: How often a long wait looks for jobs abandoned by a dead worker.
 ABANDONED_CHECK = 10
+#: RQ job states as a request's progress counts its chunks (deferred and scheduled: still queued).
+REQUEST_STATES = {"queued": "queued", "deferred": "queued", "scheduled": "queued", "started": "started",
+                  "finished": "finished", "failed": "failed", "stopped": "canceled", "canceled": "canceled",
+                  "expired": "expired"}  # fmt: skip
+REQUEST_PENDING = ("queued", "deferred", "scheduled", "started")
+#: Chunk ids a request's progress lists (an import of 100,000 tasks has 12,500).
+MAX_LISTED_JOBS = 100
 
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
@@ -81,8 +89,8 @@ class Runner(Protocol):
         for one task) goes ahead of bulk work already queued."""
         ...
 
-    def track(self, job_ids: list[str], tasks: int, project: str | None) -> str | None:
-        """Name the chunks of one bulk request, for ``GET /jobs/<request id>``; None where
+    def track(self, job_ids: list[str], sizes: list[int], project: str | None) -> str | None:
+        """Name the chunks (of ``sizes`` tasks) of one bulk request, for ``GET /jobs/<request id>``; None where
         requests are not tracked (embedded mode: the request waits for its jobs itself)."""
         ...
 
@@ -139,43 +147,58 @@ class QueueRunner:
                  len(job.tasks), job.model_version)  # fmt: skip
         return rq_job.id
 
-    def track(self, job_ids: list[str], tasks: int, project: str | None) -> str:
-        """Record the chunks of one request under a new id, kept as long as their results."""
+    def track(self, job_ids: list[str], sizes: list[int], project: str | None) -> str:
+        """Record the chunks (and their task counts) of one request under a new id; the record
+        lives as long as the chunks' results, and longer while chunks are still to run."""
         request_id = f"request-{uuid.uuid4().hex}"
-        record = {"jobs": job_ids, "tasks": tasks, "project": project, "created_at": time.time()}
+        record = {"jobs": job_ids, "sizes": sizes, "project": project, "created_at": time.time()}
         with self.redis_errors():
-            self.connection.set(keys.predict_request(request_id), json.dumps(record), ex=self.settings.result_ttl)
-        log.info("request %s: %d tasks in %d predict jobs, project %s", request_id, tasks, len(job_ids), project)
+            pipe = self.connection.pipeline()
+            pipe.set(keys.predict_request(request_id), json.dumps(record), ex=self._request_ttl)
+            if project:
+                remember_job(pipe, project, request_id)
+            pipe.execute()
+        log.info("request %s: %d tasks in %d predict jobs, project %s", request_id, sum(sizes), len(job_ids), project)
         return request_id
+
+    @property
+    def _request_ttl(self) -> int:
+        return self.settings.result_ttl * 24  # as long as a failed chunk is kept
 
     def progress(self, request_id: str) -> dict[str, Any] | None:
         with self.redis_errors():
-            raw = self.connection.get(keys.predict_request(request_id))
+            key = keys.predict_request(request_id)
+            raw = self.connection.get(key)
             if raw is None:
                 return None
             record = json.loads(raw)
-            jobs = AllowListedJob.fetch_many(record["jobs"], connection=self.connection, serializer=JSONSerializer)
-        counts = dict.fromkeys(("queued", "started", "finished", "failed", "expired"), 0)
+            pipe = self.connection.pipeline()
+            for job_id in record["jobs"]:  # one field of each job, not its payload
+                pipe.hget(AllowListedJob.key_for(job_id), "status")
+            statuses = [s.decode() if s is not None else "expired" for s in pipe.execute()]
+            if any(s in REQUEST_PENDING for s in statuses):
+                self.connection.expire(key, self._request_ttl)  # still running: kept while it runs
+        counts = dict.fromkeys(("queued", "started", "finished", "failed", "canceled", "expired"), 0)
         tasks_done = 0
-        for job in jobs:
-            status = job.get_status(refresh=False).value if job is not None else "expired"
-            status = status if status in counts else "queued"  # deferred, scheduled: still to run
-            counts[status] += 1
-            if status == "finished":
-                tasks_done += len(job.args[0]["tasks"])
+        for status, size in zip(statuses, record["sizes"], strict=True):
+            kind = REQUEST_STATES.get(status, "queued")
+            counts[kind] += 1
+            tasks_done += size if kind == "finished" else 0
         if counts["queued"] or counts["started"]:
-            state = "started" if counts["started"] or counts["finished"] or counts["failed"] else "queued"
+            state = "started" if len(statuses) > counts["queued"] else "queued"
+        elif counts["failed"] or counts["canceled"] or counts["expired"]:
+            state = "failed" if counts["failed"] or counts["expired"] else "canceled"
         else:
-            state = "failed" if counts["failed"] or counts["expired"] else "finished"
+            state = "finished"
         return {
             "id": request_id,
             "kind": "predict request",
             "status": state,
             "project": record["project"],
-            "tasks": record["tasks"],
+            "tasks": sum(record["sizes"]),
             "tasks_done": tasks_done,
-            "chunks": {"total": len(jobs), **counts},
-            "jobs": record["jobs"],
+            "chunks": {"total": len(statuses), **counts},
+            "jobs": record["jobs"][:MAX_LISTED_JOBS],
             "created_at": record["created_at"],
         }
 
@@ -267,7 +290,7 @@ class InlineRunner:
         future.add_done_callback(lambda _: self._done(job_id))
         return job_id
 
-    def track(self, job_ids: list[str], tasks: int, project: str | None) -> None:
+    def track(self, job_ids: list[str], sizes: list[int], project: str | None) -> None:
         return None
 
     def progress(self, request_id: str) -> None:

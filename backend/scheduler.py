@@ -15,6 +15,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from backend.job_index import remember_job
 from common import keys
 from common.errors import NotFound
 from common.jobs import ADAPT_FUNCTION, ADAPT_QUEUE, TRAIN_FUNCTION, TRAIN_QUEUE, AllowListedJob, TrainJob
@@ -91,6 +92,7 @@ class TrainingScheduler:
             )
             self.connection.set(keys.training_job(project), job.id)
             self.connection.set(keys.new_corrections(project), 0)
+            remember_job(self.connection, project, job.id)
         log.info("project %s: training job %s queued (%s)", project, job.id, trigger)
         return job, True
 
@@ -121,6 +123,7 @@ class TrainingScheduler:
             )
             self.connection.set(keys.adapt_job(project), job.id)
             self.connection.set(keys.adapt_corrections(project), 0)
+            remember_job(self.connection, project, job.id)
         log.info("project %s: few-shot learner job %s queued", project, job.id)
         return job
 

@@ -153,7 +153,8 @@ class Server:
         deadline = time.monotonic() + self.settings.predict_timeout
         interactive = len(tasks) == 1
         ids = [self.runner.submit(job, interactive) for _, job in jobs] if self.runner.background else []
-        request = self.runner.track(ids, len(tasks) - cached, project) if ids and not interactive else None
+        sizes = [len(chunk) for chunk, _ in jobs]
+        request = self.runner.track(ids, sizes, project) if ids and not interactive else None
         for n, (chunk, job) in enumerate(jobs):
             if not ids and time.monotonic() >= deadline:
                 break
@@ -168,7 +169,7 @@ class Server:
                 for (later, later_job), later_id in zip(jobs[n + 1 :], ids[n + 1 :], strict=False):
                     self.finish_later(later_id, later_job, spec, [cache_keys[i] for i in later])
                 raise
-            fresh = to_label_studio(result, spec, job.served_version)
+            fresh = to_label_studio(result, spec, result.model_version)
             self.cache.put_many({cache_keys[i]: p for i, p in zip(chunk, fresh, strict=True) if p})
             for i, p in zip(chunk, fresh, strict=True):
                 answers[i] = p
@@ -191,7 +192,7 @@ class Server:
             job_id = self.runner.submit(job)
             self.finish_later(job_id, job, spec, [cache_keys[i] for i in chunk])
             ids.append(job_id)
-        return self.runner.track(ids, sum(len(chunk) for chunk, _ in jobs), project) if ids else None
+        return self.runner.track(ids, [len(chunk) for chunk, _ in jobs], project) if ids else None
 
     def _lookup(
         self, tasks: list[dict], spec: LabelSpec, label_config: str, project: str | None, version: str,
@@ -223,7 +224,7 @@ class Server:
         except Exception as e:  # failed or never picked up: nothing to post, the log says why
             log.warning("background predict job %s gave nothing to post: %s", job_id, e)
             return
-        predictions = to_label_studio(result, spec, job.served_version)
+        predictions = to_label_studio(result, spec, result.model_version)
         self.cache.put_many({k: p for k, p in zip(cache_keys, predictions, strict=True) if p})
         posted = self._post(job, predictions)
         log.info("background predict job %s done: %d predictions cached, %d posted to Label Studio",

@@ -79,3 +79,8 @@ def predict_request(request_id: str) -> str:
 
 #: Hash project uid -> the project's own settings (JSON), from the extra_params of its /setup.
 PROJECT_SETTINGS = PREFIX + "project-settings"
+
+
+def project_jobs(project: str) -> str:
+    """Sorted set of the project's recent job and request ids, scored by when they were enqueued."""
+    return f"{PREFIX}jobs:{project}"

@@ -45,6 +45,8 @@ PROJECT_SETTINGS = ("TAG_RULE", "TAG_MIN_SCORE", "TAG_THRESHOLD", "CWR_MAX_CLASS
                     "DENSE_HEAD", "DENSE_SLIDING", "MASK_MIN_AREA")  # fmt: skip
 #: Bounds on a project's BACKGROUND_WORDS (each word is embedded by the text tower once).
 MAX_PROJECT_WORDS, MAX_WORD_LENGTH = 200, 60
+#: A project's CWR_MAX_CLASSES when the environment sets no limit (0): each costs a ViT pass.
+MAX_PROJECT_CWR_CLASSES = 16
 
 #: Bumped when a change to the algorithms changes predictions for the same weights, so that
 #: Label Studio re-predicts tasks that hold predictions from the old code.
@@ -221,6 +223,10 @@ class Settings:
             if not isinstance(value, str | int | float):
                 raise SettingsError(f"Extra params: {env} must be a number, true/false, a string or a list of words.")
             overrides[f.name] = _parse(env, str(value).strip(), f.default)
+        cwr = overrides.get("cwr_max_classes")
+        ceiling = self.cwr_max_classes or MAX_PROJECT_CWR_CLASSES  # each class costs a ViT pass per image
+        if cwr is not None and not 1 <= cwr <= ceiling:  # type: ignore[operator]
+            raise SettingsError(f"Extra params: CWR_MAX_CLASSES must be between 1 and {ceiling} (the service's limit).")
         words = overrides.get("background_words", ())
         if len(words) > MAX_PROJECT_WORDS or any(len(w) > MAX_WORD_LENGTH for w in words):  # type: ignore[arg-type]
             raise SettingsError(

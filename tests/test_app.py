@@ -303,6 +303,8 @@ def test_a_projects_extra_params_are_its_own_settings_and_part_of_its_version(ap
         ({"DENSE_HEAD": "unet"}, "DENSE_HEAD=unet must be one of"),
         ({"DENSE_SLIDING": "sometimes"}, "DENSE_SLIDING='sometimes' is not a valid bool"),
         ({"CWR_MAX_CLASSES": 2.5}, "CWR_MAX_CLASSES='2.5' is not a valid int"),
+        ({"CWR_MAX_CLASSES": 0}, "CWR_MAX_CLASSES must be between 1 and 6"),  # 0 would lift the service's limit
+        ({"CWR_MAX_CLASSES": 10**6}, "CWR_MAX_CLASSES must be between 1 and 6"),
         ({"BACKGROUND_WORDS": {"sky": 1}}, "must be a number, true/false, a string or a list of words"),
         ({"BACKGROUND_WORDS": ["w"] * 201}, "at most 200 words"),
         ("TAG_MIN_SCORE=0.2", "must be a JSON object"),

@@ -7,7 +7,9 @@ S3 server on loopback (moto), connected to Label Studio as the project's source 
 from __future__ import annotations
 
 import base64
+import os
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -34,6 +36,7 @@ pytestmark = pytest.mark.e2e
 PHOTOS = ["voc-samples/2011_000003.jpg", "voc-samples/120.png", "imagenet-samples/n02391049_zebra.JPEG"]
 CONFIG = REPO / "label_config" / "voc_tags_and_masks.xml"
 TOY_CLIP = REPO / "bench" / "models" / "toy-clip"
+CHROMIUM = shutil.which("chromium")
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +89,7 @@ def test_retrieve_predictions_from_label_studio(label_studio, token_kind, tmp_pa
                 assert len(label_studio.predictions(task["id"])) == 1
 
             uid = learn_from_corrections(label_studio, project, backend["id"], prelabel)
+            check_dashboard(prelabel, project, tmp_path)
             trained = prelabel.get(f"/versions?project={uid}")["active"]
             assert trained.startswith(settings.model_version + "+p")
             label_studio.retrieve_predictions(project)  # /setup now reports the trained version
@@ -195,6 +199,30 @@ def learn_from_corrections(label_studio: LabelStudio, project: int, backend: int
             return uid
         assert time.monotonic() < deadline, prelabel.trainer_log.read_text()[-3000:]
         time.sleep(2)
+
+
+def check_dashboard(prelabel: Prelabel, project: int, tmp_path: Path) -> None:
+    """The project manager's page in a real browser (Debian's headless Chromium), by Label Studio's
+    plain project id: its figures and chart points are the corrections made through Label Studio.
+    With PRELABEL_SCREENSHOTS set, its screenshot is kept there (README's docs/dashboard.png)."""
+    if CHROMIUM is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    ((uid, rows),) = prelabel.get(f"/report?project={project}").items()
+    corrections = sum(row["corrections"] for row in rows.values())
+    user, password = prelabel.auth
+    url = prelabel.url.replace("http://", f"http://{user}:{password}@") + f"/dashboard?project={project}"
+    browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,2200"]
+    dom = subprocess.run([*browser, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert f"Project {uid}" in dom and f'<b id="corrections">{corrections}</b>' in dom, dom[-2000:]
+    points = re.findall(r"accepted unchanged of (\d+) corrections</title>", dom)
+    assert points and sum(int(n) for n in points) == corrections  # one point per day and version, all counted
+    shots = Path(os.environ.get("PRELABEL_SCREENSHOTS") or tmp_path)
+    shot = shots / "dashboard.png"
+    subprocess.run([*browser, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True)
+    with Image.open(shot) as image:
+        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+    drawn = (np.abs(pixels.astype(int) - (0x00, 0x72, 0xB2)).sum(axis=1) < 30).sum()  # the charts' first colour
+    assert drawn > 200, "the browser drew no chart"
 
 
 def check_predictions(label_studio: LabelStudio, project: int, version: str, source: str = "/data/upload/") -> None:

@@ -4,6 +4,7 @@ the inbox that keeps that work off the webhook's request thread, on a real Redis
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -41,6 +42,8 @@ def test_an_accepted_prediction_is_unchanged():
     result = [_tags("cat", "dog"), _mask("cat", _square(5, 5))]
     stats = compare(result, result, MAX_PIXELS)
     assert stats == {"tags_accepted": 2, "tags_added": 0, "tags_removed": 0, "mask_iou": {"cat": 1.0},
+                     "tags": {"cat": {"accepted": 1, "added": 0, "removed": 0},
+                              "dog": {"accepted": 1, "added": 0, "removed": 0}},
                      "box_iou": {}, "polygon_iou": {}, "unchanged": True}  # fmt: skip
 
 
@@ -127,14 +130,23 @@ def test_report_per_version_with_updates_and_deletions(redis_url):
     feedback = Feedback(redis.Redis.from_url(redis_url), MAX_PIXELS)
     prediction = {"model_version": "v1", "score": 0.5, "result": [_tags("cat"), _mask("cat", _square(5, 5))]}
     feedback.remember_predictions(PROJECT, {11: prediction, 12: prediction})
-    accepted = {"id": 101, "task": 11, "result": prediction["result"]}
-    fixed = {"id": 102, "task": 12, "result": [_tags("cat", "dog"), _mask("cat", _square(5, 10))]}
+    accepted = {"id": 101, "task": 11, "result": prediction["result"], "lead_time": 4.5,
+                "created_at": "2026-11-20T10:00:00Z", "updated_at": "2026-11-20T10:00:05.5Z"}  # fmt: skip
+    fixed = {"id": 102, "task": 12, "result": [_tags("cat", "dog"), _mask("cat", _square(5, 10))], "lead_time": 1e9}
     assert feedback.record(PROJECT, accepted)["unchanged"]
     assert not feedback.record(PROJECT, fixed)["unchanged"]
-    assert feedback.record(PROJECT, {"id": 103, "task": 99, "result": []}) is None  # never predicted
+    unaided = feedback.record(PROJECT, {"id": 103, "task": 99, "result": [], "lead_time": 30})  # never predicted
+    assert not unaided["prelabeled"] and unaided["lead_time"] == 30.0 and unaided["version"] is None
+    assert feedback.record(PROJECT, {"id": 104, "task": 11, "was_cancelled": True}) is None  # skipped: not kept
 
-    row = feedback.report(PROJECT)[PROJECT]["v1"]
+    records = {r["task"]: r for r in feedback.records(PROJECT)}
+    assert records[11]["at"] == datetime(2026, 11, 20, 10, 0, 5, 500000, tzinfo=UTC).timestamp()
+    assert records[11]["lead_time"] == 4.5 and records[12]["lead_time"] is None  # 31 years open: left out
+    assert records[12]["tags"] == {"cat": {"accepted": 1, "added": 0, "removed": 0},
+                                   "dog": {"accepted": 0, "added": 1, "removed": 0}}  # fmt: skip
+    row = feedback.report(PROJECT)[PROJECT]["v1"]  # only tasks that had a pre-label
     assert row["corrections"] == 2 and row["unchanged_share"] == 0.5 and row["tags_added"] == 1
+    assert row["first_at"] <= row["last_at"] and row["first_at"] == records[11]["at"]
     assert row["mask_iou"]["cat"] == pytest.approx((1.0 + 50 / 150) / 2)
 
     feedback.record(PROJECT, {**fixed, "result": prediction["result"]})  # the annotator updates it back

@@ -236,7 +236,7 @@ def test_key_never_reaches_another_host_than_label_studio(fetcher_for, label_stu
     with pytest.raises(ImageFetchError, match="HTTP 401"):
         fetcher.fetch(f"http://127.0.0.1:{label_studio.port}/data/upload/1/{PHOTO}")
     assert fetcher.fetch(f"http://127.0.0.1:{attacker.port}/raw/{PHOTO}") == photos[PHOTO]
-    assert fetcher.fetch(f"/tasks/1/resolve/?to=http://127.0.0.1:{attacker.port}/raw/{PHOTO}") == photos[PHOTO]
+    assert fetcher.fetch(f"/tasks/1/resolve/?to=http://127.0.0.1:{attacker.port}/raw/{PHOTO}", 1) == photos[PHOTO]
     assert label_studio.requests[-1] == ("/tasks/1/resolve/", f"Token {label_studio.legacy_token}")
     assert attacker.requests and no_key_reached(attacker)
     assert label_studio.requests[0] == (f"/data/upload/1/{PHOTO}", None)
@@ -262,15 +262,15 @@ def test_once_a_hop_left_label_studio_no_later_hop_gets_the_key(fetcher_for, lab
 def test_every_redirect_hop_is_checked(fetcher_for, label_studio, photos):
     fetcher = fetcher_for(label_studio.legacy_token, allowed_hosts=("*",))
     with pytest.raises(ImageFetchError, match="internal address 169.254.169.254"):
-        fetcher.fetch("/tasks/1/resolve/?to=http://169.254.169.254/latest/meta-data/")
+        fetcher.fetch("/tasks/1/resolve/?to=http://169.254.169.254/latest/meta-data/", 1)
     with pytest.raises(ImageFetchError, match="backslash"):
-        fetcher.fetch("/tasks/1/resolve/?to=http://evil.example\\@localhost/data/upload/1/x.png")
+        fetcher.fetch("/tasks/1/resolve/?to=http://evil.example\\@localhost/data/upload/1/x.png", 1)
     with pytest.raises(ImageFetchError, match="outside the paths that serve task data"):
-        fetcher.fetch("/tasks/1/resolve/?to=/api/projects/")
+        fetcher.fetch("/tasks/1/resolve/?to=/api/projects/", 1)
     with pytest.raises(ImageFetchError, match="Unreadable redirect"):
-        fetcher.fetch("/tasks/1/resolve/?to=http://[::1")
+        fetcher.fetch("/tasks/1/resolve/?to=http://[::1", 1)
     # a redirect that stays on Label Studio's data keeps working, with the token
-    assert fetcher.fetch(f"/tasks/1/resolve/?to={label_studio.upload_path(PHOTO)}") == photos[PHOTO]
+    assert fetcher.fetch(f"/tasks/1/resolve/?to={label_studio.upload_path(PHOTO)}", 1) == photos[PHOTO]
     assert label_studio.requests[-1][1] == f"Token {label_studio.legacy_token}"
 
 
@@ -300,6 +300,34 @@ def test_presigned_redirects_go_only_to_storage_hosts_and_never_get_the_key(fetc
     bounce = f"http://localhost:{attacker.port}/redirect?to=http://127.0.0.1:{attacker.port}/raw/{PHOTO}"
     with pytest.raises(ImageFetchError, match="neither LABEL_STUDIO_URL nor in ALLOWED_HOSTS"):
         fetcher_for(allowed_hosts=("localhost",), storage_hosts=("127.0.0.1",), allow_internal_hosts=True).fetch(bounce)
+
+
+def test_a_task_may_use_the_storage_resolver_for_itself_only(fetcher_for, label_studio, photos):
+    label_studio.storage = {"s3://bucket/a.jpg": PHOTO}
+    fetcher = fetcher_for(label_studio.legacy_token)
+    own = "/tasks/7/resolve/?fileuri=" + base64.urlsafe_b64encode(b"s3://bucket/a.jpg").decode()
+    assert fetcher.fetch(own, 7) == photos[PHOTO]  # as Label Studio writes it for its editor
+    for borrowed, task_id in ((own, 8), (own.replace("/tasks/7/", "/projects/1/"), 7), (own, True), (own, None)):
+        with pytest.raises(ImageFetchError, match="may be resolved only for that task"):
+            fetcher.fetch(borrowed, task_id)
+        with pytest.raises(ImageFetchError, match="may be resolved only for that task"):
+            fetcher.fetch(label_studio.url + borrowed, task_id)
+    assert len(label_studio.requests) == 1
+
+
+def test_a_storage_host_matched_by_a_wildcard_alone_stays_public(fetcher_for, label_studio, photos, attacker):
+    """Anyone can name a host under *.amazonaws.com that resolves to a private address: with
+    ALLOW_INTERNAL_HOSTS, a storage host on the private network must be named exactly."""
+    label_studio.storage = {"s3://bucket/a.jpg": PHOTO}
+    label_studio.presign_to = f"http://internal.storage.test:{attacker.port}"
+    resolver = lambda host, port: ["127.0.0.1"]  # noqa: E731
+    wildcard = fetcher_for(label_studio.legacy_token, storage_hosts=("*.storage.test",), allow_internal_hosts=True,
+                           resolver=resolver)  # fmt: skip
+    with pytest.raises(ImageFetchError, match="internal address 127.0.0.1"):
+        wildcard.fetch("s3://bucket/a.jpg", 1)
+    named = fetcher_for(label_studio.legacy_token, storage_hosts=("internal.storage.test",), allow_internal_hosts=True,
+                        resolver=resolver)  # fmt: skip
+    assert named.fetch("s3://bucket/a.jpg", 1) == photos[PHOTO]
 
 
 @pytest.mark.parametrize(

@@ -172,7 +172,7 @@ URL_CASES = [
     ("http://localhost:{ls}@127.0.0.1:{att}/raw/2011_000003.jpg", "user name or password"),
     ("file:///etc/passwd", "scheme 'file:'"),
     ("gopher://127.0.0.1:6379/_INFO", "scheme 'gopher:'"),
-    ("s3://bucket/photo.jpg", "Cloud storage"),
+    ("s3://bucket/photo.jpg", "could not resolve the task's cloud storage URI"),  # no storage for it
     ("//127.0.0.1:{att}/raw/2011_000003.jpg", "scheme '\\(none\\):'"),
     ("/data/local-files/?d=../../etc/passwd", "'\\.\\.'"),
     ("/data/upload/1/%2e%2e/%2e%2e/api/projects", "'\\.\\.'"),

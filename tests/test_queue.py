@@ -25,6 +25,7 @@ from backend import runner as runner_module
 from backend.app import create_app
 from backend.runner import InlineRunner, QueueRunner
 from backend.serving import cache_key
+from common import keys
 from common.errors import JobTimeout
 from common.jobs import PREDICT_FUNCTION, PREDICT_QUEUE, ChoicesControl, ClassLabel, ImageTask, PredictJob
 from common.settings import Settings
@@ -265,10 +266,14 @@ def test_a_single_task_goes_ahead_of_queued_bulk_chunks(redis_url, make_settings
     single = runner.submit(_job(settings, label_studio), interactive=True)
     assert runner.queue.job_ids == [single, *bulk]  # the next free worker takes the annotator's task
 
-    request = runner.track(bulk, 3 * len(PHOTOS), "3.1700000000")
+    request = runner.track(bulk, [len(PHOTOS)] * 3, "3.1700000000")
     waiting = runner.progress(request)
     assert waiting["status"] == "queued" and waiting["tasks"] == 12 and waiting["tasks_done"] == 0
-    assert waiting["chunks"] == {"total": 3, "queued": 3, "started": 0, "finished": 0, "failed": 0, "expired": 0}
+    assert waiting["chunks"] == {"total": 3, "queued": 3, "started": 0, "finished": 0, "failed": 0, "canceled": 0,
+                                 "expired": 0}  # fmt: skip
+    runner.connection.expire(keys.predict_request(request), 5)
+    runner.progress(request)  # asked while chunks wait: kept as long as a failed chunk would be
+    assert runner.connection.ttl(keys.predict_request(request)) > 5
 
     tasks.configure(settings)
     SimpleWorker([runner.queue], connection=runner.connection, serializer=JSONSerializer).work(burst=True)
@@ -277,6 +282,11 @@ def test_a_single_task_goes_ahead_of_queued_bulk_chunks(redis_url, make_settings
     done = runner.progress(request)
     assert done["status"] == "finished" and done["tasks_done"] == 12 and done["chunks"]["finished"] == 3
     assert runner.progress("request-unknown") is None
+
+    canceled = runner.submit(_job(settings, label_studio))
+    Job.fetch(canceled, connection=runner.connection, serializer=JSONSerializer).cancel()
+    mixed = runner.progress(runner.track([bulk[0], canceled], [4, 4], "3.1700000000"))
+    assert mixed["status"] == "canceled" and mixed["tasks_done"] == 4 and mixed["chunks"]["canceled"] == 1
 
 
 def test_an_opened_task_is_answered_while_a_bulk_selection_waits(stack, voc_config):

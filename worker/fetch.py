@@ -11,17 +11,23 @@ Task data is untrusted: anyone who can import a task chooses its image URL. The 
   (uploads, local files, storage resolve/presign), and only while every hop so far was on Label
   Studio: a foreign URL that redirects into Label Studio gets no key. Other Label Studio paths
   are refused.
+* **Cloud storage** URIs (``s3://``, ``gs://``, ``azure-blob://``) go to Label Studio's storage
+  resolver for their own task (``/tasks/<id>/resolve/?fileuri=<base64>``), which streams the
+  object or redirects to a presigned URL; such a redirect may go to ``STORAGE_HOSTS`` too. A task
+  may name the resolver for its own id only (the key reads every project's storage).
 * **Other hosts** only when ``ALLOWED_HOSTS`` names them (``*`` for any public host), and never
   when they resolve to a loopback, private, link-local, reserved or multicast address unless
-  ``ALLOW_INTERNAL_HOSTS`` is set; IPv6 forms that carry an IPv4 address (IPv4-mapped, NAT64,
-  6to4, Teredo) and the unspecified address are always refused.
+  ``ALLOW_INTERNAL_HOSTS`` is set (and, for a storage host, named exactly: anyone can name a host
+  under ``*.amazonaws.com``); IPv6 forms that carry an IPv4 address (IPv4-mapped, NAT64, 6to4,
+  Teredo) and the unspecified address are always refused.
 * **Connect to the address that was checked.** The host is resolved once per hop; the connection
   goes to the vetted IP, with the original ``Host`` header and TLS server name (DNS rebinding
   cannot swap the address between check and connect).
 * ``data:`` URIs are decoded in memory; ``file://`` and every other scheme is refused; every
-  redirect hop goes through all of the above again; responses are asked for without content
-  encoding; size is capped, and time too, for the whole download (name lookup, headers,
-  redirects and body), not per socket read.
+  redirect hop goes through all of the above again; refused or reset connections and 429/5xx
+  answers are asked again (``FETCH_RETRIES``, exponential backoff) within the deadline;
+  responses are asked for without content encoding; size is capped, and time too, for the
+  whole download (name lookup, headers, redirects and body), not per socket read.
 * Messages never carry a URL's query string or userinfo (presigned URLs hold credentials there).
 """
 
@@ -80,7 +86,7 @@ LABEL_STUDIO_DATA_PATH = re.compile(
     r"/(?:data/upload/|data/local-files/|storage-data/uploaded/|(?:tasks|projects)/\d+/(?:resolve|presign)/)"
 )
 #: Label Studio's storage resolvers: they stream an object from cloud storage, or redirect to it.
-LABEL_STUDIO_RESOLVE_PATH = re.compile(r"/(?:tasks|projects)/\d+/(?:resolve|presign)/")
+LABEL_STUDIO_RESOLVE_PATH = re.compile(r"/(tasks|projects)/(\d+)/(?:resolve|presign)/")
 #: URI schemes of Label Studio's cloud storages (S3 and S3-compatible, GCS, Azure Blob).
 STORAGE_SCHEMES = ("s3", "gs", "azure-blob", "azure-spi")
 #: The longest storage URI resolved (Label Studio takes it base64-encoded in a query string).
@@ -104,6 +110,15 @@ _current = threading.local()
 
 class TransientFetchError(ImageFetchError):
     """A failure that asking again may fix: a refused or reset connection, a 429 or 5xx answer."""
+
+
+def _task_number(task_id: object) -> int | None:
+    """A Label Studio task id as an integer (ids arrive as ints, or digits from older payloads)."""
+    if type(task_id) is int and task_id > 0:
+        return task_id
+    if isinstance(task_id, str) and task_id.isascii() and task_id.isdigit() and len(task_id) < 19:
+        return int(task_id) or None
+    return None
 
 
 def is_storage_uri(raw: str) -> bool:
@@ -371,6 +386,7 @@ class ImageFetcher:
         if raw.startswith("data:"):
             return self._data_uri(raw)
         url = self._absolute(self._storage_resolver(raw, task_id) if is_storage_uri(raw) else raw)
+        self._check_resolver_is_the_tasks(url, task_id)
         with _deadline(self.settings.fetch_timeout) as deadline:
             chain_on_label_studio = True  # every hop so far was on Label Studio
             from_resolver = False  # this hop is a redirect from Label Studio's storage resolver
@@ -425,16 +441,36 @@ class ImageFetcher:
             )
         if len(uri) > MAX_STORAGE_URI:
             raise ImageFetchError(f"Cloud storage URI of {len(uri):,} characters, over {MAX_STORAGE_URI:,}.")
-        if not (isinstance(task_id, int) or (isinstance(task_id, str) and task_id.isascii() and task_id.isdigit())):
+        number = _task_number(task_id)
+        if number is None:
             raise ImageFetchError(
                 f"Cloud storage URI ({scheme}://) without its Label Studio task id: Label Studio resolves it per task."
             )
         encoded = base64.urlsafe_b64encode(uri.encode()).decode()
-        return f"/tasks/{int(task_id)}/resolve/?fileuri={encoded}"
+        return f"/tasks/{number}/resolve/?fileuri={encoded}"
 
     def _is_resolver(self, url: Url) -> bool:
-        base = (self.ls_url.path or "").rstrip("/") if self.ls_url else ""
-        return bool(LABEL_STUDIO_RESOLVE_PATH.fullmatch((url.path or "")[len(base) :]))
+        return self._resolver_path(url) is not None
+
+    def _resolver_path(self, url: Url) -> re.Match | None:
+        """The match of ``url``'s path against Label Studio's storage resolvers (on its origin)."""
+        if self.ls_url is None or _origin(url) != _origin(self.ls_url):
+            return None
+        base = (self.ls_url.path or "").rstrip("/")
+        return LABEL_STUDIO_RESOLVE_PATH.fullmatch((url.path or "")[len(base) :])
+
+    def _check_resolver_is_the_tasks(self, url: Url, task_id: object) -> None:
+        """A task's image may name Label Studio's storage resolver only for that task: the API
+        key can read every project's storage, so one task must not borrow another's images."""
+        match = self._resolver_path(url)
+        if match is None:
+            return
+        owner, number = match.group(1), int(match.group(2))
+        if owner != "tasks" or number != _task_number(task_id):
+            raise ImageFetchError(
+                f"Refused Label Studio's storage resolver for {owner} {number} in the data of task {task_id!r:.20}: "
+                "a task's image may be resolved only for that task."
+            )
 
     def _absolute(self, raw: str) -> Url:
         """A Label Studio path becomes a URL on LABEL_STUDIO_URL; anything else must be absolute."""
@@ -475,9 +511,16 @@ class ImageFetcher:
                 f"Refused image host '{host}': it is neither LABEL_STUDIO_URL nor in ALLOWED_HOSTS "
                 "(a comma-separated list; '*.example.com' and '*' work)."
             )
+        # A storage host reached by a wildcard of STORAGE_HOSTS alone (anyone can name a host under
+        # *.amazonaws.com) stays on public addresses even with ALLOW_INTERNAL_HOSTS: a MinIO on the
+        # private network is named exactly.
+        wildcard_only = (
+            not any(fnmatch.fnmatchcase(host, p) for p in self.allowed_hosts) and host not in self.storage_hosts
+        )
+        allow_internal = self.settings.allow_internal_hosts and not wildcard_only
         addresses = self._resolve_all(url, deadline)
         for address in addresses:
-            reason = address_refusal(address, self.settings.allow_internal_hosts)
+            reason = address_refusal(address, allow_internal)
             if reason:
                 raise ImageFetchError(f"Refused image host '{host}': it resolves to {reason}.")
         return Target(url, addresses[0], with_key=False, on_label_studio=False)

@@ -180,7 +180,8 @@ class Predictor:
         images = self._pool.map(self._load, job.tasks)  # all submitted now; the models take them as they come
         results, timings = self.run([t.task_id for t in job.tasks], images, job.choices, job.brushes, job.regions)
         timings["total"] = _ms_since(started)
-        return PredictResult(model_version=job.model_version, tasks=tuple(results), timings_ms=timings)
+        # the version this worker served: the weights' and the project's settings it applied
+        return PredictResult(model_version=job.served_version, tasks=tuple(results), timings_ms=timings)
 
     def prepare(self, images: Sequence[Image.Image]) -> Iterator[Prepared]:
         """Decoded images -> model inputs, made on the fetch threads and yielded in order as they

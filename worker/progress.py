@@ -12,9 +12,22 @@ from common import keys
 log = logging.getLogger(__name__)
 
 
+#: Points of a stage's loss curve kept in the job's meta (halved, every other dropped, when full).
+CURVE_POINTS = 200
+
+
+def thin(values: list[float], points: int = CURVE_POINTS) -> list[float]:
+    """At most about ``points`` of ``values``, evenly spaced, the last one kept: a loss curve for a page."""
+    if len(values) <= points:
+        return list(values)
+    step = len(values) / points
+    return [values[int(i * step)] for i in range(points - 1)] + [values[-1]]
+
+
 class JobProgress:
-    """Writes (stage, step, steps, loss, eta) into the RQ job's meta at most once a second, logs
-    every tenth of a stage, and tells the job when the backend asked it to stop."""
+    """Writes (stage, step, steps, loss, eta) and the stage's loss curve into the RQ job's meta at
+    most once a second, logs every tenth of a stage, and tells the job when the backend asked it
+    to stop."""
 
     def __init__(self, job: Job | None, label: str, min_interval: float = 1.0) -> None:
         self.job = job
@@ -23,17 +36,23 @@ class JobProgress:
         self._stage: str | None = None
         self._stage_started = time.monotonic()
         self._last_write = 0.0
+        self._curve: list[float] = []
 
     def report(self, stage: str, step: int, steps: int, loss: float | None) -> None:
         now = time.monotonic()
         if stage != self._stage:
-            self._stage, self._stage_started, self._last_write = stage, now, 0.0
+            self._stage, self._stage_started, self._last_write, self._curve = stage, now, 0.0, []
+        if loss is not None:
+            self._curve.append(round(loss, 5))
+            if len(self._curve) > 2 * CURVE_POINTS:
+                self._curve = self._curve[::2]
         if self.job is None or (now - self._last_write < self.min_interval and step != steps):
             return
         self._last_write = now
         elapsed = now - self._stage_started
         eta = round(elapsed / step * (steps - step), 1) if step and steps else None
         self.job.meta["progress"] = {"stage": stage, "step": step, "steps": steps, "loss": loss, "eta_s": eta}
+        self.job.meta["curve"] = thin(self._curve)
         self.job.save_meta()
         if step and steps and (step == steps or step % max(1, steps // 10) == 0):
             shown = f"{loss:.4f}" if loss is not None else "-"

@@ -8,11 +8,13 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request
 
-from backend.routes import json_body, optional_project
+from backend.job_index import project_jobs
+from backend.routes import json_body, known_project, optional_project
 from backend.state import state
 from common.errors import BadRequest, NotFound
 from common.jobs import PREDICT_QUEUE
 from common.logs import redact_urls
+from common.settings import project_version
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +28,12 @@ def versions():
     project = optional_project(request.args.get("project"))
     trained = current.registry.versions(project) if project else []
     active = current.registry.active(project)
-    body: dict[str, Any] = {"versions": [current.settings.model_version] + [v.version for v in trained]}
+    # as the project's predictions carry them: with its own settings (extra_params), if any
+    own = current.project_settings.get(project)
+    listed = [current.settings.model_version] + [v.version for v in trained]
+    body: dict[str, Any] = {"versions": [project_version(v, own) for v in listed]}
     if project:
-        body["active"] = active
+        body["active"] = project_version(active, own)
         body["details"] = [
             {"version": v.version, "created_at": v.created_at, "promoted": v.promoted, "reason": v.reason,
              "learner": (v.config or {}).get("learner", "training"), "metrics": v.metrics,
@@ -47,6 +52,18 @@ def activate(version: str):
     state().registry.activate(project, version)
     log.info("project %s: version %s activated by request", project, version)
     return jsonify(project=project, active=version)
+
+
+@bp.get("/jobs")
+def jobs():
+    """A project's recent jobs, newest first: training runs, few-shot learner jobs, predict requests."""
+    current = state()
+    feedback = current.require_feedback()
+    project = known_project(request.args.get("project"), feedback.projects)
+    if project is None:
+        raise BadRequest("Say which project: /jobs?project=<Label Studio project id>.")
+    assert current.connection is not None  # feedback needs Redis
+    return jsonify(project=project, jobs=project_jobs(current.connection, project, current.runner.progress))
 
 
 @bp.get("/jobs/<job_id>")

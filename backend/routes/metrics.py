@@ -14,7 +14,7 @@ from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 
 from backend.feedback import IOU_KINDS
-from backend.routes import optional_project
+from backend.routes import known_project
 from backend.state import State, state
 from common import keys
 from common.jobs import PREDICT_QUEUE, TRAIN_QUEUE, AllowListedJob
@@ -46,7 +46,8 @@ def prometheus():
 @bp.get("/report")
 def report():
     """Labor saved: per project and model version, how predictions fared against corrections."""
-    return jsonify(state().require_feedback().report(optional_project(request.args.get("project"))))
+    feedback = state().require_feedback()
+    return jsonify(feedback.report(known_project(request.args.get("project"), feedback.projects)))
 
 
 def render(current: State) -> str:

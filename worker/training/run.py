@@ -24,6 +24,7 @@ from common.jobs import TrainJob
 from common.versions import Registry
 from worker.checkpoints import version_visual, write_version
 from worker.predictor import Predictor
+from worker.progress import thin
 from worker.training.adapt import fit_adapter, newest, project_labels
 from worker.training.clipself import CLIPSelfConfig, train_clipself
 from worker.training.corrections import Correction, fetch_images, mask_labels, pull_corrections, split
@@ -75,6 +76,7 @@ def run_training(
     candidate = base.with_weights(visual, None)
 
     head, head_meta = None, {}
+    curves = {"clipself": thin(report.losses)}  # for the dashboard
     masks = [c for c in parts.train if c.mask is not None and ((c.mask > 0) & (c.mask < 255)).any()]
     if names and len(masks) >= settings.zegclip_min_masks:
         samples = [TrainingSample(c.image, c.mask, c.mask_labels) for c in masks]
@@ -88,6 +90,7 @@ def run_training(
         check_stop(should_stop, "before calibrating the ZegCLIP head")
         calibrate_threshold(candidate.bundle, head, samples, list(names), settings.image_size, texts)
         head_meta = {"classes": list(names), "steps": zeg_report.steps, "masks": len(masks)}
+        curves["zegclip"] = thin(zeg_report.losses)
         candidate = base.with_weights(visual, head)
 
     check_stop(should_stop, "before fitting the few-shot adapter")
@@ -114,6 +117,7 @@ def run_training(
             "zegclip": head_meta,
             "adapter": {"alpha": fitted.adapter.alpha, "beta": fitted.adapter.beta} if fitted.adapter else None,
             "thresholds": fitted.thresholds,
+            "curves": curves,
         },  # fmt: skip
         promoted=promoted,
         reason=reason,

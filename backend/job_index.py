@@ -1,0 +1,69 @@
+"""Each project's recent jobs: training runs, few-shot learner jobs and predict requests, newest
+first, for ``GET /jobs?project=`` and the dashboard (RQ itself keeps no index by project)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+from rq.serializers import JSONSerializer
+
+from common import keys
+from common.jobs import ADAPT_QUEUE, TRAIN_QUEUE, AllowListedJob
+from common.logs import redact_urls
+
+#: Ids kept per project; learning jobs themselves are kept 30 days (``scheduler.KEEP_JOBS``).
+KEPT = 100
+KEEP_SECONDS = 30 * 24 * 3600
+KINDS = {TRAIN_QUEUE: "training", ADAPT_QUEUE: "few-shot"}
+
+
+def remember_job(connection: redis.Redis | redis.client.Pipeline, project: str, job_id: str) -> None:
+    """Add ``job_id`` to the project's index (in the caller's pipeline, if it passes one)."""
+    key = keys.project_jobs(project)
+    connection.zadd(key, {job_id: time.time()})
+    connection.zremrangebyrank(key, 0, -KEPT - 1)
+    connection.expire(key, KEEP_SECONDS)
+
+
+def project_jobs(connection: redis.Redis, project: str, progress: Any, limit: int = 20) -> list[dict[str, Any]]:
+    """The project's newest jobs, each as its kind, status, times, progress and a one-line result.
+    ``progress`` is the runner's, for predict requests."""
+    ids = [i.decode() for i in connection.zrevrange(keys.project_jobs(project), 0, limit - 1)]
+    rows = []
+    for job_id in ids:
+        if job_id.startswith("request-"):
+            request = progress(job_id)
+            if request is not None:
+                rows.append({"id": job_id, "kind": "predict request", "status": request["status"],
+                             "enqueued_at": request["created_at"], "ended_at": None, "progress": None,
+                             "summary": f"{request['tasks_done']} of {request['tasks']} tasks"})  # fmt: skip
+            continue
+        job = AllowListedJob.fetch_many([job_id], connection=connection, serializer=JSONSerializer)[0]
+        if job is None:
+            continue
+        status = job.get_status(refresh=False)
+        result = job.latest_result()
+        value = result.return_value if result is not None and result.type == result.Type.SUCCESSFUL else None
+        error = (result.exc_string or "").strip().splitlines()[-1:] if result is not None and result.exc_string else []
+        meta = job.meta or {}
+        rows.append({
+            "id": job.id, "kind": KINDS.get(job.origin, job.origin), "status": status.value if status else None,
+            "description": job.description,
+            "enqueued_at": job.enqueued_at.timestamp() if job.enqueued_at else None,
+            "ended_at": job.ended_at.timestamp() if job.ended_at else None,
+            "progress": meta.get("progress"), "curve": meta.get("curve"),
+            "summary": _summary(value) if value else (redact_urls(error[0])[:200] if error else ""),
+        })  # fmt: skip
+    return rows
+
+
+def _summary(value: dict[str, Any]) -> str:
+    """One line for a learning job's result: its decision and the version it made."""
+    if not isinstance(value, dict):
+        return ""
+    parts = [str(value.get(k)) for k in ("status", "version") if value.get(k)]
+    if value.get("reason"):
+        parts.append(f"({value['reason']})")
+    return " ".join(parts)[:200]
