@@ -136,8 +136,9 @@ class LabelStudio:
     def predictions(self, task: int) -> list[dict]:
         return self.api("GET", f"/api/predictions/?task={task}")
 
-    def annotate(self, task: int, result: list[dict]) -> dict:
-        return self.api("POST", f"/api/tasks/{task}/annotations/", json={"result": result})
+    def annotate(self, task: int, result: list[dict], lead_time: float | None = None) -> dict:
+        """Submit an annotation; ``lead_time`` is the seconds the editor had the task open (it sends them)."""
+        return self.api("POST", f"/api/tasks/{task}/annotations/", json={"result": result, "lead_time": lead_time})
 
     def start_training(self, backend: int) -> dict:
         """The "Start Training" button of the model's settings."""
