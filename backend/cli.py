@@ -9,11 +9,13 @@ import argparse
 import ipaddress
 import logging
 import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 from gunicorn.app.base import BaseApplication
 
-from backend.app import create_app, start_background
 from backend.webhook_secret import SECRET_HEADER, project_secret
 from common.errors import SettingsError
 from common.logs import configure_logging
@@ -36,9 +38,28 @@ class _Server(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self):
+        from backend.app import create_app, start_background  # after PROMETHEUS_MULTIPROC_DIR is set
+
         app = create_app(self.settings)
         start_background(app)
         return app
+
+
+def _metrics_directory() -> None:
+    """Where gunicorn's processes keep their Prometheus metrics, so that a scrape of any of them
+    sums all: PROMETHEUS_MULTIPROC_DIR, or a new directory; emptied at start (a restart begins
+    counting again, as Prometheus expects). Set before prometheus_client is imported."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="prelabel-metrics-")
+    shutil.rmtree(directory, ignore_errors=True)
+    Path(directory).mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+
+
+def _worker_exited(server, worker) -> None:
+    """gunicorn's child_exit hook: a dead process's live gauges must not linger in the sum."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -73,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     if settings.auth_enabled and not settings.webhook_secret:
         log.warning("basic auth is on and WEBHOOK_SECRET is unset: Label Studio's event webhooks (which carry no "
                     "auth) are refused, so corrections reach prelabel only through training runs")  # fmt: skip
+    _metrics_directory()
     workers = args.workers
     if settings.embedded and workers != 1:
         log.warning("REDIS_URL is unset (embedded mode): using 1 process so the model loads once")
@@ -90,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
             "errorlog": "-",
             "loglevel": settings.log_level.lower(),
             "preload_app": False,
+            "child_exit": _worker_exited,
         },
     ).run()
 

@@ -99,6 +99,22 @@ def _lead_time(annotation: dict) -> float | None:
     return None
 
 
+def _add_to_totals(pipe: redis.client.Pipeline, totals: str, record: dict[str, Any], sign: int) -> None:
+    """Add (``sign`` 1) or take away (-1) one comparison in the project's aggregates hash: fields
+    ``<version>\t<stat>`` and ``<version>\t<kind>\t<label>\t(sum|n)``."""
+    if not record.get("prelabeled", True):
+        return
+    version = record.get("version") or "unknown"
+    pipe.hincrby(totals, f"{version}\tcorrections", sign)
+    pipe.hincrby(totals, f"{version}\tunchanged", sign * int(bool(record["unchanged"])))
+    for stat in ("tags_accepted", "tags_added", "tags_removed"):
+        pipe.hincrby(totals, f"{version}\t{stat}", sign * int(record[stat]))
+    for kind in IOU_KINDS:
+        for label, iou in record.get(kind, {}).items():
+            pipe.hincrbyfloat(totals, f"{version}\t{kind}\t{label}\tsum", sign * float(iou))
+            pipe.hincrby(totals, f"{version}\t{kind}\t{label}\tn", sign)
+
+
 def _iou(predicted: np.ndarray | None, final: np.ndarray | None) -> float:
     if predicted is None or final is None or predicted.shape != final.shape:
         return 0.0
@@ -211,8 +227,60 @@ class Feedback:
             prediction = json.loads(raw)
             record["version"] = prediction.get("model_version")
             record.update(compare(prediction.get("result", []), annotation.get("result") or [], self.max_pixels))
-        self.connection.hset(keys.corrections(project), str(annotation["id"]), json.dumps(record))
+        self._store(project, str(annotation["id"]), record)
         return record
+
+    def _store(self, project: str, annotation_id: str, record: dict[str, Any] | None) -> None:
+        """Keep (or, with None, drop) one annotation's comparison, and move the project's
+        aggregates by the difference, atomically (an update replaces its earlier comparison)."""
+        key, totals = keys.corrections(project), keys.correction_totals(project)
+        with self.connection.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    old = pipe.hget(key, annotation_id)
+                    pipe.multi()
+                    if old is not None:
+                        _add_to_totals(pipe, totals, json.loads(old), -1)
+                    if record is None:
+                        pipe.hdel(key, annotation_id)
+                    else:
+                        pipe.hset(key, annotation_id, json.dumps(record))
+                        _add_to_totals(pipe, totals, record, +1)
+                    pipe.execute()
+                    return
+                except redis.WatchError:  # another process changed the project's comparisons: again
+                    continue
+
+    def aggregates(self, project: str) -> dict[str, dict[str, Any]]:
+        """Per model version: corrections, accepted unchanged, tag outcomes, and per region kind
+        and label (IoU sum, count); kept as corrections arrive, so reading them costs one hash."""
+        self._ensure_totals(project)
+        out: dict[str, dict[str, Any]] = {}
+        for raw_field, raw_value in self.connection.hgetall(keys.correction_totals(project)).items():
+            version, stat, *rest = raw_field.decode().split("\t", 2)  # a label may hold a tab itself
+            row = out.setdefault(version, {"corrections": 0, "unchanged": 0, "tags_accepted": 0, "tags_added": 0,
+                                           "tags_removed": 0, **{kind: {} for kind in IOU_KINDS}})  # fmt: skip
+            value = float(raw_value)
+            if stat in IOU_KINDS:  # label, then "sum" or "n"
+                label, part = rest[0].rsplit("\t", 1)
+                total, count = row[stat].get(label, (0.0, 0))
+                row[stat][label] = (total + value, count) if part == "sum" else (total, count + round(value))
+            else:
+                row[stat] = round(value)
+        return out
+
+    def _ensure_totals(self, project: str) -> None:
+        """Build the aggregates of comparisons kept before they existed, once."""
+        totals = keys.correction_totals(project)
+        if self.connection.exists(totals) or not self.connection.exists(keys.corrections(project)):
+            return
+        if not self.connection.set(totals + ":building", 1, nx=True, ex=60):
+            return
+        pipe = self.connection.pipeline()
+        for raw in self.connection.hvals(keys.corrections(project)):
+            _add_to_totals(pipe, totals, json.loads(raw), +1)
+        pipe.execute()
 
     def records(self, project: str) -> list[dict[str, Any]]:
         """Every kept comparison of ``project`` (older ones, from before timestamps, get time 0)."""
@@ -266,9 +334,8 @@ class Feedback:
         self._stop.set()
 
     def forget(self, project: str, annotation_ids: Iterable[Any]) -> None:
-        ids = [str(i) for i in annotation_ids]
-        if ids:
-            self.connection.hdel(keys.corrections(project), *ids)
+        for annotation_id in annotation_ids:
+            self._store(project, str(annotation_id), None)
 
     def report(self, project: str | None = None) -> dict[str, Any]:
         """Per project and model version: corrections, share accepted unchanged, tag counts, and

@@ -29,6 +29,7 @@ from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from backend.job_index import remember_job
+from backend.prometheus import record_job
 from common import keys
 from common.errors import JobFailed, JobTimeout, PrelabelError, ServiceUnavailable
 from common.jobs import PREDICT_FUNCTION, PREDICT_QUEUE, AllowListedJob, PredictJob, PredictResult
@@ -227,6 +228,7 @@ class QueueRunner:
         answer = PredictResult.from_dict(result.return_value)
         waited = (time.monotonic() - started) * 1000
         worker_ms = answer.timings_ms.get("total", 0.0)
+        record_job(answer.timings_ms)
         log.info("predict job %s answered in %.0f ms (worker %.0f ms, queue %.0f ms)", job_id, waited, worker_ms,
                  waited - worker_ms)  # fmt: skip
         return answer

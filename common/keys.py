@@ -72,6 +72,11 @@ def corrections(project: str) -> str:
     return CORRECTIONS_PREFIX + project
 
 
+def correction_totals(project: str) -> str:
+    """Hash of the project's correction aggregates per model version, kept as corrections arrive (for /metrics)."""
+    return f"{PREFIX}correction-totals:{project}"
+
+
 def predict_request(request_id: str) -> str:
     """The predict jobs (chunks) of one bulk request, for its progress."""
     return f"{PREFIX}request:{request_id}"

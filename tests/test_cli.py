@@ -75,3 +75,49 @@ def test_the_webhook_header_for_a_project_is_printed_for_manual_setup():
     assert done.stdout.strip() == f"X-Prelabel-Secret: {project_secret('hook-s3cret', 7)}"
     assert "hook-s3cret" not in done.stdout
     assert _backend(["--webhook-header", "7"], {}).returncode != 0  # no secret to derive it from
+
+
+def test_metrics_sum_every_gunicorn_process(make_settings, redis_url, voc_config, tmp_path):
+    """Three processes answer /predict from the cache; any of them, scraped, counts every answer."""
+    import re
+
+    import redis
+
+    from backend.serving import RedisCache, cache_key
+
+    settings = make_settings(redis_url=redis_url)
+    tasks = [{"id": i, "data": {"image": f"data:image/png;base64,{i}"}} for i in range(4)]
+    RedisCache(redis.Redis.from_url(redis_url)).put_many({
+        cache_key(settings.model_version, voc_config, t["id"], t["data"]["image"]): {"result": [], "score": 0.5}
+        for t in tasks
+    })  # fmt: skip
+    port, log_path = free_port(), tmp_path / "backend.log"
+    env = {**os.environ, **settings_env(settings)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    command = [sys.executable, "-m", "backend.cli", "--host", "127.0.0.1", "--port", str(port), "--workers", "3"]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                requests.get(f"{url}/health", timeout=1)
+                break
+            except requests.RequestException:
+                assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.2)
+        sent, pids = 0, set()
+        while len(pids) < 2:  # until two processes have answered (each request opens a new connection)
+            body = {"tasks": [tasks[sent % 4]], "label_config": voc_config}
+            assert requests.post(f"{url}/predict", json=body, timeout=10).status_code == 200
+            sent += 1
+            pids = set(re.findall(r"\[(\d+)\]: predict: 1 tasks \(1 cached", log_path.read_text()))
+            assert sent < 300, "gunicorn never spread requests over its processes"
+        for _ in range(6):
+            text = requests.get(f"{url}/metrics", timeout=10).text
+            assert f"prelabel_predict_seconds_count {float(sent)}" in text
+            assert f"prelabel_predict_tasks_total {float(sent)}" in text
+    finally:
+        process.terminate()
+        process.wait(timeout=20)

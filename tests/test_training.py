@@ -372,9 +372,22 @@ def test_metrics_expose_queues_and_correction_figures(queue_app):
     assert 'prelabel_queue_depth{queue="predict"} 0' in text
     assert f'prelabel_corrections{{project="{UID}",version="v1"}} 1' in text
     assert f'prelabel_accepted_unchanged_ratio{{project="{UID}",version="v1"}} 1.0' in text
-    assert f'prelabel_box_iou{{project="{UID}",version="v1",label="bird"}} 1.0' in text
-    assert "# TYPE prelabel_predict_requests_total counter" in text
+    assert f'prelabel_box_iou{{label="bird",project="{UID}",version="v1"}} 1.0' in text
+    assert f'prelabel_tags{{outcome="accepted",project="{UID}",version="v1"}} 1.0' in text
+    assert (
+        "# TYPE prelabel_predict_seconds histogram" in text and "# TYPE prelabel_queue_wait_seconds histogram" in text
+    )
+
     assert client.get(f"/report?project={UID}").get_json()[UID]["v1"]["unchanged"] == 1
+
+    # an update replaces its earlier comparison in the aggregates, a deletion takes it away
+    state.feedback.record(UID, {**annotation, "result": prediction["result"][:1]})  # the box removed
+    text = client.get("/metrics").get_data(as_text=True)
+    assert f'prelabel_corrections{{project="{UID}",version="v1"}} 1.0' in text
+    assert f'prelabel_accepted_unchanged_ratio{{project="{UID}",version="v1"}} 0.0' in text
+    assert f'prelabel_box_iou{{label="bird",project="{UID}",version="v1"}} 0.0' in text
+    state.feedback.forget(UID, [annotation["id"]])
+    assert f'prelabel_corrections{{project="{UID}"' not in client.get("/metrics").get_data(as_text=True)
 
 
 def test_a_corrupt_version_is_refused_by_the_worker_too(trainer):

@@ -62,6 +62,9 @@ def predict(payload: dict[str, Any]) -> dict[str, Any]:
     result = models.for_version(job.model_version, job.project).for_project(job.project_settings).predict(job)
     result = dataclasses.replace(result, worker=models.identity())
     rq_job = get_current_job()
+    if rq_job is not None and rq_job.enqueued_at and rq_job.started_at:  # the wait for a worker, for /metrics
+        queued = (rq_job.started_at - rq_job.enqueued_at).total_seconds() * 1000
+        result.timings_ms["queued"] = round(max(0.0, queued), 1)
     if rq_job is not None and torch.cuda.is_available():
         rq_job.connection.hset(keys.GPU_MEMORY, rq_job.worker_name or "unknown", torch.cuda.memory_allocated())
     log.info(

@@ -9,8 +9,8 @@ import time
 from flask import Blueprint, jsonify
 
 from backend import events
+from backend.prometheus import record_predict
 from backend.routes import json_body, optional_project
-from backend.routes.metrics import record_predict
 from backend.state import state
 from common.errors import BadRequest, ServiceUnavailable
 from common.labelstudio.annotations import image_url
