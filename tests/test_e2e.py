@@ -218,6 +218,9 @@ def check_dashboard(prelabel: Prelabel, project: int, tmp_path: Path) -> None:
     assert points and sum(int(n) for n in points) == corrections  # one point per day and version, all counted
     bars = re.findall(r"<title>[^<]* accepted unchanged of (\d+) corrections</title></rect>", dom)
     assert sum(int(n) for n in bars) == corrections  # one bar per version
+    versions = prelabel.get(f"/versions?project={uid}")
+    rollback = set(re.findall(r'data-version="([^"]+)" class="activate"', dom))
+    assert rollback == set(versions["versions"]) - {versions["active"]}  # every version but the active one
     shots = Path(os.environ.get("PRELABEL_SCREENSHOTS") or tmp_path)
     shot = shots / "dashboard.png"
     subprocess.run([*browser, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True)
