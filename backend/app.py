@@ -40,6 +40,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     runner = make_runner(settings, connection)
     registry = Registry(settings.model_dir, settings.model_version, connection)
     cache = RedisCache(connection) if connection is not None else MemoryCache()
+    feedback = Feedback(connection, settings.max_image_pixels) if connection is not None else None
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     if not settings.auth_enabled:
@@ -50,10 +51,10 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings=settings,
         connection=connection,
         runner=runner,
-        server=Server(settings, runner, cache),
+        server=Server(settings, runner, cache, feedback.remember_predictions if feedback is not None else None),
         registry=registry,
         training=TrainingScheduler(settings, connection, registry) if connection is not None else None,
-        feedback=Feedback(connection, settings.max_image_pixels) if connection is not None else None,
+        feedback=feedback,
         securer=WebhookSecurer(settings),
         project_settings=ProjectSettings(settings, connection),
     )

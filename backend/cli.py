@@ -9,7 +9,6 @@ import argparse
 import ipaddress
 import logging
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -47,12 +46,13 @@ class _Server(BaseApplication):
 
 def _metrics_directory() -> None:
     """Where gunicorn's processes keep their Prometheus metrics, so that a scrape of any of them
-    sums all: PROMETHEUS_MULTIPROC_DIR, or a new directory; emptied at start (a restart begins
-    counting again, as Prometheus expects). Set before prometheus_client is imported."""
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="prelabel-metrics-")
-    shutil.rmtree(directory, ignore_errors=True)
-    Path(directory).mkdir(parents=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    sums all: PROMETHEUS_MULTIPROC_DIR, or a new directory. Its metric files (``*.db``, nothing
+    else) are removed at start: a restart begins counting again, as Prometheus expects."""
+    directory = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="prelabel-metrics-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink(missing_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
 
 
 def _worker_exited(server, worker) -> None:
@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="print the webhook header for a Label Studio project and exit")  # fmt: skip
     args = parser.parse_args(argv)
 
+    if args.webhook_header is None:
+        _metrics_directory()  # before the settings read it, and before prometheus_client is imported
     try:
         settings = Settings.from_env()
     except SettingsError as e:
@@ -94,7 +96,6 @@ def main(argv: list[str] | None = None) -> None:
     if settings.auth_enabled and not settings.webhook_secret:
         log.warning("basic auth is on and WEBHOOK_SECRET is unset: Label Studio's event webhooks (which carry no "
                     "auth) are refused, so corrections reach prelabel only through training runs")  # fmt: skip
-    _metrics_directory()
     workers = args.workers
     if settings.embedded and workers != 1:
         log.warning("REDIS_URL is unset (embedded mode): using 1 process so the model loads once")

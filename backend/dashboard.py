@@ -150,8 +150,9 @@ def per_version_chart(report: dict[str, dict]) -> str:
     return bar_chart(bars, "Pre-labels accepted unchanged, per model version")
 
 
-def loss_chart(curves: dict[str, list[float]], title: str) -> str:
-    series = [Series(stage, [Point(i, loss, f"{stage} step {i + 1}: loss {loss:.4f}") for i, loss in enumerate(v)])
+def loss_chart(curves: dict[str, list[list[float]]], title: str) -> str:
+    """One line per training stage from its (step, loss) points."""
+    series = [Series(stage, [Point(step, loss, f"{stage} step {step:.0f}: loss {loss:.4f}") for step, loss in v])
               for stage, v in curves.items() if v]  # fmt: skip
     y_max = max((p.y for s in series for p in s.points), default=1.0)
     return line_chart(series, title, y_max=y_max, y_format=".3f")
@@ -166,7 +167,7 @@ def service(current: State) -> dict[str, Any]:
         queue = Queue(name, connection=current.connection, serializer=JSONSerializer, job_class=AllowListedJob)
         queues.append({"name": name, "waiting": queue.count, "workers": Worker.count(queue=queue)})
         registry = FailedJobRegistry(queue=queue)
-        ids = registry.get_job_ids(0, -1)[-RECENT_FAILURES:]
+        ids = registry.get_job_ids(-RECENT_FAILURES, -1)  # the newest: scored by when they expire
         for job in AllowListedJob.fetch_many(ids, connection=current.connection, serializer=JSONSerializer):
             if job is None:
                 continue
@@ -183,7 +184,7 @@ def project_view(current: State, project: str) -> dict[str, Any]:
     feedback = current.require_feedback()
     records = feedback.records(project)
     prelabeled = [r for r in records if r.get("prelabeled")]
-    report = feedback.report(project)[project]
+    report = feedback.report(project, records)[project]
     unchanged_chart, iou_chart = over_time(prelabeled)
     active = current.registry.active(project)
     served = project_version(active, current.project_settings.get(project))  # what its predictions carry
@@ -199,7 +200,8 @@ def project_view(current: State, project: str) -> dict[str, Any]:
         v["loss_chart"] = loss_chart(v["curves"], f"Training loss of {v['version']}") if v.get("curves") else None
     assert current.connection is not None  # feedback needs Redis
     jobs = project_jobs(current.connection, project, current.runner.progress)
-    running = next((j for j in jobs if j["status"] in ("queued", "started")), None)
+    learning = [j for j in jobs if j["kind"] in ("training", "few-shot")]
+    running = next((j for j in learning if j["status"] in ("queued", "started")), None)
     if running and running.get("curve"):
         running["loss_chart"] = loss_chart({running["progress"]["stage"]: running["curve"]}, "Loss so far")
     return {
@@ -221,14 +223,23 @@ def project_view(current: State, project: str) -> dict[str, Any]:
 
 
 def overview(current: State) -> list[dict[str, Any]]:
-    """One row per project prelabel knows, newest correction first."""
+    """One row per project prelabel knows, newest correction first; from the aggregates kept as
+    corrections arrive (one hash per project, never every correction)."""
     feedback = current.require_feedback()
     rows = []
     for project in feedback.projects():
-        records = [r for r in feedback.records(project) if r.get("prelabeled")]
+        versions = feedback.aggregates(project)
         active = project_version(current.registry.active(project), current.project_settings.get(project))
-        on_active = summary([r for r in records if r["version"] == active])
-        rows.append({"project": project, "active": active, **summary(records),
-                     "active_unchanged": on_active["unchanged_share"]})  # fmt: skip
+        corrections = sum(v["corrections"] for v in versions.values())
+        ious = [(t, n) for v in versions.values() for kind in IOU_KINDS for t, n in v[kind].values()]
+        on_active = versions.get(active, {})
+        rows.append({
+            "project": project, "active": active, "corrections": corrections,
+            "unchanged_share": sum(v["unchanged"] for v in versions.values()) / corrections if corrections else None,
+            "active_unchanged": on_active["unchanged"] / on_active["corrections"] if on_active.get("corrections")
+            else None,
+            "mean_iou": sum(t for t, _ in ious) / sum(n for _, n in ious) if sum(n for _, n in ious) else None,
+            "last_at": feedback.last_correction_at(project),
+        })  # fmt: skip
     rows.sort(key=lambda row: row["last_at"] or 0, reverse=True)
     return rows

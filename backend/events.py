@@ -34,7 +34,8 @@ def handle(body: dict[str, Any], state: State) -> dict[str, Any]:
         annotations = body.get("annotation")
         annotations = annotations if isinstance(annotations, list) else [annotations]
         annotations = [a for a in annotations if isinstance(a, dict)]
-        queued, refused = state.feedback.accept(project, annotations)
+        labels = {label.name for control in (*spec.choices, *spec.brushes, *spec.regions) for label in control.labels}
+        queued, refused = state.feedback.accept(project, annotations, labels)
         job = state.training.corrections_arrived(project, queued, spec) if queued else None
         adapting = state.training.adapt_after(project, queued, spec) if queued else None
         log.info("webhook %s: project %s, %d annotations queued for comparison, %d refused", action, project,

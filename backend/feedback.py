@@ -49,6 +49,14 @@ log = logging.getLogger(__name__)
 PREDICTION_TTL = 90 * 24 * 3600
 #: The IoU figures of a comparison, each per label, and the results they compare.
 IOU_KINDS = {"mask_iou": "brushlabels", "box_iou": "rectanglelabels", "polygon_iou": "polygonlabels"}
+#: Fields of a project's aggregates hash besides the per-version ones.
+BUILT, LAST_AT = "\tbuilt", "\tlast_at"
+#: Seconds Label Studio's clock may be behind the backend's when telling whether a pre-label was
+#: served before an annotation was made.
+CLOCK_SLACK = 5.0
+#: A comparison stored under concurrent writers tries this many times (each try is one Redis
+#: transaction; they conflict only while another process stores the same project's).
+STORE_TRIES = 50
 #: Lead times over a day are left out of the annotator-time figures.
 MAX_LEAD_TIME = 24 * 3600
 #: Annotations waiting for comparison take at most this much of Redis's memory.
@@ -80,9 +88,9 @@ def compare(predicted: list[dict], final: list[dict], max_pixels: int) -> dict[s
             "unchanged": unchanged}  # fmt: skip
 
 
-def _timestamp(annotation: dict) -> float:
-    """When the annotation was last saved (Label Studio's ISO times), else now."""
-    for key in ("updated_at", "created_at"):
+def _timestamp(annotation: dict, order: tuple[str, ...] = ("updated_at", "created_at")) -> float:
+    """When the annotation was last saved (or, with ``order`` reversed, first), else now."""
+    for key in order:
         value = annotation.get(key)
         if isinstance(value, str):
             with contextlib.suppress(ValueError, OverflowError, OSError):
@@ -182,18 +190,24 @@ class Feedback:
         self._stop = threading.Event()
 
     def remember_predictions(self, project: str, predictions: dict[Any, dict]) -> None:
-        """Keep what was predicted for each task id (Label Studio prediction dicts)."""
+        """Keep what was predicted for each task id (Label Studio prediction dicts), and when: an
+        annotation made before its task's pre-label was served was made without it."""
         if not predictions:
             return
         key = keys.served_predictions(project)
+        now = time.time()
         pipe = self.connection.pipeline()
-        pipe.hset(key, mapping={str(task): json.dumps(p) for task, p in predictions.items()})
+        pipe.hset(key, mapping={str(task): json.dumps({**p, "served_at": now}) for task, p in predictions.items()})
         pipe.expire(key, PREDICTION_TTL)
         pipe.execute()
 
-    def accept(self, project: str, annotations: list[dict]) -> tuple[int, list[dict[str, Any]]]:
-        """Check each annotation and put the good ones in the inbox; returns how many were queued
+    def accept(
+        self, project: str, annotations: list[dict], labels: Iterable[str] | None = None
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """Check each annotation and put the good ones in the inbox, with the project's ``labels``
+        (its label config's: per-label figures keep only those); returns how many were queued
         and, for the others, their id and the reason."""
+        known = sorted(labels) if labels is not None else None
         queued, refused = [], []
         for annotation in annotations:
             try:
@@ -201,7 +215,7 @@ class Feedback:
             except AnnotationError as e:
                 refused.append({"id": annotation.get("id"), "error": str(e)})
                 continue
-            queued.append(json.dumps({"project": project, "annotation": annotation}))
+            queued.append(json.dumps({"project": project, "annotation": annotation, "labels": known}))
         if queued:
             waiting = self.connection.memory_usage(keys.FEEDBACK_INBOX, samples=0) or 0  # exact: no sampling to game
             if waiting > INBOX_BYTES:
@@ -212,53 +226,78 @@ class Feedback:
             self.connection.rpush(keys.FEEDBACK_INBOX, *queued)
         return len(queued), refused
 
-    def record(self, project: str, annotation: dict) -> dict[str, Any] | None:
+    def record(self, project: str, annotation: dict, labels: Iterable[str] | None = None) -> dict[str, Any] | None:
         """Compare ``annotation`` with the prediction its task got, and keep when it was made and
-        how long the annotator took; an annotation of a task that had no prediction is kept too
-        (``prelabeled`` false: the time annotators take without pre-labels). None when skipped."""
+        how long the annotator took. An annotation made before any prediction was served for its
+        task is kept too (``prelabeled`` false: the time annotators take without pre-labels).
+        Per-label figures keep only ``labels`` (the project's), when given. None when skipped."""
         if annotation.get("was_cancelled"):
             return None
         task = annotation.get("task")
         task = task.get("id") if isinstance(task, dict) else task
         raw = self.connection.hget(keys.served_predictions(project), str(task))
+        prediction = json.loads(raw) if raw is not None else None
+        started = _timestamp(annotation, ("created_at", "updated_at"))
+        prelabeled = prediction is not None and prediction.get("served_at", 0.0) <= started + CLOCK_SLACK
         record: dict[str, Any] = {"task": task, "at": _timestamp(annotation), "lead_time": _lead_time(annotation),
-                                  "prelabeled": raw is not None, "version": None}  # fmt: skip
-        if raw is not None:
-            prediction = json.loads(raw)
+                                  "prelabeled": prelabeled, "version": None}  # fmt: skip
+        if prelabeled:
             record["version"] = prediction.get("model_version")
             record.update(compare(prediction.get("result", []), annotation.get("result") or [], self.max_pixels))
+            if labels is not None:
+                keep = set(labels)
+                for field in ("tags", *IOU_KINDS):
+                    record[field] = {label: v for label, v in record[field].items() if label in keep}
         self._store(project, str(annotation["id"]), record)
         return record
 
-    def _store(self, project: str, annotation_id: str, record: dict[str, Any] | None) -> None:
-        """Keep (or, with None, drop) one annotation's comparison, and move the project's
-        aggregates by the difference, atomically (an update replaces its earlier comparison)."""
+    def _store(self, project: str, annotation_id: str | None, record: dict[str, Any] | None) -> None:
+        """Keep (or, with None, drop) one annotation's comparison and move the project's aggregates
+        by the difference, in one transaction. Aggregates missing their "built" mark (comparisons
+        kept before aggregates existed) are first rebuilt from every comparison, in the same one.
+        With ``annotation_id`` None it only makes sure the aggregates are built."""
         key, totals = keys.corrections(project), keys.correction_totals(project)
         with self.connection.pipeline() as pipe:
-            while True:
+            for _ in range(STORE_TRIES):
                 try:
-                    pipe.watch(key)
-                    old = pipe.hget(key, annotation_id)
+                    pipe.watch(key, totals)
+                    built = pipe.hexists(totals, BUILT)
+                    if built and annotation_id is None:
+                        return
+                    old = pipe.hget(key, annotation_id) if annotation_id is not None else None
+                    earlier = [] if built else pipe.hvals(key)
+                    last = float(pipe.hget(totals, LAST_AT) or 0.0)
                     pipe.multi()
+                    if not built:
+                        pipe.delete(totals)
+                        for row in map(json.loads, earlier):
+                            _add_to_totals(pipe, totals, row, +1)
+                            last = max(last, row.get("at", 0.0))
+                        pipe.hset(totals, mapping={BUILT: 1, LAST_AT: last})
                     if old is not None:
                         _add_to_totals(pipe, totals, json.loads(old), -1)
-                    if record is None:
+                    if annotation_id is not None and record is None:
                         pipe.hdel(key, annotation_id)
-                    else:
+                    elif annotation_id is not None:
                         pipe.hset(key, annotation_id, json.dumps(record))
                         _add_to_totals(pipe, totals, record, +1)
+                        pipe.hset(totals, LAST_AT, max(last, record["at"]))
+                        pipe.sadd(keys.PROJECTS_WITH_CORRECTIONS, project)
                     pipe.execute()
                     return
                 except redis.WatchError:  # another process changed the project's comparisons: again
                     continue
+        raise redis.exceptions.RedisError(f"project {project}: comparisons kept changing; not stored")
 
     def aggregates(self, project: str) -> dict[str, dict[str, Any]]:
         """Per model version: corrections, accepted unchanged, tag outcomes, and per region kind
         and label (IoU sum, count); kept as corrections arrive, so reading them costs one hash."""
-        self._ensure_totals(project)
+        self._store(project, None, None)
         out: dict[str, dict[str, Any]] = {}
         for raw_field, raw_value in self.connection.hgetall(keys.correction_totals(project)).items():
             version, stat, *rest = raw_field.decode().split("\t", 2)  # a label may hold a tab itself
+            if not version:  # the built mark, the last correction's time
+                continue
             row = out.setdefault(version, {"corrections": 0, "unchanged": 0, "tags_accepted": 0, "tags_added": 0,
                                            "tags_removed": 0, **{kind: {} for kind in IOU_KINDS}})  # fmt: skip
             value = float(raw_value)
@@ -270,17 +309,9 @@ class Feedback:
                 row[stat] = round(value)
         return out
 
-    def _ensure_totals(self, project: str) -> None:
-        """Build the aggregates of comparisons kept before they existed, once."""
-        totals = keys.correction_totals(project)
-        if self.connection.exists(totals) or not self.connection.exists(keys.corrections(project)):
-            return
-        if not self.connection.set(totals + ":building", 1, nx=True, ex=60):
-            return
-        pipe = self.connection.pipeline()
-        for raw in self.connection.hvals(keys.corrections(project)):
-            _add_to_totals(pipe, totals, json.loads(raw), +1)
-        pipe.execute()
+    def last_correction_at(self, project: str) -> float | None:
+        value = self.connection.hget(keys.correction_totals(project), LAST_AT)
+        return float(value) if value is not None else None
 
     def records(self, project: str) -> list[dict[str, Any]]:
         """Every kept comparison of ``project`` (older ones, from before timestamps, get time 0)."""
@@ -292,8 +323,7 @@ class Feedback:
 
     def projects(self) -> list[str]:
         """Every project prelabel knows: connected (``/setup``) or with corrections."""
-        found = {k.decode().removeprefix(keys.CORRECTIONS_PREFIX) for k in self.connection.scan_iter(
-            f"{keys.CORRECTIONS_PREFIX}*")}  # fmt: skip
+        found = {p.decode() for p in self.connection.smembers(keys.PROJECTS_WITH_CORRECTIONS)}
         found.update(k.decode() for k in self.connection.hkeys(keys.PROJECTS))
         return sorted(found)
 
@@ -304,7 +334,7 @@ class Feedback:
             return False
         try:
             item = json.loads(raw)
-            self.record(item["project"], item["annotation"])
+            self.record(item["project"], item["annotation"], item.get("labels"))
         except redis.exceptions.RedisError:
             raise  # stays in the processing list, taken back when Redis answers again
         except Exception as e:  # e.g. an RLE corrupt past its header: dropped, said once
@@ -337,16 +367,14 @@ class Feedback:
         for annotation_id in annotation_ids:
             self._store(project, str(annotation_id), None)
 
-    def report(self, project: str | None = None) -> dict[str, Any]:
+    def report(self, project: str | None = None, records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Per project and model version: corrections, share accepted unchanged, tag counts, and
-        per label the mean IoU between predicted and final masks, boxes and polygons."""
-        prefix = keys.CORRECTIONS_PREFIX
-        found = self.connection.scan_iter(f"{prefix}*")
-        projects = [project] if project else sorted(k.decode().removeprefix(prefix) for k in found)
+        per label the mean IoU between predicted and final masks, boxes and polygons. ``records``:
+        the project's comparisons, when the caller has read them already."""
         out: dict[str, Any] = {}
-        for p in projects:
+        for p in [project] if project else self.projects():
             by_version: dict[str, dict[str, Any]] = {}
-            for record in self.records(p):
+            for record in records if records is not None and project else self.records(p):
                 if not record["prelabeled"]:
                     continue
                 row = by_version.setdefault(record["version"] or "unknown", {

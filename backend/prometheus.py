@@ -12,21 +12,17 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
 
+import redis
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily, Metric
 from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 
-from backend.feedback import IOU_KINDS
+from backend.feedback import IOU_KINDS, Feedback
 from common import keys
 from common.jobs import ADAPT_QUEUE, PREDICT_QUEUE, TRAIN_QUEUE, AllowListedJob
-
-if TYPE_CHECKING:
-    from backend.state import State
 
 #: Seconds: a cached answer takes milliseconds, a GPU batch a fraction of a second, a large
 #: selection up to PREDICT_TIMEOUT (at most 100 s).
@@ -58,15 +54,17 @@ def record_job(timings_ms: dict[str, float]) -> None:
 
 
 class RedisCollector:
-    """Queues, workers, GPU memory and correction aggregates, read from Redis at scrape time."""
+    """Queues, workers, GPU memory and correction aggregates, read from Redis at scrape time.
+    Per-label IoU is exported for each project's active version only (labels times versions
+    would grow without end); ``active`` names it, as the project's predictions carry it."""
 
-    def __init__(self, current: State) -> None:
-        self.current = current
+    def __init__(self, connection: redis.Redis, feedback: Feedback, active: Callable[[str], str]) -> None:
+        self.connection = connection
+        self.feedback = feedback
+        self.active = active
 
     def collect(self) -> Iterator[Metric]:
-        connection, feedback = self.current.connection, self.current.feedback
-        if connection is None or feedback is None:
-            return
+        connection, feedback = self.connection, self.feedback
         depth = GaugeMetricFamily("prelabel_queue_depth", "Jobs waiting in each queue.", labels=["queue"])
         workers = GaugeMetricFamily("prelabel_workers", "Workers listening on each queue.", labels=["queue"])
         for name in (PREDICT_QUEUE, ADAPT_QUEUE, TRAIN_QUEUE):
@@ -93,6 +91,7 @@ class RedisCollector:
                                         labels=[*version_labels, "label"])
                 for kind in IOU_KINDS}  # fmt: skip
         for project in feedback.projects():
+            active = self.active(project)
             for version, row in feedback.aggregates(project).items():
                 if not row["corrections"]:
                     continue
@@ -101,19 +100,22 @@ class RedisCollector:
                 for outcome in ("accepted", "added", "removed"):
                     tags.add_metric([project, version, outcome], row[f"tags_{outcome}"])
                 for kind in IOU_KINDS:
-                    for label, (total, count) in row[kind].items():
+                    for label, (total, count) in row[kind].items() if version == active else ():
                         if count:
                             ious[kind].add_metric([project, version, label], round(total / count, 4))
         yield from (corrections, unchanged, tags, *ious.values())
 
 
-def render(current: State) -> bytes:
-    """The text a scrape gets: this process's (or, under gunicorn, every process's) metrics, then Redis's."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+def render(multiprocess_dir: str | None, collector: RedisCollector | None) -> bytes:
+    """The text a scrape gets: this process's metrics, or under gunicorn (``multiprocess_dir``)
+    every process's, then Redis's (none in embedded mode)."""
+    if multiprocess_dir:
         processes = CollectorRegistry()
-        multiprocess.MultiProcessCollector(processes)
+        multiprocess.MultiProcessCollector(processes, path=multiprocess_dir)
     else:
         processes = REGISTRY
+    if collector is None:
+        return generate_latest(processes)
     from_redis = CollectorRegistry(auto_describe=False)
-    from_redis.register(RedisCollector(current))
+    from_redis.register(collector)
     return generate_latest(processes) + generate_latest(from_redis)

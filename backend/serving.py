@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -52,6 +52,10 @@ def cache_key(version: str, label_config: str, task_id: Any, url: str | None) ->
     """One task's prediction under a model version, a label config and an image URL."""
     digest = hashlib.sha1(f"{label_config}\0{url}".encode()).hexdigest()[:16]
     return keys.cached_prediction(version, task_id, digest)
+
+
+#: Called with (project, {task id: prediction}) for predictions served or posted.
+Remember = Callable[[str, dict[Any, dict]], None]
 
 
 class PredictionCache(Protocol):
@@ -123,10 +127,15 @@ class Served:
 class Server:
     """Answers /predict from the cache and the runner, and finishes late jobs in the background."""
 
-    def __init__(self, settings: Settings, runner: Runner, cache: PredictionCache) -> None:
+    def __init__(
+        self, settings: Settings, runner: Runner, cache: PredictionCache, posted: Remember | None = None
+    ) -> None:
+        """``posted`` hears of the predictions posted to Label Studio in the background (the
+        correction report compares them with what annotators make of them)."""
         self.settings = settings
         self.runner = runner
         self.cache = cache
+        self.posted = posted
         self._background = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prelabel-late-jobs")
 
     def predict(
@@ -227,18 +236,23 @@ class Server:
         predictions = to_label_studio(result, spec, result.model_version)
         self.cache.put_many({k: p for k, p in zip(cache_keys, predictions, strict=True) if p})
         posted = self._post(job, predictions)
+        if posted and self.posted is not None and job.project:
+            try:
+                self.posted(job.project, posted)
+            except redis.exceptions.RedisError as e:  # the report misses them; the predictions are posted
+                log.warning("background predict job %s: posted predictions not remembered: %s", job_id, e)
         log.info("background predict job %s done: %d predictions cached, %d posted to Label Studio",
-                 job_id, sum(1 for p in predictions if p), posted)  # fmt: skip
+                 job_id, sum(1 for p in predictions if p), len(posted))  # fmt: skip
 
-    def _post(self, job: PredictJob, predictions: list[Any]) -> int:
+    def _post(self, job: PredictJob, predictions: list[Any]) -> dict[Any, dict]:
         """Post each prediction to its task, only when Label Studio says the task belongs to the
         job's project and still shows the image the prediction was made from (a forged
-        TASKS_CREATED must not write into another project)."""
+        TASKS_CREATED must not write into another project). Returns the posted ones by task id."""
         if not (self.settings.label_studio_url and self.settings.label_studio_api_key) or not job.project:
-            return 0
+            return {}
         client = label_studio_client(self.settings, "Posting predictions")
         pid = project_id(job.project)
-        posted = 0
+        posted = {}
         for task, prediction in zip(job.tasks, predictions, strict=True):
             if not prediction:
                 continue
@@ -255,7 +269,7 @@ class Server:
                     score=prediction["score"],
                     model_version=prediction["model_version"],
                 )
-                posted += 1
+                posted[task.task_id] = prediction
             except Exception as e:  # one refused prediction does not stop the others
                 log.warning("could not post the prediction of task %s to Label Studio: %s", task.task_id,
                             type(e).__name__)  # fmt: skip

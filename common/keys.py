@@ -20,6 +20,8 @@ FEEDBACK_INBOX = PREFIX + "feedback:inbox"
 FEEDBACK_PROCESSING = PREFIX + "feedback:processing"
 #: Prefix of the per-project hashes of comparisons (``corrections(project)``).
 CORRECTIONS_PREFIX = PREFIX + "corrections:"
+#: Set of the projects that have comparisons (no scan of the keyspace to list them).
+PROJECTS_WITH_CORRECTIONS = PREFIX + "projects-with-corrections"
 
 
 def cancel(job_id: str) -> str:

@@ -18,7 +18,7 @@ _UID = re.compile(r"^(\d+)\.(\d+)$")
 
 def project_uid(project: Any) -> str:
     """The uid of ``project``: a uid string as /predict sends it, or a webhook's project object."""
-    if isinstance(project, str) and _UID.match(project):
+    if isinstance(project, str) and _UID.fullmatch(project):
         return project
     if isinstance(project, dict) and type(project.get("id")) is int and project.get("created_at"):
         try:
@@ -35,7 +35,7 @@ def project_uid(project: Any) -> str:
 
 def project_id(uid: str) -> int:
     """Label Studio's numeric project id inside a uid."""
-    match = _UID.match(uid)
+    match = _UID.fullmatch(uid)
     if not match:
         raise BadRequest(f"Not a project uid: {uid!r}")
     return int(match.group(1))

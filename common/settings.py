@@ -67,6 +67,8 @@ class Settings:
     log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL"})
     max_tasks_per_job: int = field(default=8, metadata={"env": "MAX_TASKS_PER_JOB"})
     max_labels: int = field(default=1000, metadata={"env": "MAX_LABELS"})
+    # Where gunicorn's processes share their Prometheus metrics (prelabel-backend sets it).
+    prometheus_multiproc_dir: str | None = field(default=None, metadata={"env": "PROMETHEUS_MULTIPROC_DIR"})
 
     # Label Studio, for downloading task images
     label_studio_url: str | None = field(

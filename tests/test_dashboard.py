@@ -29,16 +29,16 @@ def app(make_settings, redis_url, voc_config):
     prediction = {"model_version": version, "score": 0.5, "result": [_tags("cat", "<b>dog</b>")]}
     feedback.remember_predictions(PROJECT, {t: prediction for t in range(1, 5)})
     annotations = [
-        (1, [_tags("cat", "<b>dog</b>")], 10.0, "2026-11-20T10:00:00Z"),  # accepted unchanged
-        (2, [_tags("cat", "<b>dog</b>")], 12.0, "2026-11-20T11:00:00Z"),  # accepted unchanged
-        (3, [_tags("cat")], 20.0, "2026-11-21T10:00:00Z"),  # a tag removed
-        (4, [_tags("cat", "<b>dog</b>", "bird")], 30.0, "2026-11-21T11:00:00Z"),  # a tag added
-        (9, [_tags("bird")], 60.0, "2026-11-21T12:00:00Z"),  # a task that had no pre-label
-        (10, [_tags("cat")], 40.0, "2026-11-21T13:00:00Z"),
+        (1, [_tags("cat", "<b>dog</b>")], 10.0, "2099-11-20T10:00:00Z"),  # accepted unchanged
+        (2, [_tags("cat", "<b>dog</b>")], 12.0, "2099-11-20T11:00:00Z"),  # accepted unchanged
+        (3, [_tags("cat")], 20.0, "2099-11-21T10:00:00Z"),  # a tag removed
+        (4, [_tags("cat", "<b>dog</b>", "bird")], 30.0, "2099-11-21T11:00:00Z"),  # a tag added
+        (9, [_tags("bird")], 60.0, "2099-11-21T12:00:00Z"),  # a task that had no pre-label
+        (10, [_tags("cat")], 40.0, "2099-11-21T13:00:00Z"),
     ]
     for task, result, lead_time, at in annotations:
         feedback.record(PROJECT, {"id": 100 + task, "task": task, "result": result, "lead_time": lead_time,
-                                  "updated_at": at})  # fmt: skip
+                                  "created_at": at, "updated_at": at})  # fmt: skip
     return app
 
 
@@ -86,7 +86,7 @@ def test_a_projects_page_by_label_studios_plain_id(app):
     assert '<b id="saved">68 %</b>' in html
     assert html.count("<svg") >= 3 and html.count("<circle") >= 2  # accepted unchanged over two days
     assert "&lt;b&gt;dog&lt;/b&gt;" in html and "<b>dog</b>" not in html  # labels are escaped
-    assert "2026-11-21" in html
+    assert "2099-11-21" in html
 
 
 def test_report_and_jobs_take_the_plain_project_id(app, voc_config):

@@ -14,21 +14,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed")
-def test_compose_file_validates():
+def test_compose_file_validates(tmp_path):
     done = subprocess.run(
         ["docker-compose", "--env-file", ".env.example", "config", "--services"],
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert set(done.stdout.split()) == {
-        "label-studio",
-        "redis",
-        "backend",
-        "worker",
-        "trainer",
-        "prometheus",
-        "grafana",
-    }
+    services = {"label-studio", "redis", "backend", "worker", "trainer", "prometheus", "grafana"}
+    assert set(done.stdout.split()) == services  # the last two in the "monitoring" profile
+    # an .env from before the monitoring profile (no GRAFANA_ADMIN_PASSWORD) still starts the stack
+    older = tmp_path / ".env"
+    lines = (REPO / ".env.example").read_text().splitlines(keepends=True)
+    older.write_text("".join(line for line in lines if not line.startswith("GRAFANA_ADMIN_PASSWORD")))
+    done = subprocess.run(["docker-compose", "--env-file", str(older), "config", "--services"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
 
 
 def test_compose_sets_only_variables_prelabel_reads():
@@ -89,7 +89,12 @@ def test_the_monitoring_profile_scrapes_the_backend_and_its_dashboard_reads_what
     feedback.record("1.1", {"id": 1, "task": 1, "result": prediction["result"]})
     exported = {sample.name for family in text_string_to_metric_families(
         app.test_client().get("/metrics").get_data(as_text=True)) for sample in family.samples}  # fmt: skip
-    exported |= {"prelabel_mask_iou", "prelabel_worker_gpu_memory_bytes"}  # present once masks / GPU workers are
+    exported |= {
+        "prelabel_mask_iou",
+        "prelabel_box_iou",
+        "prelabel_polygon_iou",
+        "prelabel_worker_gpu_memory_bytes",
+    }  # with regions / GPU workers
     queried = {name for t in targets + [dashboard["templating"]["list"][0]["query"]]
                for name in re.findall(r"\bprelabel_[a-z_]+", json.dumps(t))}  # fmt: skip
     assert queried and queried <= exported, queried - exported

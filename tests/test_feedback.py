@@ -3,6 +3,7 @@ the inbox that keeps that work off the webhook's request thread, on a real Redis
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime
 
@@ -13,6 +14,7 @@ from label_studio_sdk.converter.brush import mask2rle
 
 from backend import feedback as module
 from backend.feedback import Feedback, compare
+from common import keys
 from common.errors import AnnotationError, ServiceUnavailable
 from common.keys import FEEDBACK_INBOX as INBOX
 from common.keys import FEEDBACK_PROCESSING as PROCESSING
@@ -131,7 +133,7 @@ def test_report_per_version_with_updates_and_deletions(redis_url):
     prediction = {"model_version": "v1", "score": 0.5, "result": [_tags("cat"), _mask("cat", _square(5, 5))]}
     feedback.remember_predictions(PROJECT, {11: prediction, 12: prediction})
     accepted = {"id": 101, "task": 11, "result": prediction["result"], "lead_time": 4.5,
-                "created_at": "2026-11-20T10:00:00Z", "updated_at": "2026-11-20T10:00:05.5Z"}  # fmt: skip
+                "created_at": "2099-11-20T10:00:00Z", "updated_at": "2099-11-20T10:00:05.5Z"}  # fmt: skip
     fixed = {"id": 102, "task": 12, "result": [_tags("cat", "dog"), _mask("cat", _square(5, 10))], "lead_time": 1e9}
     assert feedback.record(PROJECT, accepted)["unchanged"]
     assert not feedback.record(PROJECT, fixed)["unchanged"]
@@ -140,13 +142,13 @@ def test_report_per_version_with_updates_and_deletions(redis_url):
     assert feedback.record(PROJECT, {"id": 104, "task": 11, "was_cancelled": True}) is None  # skipped: not kept
 
     records = {r["task"]: r for r in feedback.records(PROJECT)}
-    assert records[11]["at"] == datetime(2026, 11, 20, 10, 0, 5, 500000, tzinfo=UTC).timestamp()
+    assert records[11]["at"] == datetime(2099, 11, 20, 10, 0, 5, 500000, tzinfo=UTC).timestamp()
     assert records[11]["lead_time"] == 4.5 and records[12]["lead_time"] is None  # 31 years open: left out
     assert records[12]["tags"] == {"cat": {"accepted": 1, "added": 0, "removed": 0},
                                    "dog": {"accepted": 0, "added": 1, "removed": 0}}  # fmt: skip
     row = feedback.report(PROJECT)[PROJECT]["v1"]  # only tasks that had a pre-label
     assert row["corrections"] == 2 and row["unchanged_share"] == 0.5 and row["tags_added"] == 1
-    assert row["first_at"] <= row["last_at"] and row["first_at"] == records[11]["at"]
+    assert row["first_at"] == records[12]["at"] < row["last_at"] == records[11]["at"]
     assert row["mask_iou"]["cat"] == pytest.approx((1.0 + 50 / 150) / 2)
 
     feedback.record(PROJECT, {**fixed, "result": prediction["result"]})  # the annotator updates it back
@@ -207,3 +209,43 @@ def test_a_full_inbox_refuses_more_and_says_why(redis_url, monkeypatch):
     with pytest.raises(ServiceUnavailable, match="waiting to be compared"):
         feedback.accept(PROJECT, [annotation] * 20)
     assert feedback.connection.llen(INBOX) == 1
+
+
+def test_aggregates_match_the_report_through_updates_deletions_and_older_comparisons(redis_url):
+    """Comparisons kept before the aggregates existed are folded in by the first write or read."""
+    connection = redis.Redis.from_url(redis_url)
+    feedback = Feedback(connection, MAX_PIXELS)
+    prediction = {"model_version": "v1", "score": 0.5, "result": [_tags("cat"), _mask("cat", _square(5, 5))]}
+    feedback.remember_predictions(PROJECT, {t: prediction for t in range(1, 6)})
+    legacy = {"task": 1, "version": "v1", "tags_accepted": 1, "tags_added": 0, "tags_removed": 0,
+              "mask_iou": {"cat": 1.0}, "box_iou": {}, "polygon_iou": {}, "unchanged": True}  # fmt: skip
+    for annotation_id in (1, 2, 3):  # as an older backend kept them: no aggregates, no time
+        connection.hset(keys.corrections(PROJECT), str(annotation_id), json.dumps({**legacy, "task": annotation_id}))
+    feedback.record(PROJECT, {"id": 4, "task": 4, "result": prediction["result"]})
+    feedback.record(PROJECT, {"id": 2, "task": 2, "result": [_tags("dog")]})  # an older one updated
+    feedback.forget(PROJECT, [3])
+
+    def agree() -> None:
+        row, totals = feedback.report(PROJECT)[PROJECT]["v1"], feedback.aggregates(PROJECT)["v1"]
+        assert (totals["corrections"], totals["unchanged"]) == (row["corrections"], row["unchanged"]) == (3, 2)
+        assert totals["tags_added"] == row["tags_added"] == 1 and totals["tags_removed"] == row["tags_removed"] == 1
+        total, count = totals["mask_iou"]["cat"]
+        assert total / count == pytest.approx(row["mask_iou"]["cat"])
+
+    agree()
+    connection.delete(keys.correction_totals(PROJECT))  # lost (or never built): a read rebuilds them
+    agree()
+    assert PROJECT in feedback.projects()
+
+
+def test_an_annotation_made_before_its_pre_label_was_served_counts_as_without_one(redis_url):
+    feedback = Feedback(redis.Redis.from_url(redis_url), MAX_PIXELS)
+    prediction = {"model_version": "v1", "score": 0.5, "result": [_tags("cat")]}
+    feedback.remember_predictions(PROJECT, {1: prediction, 2: prediction})
+    before = feedback.record(PROJECT, {"id": 1, "task": 1, "result": [_tags("cat")], "lead_time": 9,
+                                       "created_at": "2020-01-01T00:00:00Z"})  # fmt: skip
+    assert not before["prelabeled"] and before["version"] is None  # the annotator never saw it
+    after = feedback.record(PROJECT, {"id": 2, "task": 2, "result": [_tags("cat", "<script>")]},
+                            labels=["cat", "dog"])  # fmt: skip
+    assert after["prelabeled"] and after["tags"] == {"cat": {"accepted": 1, "added": 0, "removed": 0}}
+    assert after["tags_added"] == 1  # counted, but no per-label row for a label not in the config

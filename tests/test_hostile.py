@@ -350,6 +350,11 @@ def test_a_forged_import_never_writes_into_another_project_or_over_another_image
     while not ls.predictions(imported):
         assert time.monotonic() < deadline, world.prelabel.backend_log.read_text()[-3000:]
         time.sleep(0.5)
+    # what was posted is remembered, so the correction that follows is compared with it
+    served = redis.Redis.from_url(world.settings.redis_url)
+    while not served.hexists(keys.served_predictions(world.uid), str(imported)):
+        assert time.monotonic() < deadline, "the posted prediction was not remembered for the report"
+        time.sleep(0.2)
 
     # Forged: project B's task, and project A's task with the attacker's picture instead of its own.
     # (Label Studio itself asks for predictions of the tasks it lists that have none: the imported

@@ -16,12 +16,18 @@ log = logging.getLogger(__name__)
 CURVE_POINTS = 200
 
 
-def thin(values: list[float], points: int = CURVE_POINTS) -> list[float]:
-    """At most about ``points`` of ``values``, evenly spaced, the last one kept: a loss curve for a page."""
-    if len(values) <= points:
-        return list(values)
-    step = len(values) / points
-    return [values[int(i * step)] for i in range(points - 1)] + [values[-1]]
+def thin(values: list[float], points: int = CURVE_POINTS) -> list[list[float]]:
+    """At most about ``points`` (step, loss) pairs of a loss curve (``values`` by step from 1),
+    evenly spaced, the last one kept: a loss curve for a page."""
+    pairs = [[step, round(loss, 5)] for step, loss in enumerate(values, start=1)]
+    return sparse(pairs, points)
+
+
+def sparse(pairs: list[list[float]], points: int = CURVE_POINTS) -> list[list[float]]:
+    if len(pairs) <= points:
+        return pairs
+    stride = len(pairs) / points
+    return [pairs[int(i * stride)] for i in range(points - 1)] + [pairs[-1]]
 
 
 class JobProgress:
@@ -36,14 +42,14 @@ class JobProgress:
         self._stage: str | None = None
         self._stage_started = time.monotonic()
         self._last_write = 0.0
-        self._curve: list[float] = []
+        self._curve: list[list[float]] = []  # (step, loss)
 
     def report(self, stage: str, step: int, steps: int, loss: float | None) -> None:
         now = time.monotonic()
         if stage != self._stage:
             self._stage, self._stage_started, self._last_write, self._curve = stage, now, 0.0, []
         if loss is not None:
-            self._curve.append(round(loss, 5))
+            self._curve.append([step, round(loss, 5)])
             if len(self._curve) > 2 * CURVE_POINTS:
                 self._curve = self._curve[::2]
         if self.job is None or (now - self._last_write < self.min_interval and step != steps):
@@ -52,7 +58,7 @@ class JobProgress:
         elapsed = now - self._stage_started
         eta = round(elapsed / step * (steps - step), 1) if step and steps else None
         self.job.meta["progress"] = {"stage": stage, "step": step, "steps": steps, "loss": loss, "eta_s": eta}
-        self.job.meta["curve"] = thin(self._curve)
+        self.job.meta["curve"] = sparse(self._curve)
         self.job.save_meta()
         if step and steps and (step == steps or step % max(1, steps // 10) == 0):
             shown = f"{loss:.4f}" if loss is not None else "-"

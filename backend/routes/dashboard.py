@@ -21,7 +21,7 @@ def dashboard():
     current = state()
     feedback = current.require_feedback()
     project = known_project(request.args.get("project"), feedback.projects)
-    return render_template(
+    page = render_template(
         "dashboard.html",
         view=project_view(current, project) if project else None,
         projects=[] if project else overview(current),
@@ -29,3 +29,6 @@ def dashboard():
         generated_at=when(time.time()),
         when=when,
     )
+    # its Activate buttons must not be clickable through another site's frame
+    headers = {"Content-Security-Policy": "frame-ancestors 'none'", "X-Frame-Options": "DENY"}
+    return page, 200, headers

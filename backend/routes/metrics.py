@@ -9,13 +9,20 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from backend import prometheus
 from backend.routes import known_project
 from backend.state import state
+from common.settings import project_version
 
 bp = Blueprint("metrics", __name__)
 
 
 @bp.get("/metrics")
 def metrics():
-    return Response(prometheus.render(state()), content_type=CONTENT_TYPE_LATEST)
+    current = state()
+    collector = None
+    if current.connection is not None and current.feedback is not None:
+        collector = prometheus.RedisCollector(current.connection, current.feedback, lambda project: project_version(
+            current.registry.active(project), current.project_settings.get(project)))  # fmt: skip
+    text = prometheus.render(current.settings.prometheus_multiproc_dir, collector)
+    return Response(text, content_type=CONTENT_TYPE_LATEST)
 
 
 @bp.get("/report")
