@@ -360,7 +360,8 @@ def test_metrics_expose_queues_and_correction_figures(queue_app):
     state = app.extensions["prelabel"]
     box = {"from_name": "boxes", "to_name": "image", "type": "rectanglelabels",
            "value": {"x": 10, "y": 10, "width": 20, "height": 20, "rectanglelabels": ["bird"]}}  # fmt: skip
-    prediction = {"model_version": "v1", "score": 0.5, "result": [{"from_name": "tags", "to_name": "image",
+    v1 = state.registry.active(UID)  # per-label IoU is exported for the active version
+    prediction = {"model_version": v1, "score": 0.5, "result": [{"from_name": "tags", "to_name": "image",
                   "type": "choices", "value": {"choices": ["bird"]}}, box]}  # fmt: skip
     state.feedback.remember_predictions(UID, {10: prediction})
     annotation = {**_annotation(1, 10), "result": prediction["result"]}
@@ -370,22 +371,22 @@ def test_metrics_expose_queues_and_correction_figures(queue_app):
     assert state.feedback.process_one(timeout=1)
     text = client.get("/metrics").get_data(as_text=True)
     assert 'prelabel_queue_depth{queue="predict"} 0' in text
-    assert f'prelabel_corrections{{project="{UID}",version="v1"}} 1' in text
-    assert f'prelabel_accepted_unchanged_ratio{{project="{UID}",version="v1"}} 1.0' in text
-    assert f'prelabel_box_iou{{label="bird",project="{UID}",version="v1"}} 1.0' in text
-    assert f'prelabel_tags{{outcome="accepted",project="{UID}",version="v1"}} 1.0' in text
+    assert f'prelabel_corrections{{project="{UID}",version="{v1}"}} 1' in text
+    assert f'prelabel_accepted_unchanged_ratio{{project="{UID}",version="{v1}"}} 1.0' in text
+    assert f'prelabel_box_iou{{label="bird",project="{UID}",version="{v1}"}} 1.0' in text
+    assert f'prelabel_tags{{outcome="accepted",project="{UID}",version="{v1}"}} 1.0' in text
     assert (
         "# TYPE prelabel_predict_seconds histogram" in text and "# TYPE prelabel_queue_wait_seconds histogram" in text
     )
 
-    assert client.get(f"/report?project={UID}").get_json()[UID]["v1"]["unchanged"] == 1
+    assert client.get(f"/report?project={UID}").get_json()[UID][v1]["unchanged"] == 1
 
     # an update replaces its earlier comparison in the aggregates, a deletion takes it away
     state.feedback.record(UID, {**annotation, "result": prediction["result"][:1]})  # the box removed
     text = client.get("/metrics").get_data(as_text=True)
-    assert f'prelabel_corrections{{project="{UID}",version="v1"}} 1.0' in text
-    assert f'prelabel_accepted_unchanged_ratio{{project="{UID}",version="v1"}} 0.0' in text
-    assert f'prelabel_box_iou{{label="bird",project="{UID}",version="v1"}} 0.0' in text
+    assert f'prelabel_corrections{{project="{UID}",version="{v1}"}} 1.0' in text
+    assert f'prelabel_accepted_unchanged_ratio{{project="{UID}",version="{v1}"}} 0.0' in text
+    assert f'prelabel_box_iou{{label="bird",project="{UID}",version="{v1}"}} 0.0' in text
     state.feedback.forget(UID, [annotation["id"]])
     assert f'prelabel_corrections{{project="{UID}"' not in client.get("/metrics").get_data(as_text=True)
 
