@@ -112,3 +112,17 @@ def test_scaling_benchmark_smoke_run(tiny_checkpoint, redis_url):
                       delay=0.0)  # fmt: skip
     assert row["served"] == 4 and row["chunks"] == 2
     assert row["opened_task_s"] > 0 and row["selection_s"] > 0
+
+
+def test_recipe_benchmark_smoke_run(tiny_checkpoint):
+    from bench import recipes
+    from worker.model import vit
+
+    settings = Settings(model_checkpoint=str(tiny_checkpoint), device="cpu", background_words=quality.BACKGROUNDS)
+    bundle = load_clip(settings)
+    bench = quality.Bench(bundle, TextEmbedder(bundle), TagCLIPConfig(), batch_size=4)
+    figures = recipes.measure(bench, n_scenes=4, seeds=1)
+    rows = {row for row, _ in figures}
+    assert {"TagCLIP mAP, bilinear", "TagCLIP mAP, bicubic", "naclip sliding + tags, bilinear, floor 0.5"} <= rows
+    assert all(len(v) == 1 and 0 <= v[0] <= 1 for v in figures.values())
+    assert vit.POSITION_INTERPOLATION == "bilinear"  # the service's, put back

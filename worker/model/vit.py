@@ -26,16 +26,23 @@ def native_grid(visual: VisionTransformer) -> tuple[int, int]:
     return int(visual.grid_size[0]), int(visual.grid_size[1])
 
 
+#: How grid positions are resized to another grid: bilinear as TagCLIP; ClearCLIP's and NACLIP's
+#: repositories use bicubic, which measured no better on the toy world (bench/recipes.py, and
+#: docs/algorithms.md). Sliding windows run at the native grid and resize nothing.
+POSITION_INTERPOLATION = "bilinear"
+
+
 def positional_embedding(visual: VisionTransformer, grid: tuple[int, int]) -> Tensor:
     """[1 + h*w, D] positions for an h x w patch grid: the class position as is, the grid ones
-    resized bilinearly (as TagCLIP does) from the grid the model was trained on."""
+    resized (``POSITION_INTERPOLATION``) from the grid the model was trained on."""
     pos = visual.positional_embedding
     if grid == native_grid(visual):
         return pos
     gh, gw = native_grid(visual)
     cls_pos, grid_pos = pos[:1], pos[1:]
     grid_pos = grid_pos.reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
-    grid_pos = F.interpolate(grid_pos.float(), size=grid, mode="bilinear", align_corners=False).to(pos.dtype)
+    grid_pos = F.interpolate(grid_pos.float(), size=grid, mode=POSITION_INTERPOLATION, align_corners=False)
+    grid_pos = grid_pos.to(pos.dtype)
     return torch.cat([cls_pos, grid_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)])
 
 

@@ -1,0 +1,94 @@
+"""Two of the papers' recipes, measured on the toy world before the service takes them.
+
+    python -m bench.recipes --scenes 200 --seeds 3
+
+* Positional embeddings resized bicubically (ClearCLIP's and NACLIP's repositories) or bilinearly
+  (TagCLIP's, and the service's): TagCLIP's tag mAP and the segmentation mIoU of every head.
+* A probability floor for training-free masks (the papers' ``prob_thd`` for VOC with background:
+  ClearCLIP 0.5, NACLIP 0.1): pixels whose best class probability is under it stay unlabelled.
+
+Segmentation as section 2 of ``bench/quality.py`` (background included, restricted to the tags
+TagCLIP finds); mean ± spread over seeds. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from bench import quality as q
+from bench.toyworld import scenes
+from common.quality import mean_average_precision, miou
+from common.settings import Settings
+from worker.loading import load_clip
+from worker.model import dense, vit
+from worker.model.tagclip import TagCLIPConfig, run_trunk
+from worker.model.text import TextEmbedder
+
+HEADS = (("maskclip", False), ("clearclip", True), ("naclip", True))
+FLOORS = (0.0, 0.1, 0.3, 0.5)
+
+
+@torch.no_grad()
+def class_maps(bench: q.Bench, held_out, kind: str, head: str, sliding: bool, tags: np.ndarray, floor: float) -> list:
+    classes = q.KINDS[kind]
+    n_classes, text = len(classes), bench.class_text(classes)
+    maps = []
+    for start in range(0, len(held_out), bench.batch_size):
+        pixels = bench.pixels(held_out[start : start + bench.batch_size])
+        trunk = run_trunk(bench.bundle, pixels, bench.cfg)
+        if sliding:
+            features = dense.sliding_features(bench.bundle.visual, pixels, head, bench.batch_size)
+        else:
+            features = dense.dense_features(bench.bundle.visual, trunk.tokens, trunk.grid, head)
+        for b in range(pixels.shape[0]):
+            ids = list(np.flatnonzero(tags[start + b]))
+            logits = dense.class_logits(features[b], text[ids + list(range(n_classes, text.shape[0]))], trunk.grid)
+            masks = dense.masks_from_logits(logits, len(ids), (q.SIZE, q.SIZE), q.MIN_AREA, floor=floor)
+            maps.append(q.class_map(masks, ids))
+    return maps
+
+
+def measure(bench: q.Bench, n_scenes: int, seeds: int) -> dict[tuple[str, str], list[float]]:
+    """(row, kind) -> one figure per seed, for both interpolations and every floor."""
+    figures: dict[tuple[str, str], list[float]] = {}
+    for mode in ("bilinear", "bicubic"):
+        vit.POSITION_INTERPOLATION = mode
+        for seed in range(seeds):
+            held_out = scenes(q.HELD_OUT_SEED + seed, n_scenes, q.SIZE, empty_rate=q.EMPTY_RATE)
+            for kind, names in q.KINDS.items():
+                scores = q.tag_scores(bench, held_out, kind)["dmar+cwr"]
+                figures.setdefault((f"TagCLIP mAP, {mode}", kind), []).append(
+                    mean_average_precision(scores, q.truth_tags(held_out, kind))
+                )
+                tags, truth = q.selected(scores, names), [s.class_map(kind) for s in held_out]
+                for head, sliding in HEADS:
+                    for floor in FLOORS if mode == "bilinear" else (0.0,):
+                        row = f"{head}{' sliding' if sliding else ''} + tags, {mode}, floor {floor}"
+                        maps = class_maps(bench, held_out, kind, head, sliding, tags, floor)
+                        figures.setdefault((row, kind), []).append(miou(maps, truth, len(names)))
+    vit.POSITION_INTERPOLATION = "bilinear"
+    return figures
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default="bench/models/toy-clip")
+    parser.add_argument("--scenes", type=int, default=200, help="held-out scenes per seed")
+    parser.add_argument("--seeds", type=int, default=3)
+    args = parser.parse_args(argv)
+    settings = Settings(model_checkpoint=args.checkpoint, device="cpu", image_size=q.SIZE,
+                        background_words=q.BACKGROUNDS)  # fmt: skip
+    bundle = load_clip(settings)
+    bench = q.Bench(bundle, TextEmbedder(bundle), TagCLIPConfig(), batch_size=32, input_size=q.SIZE)
+    figures = measure(bench, args.scenes, args.seeds)
+    print("| figure | colour | shape |\n|---|---|---|")
+    for row in dict.fromkeys(r for r, _ in figures):
+        cells = [f"{np.mean(figures[row, k]):.3f} ± {np.std(figures[row, k]):.3f}" for k in q.KINDS]
+        print(f"| {row} | {' | '.join(cells)} |")
+
+
+if __name__ == "__main__":
+    main()
