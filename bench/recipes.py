@@ -4,6 +4,8 @@
 
 * Positional embeddings resized bicubically (ClearCLIP's and NACLIP's repositories) or bilinearly
   (TagCLIP's, and the service's): TagCLIP's tag mAP and the segmentation mIoU of every head.
+* PAMR (NACLIP's post-processing): scores refined along the image's edges before each pixel
+  gets its class.
 * A probability floor for training-free masks (the papers' ``prob_thd`` for VOC with background:
   ClearCLIP 0.5, NACLIP 0.1): pixels whose best class probability is under it stay unlabelled.
 
@@ -32,7 +34,8 @@ FLOORS = (0.0, 0.1, 0.3, 0.5)
 
 
 @torch.no_grad()
-def class_maps(bench: q.Bench, held_out, kind: str, head: str, sliding: bool, tags: np.ndarray, floor: float) -> list:
+def class_maps(bench: q.Bench, held_out, kind: str, head: str, sliding: bool, tags: np.ndarray, floor: float,
+               refine: bool = False) -> list:  # fmt: skip
     classes = q.KINDS[kind]
     n_classes, text = len(classes), bench.class_text(classes)
     maps = []
@@ -46,7 +49,8 @@ def class_maps(bench: q.Bench, held_out, kind: str, head: str, sliding: bool, ta
         for b in range(pixels.shape[0]):
             ids = list(np.flatnonzero(tags[start + b]))
             logits = dense.class_logits(features[b], text[ids + list(range(n_classes, text.shape[0]))], trunk.grid)
-            masks = dense.masks_from_logits(logits, len(ids), (q.SIZE, q.SIZE), q.MIN_AREA, floor=floor)
+            image = pixels[b] if refine else None
+            masks = dense.masks_from_logits(logits, len(ids), (q.SIZE, q.SIZE), q.MIN_AREA, floor=floor, image=image)
             maps.append(q.class_map(masks, ids))
     return maps
 
@@ -68,6 +72,10 @@ def measure(bench: q.Bench, n_scenes: int, seeds: int) -> dict[tuple[str, str], 
                     for floor in FLOORS if mode == "bilinear" else (0.0,):
                         row = f"{head}{' sliding' if sliding else ''} + tags, {mode}, floor {floor}"
                         maps = class_maps(bench, held_out, kind, head, sliding, tags, floor)
+                        figures.setdefault((row, kind), []).append(miou(maps, truth, len(names)))
+                    if mode == "bilinear":
+                        maps = class_maps(bench, held_out, kind, head, sliding, tags, 0.0, refine=True)
+                        row = f"{head}{' sliding' if sliding else ''} + tags, {mode}, PAMR"
                         figures.setdefault((row, kind), []).append(miou(maps, truth, len(names)))
     vit.POSITION_INTERPOLATION = "bilinear"
     return figures

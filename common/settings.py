@@ -42,7 +42,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 #: connection in Label Studio, by the environment variable's name: how tags are decided and masks
 #: drawn. Never paths, hosts, sizes or credentials: Label Studio's project admins are not operators.
 PROJECT_SETTINGS = ("TAG_RULE", "TAG_MIN_SCORE", "TAG_THRESHOLD", "CWR_MAX_CLASSES", "BACKGROUND_WORDS",
-                    "DENSE_HEAD", "DENSE_SLIDING", "MASK_MIN_AREA")  # fmt: skip
+                    "DENSE_HEAD", "DENSE_SLIDING", "DENSE_PAMR", "MASK_MIN_AREA")  # fmt: skip
 #: Bounds on a project's BACKGROUND_WORDS (each word is embedded by the text tower once).
 MAX_PROJECT_WORDS, MAX_WORD_LENGTH = 200, 60
 #: A project's CWR_MAX_CLASSES when the environment sets no limit (0): each costs a ViT pass.
@@ -108,6 +108,7 @@ class Settings:
     background_words: tuple[str, ...] = field(default=DEFAULT_BACKGROUND_WORDS, metadata={"env": "BACKGROUND_WORDS"})
     dense_head: str = field(default="clearclip", metadata={"env": "DENSE_HEAD"})
     dense_sliding: bool = field(default=True, metadata={"env": "DENSE_SLIDING"})
+    dense_pamr: bool = field(default=False, metadata={"env": "DENSE_PAMR"})
     mask_min_area: float = field(default=0.002, metadata={"env": "MASK_MIN_AREA"})
 
     # Learning from corrections
@@ -275,6 +276,7 @@ class Settings:
             "background_words": list(self.background_words),
             "dense_head": self.dense_head,
             "dense_sliding": self.dense_sliding,
+            "dense_pamr": self.dense_pamr,
             "mask_min_area": self.mask_min_area,
         }
         digest = hashlib.sha1(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:6]

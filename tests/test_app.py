@@ -315,3 +315,21 @@ def test_extra_params_label_studio_cannot_use_are_refused_with_the_reason(client
                                            "extra_params": extra_params})  # fmt: skip
     assert response.status_code == 400
     assert message in response.get_json()["error"]
+
+
+def test_dense_pamr_refines_the_masks_along_the_photos_edges(app_for, label_studio):
+    from pathlib import Path
+
+    config = (Path(__file__).parents[1] / "label_config" / "voc_tags_and_masks.xml").read_text()
+    tasks = _tasks(label_studio, ["2011_000003.jpg", "n02391049_zebra.JPEG"])
+    interface = LabelInterface(config)
+
+    def rles(**settings) -> list:
+        results = app_for(background_words=("sky",), **settings).test_client().post(
+            "/predict", json={"tasks": tasks, "label_config": config}).get_json()["results"]  # fmt: skip
+        for prediction in results:
+            assert interface.validate_prediction(prediction, return_errors=True) == []
+        return [item["value"]["rle"] for p in results for item in p["result"] if item["type"] == "brushlabels"]
+
+    plain, refined = rles(), rles(dense_pamr=True)
+    assert plain and refined and plain != refined

@@ -245,3 +245,20 @@ def test_sliding_features_average_each_windows_own_features_where_they_overlap()
         tokens = vit.run_blocks(visual, vit.embed(visual, whole), range(len(visual.transformer.resblocks) - 1))
         torch.testing.assert_close(dense.sliding_features(visual, whole, "clearclip", 4),
                                    dense.dense_features(visual, tokens, (8, 8), "clearclip"))  # fmt: skip
+
+
+def test_pamr_snaps_blurred_scores_to_the_images_edge():
+    """Two flat colours meet at column 20; the class scores blur across it (as upsampled patch
+    logits do): PAMR moves the argmax boundary onto the colour edge, and leaves flat scores flat."""
+    image = torch.zeros(3, 32, 48)
+    image[:, :, 20:] = 1.0
+    image += 0.01 * torch.randn(image.shape, generator=torch.Generator().manual_seed(0))
+    ramp = torch.linspace(-1, 1, 48)[None].expand(32, 48)
+    logits = torch.stack([-(ramp - 0.2), ramp - 0.2]) * 3  # boundary at column ~28, 8 columns off
+    truth = torch.zeros(32, 48, dtype=torch.long)
+    truth[:, 20:] = 1
+    before = (logits.argmax(0) == truth).float().mean()
+    after = (dense.pamr(image, logits).argmax(0) == truth).float().mean()
+    assert before < 0.85 and after > 0.97
+    flat = torch.ones(2, 32, 48)
+    assert torch.allclose(dense.pamr(image, flat), flat, atol=1e-5)

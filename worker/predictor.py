@@ -224,7 +224,8 @@ class Predictor:
             def masks_of(labels: tuple[ClassLabel, ...]) -> list[tuple[ClassLabel, dense.Mask]]:
                 """Controls with the same labels share one segmentation of the image."""
                 if labels not in segmented:
-                    segmented[labels] = self._masks(labels, bank, text[mask_rows], scores[i], image.size)
+                    pixels = image.pixels if self.settings.dense_pamr else None
+                    segmented[labels] = self._masks(labels, bank, text[mask_rows], scores[i], image.size, pixels)
                 return segmented[labels]
 
             masks = tuple(
@@ -347,11 +348,12 @@ class Predictor:
 
     def _masks(
         self, control_labels: Sequence[ClassLabel], bank: ClassBank, text: Tensor, scores: ImageScores,
-        size: tuple[int, int],
+        size: tuple[int, int], pixels: Tensor | None = None,
     ) -> list[tuple[ClassLabel, dense.Mask]]:  # fmt: skip
         """Segment the labels of a control that the tag rule finds in the image (decided against
         every competitor), competing with the background words in ``text`` (the labels' rows, then
-        theirs); pixels a background word wins stay unlabeled."""
+        theirs); pixels a background word wins stay unlabeled. With ``pixels`` (DENSE_PAMR), the
+        training-free scores are refined along the image's edges."""
         found, _ = select_tags(self._label_scores(control_labels, bank, scores), True, self.rule)
         labels = [label for label in control_labels if label.name in found]
         if not labels:
@@ -366,7 +368,7 @@ class Predictor:
                 assert scores.dense is not None, "dense features are computed for jobs with masks, boxes or polygons"
                 rows += list(range(bank.n_labels, len(text)))
                 logits = dense.class_logits(scores.dense, text[rows], scores.grid)
-                masks = dense.masks_from_logits(logits, len(labels), size, min_area)
+                masks = dense.masks_from_logits(logits, len(labels), size, min_area, image=pixels)
         return [(labels[m.index], m) for m in masks]
 
 
