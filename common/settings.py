@@ -276,8 +276,9 @@ class Settings:
             "background_words": list(self.background_words),
             "dense_head": self.dense_head,
             "dense_sliding": self.dense_sliding,
-            "dense_pamr": self.dense_pamr,
             "mask_min_area": self.mask_min_area,
+            # only when on: versions from before the option stay the same, and nothing re-predicts
+            **({"dense_pamr": True} if self.dense_pamr else {}),
         }
         digest = hashlib.sha1(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:6]
         return f"prelabel-{weights}-{digest}"

@@ -76,6 +76,7 @@ def test_model_version_tracks_weights_and_prediction_settings():
     assert Settings.from_env({"TAG_THRESHOLD": "0.3"}).model_version != base.model_version
     assert Settings.from_env({"IMAGE_SIZE": "224"}).model_version != base.model_version
     assert Settings.from_env({"CWR_MAX_CLASSES": "0"}).model_version != base.model_version
+    assert Settings.from_env({"DENSE_PAMR": "true"}).model_version != base.model_version
     assert Settings.from_env({"PREDICT_TIMEOUT": "50"}).model_version == base.model_version  # not a model knob
     assert Settings.from_env({"PRECISION": "fp32"}).model_version == base.model_version  # numerics, like DEVICE
     assert "random" in Settings.from_env({"MODEL_PRETRAINED": "random"}).model_version
