@@ -18,11 +18,9 @@ from rq.serializers import JSONSerializer
 
 from backend.charts import Point, Series, bar_chart, line_chart
 from backend.feedback import IOU_KINDS
-from backend.job_index import project_jobs
+from backend.job_index import failure, project_jobs
 from backend.state import State
 from common.jobs import ADAPT_QUEUE, PREDICT_QUEUE, TRAIN_QUEUE, AllowListedJob
-from common.logs import redact_urls
-from common.settings import project_version
 
 #: Failed jobs listed, newest first, per queue.
 RECENT_FAILURES = 5
@@ -171,11 +169,9 @@ def service(current: State) -> dict[str, Any]:
         for job in AllowListedJob.fetch_many(ids, connection=current.connection, serializer=JSONSerializer):
             if job is None:
                 continue
-            result = job.latest_result()
-            error = (result.exc_string or "").strip().splitlines()[-1:] if result and result.exc_string else []
             failures.append({"queue": name, "id": job.id, "description": job.description,
                              "ended_at": job.ended_at.timestamp() if job.ended_at else None,
-                             "error": redact_urls(error[0])[:300] if error else ""})  # fmt: skip
+                             "error": (failure(job.latest_result()) or "")[:300]})  # fmt: skip
     failures.sort(key=lambda f: f["ended_at"] or 0, reverse=True)
     return {"mode": "queue", "queues": queues, "failures": failures[: 2 * RECENT_FAILURES]}
 
@@ -187,7 +183,7 @@ def project_view(current: State, project: str) -> dict[str, Any]:
     report = feedback.report(project, records)[project]
     unchanged_chart, iou_chart = over_time(prelabeled)
     active = current.registry.active(project)
-    served = project_version(active, current.project_settings.get(project))  # what its predictions carry
+    served = current.served_version(project)  # what its predictions carry
     versions = [{"version": current.settings.model_version, "created_at": None, "learner": "base model",
                  "promoted": True, "reason": "the model the service starts from", "metrics": {},
                  "active": active == current.settings.model_version}]  # fmt: skip
@@ -229,7 +225,7 @@ def overview(current: State) -> list[dict[str, Any]]:
     rows = []
     for project in feedback.projects():
         versions = feedback.aggregates(project)
-        active = project_version(current.registry.active(project), current.project_settings.get(project))
+        active = current.served_version(project)
         corrections = sum(v["corrections"] for v in versions.values())
         ious = [(t, n) for v in versions.values() for kind in IOU_KINDS for t, n in v[kind].values()]
         on_active = versions.get(active, {})

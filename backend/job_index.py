@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import redis
+from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from common import keys
@@ -27,10 +28,19 @@ def remember_job(connection: redis.Redis | redis.client.Pipeline, project: str, 
     connection.expire(key, KEEP_SECONDS)
 
 
+def failure(result: Result | None) -> str | None:
+    """A failed job's exception: the last line of its traceback, without URL queries or userinfo."""
+    lines = (result.exc_string or "").strip().splitlines() if result is not None else []
+    return redact_urls(lines[-1]) if lines else None
+
+
 def project_jobs(connection: redis.Redis, project: str, progress: Any, limit: int = 20) -> list[dict[str, Any]]:
     """The project's newest jobs, each as its kind, status, times, progress and a one-line result.
     ``progress`` is the runner's, for predict requests."""
     ids = [i.decode() for i in connection.zrevrange(keys.project_jobs(project), 0, limit - 1)]
+    job_ids = [i for i in ids if not i.startswith("request-")]
+    jobs = dict(zip(job_ids, AllowListedJob.fetch_many(job_ids, connection=connection, serializer=JSONSerializer),
+                    strict=True))  # fmt: skip
     rows = []
     for job_id in ids:
         if job_id.startswith("request-"):
@@ -40,13 +50,12 @@ def project_jobs(connection: redis.Redis, project: str, progress: Any, limit: in
                              "enqueued_at": request["created_at"], "ended_at": None, "progress": None,
                              "summary": f"{request['tasks_done']} of {request['tasks']} tasks"})  # fmt: skip
             continue
-        job = AllowListedJob.fetch_many([job_id], connection=connection, serializer=JSONSerializer)[0]
+        job = jobs[job_id]
         if job is None:
             continue
         status = job.get_status(refresh=False)
         result = job.latest_result()
         value = result.return_value if result is not None and result.type == result.Type.SUCCESSFUL else None
-        error = (result.exc_string or "").strip().splitlines()[-1:] if result is not None and result.exc_string else []
         meta = job.meta or {}
         rows.append({
             "id": job.id, "kind": KINDS.get(job.origin, job.origin), "status": status.value if status else None,
@@ -54,7 +63,7 @@ def project_jobs(connection: redis.Redis, project: str, progress: Any, limit: in
             "enqueued_at": job.enqueued_at.timestamp() if job.enqueued_at else None,
             "ended_at": job.ended_at.timestamp() if job.ended_at else None,
             "progress": meta.get("progress"), "curve": meta.get("curve"),
-            "summary": _summary(value) if value else (redact_urls(error[0])[:200] if error else ""),
+            "summary": _summary(value) if value else (failure(result) or "")[:200],
         })  # fmt: skip
     return rows
 

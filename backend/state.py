@@ -14,7 +14,7 @@ from backend.scheduler import TrainingScheduler
 from backend.serving import Server
 from backend.webhook_secret import WebhookSecurer
 from common.errors import ServiceUnavailable
-from common.settings import Settings
+from common.settings import Settings, project_version
 from common.versions import Registry
 
 
@@ -29,6 +29,10 @@ class State:
     feedback: Feedback | None
     securer: WebhookSecurer
     project_settings: ProjectSettings  # each project's extra_params, from its last /setup
+
+    def served_version(self, project: str | None) -> str:
+        """The version a project's predictions carry: its active one, with its own settings."""
+        return project_version(self.registry.active(project), self.project_settings.get(project))
 
     def require_training(self) -> TrainingScheduler:
         if self.training is None:

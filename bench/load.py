@@ -29,20 +29,35 @@ from bench.photos import REPO, jpeg, photos
 from common.settings import Settings
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _tasks(count: int) -> list[dict]:
+def photo_tasks(count: int) -> list[dict]:
+    """``count`` Label Studio tasks whose images are real photos as data: URIs."""
     uris = ["data:image/jpeg;base64," + base64.b64encode(jpeg(image, quality=85)).decode() for image in photos(count)]
     return [{"id": i, "data": {"image": uri}} for i, uri in enumerate(uris)]
 
 
+def wait_for_workers(url: str, count: int, timeout: float) -> None:
+    """Until the backend at ``url`` answers /health with ``count`` workers (each loads its model)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if requests.get(f"{url}/health", timeout=1).json().get("workers", {}).get("count") == count:
+                return
+        except (requests.RequestException, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("backend or workers did not start")
+        time.sleep(0.3)
+
+
 def run(clients: int, seconds: float, tasks: int, redis_url: str, checkpoint: str, threads: int) -> dict:
     redis.Redis.from_url(redis_url).flushdb()
-    port = _free_port()
+    port = free_port()
     settings = Settings(
         redis_url=redis_url, model_checkpoint=checkpoint, image_size=64, model_dir=Path(tempfile.mkdtemp())
     )
@@ -55,17 +70,8 @@ def run(clients: int, seconds: float, tasks: int, redis_url: str, checkpoint: st
     url = f"http://127.0.0.1:{port}"
     config = (REPO / "label_config" / "voc_tags_and_masks.xml").read_text()
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.get(f"{url}/health", timeout=1).json().get("workers", {}).get("count") == 1:
-                    break
-            except (requests.RequestException, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("backend or worker did not start")
-            time.sleep(0.3)
-        pool = _tasks(tasks)
+        wait_for_workers(url, 1, 120)
+        pool = photo_tasks(tasks)
         warm = requests.post(f"{url}/predict", json={"tasks": pool, "label_config": config}, timeout=100)
         warm.raise_for_status()
 

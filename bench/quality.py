@@ -140,10 +140,12 @@ def class_map(masks: Sequence[dense.Mask], class_ids: Sequence[int]) -> np.ndarr
 
 @torch.no_grad()
 def dense_maps(
-    bench: Bench, held_out: Sequence[Scene], kind: str, head: str, tags: np.ndarray | None, sliding: bool = False
+    bench: Bench, held_out: Sequence[Scene], kind: str, head: str, tags: np.ndarray | None, sliding: bool = False,
+    floor: float = 0.0, refine: bool = False,
 ) -> list:  # fmt: skip
     """Predicted class maps from a training-free head; ``tags`` [N, C] restricts the classes;
-    ``sliding``: the papers' sliding-window inference instead of the whole image on TagCLIP's trunk."""
+    ``sliding``: the papers' sliding-window inference instead of the whole image on TagCLIP's trunk;
+    ``floor`` and ``refine`` (PAMR): as ``dense.masks_from_logits`` takes them (bench/recipes.py)."""
     classes = KINDS[kind]
     C, text = len(classes), bench.class_text(classes)
     maps = []
@@ -158,7 +160,9 @@ def dense_maps(
             ids = list(np.flatnonzero(tags[start + b])) if tags is not None else list(range(C))
             rows = ids + list(range(C, text.shape[0]))
             logits = dense.class_logits(features[b], text[rows], trunk.grid)
-            maps.append(class_map(dense.masks_from_logits(logits, len(ids), (SIZE, SIZE), MIN_AREA), ids))
+            image = pixels[b] if refine else None
+            masks = dense.masks_from_logits(logits, len(ids), (SIZE, SIZE), MIN_AREA, floor=floor, image=image)
+            maps.append(class_map(masks, ids))
     return maps
 
 

@@ -18,41 +18,18 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import torch
 
 from bench import quality as q
 from bench.toyworld import scenes
 from common.quality import mean_average_precision, miou
 from common.settings import Settings
 from worker.loading import load_clip
-from worker.model import dense, vit
-from worker.model.tagclip import TagCLIPConfig, run_trunk
+from worker.model import vit
+from worker.model.tagclip import TagCLIPConfig
 from worker.model.text import TextEmbedder
 
 HEADS = (("maskclip", False), ("clearclip", True), ("naclip", True))
 FLOORS = (0.0, 0.1, 0.3, 0.5)
-
-
-@torch.no_grad()
-def class_maps(bench: q.Bench, held_out, kind: str, head: str, sliding: bool, tags: np.ndarray, floor: float,
-               refine: bool = False) -> list:  # fmt: skip
-    classes = q.KINDS[kind]
-    n_classes, text = len(classes), bench.class_text(classes)
-    maps = []
-    for start in range(0, len(held_out), bench.batch_size):
-        pixels = bench.pixels(held_out[start : start + bench.batch_size])
-        trunk = run_trunk(bench.bundle, pixels, bench.cfg)
-        if sliding:
-            features = dense.sliding_features(bench.bundle.visual, pixels, head, bench.batch_size)
-        else:
-            features = dense.dense_features(bench.bundle.visual, trunk.tokens, trunk.grid, head)
-        for b in range(pixels.shape[0]):
-            ids = list(np.flatnonzero(tags[start + b]))
-            logits = dense.class_logits(features[b], text[ids + list(range(n_classes, text.shape[0]))], trunk.grid)
-            image = pixels[b] if refine else None
-            masks = dense.masks_from_logits(logits, len(ids), (q.SIZE, q.SIZE), q.MIN_AREA, floor=floor, image=image)
-            maps.append(q.class_map(masks, ids))
-    return maps
 
 
 def measure(bench: q.Bench, n_scenes: int, seeds: int) -> dict[tuple[str, str], list[float]]:
@@ -71,10 +48,10 @@ def measure(bench: q.Bench, n_scenes: int, seeds: int) -> dict[tuple[str, str], 
                 for head, sliding in HEADS:
                     for floor in FLOORS if mode == "bilinear" else (0.0,):
                         row = f"{head}{' sliding' if sliding else ''} + tags, {mode}, floor {floor}"
-                        maps = class_maps(bench, held_out, kind, head, sliding, tags, floor)
+                        maps = q.dense_maps(bench, held_out, kind, head, tags, sliding, floor)
                         figures.setdefault((row, kind), []).append(miou(maps, truth, len(names)))
                     if mode == "bilinear":
-                        maps = class_maps(bench, held_out, kind, head, sliding, tags, 0.0, refine=True)
+                        maps = q.dense_maps(bench, held_out, kind, head, tags, sliding, refine=True)
                         row = f"{head}{' sliding' if sliding else ''} + tags, {mode}, PAMR"
                         figures.setdefault((row, kind), []).append(miou(maps, truth, len(names)))
     vit.POSITION_INTERPOLATION = "bilinear"

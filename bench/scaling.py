@@ -25,7 +25,7 @@ from pathlib import Path
 import redis
 import requests
 
-from bench.load import _free_port, _tasks
+from bench.load import free_port, photo_tasks, wait_for_workers
 from bench.photos import REPO
 from common.settings import Settings
 
@@ -50,24 +50,15 @@ def run(workers: int, tasks: int, chunk: int, size: int, redis_url: str, checkpo
     settings = Settings(redis_url=redis_url, model_checkpoint=checkpoint, image_size=size, max_tasks_per_job=chunk,
                         predict_timeout=95.0, model_dir=Path(tempfile.mkdtemp()))  # fmt: skip
     env = {**os.environ, **settings.to_env(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    port = _free_port()
+    port = free_port()
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     processes = [subprocess.Popen([sys.executable, "-m", "backend.cli", "--host", "127.0.0.1", "--port", str(port)],
                                   env=env, **quiet)]  # fmt: skip
     processes += [subprocess.Popen([sys.executable, "-m", "worker.cli"], env=env, **quiet) for _ in range(workers)]
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if requests.get(f"{url}/health", timeout=1).json().get("workers", {}).get("count") == workers:
-                    break
-            except (requests.RequestException, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("backend or workers did not start")
-            time.sleep(0.3)
-        pool = _tasks(tasks + 1)
+        wait_for_workers(url, workers, 180)
+        pool = photo_tasks(tasks + 1)
         selection, opened = pool[:tasks], pool[tasks]
         _predict(url, _renumber(selection, 10_000)[: workers * chunk])  # every worker loads and runs once
 

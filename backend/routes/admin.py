@@ -8,12 +8,11 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request
 
-from backend.job_index import project_jobs
+from backend.job_index import failure, project_jobs
 from backend.routes import json_body, known_project, optional_project
 from backend.state import state
 from common.errors import BadRequest, NotFound
 from common.jobs import PREDICT_QUEUE
-from common.logs import redact_urls
 from common.settings import project_version
 
 log = logging.getLogger(__name__)
@@ -33,7 +32,7 @@ def versions():
     listed = [current.settings.model_version] + [v.version for v in trained]
     body: dict[str, Any] = {"versions": [project_version(v, own) for v in listed]}
     if project:
-        body["active"] = project_version(active, own)
+        body["active"] = current.served_version(project)
         body["details"] = [
             {"version": v.version, "created_at": v.created_at, "promoted": v.promoted, "reason": v.reason,
              "learner": (v.config or {}).get("learner", "training"), "metrics": v.metrics,
@@ -82,7 +81,7 @@ def job_status(job_id: str):
     value = result.return_value if result is not None and result.type == result.Type.SUCCESSFUL else None
     if value is not None and job.origin == PREDICT_QUEUE:  # the masks are Label Studio's to show
         value = {"tasks": len(value["tasks"]), "failed": sum(1 for t in value["tasks"] if t.get("error"))}
-    error = (result.exc_string or "").strip().splitlines()[-1:] if result is not None and result.exc_string else None
+    error = failure(result)
     return jsonify(
         id=job.id,
         description=job.description,
@@ -92,7 +91,7 @@ def job_status(job_id: str):
         started_at=job.started_at.isoformat() if job.started_at else None,
         ended_at=job.ended_at.isoformat() if job.ended_at else None,
         result=value,
-        error=[redact_urls(line) for line in error] if error else None,
+        error=[error] if error else None,
     )
 
 

@@ -9,7 +9,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from backend import prometheus
 from backend.routes import known_project
 from backend.state import state
-from common.settings import project_version
 
 bp = Blueprint("metrics", __name__)
 
@@ -19,8 +18,7 @@ def metrics():
     current = state()
     collector = None
     if current.connection is not None and current.feedback is not None:
-        collector = prometheus.RedisCollector(current.connection, current.feedback, lambda project: project_version(
-            current.registry.active(project), current.project_settings.get(project)))  # fmt: skip
+        collector = prometheus.RedisCollector(current.connection, current.feedback, current.served_version)
     text = prometheus.render(current.settings.prometheus_multiproc_dir, collector)
     return Response(text, content_type=CONTENT_TYPE_LATEST)
 
