@@ -58,7 +58,7 @@ from worker.model.tagclip import TagCLIPConfig, reidentify, run_trunk, tagclip_h
 from worker.model.text import TextEmbedder
 from worker.model.zegclip import ZegCLIP, ZegCLIPConfig
 from worker.predictor import Predictor
-from worker.training.adapt import fit
+from worker.training.adapt import RegionSample, fit, fit_prototypes, patch_targets
 from worker.training.clipself import CLIPSelfConfig, train_clipself
 from worker.training.corrections import Correction
 from worker.training.zegclip import TrainingSample, calibrate_threshold, train_zegclip
@@ -254,10 +254,12 @@ def small_label_sets(
     predictor: Predictor, held_out: Sequence[Scene], pool: Sequence[Scene], seed: int, ks: Sequence[int] = ADAPT_KS
 ) -> dict:  # fmt: skip
     """Section 3: projects of a few labels drawn at random (seeded), through the service's predictor,
-    before and after the few-shot learner has seen K corrected pool scenes (random ones)."""
+    before and after the few-shot learner has seen K corrected pool scenes (random ones): its tag
+    thresholds and cache, then its region prototypes too (corrected masks)."""
     rng = np.random.default_rng(seed)
     prepared = list(predictor.prepare([s.image for s in held_out]))
     pool_prepared = list(predictor.prepare([s.image for s in pool]))
+    pool_features = predictor.dense_features(pool_prepared)
     out: dict = {}
     for kind, names in KINDS.items():
         for n in SMALL_SETS:
@@ -267,15 +269,34 @@ def small_label_sets(
             with torch.inference_mode():
                 scores, embeddings = predictor.label_scores(pool_prepared, [ClassLabel(x, (x,)) for x in labels])
             truth = np.array([[x in _present(s, kind, labels) for x in labels] for s in pool])
+            regions = [_region_sample(s, kind, labels, *f) for s, f in zip(pool, pool_features, strict=True)]
+            text, background = predictor.mask_text([ClassLabel(x, (x,)) for x in labels])
             order, default = rng.permutation(len(pool)), predictor.settings.tag_min_score
             for k in ks:
                 chosen = order[:k]
-                fitted = fit(scores[chosen], embeddings[chosen], truth[chosen], labels, default)
-                adapted = predictor.with_adapter(fitted.adapter, fitted.thresholds)
-                figures[f"after {k}"] = {**project_figures(adapted, held_out, prepared, kind, labels),
-                                         "alpha": fitted.adapter.alpha if fitted.adapter else 0.0}  # fmt: skip
+                few_shot = fit(scores[chosen], embeddings[chosen], truth[chosen], labels, default).few_shot
+                tags_only = project_figures(predictor.with_few_shot(few_shot), held_out, prepared, kind, labels)
+                prototypes, _ = fit_prototypes([regions[i] for i in chosen], text, background, labels)
+                adapted = predictor.with_few_shot(dataclasses.replace(few_shot, prototypes=prototypes))
+                figures[f"after {k}"] = {
+                    **(project_figures(adapted, held_out, prepared, kind, labels) if prototypes else tags_only),
+                    "mask_iou_tags_only": tags_only["mask_iou"],
+                    "alpha": few_shot.adapter.alpha if few_shot.adapter else 0.0,
+                    "gamma": prototypes.gamma if prototypes else 0.0,
+                }
             out[f"{kind} x{n}"] = {**figures, "labels": list(labels), "best_min_score": max(sweep, key=sweep.get)}
     return {**out, "dense_head": predictor.settings.dense_head}
+
+
+def _region_sample(scene: Scene, kind: str, labels: tuple[str, ...], features: torch.Tensor,
+                   grid: tuple[int, int]) -> RegionSample:  # fmt: skip
+    """A pool scene as an annotator of the project corrects it: its labels painted, the rest none."""
+    names, classes = KINDS[kind], scene.class_map(kind)
+    mask = np.zeros(classes.shape, dtype=np.uint8)
+    for k, label in enumerate(labels, start=1):
+        mask[classes == 1 + names.index(label)] = k
+    correction = Correction(0, None, mask=mask, mask_labels=labels)
+    return RegionSample(features, patch_targets(correction, labels, grid))
 
 
 def _predict(predictor: Predictor, prepared: list, kind: str, labels: tuple[str, ...], masks: bool) -> list:
@@ -492,6 +513,19 @@ def small_sets_markdown(small: dict) -> list[str]:
                      + " | ".join(cell(row[k]["exact"], True) for k in after)
                      + f" | {cell(row[last]['false_on_none'], True)} | {cell(row[last]['recall_several'], True)} | "
                      f"{cell(row[last]['mask_iou'])} |")  # fmt: skip
+    lines += [
+        "",
+        "### 3c. Masks after the few-shot learner: tags fitted alone, then with region prototypes "
+        "(mask IoU of the present labels)",
+        "",
+        "| project | before | " + " | ".join(f"tags {k} | + prototypes {k}" for k in after) + " | gamma chosen, "
+        f"{last} |",
+        "|---|---|" + "---|---|" * len(after) + "---|",
+    ]
+    for key, row in projects.items():
+        lines.append(f"| {key} | {cell(row['before']['mask_iou'])} | "
+                     + " | ".join(f"{cell(row[k]['mask_iou_tags_only'])} | {cell(row[k]['mask_iou'])}" for k in after)
+                     + f" | {cell(row[last]['gamma'])} |")  # fmt: skip
     return lines
 
 

@@ -15,14 +15,29 @@ from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
 from common.jobs import ADAPT_QUEUE, AllowListedJob, ChoicesControl, ClassLabel
+from common.labelstudio.brush import rle_to_mask
+from common.quality import mask_iou
 from common.versions import Registry
-from tests.test_training import JOB, UID, _annotation, _corrections, _project
+from tests.test_training import JOB, LABELS, UID, _annotation, _corrections, _project
 from worker.checkpoints import ADAPTER_CONFIG, read_version, write_version
 from worker.loading import load_clip
-from worker.model.adapter import TipAdapter
+from worker.model.adapter import FewShot, RegionPrototypes, TipAdapter
 from worker.predictor import Predictor
 from worker.provider import ModelProvider
-from worker.training.adapt import best_threshold, fit, leave_one_out, presence, run_adaptation
+from worker.training.adapt import (
+    NO_LABEL,
+    UNKNOWN,
+    RegionSample,
+    best_threshold,
+    fit,
+    fit_adapter,
+    fit_prototypes,
+    leave_one_out,
+    patch_targets,
+    presence,
+    project_labels,
+    run_adaptation,
+)
 from worker.training.corrections import Correction
 
 
@@ -77,8 +92,8 @@ def test_fit_recalibrates_scores_that_miss_the_default_threshold():
     scores = torch.from_numpy(np.where(truth, 0.15, 0.03) + rng.normal(0, 0.01, truth.shape)).float()
     embeddings = F.normalize(torch.randn(40, 8), dim=-1)  # uninformative: the cache cannot help
     fitted = fit(scores, embeddings, truth, ["a", "b", "c"], default=0.3)
-    assert fitted.exact == 1.0 and fitted.adapter is None
-    assert all(0.03 < t < 0.15 for t in fitted.thresholds.values())
+    assert fitted.exact == 1.0 and fitted.few_shot.adapter is None
+    assert all(0.03 < t < 0.15 for t in fitted.few_shot.thresholds.values())
 
 
 def test_fit_uses_the_cache_when_similar_images_share_labels_and_scores_say_nothing():
@@ -89,7 +104,7 @@ def test_fit_uses_the_cache_when_similar_images_share_labels_and_scores_say_noth
     truth = np.stack([group.numpy() == 0, group.numpy() == 1], axis=1)
     scores = torch.rand(40, 2) * 0.1  # zero-shot scores carry nothing
     fitted = fit(scores, embeddings, truth, ["day", "night"], default=0.3)
-    assert fitted.adapter is not None and fitted.adapter.alpha > 0
+    assert fitted.few_shot.adapter is not None and fitted.few_shot.adapter.alpha > 0
     assert fitted.exact >= 0.95
 
 
@@ -99,6 +114,64 @@ def test_presence_reads_tags_masks_and_boxes():
     c.mask = np.zeros((4, 4), dtype=np.uint8)
     c.mask[0, 0] = 1  # aeroplane, painted
     assert presence([c], ["aeroplane", "bird", "bicycle", "bottle"]).tolist() == [[True, True, False, True]]
+
+
+# Region prototypes: masks from corrected regions.
+
+
+def test_region_prototypes_blend_a_label_s_text_with_its_prototype():
+    torch.manual_seed(0)
+    text, prototypes = torch.randn(3, 8), F.normalize(torch.randn(2, 8), dim=-1)
+    regions = RegionPrototypes(("cat", "dog"), prototypes, None, 0.25)
+    out = regions.blend(["dog", "bird", "cat"], text)
+    t = F.normalize(text, dim=-1)
+    assert torch.allclose(out[0], F.normalize(0.75 * t[0] + 0.25 * prototypes[1], dim=0), atol=1e-6)
+    assert torch.allclose(out[1], t[1], atol=1e-6)  # no prototype: its text alone
+    assert torch.allclose(out[2], F.normalize(0.75 * t[2] + 0.25 * prototypes[0], dim=0), atol=1e-6)
+    assert regions.competitors(torch.device("cpu")).shape == (0, 8)
+    background = F.normalize(torch.randn(8), dim=0)
+    with_none = dataclasses.replace(regions, background=background)
+    assert torch.equal(with_none.competitors(torch.device("cpu")), background[None])
+
+
+def test_patch_targets_read_the_corrected_label_at_each_patch_centre():
+    mask = np.zeros((4, 8), dtype=np.uint8)
+    mask[:, 2:4], mask[:, 4:6], mask[:, 6:] = 1, 2, 255  # "a", a label not fitted, unknown
+    targets = patch_targets(Correction(1, None, mask=mask, mask_labels=("a", "zzz")), ["b", "a"], (2, 4))
+    assert targets.tolist() == [NO_LABEL, 1, UNKNOWN, UNKNOWN] * 2
+
+
+def _clustered(count: int, seed: int) -> list[RegionSample]:
+    """Patches whose features tell "a" (axis 0), "b" (axis 1) and no label (axis 2) apart, in
+    images holding one or both labels; the text rows (axes 3, 4) see none of it."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for i in range(count):
+        target = torch.full((16,), NO_LABEL)
+        target[:5] = 0
+        if i % 2:
+            target[5:9] = 1
+        target[15] = UNKNOWN
+        axis = torch.where(target >= 0, target, 2)
+        features = F.one_hot(axis, 8).float() + 0.2 * torch.randn(16, 8, generator=generator)
+        samples.append(RegionSample(F.normalize(features, dim=-1), target))
+    return samples
+
+
+def test_prototypes_draw_the_masks_text_cannot_and_are_fitted_left_out():
+    text, background = torch.eye(8)[[3, 4]], torch.eye(8)[[5]]
+    prototypes, scores = fit_prototypes(_clustered(10, 0), text, background, ["a", "b"])
+    assert prototypes is not None and prototypes.gamma > 0
+    assert scores[prototypes.gamma] > 0.9 > scores[0.0] + 0.3
+    assert prototypes.labels == ("a", "b")
+    assert prototypes.prototypes.argmax(dim=1).tolist() == [0, 1] and int(prototypes.background.argmax()) == 2
+
+
+def test_a_single_corrected_image_cannot_vouch_for_its_own_regions():
+    text, background = torch.eye(8)[[3, 4]], torch.eye(8)[[5]]
+    prototypes, scores = fit_prototypes(_clustered(1, 0), text, background, ["a", "b"])
+    assert prototypes is None  # left out, it has no other image: every weight draws what text draws
+    assert len(set(scores.values())) == 1
 
 
 # Versions, the predictor and the job.
@@ -122,23 +195,31 @@ def test_thresholds_and_the_adapter_change_what_the_predictor_tags(adapter_setup
         results, _ = predictor.run([1, 2, 3], images, [control], [])
         return [r.choices[0].selected for r in results]
 
-    assert tags(base.with_adapter(None, {"cat": 0.0, "dog": 2.0})) == [("cat",)] * 3
-    assert tags(base.with_adapter(None, {"cat": 2.0, "dog": 0.0})) == [("dog",)] * 3
+    assert tags(base.with_few_shot(FewShot({"cat": 0.0, "dog": 2.0}))) == [("cat",)] * 3
+    assert tags(base.with_few_shot(FewShot({"cat": 2.0, "dog": 0.0}))) == [("dog",)] * 3
     # a cache whose every image holds "dog", at full weight: "dog" scores 1 on any image
     _, embeddings = base.label_scores(images, labels)
     always_dog = TipAdapter(embeddings, torch.tensor([[0.0, 1.0]] * 3), ("cat", "dog"), 1.0, 5.5)
-    assert tags(base.with_adapter(always_dog, {"cat": 0.5, "dog": 0.5})) == [("dog",)] * 3
+    assert tags(base.with_few_shot(FewShot({"cat": 0.5, "dog": 0.5}, always_dog))) == [("dog",)] * 3
 
 
 def test_a_version_carries_its_adapter_and_thresholds(adapter_setup, tmp_path):
     settings, base, registry = adapter_setup
     adapter = TipAdapter(F.normalize(torch.randn(5, base.bundle.visual.output_dim), dim=-1), torch.ones(5, 2),
                          ("cat", "dog"), 0.5, 3.0)  # fmt: skip
-    info = registry.add(UID, lambda d: write_version(d, {}, None, {}, adapter, {"cat": 0.12}))
-    loaded = read_version(registry, UID, info.version, base.bundle.visual)
-    assert loaded.thresholds == {"cat": 0.12} and loaded.head is None
+    dim = base.bundle.visual.output_dim
+    regions = RegionPrototypes(("dog",), F.normalize(torch.randn(1, dim), dim=-1), F.normalize(torch.randn(dim), dim=0),
+                               0.75)  # fmt: skip
+    info = registry.add(UID, lambda d: write_version(d, {}, None, {}, FewShot({"cat": 0.12}, adapter, regions)))
+    loaded = read_version(registry, UID, info.version, base.bundle.visual).few_shot
+    assert loaded.thresholds == {"cat": 0.12}
     assert loaded.adapter is not None and loaded.adapter.labels == ("cat", "dog") and loaded.adapter.beta == 3.0
     assert torch.equal(loaded.adapter.keys, adapter.keys)
+    assert loaded.prototypes is not None and loaded.prototypes.labels == ("dog",) and loaded.prototypes.gamma == 0.75
+    assert torch.equal(loaded.prototypes.prototypes, regions.prototypes)
+    assert torch.equal(loaded.prototypes.background, regions.background)
+    only_tags = registry.add(UID, lambda d: write_version(d, {}, None, {}, FewShot({}, adapter)))
+    assert read_version(registry, UID, only_tags.version, base.bundle.visual).few_shot.prototypes is None
     config = registry.version_dir(UID, info.number) / ADAPTER_CONFIG
     config.write_text(json.dumps({**json.loads(config.read_text()), "thresholds": {"cat": 0.9}}))
     with pytest.raises(Exception, match="checksum|changed|differ"):  # the registry's checksums cover it
@@ -188,6 +269,61 @@ def test_the_job_fits_saves_and_promotes_through_the_gate_and_workers_serve_it(a
                            lambda: False, collect=_colour_corrections)  # fmt: skip
     assert again["status"] == "rejected" and "no better" in again["reason"]
     assert registry.active(UID) == info.version
+
+
+def _half_uri(red_left: bool) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 48), (30, 30, 200))
+    image.paste((200, 30, 30), (0 if red_left else 32, 0, 32 if red_left else 64, 48))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _half_corrections(settings, project, image_key, choices, brushes, regions=(), limit=None) -> list[Correction]:
+    """Images half red, half blue; annotators paint the red half "bird" and leave the blue one."""
+    out = []
+    for i in range(20):
+        mask = np.zeros((48, 64), dtype=np.uint8)
+        mask[:, slice(0, 32) if i % 2 else slice(32, 64)] = 2  # "bird" is the mask's second label
+        out.append(Correction(300 + i, _half_uri(bool(i % 2)), {"tags": {"bird"}}, mask, LABELS))
+    return out
+
+
+def test_the_few_shot_learner_learns_a_project_s_masks_from_its_corrected_regions(adapter_setup):
+    settings, base, registry = adapter_setup
+    labels = project_labels(JOB)
+    corrections = [dataclasses.replace(c, image=_decode_uri(c.image_url))
+                   for c in _half_corrections(settings, UID, "image", JOB.choices, JOB.brushes)]  # fmt: skip
+    fitted = fit_adapter(base, corrections, labels, LABELS)
+    assert fitted.few_shot.prototypes is not None and "bird" in fitted.few_shot.prototypes.labels
+    assert fitted.region_miou[fitted.few_shot.prototypes.gamma] > fitted.region_miou[0.0]
+
+    new = [_decode_uri(_half_uri(red_left)) for red_left in (True, False)]
+    images = [base.prepare_image(image, image.size) for image in new]
+
+    def bird_iou(predictor: Predictor) -> float:
+        results, _ = predictor.run([1, 2], images, JOB.choices, JOB.brushes)
+        ious = []
+        for result, red_left in zip(results, (True, False), strict=True):
+            drawn = {m.label: rle_to_mask(m.rle, 64, 48) for m in result.masks}
+            truth = np.zeros((48, 64), dtype=bool)
+            truth[:, slice(0, 32) if red_left else slice(32, 64)] = True
+            ious.append(mask_iou(drawn.get("bird", np.zeros_like(truth)), truth))
+        return float(np.mean(ious))
+
+    tags_only = base.with_few_shot(dataclasses.replace(fitted.few_shot, prototypes=None))
+    assert bird_iou(base.with_few_shot(fitted.few_shot)) > 0.8 > bird_iou(tags_only) + 0.2
+
+    job = dataclasses.replace(JOB, model_version=settings.model_version)
+    summary = run_adaptation(base, registry, job, lambda *a: None, lambda: False, collect=_half_corrections)
+    assert summary["status"] == "promoted", summary
+    assert summary["metrics"]["candidate"]["mask_miou"] > summary["metrics"]["active"]["mask_miou"]
+    assert registry.get(UID, summary["version"]).config["regions"]["gamma"] > 0
 
 
 def test_a_learner_never_undoes_a_version_promoted_while_it_ran(adapter_setup):
@@ -263,3 +399,9 @@ def test_held_out_tasks_stay_held_out_as_corrections_come_and_go():
     assert {c.task_id for c in split(trimmed, 0.2).held_out} == later & set(range(150, 200))
     assert [c.task_id for c in newest([Correction("b", None), Correction(3, None), Correction("a", None)], 2)] == [
         "a", "b"]  # fmt: skip
+
+
+def _decode_uri(uri: str):
+    import base64
+
+    return _decode(base64.b64decode(uri.split(",", 1)[1]))

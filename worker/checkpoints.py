@@ -6,8 +6,10 @@ writes and reads the tensors inside a version's directory (and a ZegCLIP head an
 
     v<N>/visual.safetensors        the trained blocks, keyed as in the ViT's state_dict (none: the base's)
     v<N>/zegclip/zegclip.safetensors + zegclip.json   the head's prompts and decoder, its config
-    v<N>/adapter.json              per-label tag thresholds, and the adapter's labels, alpha, beta
-    v<N>/adapter.safetensors       the adapter's cache: keys (image embeddings) and values (labels)
+    v<N>/adapter.json              per-label tag thresholds, the tag cache's labels, alpha, beta,
+                                   the region prototypes' labels and gamma
+    v<N>/adapter.safetensors       the tag cache: keys (image embeddings) and values (labels); the
+                                   region prototypes and the "no label" one
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from common.versions import WEIGHTS_FILE, Registry
-from worker.model.adapter import TipAdapter
+from worker.model.adapter import FewShot, RegionPrototypes, TipAdapter
 from worker.model.zegclip import ZegCLIP, ZegCLIPConfig
 
 HEAD_DIR = "zegclip"
@@ -42,8 +43,7 @@ class LoadedVersion(NamedTuple):
 
     visual: VisionTransformer
     head: ZegCLIP | None
-    adapter: TipAdapter | None
-    thresholds: dict[str, float]
+    few_shot: FewShot
 
 
 def version_visual(base: VisionTransformer, weights: dict[str, Tensor]) -> VisionTransformer:
@@ -57,25 +57,32 @@ def version_visual(base: VisionTransformer, weights: dict[str, Tensor]) -> Visio
 
 
 def write_version(
-    directory: Path, weights: dict[str, Tensor], head: ZegCLIP | None, head_meta: dict,
-    adapter: TipAdapter | None = None, thresholds: Mapping[str, float] | None = None,
-) -> None:  # fmt: skip
+    directory: Path, weights: dict[str, Tensor], head: ZegCLIP | None, head_meta: dict, few_shot: FewShot | None = None
+) -> None:
     """Fill a new version's directory (``Registry.add`` calls this with the one it numbered)."""
     save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / WEIGHTS_FILE))
     if head is not None:
         save_head(head, directory / HEAD_DIR, head_meta)
-    write_adapter(directory, adapter, thresholds or {})
+    write_adapter(directory, few_shot or FewShot())
 
 
-def write_adapter(directory: Path, adapter: TipAdapter | None, thresholds: Mapping[str, float]) -> None:
-    """The few-shot adapter's cache and the per-label thresholds (nothing when there are neither)."""
-    if adapter is None and not thresholds:
+def write_adapter(directory: Path, few_shot: FewShot) -> None:
+    """The few-shot learner's thresholds and caches (nothing when it fitted nothing)."""
+    adapter, prototypes = few_shot.adapter, few_shot.prototypes
+    if adapter is None and prototypes is None and not few_shot.thresholds:
         return
-    config: dict[str, Any] = {"thresholds": dict(thresholds)}
+    config: dict[str, Any] = {"thresholds": dict(few_shot.thresholds)}
+    cache: dict[str, Tensor] = {}
     if adapter is not None:
-        cache = {"keys": adapter.keys, "values": adapter.values}
-        save_file({k: v.float().contiguous().cpu() for k, v in cache.items()}, str(directory / ADAPTER_CACHE))
+        cache |= {"keys": adapter.keys, "values": adapter.values}
         config |= {"labels": list(adapter.labels), "alpha": adapter.alpha, "beta": adapter.beta}
+    if prototypes is not None:
+        cache["prototypes"] = prototypes.prototypes
+        if prototypes.background is not None:
+            cache["background"] = prototypes.background
+        config |= {"region_labels": list(prototypes.labels), "gamma": prototypes.gamma}
+    if cache:
+        save_file({k: v.float().contiguous().cpu() for k, v in cache.items()}, str(directory / ADAPTER_CACHE))
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
 
 
@@ -111,27 +118,44 @@ def read_version(registry: Registry, project: str, version: str, base: VisionTra
     weights = load_file(str(directory / WEIGHTS_FILE))
     visual = version_visual(base, weights) if weights else base  # few-shot only: the base's own ViT
     head = load_head(directory / HEAD_DIR, visual)[0] if (directory / HEAD_DIR / HEAD_WEIGHTS).is_file() else None
-    return LoadedVersion(visual, head, *read_adapter(directory, base.output_dim))
+    return LoadedVersion(visual, head, read_adapter(directory, base.output_dim))
 
 
-def read_adapter(directory: Path, embed_dim: int) -> tuple[TipAdapter | None, dict[str, float]]:
-    """A version's few-shot adapter (None without one) and per-label thresholds ({} without)."""
+def read_adapter(directory: Path, embed_dim: int) -> FewShot:
+    """What a version's few-shot learner fitted (the empty ``FewShot`` for a version without)."""
     if not (directory / ADAPTER_CONFIG).is_file():
-        return None, {}
+        return FewShot()
     config = json.loads((directory / ADAPTER_CONFIG).read_text())
     thresholds = {str(k): float(v) for k, v in config.get("thresholds", {}).items()}
     if not all(math.isfinite(t) for t in thresholds.values()):
         raise ValueError(f"The tag thresholds in {directory} are not all finite numbers.")
-    if not (directory / ADAPTER_CACHE).is_file():
-        return None, thresholds
-    cache = load_file(str(directory / ADAPTER_CACHE))
+    cache = load_file(str(directory / ADAPTER_CACHE)) if (directory / ADAPTER_CACHE).is_file() else {}
+    return FewShot(thresholds, _tag_cache(directory, cache, config, embed_dim),
+                   _region_cache(directory, cache, config, embed_dim))  # fmt: skip
+
+
+def _tag_cache(directory: Path, cache: dict[str, Tensor], config: dict, embed_dim: int) -> TipAdapter | None:
+    if "keys" not in cache:
+        return None
     keys, values, labels = cache["keys"], cache["values"], tuple(config["labels"])
     alpha, beta = float(config["alpha"]), float(config["beta"])
     if keys.ndim != 2 or keys.shape[1] != embed_dim or values.shape != (keys.shape[0], len(labels)):
         raise ValueError(f"The few-shot adapter in {directory} was built for another model or label set.")
     if not (0 <= alpha <= 1 and 0 < beta < 1000):
         raise ValueError(f"The few-shot adapter in {directory} has alpha {alpha} or beta {beta} out of range.")
-    return TipAdapter(keys, values, labels, alpha, beta), thresholds
+    return TipAdapter(keys, values, labels, alpha, beta)
+
+
+def _region_cache(directory: Path, cache: dict[str, Tensor], config: dict, embed_dim: int) -> RegionPrototypes | None:
+    if "prototypes" not in cache:
+        return None
+    prototypes, background = cache["prototypes"], cache.get("background")
+    labels, gamma = tuple(config["region_labels"]), float(config["gamma"])
+    if prototypes.shape != (len(labels), embed_dim) or (background is not None and background.shape != (embed_dim,)):
+        raise ValueError(f"The region prototypes in {directory} were built for another model or label set.")
+    if not 0 < gamma <= 1:
+        raise ValueError(f"The region prototypes in {directory} have gamma {gamma} out of range.")
+    return RegionPrototypes(labels, prototypes, background, gamma)
 
 
 def save_head(model: ZegCLIP, directory: Path, meta: dict[str, Any]) -> None:

@@ -39,7 +39,7 @@ from common.settings import Settings
 from worker.fetch import ImageFetcher
 from worker.images import PixelBudget, decode_for_model
 from worker.model import dense, vit
-from worker.model.adapter import TipAdapter
+from worker.model.adapter import FewShot
 from worker.model.bundle import ClipBundle, autocast
 from worker.model.preprocess import to_pixels, working_size
 from worker.model.selection import TagRule, select_tags
@@ -122,38 +122,37 @@ class Predictor:
         fetcher: ImageFetcher | None = None,
         text: TextEmbedder | None = None,
         head: ZegCLIP | None = None,
-        adapter: TipAdapter | None = None,
-        thresholds: Mapping[str, float] | None = None,
+        few_shot: FewShot | None = None,
     ) -> None:
         """``text`` lets versions that share a text tower share its cache; ``head`` is a trained
-        version's ZegCLIP head, which then draws the masks; ``adapter`` and ``thresholds`` are a
-        version's few-shot cache and per-label tag thresholds, fitted on the project's corrections."""
+        version's ZegCLIP head, which then draws the masks; ``few_shot`` is what a version's
+        few-shot learner fitted on the project's corrections (thresholds, caches)."""
         self.settings = settings
         self.bundle = bundle
         self.text = text or TextEmbedder(bundle)
         self.fetcher = fetcher or ImageFetcher(settings)
         self.head = head
-        self.adapter = adapter
+        self.few_shot = few_shot or FewShot()
         self.config = TagCLIPConfig(cwr_max_classes=settings.cwr_max_classes or None)
-        self.rule = TagRule(settings.tag_rule, settings.tag_min_score, settings.tag_threshold, dict(thresholds or {}))
+        self.rule = TagRule(settings.tag_rule, settings.tag_min_score, settings.tag_threshold,
+                            dict(self.few_shot.thresholds))  # fmt: skip
         self.distractors = distractor_words(settings.distractors)
         threads = settings.fetch_threads or max(8, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="prelabel-fetch")
         self._budget = PixelBudget(2 * settings.max_image_pixels)
 
     def with_weights(
-        self, visual: VisionTransformer, head: ZegCLIP | None, adapter: TipAdapter | None = None,
-        thresholds: Mapping[str, float] | None = None,
-    ) -> Predictor:  # fmt: skip
-        """A predictor for a trained version: its own ViT, head, adapter and thresholds; this one's
-        text tower, text cache and fetcher."""
+        self, visual: VisionTransformer, head: ZegCLIP | None, few_shot: FewShot | None = None
+    ) -> Predictor:
+        """A predictor for a trained version: its own ViT, head and few-shot fit; this one's text
+        tower, text cache and fetcher."""
         bundle = dataclasses.replace(self.bundle, visual=visual.to(self.bundle.device))
         head = head.to(self.bundle.device) if head is not None else None
-        return Predictor(self.settings, bundle, self.fetcher, self.text, head, adapter, thresholds)
+        return Predictor(self.settings, bundle, self.fetcher, self.text, head, few_shot)
 
-    def with_adapter(self, adapter: TipAdapter | None, thresholds: Mapping[str, float]) -> Predictor:
-        """This predictor's weights and head with another few-shot adapter and thresholds."""
-        return Predictor(self.settings, self.bundle, self.fetcher, self.text, self.head, adapter, thresholds)
+    def with_few_shot(self, few_shot: FewShot) -> Predictor:
+        """This predictor's weights and head with another few-shot fit."""
+        return Predictor(self.settings, self.bundle, self.fetcher, self.text, self.head, few_shot)
 
     def for_project(self, project_settings: Mapping[str, object]) -> Predictor:
         """This predictor with a project's own settings (Label Studio's extra_params: how tags
@@ -208,7 +207,8 @@ class Predictor:
 
         mark = time.perf_counter()
         arrivals = Arrivals(images)
-        scores = self._run_models(arrivals, text, bank.n_labels, bool(brushes or regions), self.adapter is not None)
+        scores = self._run_models(arrivals, text, bank.n_labels, bool(brushes or regions),
+                                  self.few_shot.adapter is not None)  # fmt: skip
         timings["waiting_for_images"] = round(arrivals.waited_ms, 1)
         timings["model"] = round(_ms_since(mark) - arrivals.waited_ms, 1)
         if len(arrivals.received) != len(task_ids):
@@ -307,12 +307,7 @@ class Predictor:
                     logits = self.head(visual, pixels, text[:n_labels])
                     extras += [{"zegclip": image_logits.float()} for image_logits in logits]
                 elif with_dense:
-                    head = self.settings.dense_head
-                    if self.settings.dense_sliding:
-                        features = dense.sliding_features(visual, pixels, head, self.settings.batch_size)
-                    else:
-                        features = dense.dense_features(visual, trunk.tokens, trunk.grid, head)
-                    extras += [{"dense": f.float()} for f in features]
+                    extras += [{"dense": f.float()} for f in self._dense(pixels, trunk.tokens)]
                 else:
                     extras += [{} for _ in chunk]
                 if with_embedding:
@@ -328,6 +323,38 @@ class Predictor:
             for i, scores, item, extra in zip(order, fused, local, extras, strict=True)
         }
 
+    def _dense(self, pixels: Tensor, tokens: Tensor | None = None) -> Tensor:
+        """[B, h*w, E] training-free dense features (``DENSE_HEAD``, sliding windows or the whole
+        image on the trunk's ``tokens``, computed here when not given)."""
+        visual, head = self.bundle.visual, self.settings.dense_head
+        if self.settings.dense_sliding:
+            return dense.sliding_features(visual, pixels, head, self.settings.batch_size)
+        p = vit.patch_size(visual)
+        grid = (pixels.shape[-2] // p, pixels.shape[-1] // p)
+        if tokens is None:
+            tokens = run_trunk(self.bundle, pixels, self.config).tokens
+        return dense.dense_features(visual, tokens, grid, head)
+
+    def dense_features(self, images: Sequence[Prepared]) -> list[tuple[Tensor, tuple[int, int]]]:
+        """Each image's [h*w, E] training-free dense features (on the CPU) and patch grid, as masks
+        are drawn from them: what the few-shot learner's region prototypes are made of."""
+        out: dict[int, tuple[Tensor, tuple[int, int]]] = {}
+        p = vit.patch_size(self.bundle.visual)
+        with self._inference():
+            for batch in same_size_batches(enumerate(images), self.settings.batch_size):
+                pixels = torch.stack([image.pixels for _, image in batch]).to(self.bundle.device)
+                grid = (pixels.shape[-2] // p, pixels.shape[-1] // p)
+                for (i, _), features in zip(batch, self._dense(pixels), strict=True):
+                    out[i] = (features.float().cpu(), grid)
+        return [out[i] for i in range(len(images))]
+
+    def mask_text(self, labels: Sequence[ClassLabel]) -> tuple[Tensor, Tensor]:
+        """[L, E] text embeddings of ``labels`` and [B, E] of the background words that training-free
+        masks compete with (on the CPU)."""
+        bank, text, mask_rows = self._vocabulary(labels)
+        rows = [bank.index[label.texts] for label in labels]
+        return text[rows].float().cpu(), text[mask_rows[bank.n_labels :]].float().cpu()
+
     @contextlib.contextmanager
     def _inference(self) -> Iterator[None]:
         """No autograd; bf16 autocast when the bundle computes in bf16 (see ``PRECISION``)."""
@@ -337,8 +364,8 @@ class Predictor:
     def _label_scores(self, labels: Sequence[ClassLabel], bank: ClassBank, scores: ImageScores) -> dict[str, float]:
         """Each label's tag score, through the version's few-shot adapter when it has one."""
         by_label = {label.name: scores.tags[bank.index[label.texts]] for label in labels}
-        if self.adapter is not None and scores.embedding is not None:
-            return self.adapter.adjust(by_label, scores.embedding)
+        if self.few_shot.adapter is not None and scores.embedding is not None:
+            return self.few_shot.adapter.adjust(by_label, scores.embedding)
         return by_label
 
     def _answer(self, control: ChoicesControl, bank: ClassBank, scores: ImageScores) -> ControlTags:
@@ -366,10 +393,18 @@ class Predictor:
                 masks = dense.masks_from_logits(scores.zegclip[rows], len(rows), size, min_area, "sigmoid", floor)
             else:  # softmax against the background words, which win "none"
                 assert scores.dense is not None, "dense features are computed for jobs with masks, boxes or polygons"
-                rows += list(range(bank.n_labels, len(text)))
-                logits = dense.class_logits(scores.dense, text[rows], scores.grid)
+                classes = torch.cat([self._region_text(labels, text[rows]), text[bank.n_labels :]])
+                if self.few_shot.prototypes is not None:  # corrected "no label" pixels compete too
+                    classes = torch.cat([classes, self.few_shot.prototypes.competitors(text.device)])
+                logits = dense.class_logits(scores.dense, classes, scores.grid)
                 masks = dense.masks_from_logits(logits, len(labels), size, min_area, image=pixels)
         return [(labels[m.index], m) for m in masks]
+
+    def _region_text(self, labels: Sequence[ClassLabel], text: Tensor) -> Tensor:
+        """The labels' text embeddings, blended with the version's region prototypes when it has them."""
+        if self.few_shot.prototypes is None:
+            return text
+        return self.few_shot.prototypes.blend([label.name for label in labels], text).to(text.dtype)
 
 
 def _ms_since(start: float) -> float:

@@ -1,5 +1,9 @@
-"""A few-shot adapter: a project's corrected images as a key-value cache, blended with the
-zero-shot tag scores (Tip-Adapter, Zhang et al., ECCV 2022; docs/algorithms.md section 6).
+"""What the few-shot learner fits on a project's corrections (docs/algorithms.md section 6):
+per-label tag thresholds, a cache of corrected images for tags (``TipAdapter``) and one of
+corrected regions for masks (``RegionPrototypes``).
+
+Tags: a project's corrected images as a key-value cache, blended with the zero-shot tag scores
+(Tip-Adapter, Zhang et al., ECCV 2022).
 
 Tip-Adapter adds ``alpha * exp(-beta * (1 - f K^T)) Y`` to CLIP's logits, with ``K`` the few-shot
 images' embeddings and ``Y`` their one-hot labels. prelabel's tag scores are multi-label
@@ -11,10 +15,11 @@ corrections themselves, so it is built in the time it takes to embed them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -43,3 +48,47 @@ class TipAdapter:
         zero_shot = torch.tensor([[scores.get(label, 0.0) for label in self.labels]])
         blended = self.blend(zero_shot, embedding[None])[0].tolist()
         return {**scores, **{label: s for label, s in zip(self.labels, blended, strict=True) if label in scores}}
+
+
+@dataclass(frozen=True)
+class RegionPrototypes:
+    """Masks from a project's corrected regions: each label's prototype (the mean dense feature of
+    the patches annotators painted with it) is blended into its text embedding,
+    ``normalize((1 - gamma) * text + gamma * prototype)``, and the mean feature of the patches they
+    left unlabelled competes beside the background words, so pixels like those stay unlabelled.
+
+    The same idea as Tip-Adapter's cache, for pixels: nothing trains, the prototypes are the
+    corrections themselves (prototype classifiers of this kind are how few-shot segmentation
+    methods such as PANet use support masks)."""
+
+    labels: tuple[str, ...]
+    prototypes: Tensor  # [L, E] normalised mean dense feature of each label's corrected regions
+    background: Tensor | None  # [E] normalised mean feature of corrected "no label" pixels
+    gamma: float  # weight of the prototype in a label's blended embedding, in (0, 1]
+
+    def blend(self, names: Sequence[str], text: Tensor) -> Tensor:
+        """[n, E] text embeddings of labels ``names`` -> the embeddings masks are drawn with
+        (a label without a prototype keeps its text)."""
+        rows = [self.labels.index(name) if name in self.labels else -1 for name in names]
+        out = F.normalize(text.float(), dim=-1)
+        known = torch.tensor([r >= 0 for r in rows], device=text.device)
+        if known.any():
+            prototypes = self.prototypes.to(text.device).float()[[max(r, 0) for r in rows]]
+            blended = F.normalize((1 - self.gamma) * out + self.gamma * prototypes, dim=-1)
+            out = torch.where(known[:, None], blended, out)
+        return out
+
+    def competitors(self, device: torch.device) -> Tensor:
+        """[0 or 1, E]: the "no label" prototype, a competitor for pixels (none without one)."""
+        if self.background is None:
+            return torch.zeros(0, self.prototypes.shape[1], device=device)
+        return self.background.to(device).float()[None]
+
+
+@dataclass(frozen=True)
+class FewShot:
+    """Everything the few-shot learner fitted for a version; the empty one changes nothing."""
+
+    thresholds: Mapping[str, float] = field(default_factory=dict)  # per label, over TAG_MIN_SCORE
+    adapter: TipAdapter | None = None  # tags
+    prototypes: RegionPrototypes | None = None  # training-free masks

@@ -7,7 +7,8 @@ When corrections arrive (the annotation webhook), an ``adapt`` job:
 2. holds out the same tasks as training (a fifth, by a hash of the task id);
 3. scores and embeds the other corrections with the active version, and fits on them, leave one
    out, the few-shot adapter's blend (``alpha``, ``beta``; ``alpha`` 0 is no cache) and one tag
-   threshold per label (the cut that gets most of them right);
+   threshold per label (the cut that gets most of them right); with corrected masks and no ZegCLIP
+   head, also the region prototypes' weight (``gamma``; 0 is none) that draws their masks best;
 4. measures the candidate and the active version on the held-out corrections and promotes the
    candidate only through the gate training runs use, and only when it is better on some metric
    (each promotion makes Label Studio predict the project's tasks again).
@@ -27,12 +28,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
 from common.jobs import ClassLabel, TrainJob
 from common.versions import Registry
 from worker.checkpoints import carry_over, write_adapter
-from worker.model.adapter import TipAdapter
+from worker.model.adapter import FewShot, RegionPrototypes, TipAdapter
 from worker.predictor import Predictor
 from worker.training.corrections import Correction, fetch_images, mask_labels, pull_corrections, split
 from worker.training.evaluate import GATED, judge
@@ -43,13 +46,25 @@ log = logging.getLogger(__name__)
 #: The blends tried (Tip-Adapter searches its alpha and beta on validation data the same way).
 ALPHAS = (0.0, 0.25, 0.5, 0.75)
 BETAS = (1.0, 3.0, 5.5, 10.0, 30.0)  # 5.5 is Tip-Adapter's default; sharper ones for large caches
+#: The weights of a label's region prototype tried against its text embedding (0: text only).
+GAMMAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: A patch's target in ``RegionSample``: no label applies; nothing is known.
+NO_LABEL, UNKNOWN = -1, -2
 
 
 @dataclass(frozen=True)
 class Fitted:
-    adapter: TipAdapter | None  # None: the cache did not help on the training corrections
-    thresholds: dict[str, float]
+    few_shot: FewShot  # adapter None: the cache did not help on the training corrections
     exact: float  # share of training corrections (left out in turn) whose tag set the fit gets right
+    region_miou: dict[float, float] = dataclasses.field(default_factory=dict)  # gamma -> masks' mIoU, left out
+
+
+@dataclass(frozen=True)
+class RegionSample:
+    """One corrected mask on its image's patch grid, beside the image's dense features."""
+
+    features: Tensor  # [h*w, E] training-free dense features
+    target: Tensor  # [h*w] long: index into the labels fitted, NO_LABEL or UNKNOWN
 
 
 def newest(corrections: list[Correction], count: int) -> list[Correction]:
@@ -115,18 +130,122 @@ def fit(scores: Tensor, embeddings: Tensor, truth: np.ndarray, names: Sequence[s
             rank = (exact, float((predicted == truth).mean()))
             if best is None or rank > best[0]:
                 adapter = TipAdapter(embeddings.float(), target.float(), tuple(names), alpha, beta) if alpha else None
-                best = rank, Fitted(adapter, dict(zip(names, cuts, strict=True)), exact)
+                best = rank, Fitted(FewShot(dict(zip(names, cuts, strict=True)), adapter), exact)
     assert best is not None
     return best[1]
 
 
-def fit_adapter(predictor: Predictor, corrections: Sequence[Correction], labels: Sequence[ClassLabel]) -> Fitted:
-    """Score and embed ``corrections`` with ``predictor`` (before any adapter of its own) and fit."""
+def patch_targets(correction: Correction, names: Sequence[str], grid: tuple[int, int]) -> Tensor:
+    """The corrected label at each patch centre of ``grid`` (h, w), flattened: its index in
+    ``names``, NO_LABEL, or UNKNOWN (unknown pixels, labels not fitted)."""
+    assert correction.mask is not None
+    lookup = np.full(256, UNKNOWN, dtype=np.int64)
+    lookup[0] = NO_LABEL
+    for k, label in enumerate(correction.mask_labels, start=1):
+        lookup[k] = names.index(label) if label in names else UNKNOWN
+    small = Image.fromarray(correction.mask).resize((grid[1], grid[0]), Image.Resampling.NEAREST)
+    return torch.from_numpy(lookup[np.asarray(small)]).flatten()
+
+
+def _region_sums(samples: Sequence[RegionSample], n_labels: int) -> tuple[Tensor, Tensor]:
+    """Per sample, the sum of the dense features of each label's patches and of the no-label ones
+    ([n, L + 1, E], the last row no label), and how many patches each sum holds ([n, L + 1])."""
+    sums, counts = [], []
+    for sample in samples:
+        rows = [sample.target == label for label in range(n_labels)] + [sample.target == NO_LABEL]
+        member = torch.stack(rows).float()  # [L + 1, h*w]
+        sums.append(member @ sample.features.float())
+        counts.append(member.sum(dim=1))
+    return torch.stack(sums), torch.stack(counts)
+
+
+def _masks_iou(
+    samples: Sequence[RegionSample], sums: Tensor, counts: Tensor, text: Tensor, background: Tensor, gamma: float
+) -> float:
+    """Mean IoU over labels of the patch maps drawn with each sample's labels (the ones it holds, as
+    when its tags are right), every sample's prototypes made from the other samples only."""
+    n_labels = text.shape[0]
+    inter, union = torch.zeros(n_labels), torch.zeros(n_labels)
+    total, total_counts = sums.sum(dim=0), counts.sum(dim=0)
+    for i, sample in enumerate(samples):
+        present = [label for label in range(n_labels) if (sample.target == label).any()]
+        if not present:
+            continue
+        rows, others = F.normalize(text[present].float(), dim=-1), total_counts - counts[i]
+        competitors = background.float()
+        if gamma > 0:
+            prototypes = F.normalize(total - sums[i], dim=-1)
+            known = others[present] > 0
+            blended = F.normalize((1 - gamma) * rows + gamma * prototypes[present], dim=-1)
+            rows = torch.where(known[:, None], blended, rows)
+            if others[n_labels] > 0:
+                competitors = torch.cat([competitors, prototypes[n_labels][None]])
+        best = (torch.cat([rows, competitors]) @ sample.features.float().T).argmax(dim=0)
+        known_patch = sample.target != UNKNOWN
+        for j, label in enumerate(present):
+            predicted, truth = (best == j) & known_patch, sample.target == label
+            inter[label] += (predicted & truth).sum()
+            union[label] += (predicted | truth).sum()
+    seen = union > 0
+    return float((inter[seen] / union[seen]).mean()) if seen.any() else 0.0
+
+
+def fit_prototypes(
+    samples: Sequence[RegionSample], text: Tensor, background: Tensor, names: Sequence[str]
+) -> tuple[RegionPrototypes | None, dict[float, float]]:
+    """The region prototypes of ``names`` (text embeddings ``text`` [L, E], competing with the
+    background words' ``background`` [B, E]) at the weight that draws the samples' masks best,
+    each left out in turn, and that mIoU per weight tried; None when text alone is as good."""
+    sums, counts = _region_sums(samples, len(names))
+    scores = {gamma: _masks_iou(samples, sums, counts, text, background, gamma) for gamma in GAMMAS}
+    gamma = max(GAMMAS, key=lambda g: (scores[g], -g))  # the plainest among ties
+    total, total_counts = sums.sum(dim=0), counts.sum(dim=0)
+    found = [i for i in range(len(names)) if total_counts[i] > 0]
+    if gamma == 0 or not found:
+        return None, scores
+    prototypes = F.normalize(total[found], dim=-1)
+    background_prototype = F.normalize(total[-1], dim=-1) if total_counts[-1] > 0 else None
+    return RegionPrototypes(tuple(names[i] for i in found), prototypes, background_prototype, gamma), scores
+
+
+def fit_adapter(
+    predictor: Predictor, corrections: Sequence[Correction], labels: Sequence[ClassLabel],
+    mask_names: Sequence[str] = (),
+) -> Fitted:  # fmt: skip
+    """Score and embed ``corrections`` with ``predictor`` (before any adapter of its own) and fit;
+    with labels that masks hold (``mask_names``) and no ZegCLIP head, also the region prototypes."""
     prepared = list(predictor.prepare([c.image for c in corrections]))
     with torch.inference_mode():
         scores, embeddings = predictor.label_scores(prepared, labels)
     names = [label.name for label in labels]
-    return fit(scores, embeddings, presence(corrections, names), names, predictor.settings.tag_min_score)
+    fitted = fit(scores, embeddings, presence(corrections, names), names, predictor.settings.tag_min_score)
+    painted = [label for label in labels if label.name in mask_names]
+    with_masks = [i for i, c in enumerate(corrections) if c.mask is not None]
+    if predictor.head is not None or not painted or not with_masks:
+        return fitted  # a ZegCLIP head draws this version's masks, or there is nothing to fit
+    region_names = [label.name for label in painted]
+    features = predictor.dense_features([prepared[i] for i in with_masks])
+    samples = [RegionSample(f, patch_targets(corrections[i], region_names, grid))
+               for i, (f, grid) in zip(with_masks, features, strict=True)]  # fmt: skip
+    text, background = predictor.mask_text(painted)
+    prototypes, region_miou = fit_prototypes(samples, text, background, region_names)
+    return dataclasses.replace(
+        fitted, few_shot=dataclasses.replace(fitted.few_shot, prototypes=prototypes), region_miou=region_miou
+    )
+
+
+def fitted_config(fitted: Fitted) -> dict[str, Any]:
+    """What a version's config records of its few-shot fit (shown by /versions)."""
+    adapter, prototypes = fitted.few_shot.adapter, fitted.few_shot.prototypes
+    return {
+        "adapter": {"alpha": adapter.alpha, "beta": adapter.beta, "cache": len(adapter.keys)} if adapter else None,
+        "thresholds": dict(fitted.few_shot.thresholds),
+        "regions": {
+            "gamma": prototypes.gamma if prototypes else 0.0,
+            "labels": list(prototypes.labels) if prototypes else [],
+            "left_out_miou": {str(gamma): round(miou, 4) for gamma, miou in fitted.region_miou.items()},
+        } if fitted.region_miou else None,
+    }  # fmt: skip
 
 
 def run_adaptation(
@@ -156,8 +275,8 @@ def run_adaptation(
 
     check_stop(should_stop, "before fitting")
     progress("fitting", 0, 0, None)
-    fitted = fit_adapter(active, parts.train, project_labels(job))
-    candidate = active.with_adapter(fitted.adapter, fitted.thresholds)
+    fitted = fit_adapter(active, parts.train, project_labels(job), names)
+    candidate = active.with_few_shot(fitted.few_shot)
 
     check_stop(should_stop, "before evaluating")
     progress("evaluating", 0, 0, None)
@@ -173,10 +292,9 @@ def run_adaptation(
 
     def write(directory) -> None:
         carry_over(source, directory)
-        write_adapter(directory, fitted.adapter, fitted.thresholds)
+        write_adapter(directory, fitted.few_shot)
 
     check_stop(should_stop, "before saving")
-    adapter = fitted.adapter
     info = registry.add(
         job.project,
         write,
@@ -187,8 +305,7 @@ def run_adaptation(
             "from_version": job.model_version,
             "trigger": job.trigger,
             "learner": "few-shot",
-            "adapter": {"alpha": adapter.alpha, "beta": adapter.beta, "cache": len(adapter.keys)} if adapter else None,
-            "thresholds": fitted.thresholds,
+            **fitted_config(fitted),
         },
         promoted=promoted,
         reason=reason,

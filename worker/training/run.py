@@ -25,7 +25,7 @@ from common.versions import Registry
 from worker.checkpoints import version_visual, write_version
 from worker.predictor import Predictor
 from worker.progress import thin
-from worker.training.adapt import fit_adapter, newest, project_labels
+from worker.training.adapt import fit_adapter, fitted_config, newest, project_labels
 from worker.training.clipself import CLIPSelfConfig, train_clipself
 from worker.training.corrections import Correction, fetch_images, mask_labels, pull_corrections, split
 from worker.training.evaluate import judge
@@ -96,8 +96,8 @@ def run_training(
     check_stop(should_stop, "before fitting the few-shot adapter")
     progress("fitting", 0, 0, None)
     # its cache must come from the new ViT; as many corrections as the few-shot learner reads
-    fitted = fit_adapter(candidate, newest(parts.train, settings.adapt_max_corrections), project_labels(job))
-    candidate = candidate.with_adapter(fitted.adapter, fitted.thresholds)
+    fitted = fit_adapter(candidate, newest(parts.train, settings.adapt_max_corrections), project_labels(job), names)
+    candidate = candidate.with_few_shot(fitted.few_shot)
 
     check_stop(should_stop, "before evaluating")
     progress("evaluating", 0, 0, None)
@@ -106,7 +106,7 @@ def run_training(
     check_stop(should_stop, "before saving")
     info = registry.add(
         job.project,
-        lambda directory: write_version(directory, weights, head, head_meta, fitted.adapter, fitted.thresholds),
+        lambda directory: write_version(directory, weights, head, head_meta, fitted.few_shot),
         trained_on=[c.task_id for c in parts.train],
         held_out=[c.task_id for c in parts.held_out],
         metrics={**scores, "final_loss": report.losses[-1] if report.losses else None},
@@ -115,8 +115,7 @@ def run_training(
             "trigger": job.trigger,
             "clipself": dataclasses.asdict(cfg),
             "zegclip": head_meta,
-            "adapter": {"alpha": fitted.adapter.alpha, "beta": fitted.adapter.beta} if fitted.adapter else None,
-            "thresholds": fitted.thresholds,
+            **fitted_config(fitted),
             "curves": curves,
         },  # fmt: skip
         promoted=promoted,
