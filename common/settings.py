@@ -122,6 +122,8 @@ class Settings:
     train_steps: int = field(default=300, metadata={"env": "TRAIN_STEPS"})
     train_lr: float = field(default=1e-5, metadata={"env": "TRAIN_LR"})
     zegclip_min_masks: int = field(default=50, metadata={"env": "ZEGCLIP_MIN_MASKS"})
+    zegclip_epochs: float = field(default=30.0, metadata={"env": "ZEGCLIP_EPOCHS"})
+    zegclip_max_steps: int = field(default=2000, metadata={"env": "ZEGCLIP_MAX_STEPS"})
     adapt_every: int = field(default=5, metadata={"env": "ADAPT_EVERY"})
     adapt_min_corrections: int = field(default=10, metadata={"env": "ADAPT_MIN_CORRECTIONS"})
     adapt_max_corrections: int = field(default=500, metadata={"env": "ADAPT_MAX_CORRECTIONS"})
@@ -165,8 +167,8 @@ class Settings:
         if self.train_every < 0 or self.train_interval < 0 or self.adapt_every < 0:
             raise SettingsError("TRAIN_EVERY, TRAIN_INTERVAL and ADAPT_EVERY must be 0 (off) or positive.")
         positive = ("job_timeout", "result_ttl", "max_image_bytes", "max_image_pixels", "batch_size", "train_timeout",
-                    "train_min_corrections", "train_steps", "zegclip_min_masks", "max_tasks_per_job",
-                    "adapt_min_corrections", "adapt_max_corrections", "max_labels")  # fmt: skip
+                    "train_min_corrections", "train_steps", "zegclip_min_masks", "zegclip_epochs", "zegclip_max_steps",
+                    "max_tasks_per_job", "adapt_min_corrections", "adapt_max_corrections", "max_labels")  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()} must be a positive number.")

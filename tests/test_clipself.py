@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from tests.conftest import shared_data
+from worker.model import dense, vit
 from worker.model.text import TextEmbedder
-from worker.training.clipself import CLIPSelfConfig, grid_cells, train_clipself, trainable_blocks
+from worker.training.clipself import CLIPSelfConfig, grid_cells, student_outputs, train_clipself, trainable_blocks
 from worker.training.corrections import Correction
 from worker.training.loop import TrainingCancelled
 from worker.training.zegclip import load_voc_folder
@@ -67,6 +68,53 @@ def test_a_cancelled_run_stops_between_steps(setup):
     with pytest.raises(TrainingCancelled):
         _train(setup, progress=lambda step, loss: steps.append(step), should_stop=lambda: len(steps) >= 3)
     assert steps == [0, 1, 2]
+
+
+@pytest.mark.parametrize("head", dense.HEADS)
+def test_the_student_trains_the_features_the_service_serves(setup, head):
+    """The dense path CLIPSelf trains is the one masks are drawn from (``DENSE_HEAD``), and the
+    embedding it holds is the one the predictor's tags read."""
+    visual = setup[0].visual
+    pixels = torch.randn(2, 3, 64, 48)
+    features, embedding = student_outputs(visual, pixels, head)
+    grid = (8, 6)
+    trunk = vit.run_blocks(visual, vit.embed(visual, pixels), range(len(visual.transformer.resblocks) - 1))
+    served = dense.dense_features(visual, trunk, grid, head)  # [B, h*w, E], as the predictor computes it
+    torch.testing.assert_close(features.flatten(2).transpose(1, 2), served, atol=1e-5, rtol=1e-4)
+    plain = torch.nn.functional.normalize(vit.encode_tokens(visual, pixels)[:, 0], dim=-1)
+    torch.testing.assert_close(embedding, plain, atol=1e-5, rtol=1e-4)
+
+
+def test_with_clearclip_served_the_last_block_s_ffn_is_left_alone(setup):
+    """ClearCLIP drops the last block's residual and FFN: training its path must not move them
+    (CLIPSelf's own MaskCLIP path does), unless the class token's term needs them."""
+    start = setup[0].visual.state_dict()
+    ffn = [k for k in start if k.startswith("transformer.resblocks.5.mlp.")]
+    served, _ = _train(setup, CLIPSelfConfig(**{**CFG.__dict__, "dense_head": "clearclip", "global_weight": 0.0}))
+    assert all(torch.equal(served[k], start[k]) for k in ffn)
+    assert any(not torch.equal(served[k], start[k]) for k in served if k not in ffn)
+    paper, _ = _train(setup, CLIPSelfConfig(**{**CFG.__dict__, "dense_head": "maskclip", "global_weight": 0.0}))
+    assert any(not torch.equal(paper[k], start[k]) for k in ffn)
+
+
+def _drift(setup, weights) -> float:
+    """Mean 1 - cos between the trained and the base model's image embeddings of the training photos."""
+    from worker.checkpoints import version_visual
+    from worker.training.clipself import letterbox
+
+    bundle, corrections = setup[0], setup[1]
+    pixels = torch.stack([letterbox(c.image, 64, bundle.mean, bundle.std)[0] for c in corrections])
+    with torch.no_grad():
+        tuned = student_outputs(version_visual(bundle.visual, weights), pixels, "clearclip")[1]
+        base = student_outputs(bundle.visual, pixels, "clearclip")[1]
+    return float(1 - torch.nn.functional.cosine_similarity(tuned, base).mean())
+
+
+def test_the_class_token_is_held_where_the_base_model_had_it(setup):
+    cfg = {**CFG.__dict__, "dense_head": "clearclip", "alpha": 1.0}
+    free, _ = _train(setup, CLIPSelfConfig(**{**cfg, "global_weight": 0.0}))
+    held, _ = _train(setup, CLIPSelfConfig(**cfg))
+    assert _drift(setup, held) < 0.5 * _drift(setup, free)
 
 
 def test_grid_cells_follow_clipself_splits():

@@ -36,6 +36,7 @@ from worker.training.corrections import Correction, fetch_images, from_annotatio
 from worker.training.evaluate import GATED, evaluate, gate
 from worker.training.loop import TrainingCancelled
 from worker.training.run import run_training
+from worker.training.zegclip import schedule
 
 PROJECT = {"id": 4, "created_at": "2026-11-23T06:15:25Z", "title": "photos", "label_config": ""}
 UID = "4.1795414525"
@@ -217,6 +218,10 @@ def test_a_training_run_saves_a_version_with_its_report_and_promotes_it(trainer)
     registry.verify(info)  # the checksum matches the saved weights
     assert (registry.version_dir(UID, 1) / "zegclip" / "zegclip.safetensors").is_file()
     assert {"collecting corrections", "clipself", "zegclip", "evaluating"} <= set(stages)
+    head = info.config["zegclip"]  # trained in passes over four fifths of its masks, its floor set on the rest
+    assert head["calibration_masks"] >= 1 and head["masks"] + head["calibration_masks"] <= len(info.trained_on)
+    assert head["steps"] == schedule(head["masks"], settings.zegclip_epochs, settings.zegclip_max_steps)
+    assert info.config["clipself"]["dense_head"] == settings.dense_head
 
 
 def test_the_gate_promotes_a_candidate_exactly_when_it_is_within_the_margin(trainer):

@@ -32,7 +32,16 @@ from worker.model.zegclip import (
     segmentation_loss,
 )
 from worker.predictor import Predictor
-from worker.training.zegclip import THRESHOLDS, calibrate_threshold, load_voc_folder, mean_iou, train_zegclip
+from worker.training.zegclip import (
+    THRESHOLDS,
+    TrainingSample,
+    calibrate_threshold,
+    calibration_split,
+    load_voc_folder,
+    mean_iou,
+    schedule,
+    train_zegclip,
+)
 
 CFG = ZegCLIPConfig(decoder_heads=4)  # the tiny model's 64-dim embeddings split into 4 heads
 
@@ -216,3 +225,20 @@ def test_threshold_calibration_picks_the_best_floor_on_the_corrections(trained, 
         assert scores[chosen] == max(scores.values()) >= scores[0.5]
     finally:
         model.cfg = original
+
+
+def test_the_head_trains_in_passes_over_the_masks_it_has_not_a_fixed_count():
+    assert schedule(50, epochs=30, max_steps=2000) == 188  # ceil(30 * 50 / 8)
+    assert schedule(400, epochs=30, max_steps=2000) == 1500 == 8 * schedule(50, 30, 2000) - 4
+    assert schedule(10_000, epochs=30, max_steps=2000) == 2000
+    assert schedule(1, epochs=0.1, max_steps=2000) == 1
+
+
+def test_the_floor_is_set_on_masks_kept_out_of_training(bundle, voc_pair):
+    samples = [TrainingSample(voc_pair[0][0].image, voc_pair[0][0].mask, (str(i),)) for i in range(12)]
+    train, aside = calibration_split(samples, 0.2)
+    assert len(aside) == 2 and len(train) == 10  # every fifth
+    assert {id(s) for s in train}.isdisjoint(id(s) for s in aside) and len({id(s) for s in train + aside}) == 12
+    assert calibration_split(samples[:1], 0.2) == (samples[:1], [])
+    model = ZegCLIP(bundle.visual, ZegCLIPConfig(decoder_heads=4, mask_threshold=0.3))
+    assert calibrate_threshold(bundle, model, [], ["aeroplane"], 64) == 0.3  # nothing aside: the floor stays

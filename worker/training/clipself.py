@@ -4,8 +4,12 @@ CLIP's image embedding is good, its patch features less so; CLIPSelf makes the d
 a region agree with what the frozen model says about that region cropped out. On top of that
 self-distillation we add what annotators told us:
 
-    L = L_self + sup_weight * L_sup + pix_weight * L_pix
+    L = L_self + sup_weight * L_sup + pix_weight * L_pix + global_weight * L_global
 
+* D: the dense features the service serves masks from (``DENSE_HEAD``'s last block on blocks
+  0..L-2). CLIPSelf trains MaskCLIP's value path (residual and FFN kept); the service draws masks
+  with ClearCLIP's or NACLIP's, so training MaskCLIP's would change features nobody reads
+  (a deliberate departure, docs/algorithms.md);
 * L_self: 1 - cos(RoIAlign(D, box), teacher(crop)) for each corrected region's box and each
   corrected RectangleLabels box (teacher crop with 1.5x context) and a few random grid cells
   (exact crops);
@@ -13,7 +17,10 @@ self-distillation we add what annotators told us:
   labels and background words, whose text embeddings stay frozen so the vocabulary stays open;
   a corrected box is a weak label, pooled over the whole box; for corrected tags without masks
   or boxes, the best patch per tag (multiple-instance) instead;
-* L_pix: per-patch cross-entropy against the corrected mask, on labelled patches.
+* L_pix: per-patch cross-entropy against the corrected mask, on labelled patches;
+* L_global: 1 - cos(student's image embedding, teacher's) of each training image. The trained
+  blocks also carry the class token that TagCLIP's re-identification and the few-shot tag cache
+  read; CLIPSelf does not need it, prelabel does, so it is held where the base model had it.
 
 Only the last blocks train (from ``trainable_from`` of the depth: 6..11 of 12); patch embedding,
 positions, class token, ln_pre, ln_post and proj stay frozen. What is saved is the ensemble
@@ -58,6 +65,8 @@ class CLIPSelfConfig:
     alpha: float = 0.7
     max_boxes: int = 8  # corrected boxes (weak labels) used per image and step
     size: int = 448  # training images: the longest side resized to this, padded black to a square
+    dense_head: str = "maskclip"  # the dense path trained: CLIPSelf's; the service passes DENSE_HEAD
+    global_weight: float = 1.0  # weight of L_global (0: the class token is free to drift)
 
 
 def trainable_blocks(visual: VisionTransformer, cfg: CLIPSelfConfig) -> range:
@@ -71,16 +80,17 @@ def block_state(visual: VisionTransformer, blocks: range) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in visual.state_dict().items() if k.startswith(prefixes)}
 
 
-def dense_map(visual: VisionTransformer, pixels: Tensor) -> Tensor:
-    """The student's dense path: blocks 0..L-2, then the last block's value path (residual and
-    FFN kept), ln_post, proj, L2-normalised: [B, E, h, w]."""
-    depth = len(visual.transformer.resblocks)
-    x = vit.run_blocks(visual, vit.embed(visual, pixels), range(depth - 1))
+def student_outputs(visual: VisionTransformer, pixels: Tensor, head: str) -> tuple[Tensor, Tensor]:
+    """One trunk pass (blocks 0..L-2) for both of the student's outputs: the dense features of
+    ``head``'s last block [B, E, h, w] and the plain last block's image embedding [B, E], each
+    L2-normalised."""
+    last = visual.transformer.resblocks[-1]
+    x = vit.run_blocks(visual, vit.embed(visual, pixels), range(len(visual.transformer.resblocks) - 1))
     p = vit.patch_size(visual)
     grid = (pixels.shape[-2] // p, pixels.shape[-1] // p)
-    x = dense_block(visual.transformer.resblocks[-1], x, "maskclip", grid)
-    features = vit.project(visual, x)[:, 1:]
-    return features.transpose(1, 2).reshape(pixels.shape[0], -1, *grid)
+    features = vit.project(visual, dense_block(last, x, head, grid))[:, 1:]
+    embedding = vit.project(visual, vit.block_forward(last, x)[:, :1])[:, 0]
+    return features.transpose(1, 2).reshape(pixels.shape[0], -1, *grid), embedding
 
 
 def grid_cells(rng: random.Random, count: int) -> list[tuple[float, float, float, float]]:
@@ -219,7 +229,7 @@ def _loss(model, teacher, batch, text, label_index, mean, std, cfg, native, rng)
     device = text.device
     boxed = [letterbox(c.image, cfg.size, mean, std) for c in batch]
     pixels = torch.stack([pixels for pixels, _ in boxed]).to(device)
-    dense = dense_map(model, pixels)  # [B, E, h, w]
+    dense, embedding = student_outputs(model, pixels, cfg.dense_head)  # [B, E, h, w], [B, E]
     grid = tuple(dense.shape[-2:])
     rois, teacher_inputs, sup_terms, pix_terms = [], [], [], []
     for b, correction in enumerate(batch):
@@ -265,6 +275,7 @@ def _loss(model, teacher, batch, text, label_index, mean, std, cfg, native, rng)
                 sup_terms.append(F.cross_entropy(best[candidates][None], first))
     with torch.no_grad():
         targets = F.normalize(vit.encode_tokens(teacher, torch.cat(teacher_inputs))[:, 0].float(), dim=-1)
+        held = F.normalize(vit.encode_tokens(teacher, pixels)[:, 0].float(), dim=-1) if cfg.global_weight else None
     pooled = roi_align(dense.float(), torch.tensor(rois, dtype=torch.float32, device=device), (1, 1), aligned=True)
     loss_self = 1 - F.cosine_similarity(pooled.flatten(1), targets, dim=-1).mean()
     loss = loss_self
@@ -272,6 +283,8 @@ def _loss(model, teacher, batch, text, label_index, mean, std, cfg, native, rng)
         loss = loss + cfg.sup_weight * torch.stack(sup_terms).mean()
     if pix_terms:
         loss = loss + cfg.pix_weight * torch.stack(pix_terms).mean()
+    if held is not None:
+        loss = loss + cfg.global_weight * (1 - F.cosine_similarity(embedding.float(), held, dim=-1).mean())
     return loss
 
 

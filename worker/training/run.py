@@ -3,7 +3,8 @@
 1. pull the project's current annotations from Label Studio and fetch their images;
 2. hold out a fifth of the corrected tasks (by task id, so reruns hold out the same ones);
 3. fine-tune the active version's ViT with CLIPSelf + the supervised terms (teacher: the base);
-4. when enough corrected masks exist, train a ZegCLIP head on the new ViT;
+4. when enough corrected masks exist, train a ZegCLIP head on the new ViT (``ZEGCLIP_EPOCHS``
+   passes over four fifths of them; its "no label" floor is set on the other fifth);
 5. fit the few-shot adapter and tag thresholds on the new ViT (``adapt.py``);
 6. measure the candidate and the active version on the held-out tasks, save the candidate as a
    new version with that report, and make it active only if the gate passes.
@@ -30,7 +31,7 @@ from worker.training.clipself import CLIPSelfConfig, train_clipself
 from worker.training.corrections import Correction, fetch_images, mask_labels, pull_corrections, split
 from worker.training.evaluate import judge
 from worker.training.loop import ShouldStop, check_stop
-from worker.training.zegclip import TrainingSample, calibrate_threshold, train_zegclip
+from worker.training.zegclip import TrainingSample, calibrate_threshold, calibration_split, schedule, train_zegclip
 from worker.vocabulary import ClassBank
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,8 @@ def run_training(
     text = base.text.classes(bank.synonyms).to(base.bundle.device)
     index = {label.name: bank.index[label.texts] for label in labels}
 
-    cfg = CLIPSelfConfig(steps=settings.train_steps, lr=settings.train_lr, size=settings.image_size)
+    cfg = CLIPSelfConfig(steps=settings.train_steps, lr=settings.train_lr, size=settings.image_size,
+                         dense_head=settings.dense_head)  # fmt: skip
     weights, report = train_clipself(
         active.bundle.visual, base.bundle.visual, parts.train, text, index, base.bundle.mean, base.bundle.std, cfg,
         progress=lambda step, loss: progress("clipself", step + 1, cfg.steps, loss), should_stop=should_stop,
@@ -79,17 +81,20 @@ def run_training(
     curves = {"clipself": thin(report.losses)}  # for the dashboard
     masks = [c for c in parts.train if c.mask is not None and ((c.mask > 0) & (c.mask < 255)).any()]
     if names and len(masks) >= settings.zegclip_min_masks:
-        samples = [TrainingSample(c.image, c.mask, c.mask_labels) for c in masks]
+        samples, aside = calibration_split([TrainingSample(c.image, c.mask, c.mask_labels) for c in masks],
+                                           settings.train_holdout)  # fmt: skip
         words = {label.name: label.texts for label in labels}
         texts = [words.get(name, (name,)) for name in names]  # as the predictor will ask the head
+        steps = schedule(len(samples), settings.zegclip_epochs, settings.zegclip_max_steps)
         head, zeg_report = train_zegclip(
-            candidate.bundle, samples, list(names), steps=settings.train_steps, size=settings.image_size,
-            progress=lambda step, loss: progress("zegclip", step + 1, settings.train_steps, loss),
+            candidate.bundle, samples, list(names), steps=steps, size=settings.image_size,
+            progress=lambda step, loss: progress("zegclip", step + 1, steps, loss),
             should_stop=should_stop, texts=texts,
         )  # fmt: skip
         check_stop(should_stop, "before calibrating the ZegCLIP head")
-        calibrate_threshold(candidate.bundle, head, samples, list(names), settings.image_size, texts)
-        head_meta = {"classes": list(names), "steps": zeg_report.steps, "masks": len(masks)}
+        floor = calibrate_threshold(candidate.bundle, head, aside, list(names), settings.image_size, texts)
+        head_meta = {"classes": list(names), "steps": zeg_report.steps, "masks": len(samples),
+                     "calibration_masks": len(aside), "floor": floor}  # fmt: skip
         curves["zegclip"] = thin(zeg_report.losses)
         candidate = base.with_weights(visual, head)
 

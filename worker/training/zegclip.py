@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -75,13 +76,35 @@ def _crop(sample: TrainingSample, classes: Sequence[str], size: int, rng: random
     return to_pixels(image, (size, size), bundle.mean, bundle.std), torch.from_numpy(target.astype(np.int64).copy())
 
 
+#: Images per ZegCLIP training step.
+BATCH_SIZE = 8
+
+
+def schedule(samples: int, epochs: float, max_steps: int, batch_size: int = BATCH_SIZE) -> int:
+    """Steps for ``epochs`` passes over ``samples`` corrected masks, at most ``max_steps``: ZegCLIP
+    trains Pascal VOC for 20k steps of 16 images over 10,582 (about 30 passes), so a project's head
+    trains in proportion to the masks it has, not for a fixed count."""
+    return max(1, min(max_steps, math.ceil(epochs * samples / batch_size)))
+
+
+def calibration_split(samples: Sequence[TrainingSample], fraction: float) -> tuple[list, list]:
+    """About ``fraction`` of ``samples`` (every n-th, at least one once there are two) kept aside to
+    set the head's "no label" floor on masks it never trained on, and the rest to train on."""
+    if len(samples) < 2:
+        return list(samples), []
+    every = max(2, round(1 / fraction))
+    aside = [s for i, s in enumerate(samples) if i % every == every - 1] or [samples[-1]]
+    kept = {id(s) for s in aside}
+    return [s for s in samples if id(s) not in kept], aside
+
+
 def train_zegclip(
     bundle: ClipBundle,
     samples: Sequence[TrainingSample],
     classes: Sequence[str],
     cfg: ZegCLIPConfig | None = None,
     steps: int = 2000,
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     lr: float = 2e-4,
     size: int = 448,
     seed: int = 0,
@@ -164,8 +187,12 @@ def calibrate_threshold(
     bundle: ClipBundle, model: ZegCLIP, samples: Sequence[TrainingSample], classes: Sequence[str], size: int,
     texts: Sequence[Sequence[str]] | None = None,
 ) -> float:  # fmt: skip
-    """Set the head's "no label" floor to the one that fits the corrected masks best: focal loss
-    keeps sigmoid scores low, so a fixed 0.5 can leave a useful head drawing nothing."""
+    """Set the head's "no label" floor to the one that fits ``samples`` best: focal loss keeps
+    sigmoid scores low, so a fixed 0.5 can leave a useful head drawing nothing. ZegCLIP itself
+    gives every pixel a class; a project's masks need "none". Pass masks the head did not train
+    on (``calibration_split``): on its own training masks it is overconfident."""
+    if not samples:
+        return model.cfg.mask_threshold  # nothing to calibrate on: the configured floor stays
     scored = _probabilities(bundle, model, samples, classes, size, texts)
     best = max(THRESHOLDS, key=lambda t: _mean_iou(scored, len(classes), t))
     model.cfg = dataclasses.replace(model.cfg, mask_threshold=best)
