@@ -168,13 +168,19 @@ def dense_maps(
 
 
 @torch.no_grad()
-def zegclip_maps(bench: Bench, model: ZegCLIP, held_out: Sequence[Scene], tags: np.ndarray) -> list:
-    text = bench.text.classes([(s,) for s in SHAPES])
+def zegclip_maps(
+    bench: Bench, model: ZegCLIP, held_out: Sequence[Scene], tags: np.ndarray, kind: str = "shape"
+) -> list:
+    """Predicted class maps from a ZegCLIP head, for the classes ``tags`` [N, C] gives each scene."""
+    text = bench.text.classes([(name,) for name in KINDS[kind]])
     maps = []
     for start in range(0, len(held_out), bench.batch_size):
         logits = model(bench.bundle.visual, bench.pixels(held_out[start : start + bench.batch_size]), text)
         for b in range(logits.shape[0]):
             ids = list(np.flatnonzero(tags[start + b]))
+            if not ids:  # no class: nothing drawn
+                maps.append(class_map([], ids))
+                continue
             floor = model.cfg.mask_threshold
             masks = dense.masks_from_logits(logits[b, ids], len(ids), (SIZE, SIZE), MIN_AREA, "sigmoid", floor)
             maps.append(class_map(masks, ids))
