@@ -47,16 +47,18 @@ def create_app(settings: Settings | None = None) -> Flask:
         # Unauthenticated, the backend serves this machine only (see backend/cli.py); a web page
         # that rebinds its own name to 127.0.0.1 still sends its name as Host, and is refused.
         app.config["TRUSTED_HOSTS"] = trusted_hosts(settings)
+    project_settings = ProjectSettings(settings, connection)
+    training = TrainingScheduler(settings, connection, registry, project_settings) if connection is not None else None
     app.extensions["prelabel"] = State(
         settings=settings,
         connection=connection,
         runner=runner,
         server=Server(settings, runner, cache, feedback.remember_predictions if feedback is not None else None),
         registry=registry,
-        training=TrainingScheduler(settings, connection, registry) if connection is not None else None,
+        training=training,
         feedback=feedback,
         securer=WebhookSecurer(settings),
-        project_settings=ProjectSettings(settings, connection),
+        project_settings=project_settings,
     )
     app.before_request(lambda: check_request(request, settings))
     for blueprint in (protocol.bp, admin.bp, metrics.bp, dashboard.bp):

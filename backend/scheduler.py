@@ -16,6 +16,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from backend.job_index import remember_job
+from backend.project_settings import ProjectSettings
 from common import keys
 from common.errors import NotFound
 from common.jobs import ADAPT_FUNCTION, ADAPT_QUEUE, TRAIN_FUNCTION, TRAIN_QUEUE, AllowListedJob, TrainJob
@@ -36,8 +37,11 @@ class TrainingScheduler:
     """Enqueues training runs on the ``train`` queue and few-shot learner jobs on ``adapt``,
     deduplicated per project."""
 
-    def __init__(self, settings: Settings, connection: redis.Redis, registry: Registry) -> None:
+    def __init__(
+        self, settings: Settings, connection: redis.Redis, registry: Registry, project_settings: ProjectSettings
+    ) -> None:
         self.settings = settings
+        self.project_settings = project_settings
         self.connection = connection
         self.registry = registry
         self.queue = Queue(TRAIN_QUEUE, connection=connection, serializer=JSONSerializer, job_class=AllowListedJob)
@@ -72,6 +76,7 @@ class TrainingScheduler:
             brushes=spec.brushes,
             regions=spec.regions,
             trigger=trigger,
+            project_settings=self.project_settings.get(project),  # learners fit what the project is served
         ).to_dict()
 
     def enqueue(self, project: str, spec: LabelSpec, trigger: str) -> tuple[Job, bool]:

@@ -270,7 +270,7 @@ def small_label_sets(
     rng = np.random.default_rng(seed)
     prepared = list(predictor.prepare([s.image for s in held_out]))
     pool_prepared = list(predictor.prepare([s.image for s in pool]))
-    pool_features = predictor.dense_features(pool_prepared)
+    pool_features = predictor.region_features(pool_prepared)
     out: dict = {}
     for kind, names in KINDS.items():
         for n in SMALL_SETS:
@@ -281,13 +281,15 @@ def small_label_sets(
                 scores, embeddings = predictor.label_scores(pool_prepared, [ClassLabel(x, (x,)) for x in labels])
             truth = np.array([[x in _present(s, kind, labels) for x in labels] for s in pool])
             regions = [_region_sample(s, kind, labels, *f) for s, f in zip(pool, pool_features, strict=True)]
-            text, background = predictor.mask_text([ClassLabel(x, (x,)) for x in labels])
+            project = [ClassLabel(x, (x,)) for x in labels]
+            text, background = predictor.mask_text(project, project)
             order, default = rng.permutation(len(pool)), predictor.settings.tag_min_score
             for k in ks:
                 chosen = order[:k]
                 few_shot = fit(scores[chosen], embeddings[chosen], truth[chosen], labels, default).few_shot
                 tags_only = project_figures(predictor.with_few_shot(few_shot), held_out, prepared, kind, labels)
-                prototypes, _ = fit_prototypes([regions[i] for i in chosen], text, background, labels)
+                prototypes, _ = fit_prototypes([regions[i] for i in chosen], text, background, labels,
+                                               predictor.dense_kind)  # fmt: skip
                 adapted = predictor.with_few_shot(dataclasses.replace(few_shot, prototypes=prototypes))
                 figures[f"after {k}"] = {
                     **(project_figures(adapted, held_out, prepared, kind, labels) if prototypes else tags_only),

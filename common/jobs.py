@@ -300,6 +300,7 @@ class TrainJob:
     brushes: tuple[BrushControl, ...]
     trigger: str  # start_training | corrections | schedule
     regions: tuple[RegionControl, ...] = ()
+    project_settings: dict[str, Any] = field(default_factory=dict)  # the project's extra_params, as predictions'
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -314,4 +315,5 @@ class TrainJob:
             brushes=tuple(BrushControl.from_dict(x) for x in d["brushes"]),
             trigger=d["trigger"],
             regions=tuple(RegionControl.from_dict(x) for x in d.get("regions", ())),
+            project_settings=dict(d.get("project_settings") or {}),
         )

@@ -153,6 +153,8 @@ class Settings:
             raise SettingsError(f"MASK_MIN_AREA={self.mask_min_area} must be a fraction of the image in [0, 1).")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise SettingsError("Set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither.")
+        if not 0 < self.zegclip_epochs <= 1000:  # a NaN or an infinity too
+            raise SettingsError(f"ZEGCLIP_EPOCHS={self.zegclip_epochs} must be a number of passes in (0, 1000].")
         if not 0 < self.train_holdout < 1:
             raise SettingsError(f"TRAIN_HOLDOUT={self.train_holdout} must be a fraction in (0, 1).")
         if self.fetch_threads < 0:

@@ -122,7 +122,7 @@ def test_presence_reads_tags_masks_and_boxes():
 def test_region_prototypes_blend_a_label_s_text_with_its_prototype():
     torch.manual_seed(0)
     text, prototypes = torch.randn(3, 8), F.normalize(torch.randn(2, 8), dim=-1)
-    regions = RegionPrototypes(("cat", "dog"), prototypes, None, 0.25)
+    regions = RegionPrototypes(("cat", "dog"), prototypes, None, 0.25, ("cat", "dog"), "clearclip")
     out = regions.blend(["dog", "bird", "cat"], text)
     t = F.normalize(text, dim=-1)
     assert torch.allclose(out[0], F.normalize(0.75 * t[0] + 0.25 * prototypes[1], dim=0), atol=1e-6)
@@ -160,16 +160,35 @@ def _clustered(count: int, seed: int) -> list[RegionSample]:
 
 def test_prototypes_draw_the_masks_text_cannot_and_are_fitted_left_out():
     text, background = torch.eye(8)[[3, 4]], torch.eye(8)[[5]]
-    prototypes, scores = fit_prototypes(_clustered(10, 0), text, background, ["a", "b"])
+    prototypes, scores = fit_prototypes(_clustered(10, 0), text, background, ["a", "b"], "clearclip")
     assert prototypes is not None and prototypes.gamma > 0
     assert scores[prototypes.gamma] > 0.9 > scores[0.0] + 0.3
     assert prototypes.labels == ("a", "b")
     assert prototypes.prototypes.argmax(dim=1).tolist() == [0, 1] and int(prototypes.background.argmax()) == 2
 
 
+def test_prototypes_serve_only_the_features_and_labels_they_were_fitted_on():
+    regions = RegionPrototypes(("cat",), torch.eye(4)[:1], None, 0.5, ("cat", "dog"), "clearclip+sliding")
+    assert regions.serves("clearclip+sliding", ["cat", "dog"]) and regions.serves("clearclip+sliding", ["dog"])
+    assert not regions.serves("naclip+sliding", ["cat"])  # another head: another feature space
+    assert not regions.serves("clearclip", ["cat"])  # the whole image on the trunk: other features
+    assert not regions.serves("clearclip+sliding", ["cat", "bird"])  # "bird" came later: its pixels were left
+
+
+def test_a_task_tagged_with_a_label_it_has_no_region_of_says_nothing_of_its_pixels():
+    mask = np.zeros((4, 4), dtype=np.uint8)
+    mask[:2] = 1  # "a" painted; "b" tagged, never painted
+    tagged = Correction(1, None, {"tags": {"a", "b"}}, mask=mask, mask_labels=("a", "b"))
+    assert set(patch_targets(tagged, ["a", "b"], (2, 2)).tolist()) == {0, UNKNOWN}
+    painted = Correction(1, None, {"tags": {"a"}}, mask=mask, mask_labels=("a", "b"))
+    assert set(patch_targets(painted, ["a", "b"], (2, 2)).tolist()) == {0, NO_LABEL}
+    many = Correction(1, None, mask=mask, mask_labels=tuple(f"l{i}" for i in range(600)))  # more than a mask holds
+    assert set(patch_targets(many, ["l0"], (2, 2)).tolist()) == {0, NO_LABEL}
+
+
 def test_a_single_corrected_image_cannot_vouch_for_its_own_regions():
     text, background = torch.eye(8)[[3, 4]], torch.eye(8)[[5]]
-    prototypes, scores = fit_prototypes(_clustered(1, 0), text, background, ["a", "b"])
+    prototypes, scores = fit_prototypes(_clustered(1, 0), text, background, ["a", "b"], "clearclip")
     assert prototypes is None  # left out, it has no other image: every weight draws what text draws
     assert len(set(scores.values())) == 1
 
@@ -209,15 +228,18 @@ def test_a_version_carries_its_adapter_and_thresholds(adapter_setup, tmp_path):
                          ("cat", "dog"), 0.5, 3.0)  # fmt: skip
     dim = base.bundle.visual.output_dim
     regions = RegionPrototypes(("dog",), F.normalize(torch.randn(1, dim), dim=-1), F.normalize(torch.randn(dim), dim=0),
-                               0.75)  # fmt: skip
+                               0.75, ("cat", "dog"), "clearclip+sliding")  # fmt: skip
     info = registry.add(UID, lambda d: write_version(d, {}, None, {}, FewShot({"cat": 0.12}, adapter, regions)))
     loaded = read_version(registry, UID, info.version, base.bundle.visual).few_shot
     assert loaded.thresholds == {"cat": 0.12}
     assert loaded.adapter is not None and loaded.adapter.labels == ("cat", "dog") and loaded.adapter.beta == 3.0
     assert torch.equal(loaded.adapter.keys, adapter.keys)
     assert loaded.prototypes is not None and loaded.prototypes.labels == ("dog",) and loaded.prototypes.gamma == 0.75
+    assert loaded.prototypes.painted == ("cat", "dog") and loaded.prototypes.features == "clearclip+sliding"
     assert torch.equal(loaded.prototypes.prototypes, regions.prototypes)
     assert torch.equal(loaded.prototypes.background, regions.background)
+    regions_file = registry.version_dir(UID, info.number) / "regions.safetensors"
+    assert regions_file.is_file()
     only_tags = registry.add(UID, lambda d: write_version(d, {}, None, {}, FewShot({}, adapter)))
     assert read_version(registry, UID, only_tags.version, base.bundle.visual).few_shot.prototypes is None
     config = registry.version_dir(UID, info.number) / ADAPTER_CONFIG
@@ -352,6 +374,9 @@ def test_corrections_queue_one_few_shot_job_at_a_time_and_a_worker_runs_it(make_
 
     settings = make_settings(redis_url=redis_url, adapt_every=2, train_every=0)
     client = create_app(settings).test_client()
+    # the project's own settings travel with its learners' jobs, so they fit what it is served
+    setup = {"project": UID, "schema": _project()["label_config"], "extra_params": {"DENSE_HEAD": "naclip"}}
+    assert client.post("/setup", json=setup).status_code == 200
 
     def webhook(annotation_id: int) -> dict:
         body = {"action": "ANNOTATION_CREATED", "project": _project(), "annotation": _annotation(annotation_id, 7)}
@@ -366,6 +391,8 @@ def test_corrections_queue_one_few_shot_job_at_a_time_and_a_worker_runs_it(make_
     connection = redis.Redis.from_url(redis_url)
     queue = Queue(ADAPT_QUEUE, connection=connection, serializer=JSONSerializer, job_class=AllowListedJob)
     assert queue.job_ids == [first]
+    queued = AllowListedJob.fetch(first, connection=connection, serializer=JSONSerializer)
+    assert queued.args[0]["project_settings"] == {"DENSE_HEAD": "naclip"}
     # a worker takes it (here in a process with no model: it fails, and a new one may be queued;
     # test_e2e.py runs the whole loop with Label Studio)
     worker = SimpleWorker([queue], connection=connection, serializer=JSONSerializer, job_class=AllowListedJob)

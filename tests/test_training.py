@@ -219,8 +219,8 @@ def test_a_training_run_saves_a_version_with_its_report_and_promotes_it(trainer)
     assert (registry.version_dir(UID, 1) / "zegclip" / "zegclip.safetensors").is_file()
     assert {"collecting corrections", "clipself", "zegclip", "evaluating"} <= set(stages)
     head = info.config["zegclip"]  # trained in passes over four fifths of its masks, its floor set on the rest
-    assert head["calibration_masks"] >= 1 and head["masks"] + head["calibration_masks"] <= len(info.trained_on)
-    assert head["steps"] == schedule(head["masks"], settings.zegclip_epochs, settings.zegclip_max_steps)
+    assert head["calibration_masks"] >= 1 and head["train_masks"] + head["calibration_masks"] <= len(info.trained_on)
+    assert head["steps"] == schedule(head["train_masks"], settings.zegclip_epochs, settings.zegclip_max_steps)
     assert info.config["clipself"]["dense_head"] == settings.dense_head
 
 

@@ -7,9 +7,9 @@ writes and reads the tensors inside a version's directory (and a ZegCLIP head an
     v<N>/visual.safetensors        the trained blocks, keyed as in the ViT's state_dict (none: the base's)
     v<N>/zegclip/zegclip.safetensors + zegclip.json   the head's prompts and decoder, its config
     v<N>/adapter.json              per-label tag thresholds, the tag cache's labels, alpha, beta,
-                                   the region prototypes' labels and gamma
-    v<N>/adapter.safetensors       the tag cache: keys (image embeddings) and values (labels); the
-                                   region prototypes and the "no label" one
+                                   and under "regions" the region prototypes' labels and gamma
+    v<N>/adapter.safetensors       the tag cache: keys (image embeddings) and values (labels)
+    v<N>/regions.safetensors       the region prototypes and the "no label" one
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import torch
+import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -36,6 +38,7 @@ HEAD_WEIGHTS = "zegclip.safetensors"
 HEAD_CONFIG = "zegclip.json"
 ADAPTER_CONFIG = "adapter.json"
 ADAPTER_CACHE = "adapter.safetensors"
+REGION_CACHE = "regions.safetensors"
 
 
 class LoadedVersion(NamedTuple):
@@ -72,18 +75,19 @@ def write_adapter(directory: Path, few_shot: FewShot) -> None:
     if adapter is None and prototypes is None and not few_shot.thresholds:
         return
     config: dict[str, Any] = {"thresholds": dict(few_shot.thresholds)}
-    cache: dict[str, Tensor] = {}
     if adapter is not None:
-        cache |= {"keys": adapter.keys, "values": adapter.values}
+        _save(directory / ADAPTER_CACHE, {"keys": adapter.keys, "values": adapter.values})
         config |= {"labels": list(adapter.labels), "alpha": adapter.alpha, "beta": adapter.beta}
     if prototypes is not None:
-        cache["prototypes"] = prototypes.prototypes
-        if prototypes.background is not None:
-            cache["background"] = prototypes.background
-        config |= {"region_labels": list(prototypes.labels), "gamma": prototypes.gamma}
-    if cache:
-        save_file({k: v.float().contiguous().cpu() for k, v in cache.items()}, str(directory / ADAPTER_CACHE))
+        background = {} if prototypes.background is None else {"background": prototypes.background}
+        _save(directory / REGION_CACHE, {"prototypes": prototypes.prototypes, **background})
+        config["regions"] = {"labels": list(prototypes.labels), "gamma": prototypes.gamma,
+                             "painted": list(prototypes.painted), "features": prototypes.features}  # fmt: skip
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def _save(path: Path, tensors: dict[str, Tensor]) -> None:
+    save_file({k: v.float().contiguous().cpu() for k, v in tensors.items()}, str(path))
 
 
 def carry_over(source: Path | None, directory: Path) -> None:
@@ -129,14 +133,13 @@ def read_adapter(directory: Path, embed_dim: int) -> FewShot:
     thresholds = {str(k): float(v) for k, v in config.get("thresholds", {}).items()}
     if not all(math.isfinite(t) for t in thresholds.values()):
         raise ValueError(f"The tag thresholds in {directory} are not all finite numbers.")
-    cache = load_file(str(directory / ADAPTER_CACHE)) if (directory / ADAPTER_CACHE).is_file() else {}
-    return FewShot(thresholds, _tag_cache(directory, cache, config, embed_dim),
-                   _region_cache(directory, cache, config, embed_dim))  # fmt: skip
+    return FewShot(thresholds, _tag_cache(directory, config, embed_dim), _region_cache(directory, config, embed_dim))
 
 
-def _tag_cache(directory: Path, cache: dict[str, Tensor], config: dict, embed_dim: int) -> TipAdapter | None:
-    if "keys" not in cache:
+def _tag_cache(directory: Path, config: dict, embed_dim: int) -> TipAdapter | None:
+    if not (directory / ADAPTER_CACHE).is_file():
         return None
+    cache = load_file(str(directory / ADAPTER_CACHE))
     keys, values, labels = cache["keys"], cache["values"], tuple(config["labels"])
     alpha, beta = float(config["alpha"]), float(config["beta"])
     if keys.ndim != 2 or keys.shape[1] != embed_dim or values.shape != (keys.shape[0], len(labels)):
@@ -146,16 +149,23 @@ def _tag_cache(directory: Path, cache: dict[str, Tensor], config: dict, embed_di
     return TipAdapter(keys, values, labels, alpha, beta)
 
 
-def _region_cache(directory: Path, cache: dict[str, Tensor], config: dict, embed_dim: int) -> RegionPrototypes | None:
-    if "prototypes" not in cache:
+def _region_cache(directory: Path, config: dict, embed_dim: int) -> RegionPrototypes | None:
+    if not (directory / REGION_CACHE).is_file():
         return None
-    prototypes, background = cache["prototypes"], cache.get("background")
-    labels, gamma = tuple(config["region_labels"]), float(config["gamma"])
+    cache, meta = load_file(str(directory / REGION_CACHE)), config.get("regions")
+    prototypes, background = cache.get("prototypes"), cache.get("background")
+    if not isinstance(meta, dict) or prototypes is None:
+        raise ValueError(f"The region prototypes in {directory} have no labels or no prototypes.")
+    labels, painted = tuple(map(str, meta.get("labels", ()))), tuple(map(str, meta.get("painted", ())))
+    gamma, features = float(meta.get("gamma", 0)), str(meta.get("features", ""))
     if prototypes.shape != (len(labels), embed_dim) or (background is not None and background.shape != (embed_dim,)):
         raise ValueError(f"The region prototypes in {directory} were built for another model or label set.")
-    if not 0 < gamma <= 1:
-        raise ValueError(f"The region prototypes in {directory} have gamma {gamma} out of range.")
-    return RegionPrototypes(labels, prototypes, background, gamma)
+    if not 0 < gamma <= 1 or not set(labels) <= set(painted):
+        raise ValueError(f"The region prototypes in {directory} have gamma {gamma} out of range or unknown labels.")
+    if not torch.isfinite(prototypes).all() or (background is not None and not torch.isfinite(background).all()):
+        raise ValueError(f"The region prototypes in {directory} are not all finite numbers.")
+    background = None if background is None else F.normalize(background, dim=0)
+    return RegionPrototypes(labels, F.normalize(prototypes, dim=-1), background, gamma, painted, features)
 
 
 def save_head(model: ZegCLIP, directory: Path, meta: dict[str, Any]) -> None:

@@ -39,7 +39,7 @@ from common.settings import Settings
 from worker.fetch import ImageFetcher
 from worker.images import PixelBudget, decode_for_model
 from worker.model import dense, vit
-from worker.model.adapter import FewShot
+from worker.model.adapter import FewShot, dense_kind
 from worker.model.bundle import ClipBundle, autocast
 from worker.model.preprocess import to_pixels, working_size
 from worker.model.selection import TagRule, select_tags
@@ -332,10 +332,15 @@ class Predictor:
         p = vit.patch_size(visual)
         grid = (pixels.shape[-2] // p, pixels.shape[-1] // p)
         if tokens is None:
-            tokens = run_trunk(self.bundle, pixels, self.config).tokens
+            tokens = vit.run_blocks(visual, vit.embed(visual, pixels), range(len(visual.transformer.resblocks) - 1))
         return dense.dense_features(visual, tokens, grid, head)
 
-    def dense_features(self, images: Sequence[Prepared]) -> list[tuple[Tensor, tuple[int, int]]]:
+    @property
+    def dense_kind(self) -> str:
+        """Which dense features training-free masks are drawn from (``DENSE_HEAD``, sliding or not)."""
+        return dense_kind(self.settings.dense_head, self.settings.dense_sliding)
+
+    def region_features(self, images: Sequence[Prepared]) -> list[tuple[Tensor, tuple[int, int]]]:
         """Each image's [h*w, E] training-free dense features (on the CPU) and patch grid, as masks
         are drawn from them: what the few-shot learner's region prototypes are made of."""
         out: dict[int, tuple[Tensor, tuple[int, int]]] = {}
@@ -348,11 +353,11 @@ class Predictor:
                     out[i] = (features.float().cpu(), grid)
         return [out[i] for i in range(len(images))]
 
-    def mask_text(self, labels: Sequence[ClassLabel]) -> tuple[Tensor, Tensor]:
-        """[L, E] text embeddings of ``labels`` and [B, E] of the background words that training-free
-        masks compete with (on the CPU)."""
+    def mask_text(self, labels: Sequence[ClassLabel], painted: Sequence[ClassLabel]) -> tuple[Tensor, Tensor]:
+        """[P, E] text embeddings of the ``painted`` labels and [B, E] of the background words their
+        training-free masks compete with in a job of ``labels`` (on the CPU)."""
         bank, text, mask_rows = self._vocabulary(labels)
-        rows = [bank.index[label.texts] for label in labels]
+        rows = [bank.index[label.texts] for label in painted]
         return text[rows].float().cpu(), text[mask_rows[bank.n_labels :]].float().cpu()
 
     @contextlib.contextmanager
@@ -393,18 +398,17 @@ class Predictor:
                 masks = dense.masks_from_logits(scores.zegclip[rows], len(rows), size, min_area, "sigmoid", floor)
             else:  # softmax against the background words, which win "none"
                 assert scores.dense is not None, "dense features are computed for jobs with masks, boxes or polygons"
-                classes = torch.cat([self._region_text(labels, text[rows]), text[bank.n_labels :]])
-                if self.few_shot.prototypes is not None:  # corrected "no label" pixels compete too
-                    classes = torch.cat([classes, self.few_shot.prototypes.competitors(text.device)])
+                classes = torch.cat([text[rows], text[bank.n_labels :]])
+                regions = self.few_shot.prototypes
+                if regions is not None and regions.serves(self.dense_kind, [label.name for label in control_labels]):
+                    label_text = regions.blend([label.name for label in labels], text[rows]).to(text.dtype)
+                    # corrected "no label" pixels compete beside the background words
+                    classes = torch.cat(
+                        [label_text, text[bank.n_labels :], regions.competitors(text.device).to(text.dtype)]
+                    )
                 logits = dense.class_logits(scores.dense, classes, scores.grid)
                 masks = dense.masks_from_logits(logits, len(labels), size, min_area, image=pixels)
         return [(labels[m.index], m) for m in masks]
-
-    def _region_text(self, labels: Sequence[ClassLabel], text: Tensor) -> Tensor:
-        """The labels' text embeddings, blended with the version's region prototypes when it has them."""
-        if self.few_shot.prototypes is None:
-            return text
-        return self.few_shot.prototypes.blend([label.name for label in labels], text).to(text.dtype)
 
 
 def _ms_since(start: float) -> float:

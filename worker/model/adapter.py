@@ -65,6 +65,14 @@ class RegionPrototypes:
     prototypes: Tensor  # [L, E] normalised mean dense feature of each label's corrected regions
     background: Tensor | None  # [E] normalised mean feature of corrected "no label" pixels
     gamma: float  # weight of the prototype in a label's blended embedding, in (0, 1]
+    painted: tuple[str, ...]  # every label the corrected masks could hold when they were fitted
+    features: str  # the dense features they are means of (``dense_kind``): others are another space
+
+    def serves(self, features: str, labels: Sequence[str]) -> bool:
+        """Whether these prototypes apply to masks of ``labels`` drawn from ``features``: the same
+        dense features, and labels annotators could paint when they were fitted (the "no label"
+        prototype holds the pixels they left, which may be a newer label's)."""
+        return features == self.features and set(labels) <= set(self.painted)
 
     def blend(self, names: Sequence[str], text: Tensor) -> Tensor:
         """[n, E] text embeddings of labels ``names`` -> the embeddings masks are drawn with
@@ -83,6 +91,11 @@ class RegionPrototypes:
         if self.background is None:
             return torch.zeros(0, self.prototypes.shape[1], device=device)
         return self.background.to(device).float()[None]
+
+
+def dense_kind(head: str, sliding: bool) -> str:
+    """A name for the dense features a ``DENSE_HEAD`` computes with or without sliding windows."""
+    return f"{head}{'+sliding' if sliding else ''}"
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,9 @@ BETAS = (1.0, 3.0, 5.5, 10.0, 30.0)  # 5.5 is Tip-Adapter's default; sharper one
 GAMMAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 #: A patch's target in ``RegionSample``: no label applies; nothing is known.
 NO_LABEL, UNKNOWN = -1, -2
+#: Corrected masks the region prototypes are fitted on (the newest tasks): their dense features
+#: stay in memory while fitting (a few MB per photo at IMAGE_SIZE 448).
+REGION_SAMPLES = 100
 
 
 @dataclass(frozen=True)
@@ -137,11 +140,17 @@ def fit(scores: Tensor, embeddings: Tensor, truth: np.ndarray, names: Sequence[s
 
 def patch_targets(correction: Correction, names: Sequence[str], grid: tuple[int, int]) -> Tensor:
     """The corrected label at each patch centre of ``grid`` (h, w), flattened: its index in
-    ``names``, NO_LABEL, or UNKNOWN (unknown pixels, labels not fitted)."""
+    ``names``, NO_LABEL, or UNKNOWN (unknown pixels, labels not fitted). A task tagged (or boxed)
+    with a label it has no painted region of says nothing of where that label is: its unpainted
+    pixels are UNKNOWN, not NO_LABEL."""
     assert correction.mask is not None
     lookup = np.full(256, UNKNOWN, dtype=np.int64)
-    lookup[0] = NO_LABEL
-    for k, label in enumerate(correction.mask_labels, start=1):
+    painted = correction.mask_labels[:254]  # a uint8 mask holds no more (255: unknown)
+    present = np.unique(correction.mask)
+    drawn = {painted[k - 1] for k in present.tolist() if 0 < k <= len(painted)}
+    said = correction.all_tags | {label for label, _ in correction.boxes}
+    lookup[0] = UNKNOWN if (said - drawn) & set(names) else NO_LABEL
+    for k, label in enumerate(painted, start=1):
         lookup[k] = names.index(label) if label in names else UNKNOWN
     small = Image.fromarray(correction.mask).resize((grid[1], grid[0]), Image.Resampling.NEAREST)
     return torch.from_numpy(lookup[np.asarray(small)]).flatten()
@@ -152,10 +161,11 @@ def _region_sums(samples: Sequence[RegionSample], n_labels: int) -> tuple[Tensor
     ([n, L + 1, E], the last row no label), and how many patches each sum holds ([n, L + 1])."""
     sums, counts = [], []
     for sample in samples:
-        rows = [sample.target == label for label in range(n_labels)] + [sample.target == NO_LABEL]
-        member = torch.stack(rows).float()  # [L + 1, h*w]
-        sums.append(member @ sample.features.float())
-        counts.append(member.sum(dim=1))
+        row = torch.where(sample.target == NO_LABEL, n_labels, sample.target)  # UNKNOWN -> row -2, dropped
+        kept = sample.target != UNKNOWN
+        features = sample.features.float()[kept]
+        sums.append(torch.zeros(n_labels + 1, features.shape[1]).index_add_(0, row[kept], features))
+        counts.append(torch.zeros(n_labels + 1).index_add_(0, row[kept], torch.ones(len(features))))
     return torch.stack(sums), torch.stack(counts)
 
 
@@ -168,7 +178,7 @@ def _masks_iou(
     inter, union = torch.zeros(n_labels), torch.zeros(n_labels)
     total, total_counts = sums.sum(dim=0), counts.sum(dim=0)
     for i, sample in enumerate(samples):
-        present = [label for label in range(n_labels) if (sample.target == label).any()]
+        present = torch.nonzero(counts[i, :n_labels]).flatten().tolist()
         if not present:
             continue
         rows, others = F.normalize(text[present].float(), dim=-1), total_counts - counts[i]
@@ -191,11 +201,14 @@ def _masks_iou(
 
 
 def fit_prototypes(
-    samples: Sequence[RegionSample], text: Tensor, background: Tensor, names: Sequence[str]
+    samples: Sequence[RegionSample], text: Tensor, background: Tensor, names: Sequence[str], features: str
 ) -> tuple[RegionPrototypes | None, dict[float, float]]:
     """The region prototypes of ``names`` (text embeddings ``text`` [L, E], competing with the
     background words' ``background`` [B, E]) at the weight that draws the samples' masks best,
-    each left out in turn, and that mIoU per weight tried; None when text alone is as good."""
+    each left out in turn, and that mIoU per weight tried; None when text alone is as good.
+    ``features`` names the dense features the samples hold (``dense_kind``)."""
+    if not samples:
+        return None, {}
     sums, counts = _region_sums(samples, len(names))
     scores = {gamma: _masks_iou(samples, sums, counts, text, background, gamma) for gamma in GAMMAS}
     gamma = max(GAMMAS, key=lambda g: (scores[g], -g))  # the plainest among ties
@@ -205,7 +218,9 @@ def fit_prototypes(
         return None, scores
     prototypes = F.normalize(total[found], dim=-1)
     background_prototype = F.normalize(total[-1], dim=-1) if total_counts[-1] > 0 else None
-    return RegionPrototypes(tuple(names[i] for i in found), prototypes, background_prototype, gamma), scores
+    regions = RegionPrototypes(tuple(names[i] for i in found), prototypes, background_prototype, gamma, tuple(names),
+                               features)  # fmt: skip
+    return regions, scores
 
 
 def fit_adapter(
@@ -220,15 +235,15 @@ def fit_adapter(
     names = [label.name for label in labels]
     fitted = fit(scores, embeddings, presence(corrections, names), names, predictor.settings.tag_min_score)
     painted = [label for label in labels if label.name in mask_names]
-    with_masks = [i for i, c in enumerate(corrections) if c.mask is not None]
+    with_masks = [i for i, c in enumerate(corrections) if c.mask is not None][-REGION_SAMPLES:]
     if predictor.head is not None or not painted or not with_masks:
         return fitted  # a ZegCLIP head draws this version's masks, or there is nothing to fit
     region_names = [label.name for label in painted]
-    features = predictor.dense_features([prepared[i] for i in with_masks])
+    features = predictor.region_features([prepared[i] for i in with_masks])
     samples = [RegionSample(f, patch_targets(corrections[i], region_names, grid))
                for i, (f, grid) in zip(with_masks, features, strict=True)]  # fmt: skip
-    text, background = predictor.mask_text(painted)
-    prototypes, region_miou = fit_prototypes(samples, text, background, region_names)
+    text, background = predictor.mask_text(labels, painted)
+    prototypes, region_miou = fit_prototypes(samples, text, background, region_names, predictor.dense_kind)
     return dataclasses.replace(
         fitted, few_shot=dataclasses.replace(fitted.few_shot, prototypes=prototypes), region_miou=region_miou
     )

@@ -6,10 +6,10 @@ self-distillation we add what annotators told us:
 
     L = L_self + sup_weight * L_sup + pix_weight * L_pix + global_weight * L_global
 
-* D: the dense features the service serves masks from (``DENSE_HEAD``'s last block on blocks
-  0..L-2). CLIPSelf trains MaskCLIP's value path (residual and FFN kept); the service draws masks
-  with ClearCLIP's or NACLIP's, so training MaskCLIP's would change features nobody reads
-  (a deliberate departure, docs/algorithms.md);
+* D: the dense features of ``cfg.dense_head``'s last block on blocks 0..L-2. The paper trains
+  MaskCLIP's value path (residual and FFN kept, the config's default); the service passes its
+  ``DENSE_HEAD`` (ClearCLIP by default, no residual, no FFN), so training changes the features
+  masks are served from (a deliberate departure, docs/algorithms.md);
 * L_self: 1 - cos(RoIAlign(D, box), teacher(crop)) for each corrected region's box and each
   corrected RectangleLabels box (teacher crop with 1.5x context) and a few random grid cells
   (exact crops);

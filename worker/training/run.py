@@ -93,7 +93,7 @@ def run_training(
         )  # fmt: skip
         check_stop(should_stop, "before calibrating the ZegCLIP head")
         floor = calibrate_threshold(candidate.bundle, head, aside, list(names), settings.image_size, texts)
-        head_meta = {"classes": list(names), "steps": zeg_report.steps, "masks": len(samples),
+        head_meta = {"classes": list(names), "steps": zeg_report.steps, "train_masks": len(samples),
                      "calibration_masks": len(aside), "floor": floor}  # fmt: skip
         curves["zegclip"] = thin(zeg_report.losses)
         candidate = base.with_weights(visual, head)

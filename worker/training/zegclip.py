@@ -87,7 +87,9 @@ def schedule(samples: int, epochs: float, max_steps: int, batch_size: int = BATC
     return max(1, min(max_steps, math.ceil(epochs * samples / batch_size)))
 
 
-def calibration_split(samples: Sequence[TrainingSample], fraction: float) -> tuple[list, list]:
+def calibration_split(
+    samples: Sequence[TrainingSample], fraction: float
+) -> tuple[list[TrainingSample], list[TrainingSample]]:
     """About ``fraction`` of ``samples`` (every n-th, at least one once there are two) kept aside to
     set the head's "no label" floor on masks it never trained on, and the rest to train on."""
     if len(samples) < 2:
