@@ -345,7 +345,12 @@ def test_the_few_shot_learner_learns_a_project_s_masks_from_its_corrected_region
     summary = run_adaptation(base, registry, job, lambda *a: None, lambda: False, collect=_half_corrections)
     assert summary["status"] == "promoted", summary
     assert summary["metrics"]["candidate"]["mask_miou"] > summary["metrics"]["active"]["mask_miou"]
-    assert registry.get(UID, summary["version"]).config["regions"]["gamma"] > 0
+    regions = registry.get(UID, summary["version"]).config["regions"]
+    assert regions["gamma"] > 0 and regions["features"] == "clearclip+sliding"
+    # a project whose masks are drawn without sliding windows gets prototypes of those features
+    own = dataclasses.replace(job, project_settings={"DENSE_SLIDING": False})
+    summary = run_adaptation(base, registry, own, lambda *a: None, lambda: False, collect=_half_corrections)
+    assert registry.get(UID, summary["version"]).config["regions"]["features"] == "clearclip"
 
 
 def test_a_learner_never_undoes_a_version_promoted_while_it_ran(adapter_setup):

@@ -11,7 +11,14 @@ import torch
 from tests.conftest import shared_data
 from worker.model import dense, vit
 from worker.model.text import TextEmbedder
-from worker.training.clipself import CLIPSelfConfig, grid_cells, student_outputs, train_clipself, trainable_blocks
+from worker.training.clipself import (
+    CLIPSelfConfig,
+    grid_cells,
+    student_outputs,
+    train_clipself,
+    trainable_blocks,
+    trained_paths,
+)
 from worker.training.corrections import Correction
 from worker.training.loop import TrainingCancelled
 from worker.training.zegclip import load_voc_folder
@@ -76,7 +83,7 @@ def test_the_student_trains_the_features_the_service_serves(setup, head):
     embedding it holds is the one the predictor's tags read."""
     visual = setup[0].visual
     pixels = torch.randn(2, 3, 64, 48)
-    features, embedding = student_outputs(visual, pixels, head)
+    (features,), embedding = student_outputs(visual, pixels, [head])
     grid = (8, 6)
     trunk = vit.run_blocks(visual, vit.embed(visual, pixels), range(len(visual.transformer.resblocks) - 1))
     served = dense.dense_features(visual, trunk, grid, head)  # [B, h*w, E], as the predictor computes it
@@ -90,7 +97,8 @@ def test_with_clearclip_served_the_last_block_s_ffn_is_left_alone(setup):
     (CLIPSelf's own MaskCLIP path does), unless the class token's term needs them."""
     start = setup[0].visual.state_dict()
     ffn = [k for k in start if k.startswith("transformer.resblocks.5.mlp.")]
-    served, _ = _train(setup, CLIPSelfConfig(**{**CFG.__dict__, "dense_head": "clearclip", "global_weight": 0.0}))
+    only = {"dense_head": "clearclip", "global_weight": 0.0, "tag_path": False}
+    served, _ = _train(setup, CLIPSelfConfig(**{**CFG.__dict__, **only}))
     assert all(torch.equal(served[k], start[k]) for k in ffn)
     assert any(not torch.equal(served[k], start[k]) for k in served if k not in ffn)
     paper, _ = _train(setup, CLIPSelfConfig(**{**CFG.__dict__, "dense_head": "maskclip", "global_weight": 0.0}))
@@ -105,8 +113,8 @@ def _drift(setup, weights) -> float:
     bundle, corrections = setup[0], setup[1]
     pixels = torch.stack([letterbox(c.image, 64, bundle.mean, bundle.std)[0] for c in corrections])
     with torch.no_grad():
-        tuned = student_outputs(version_visual(bundle.visual, weights), pixels, "clearclip")[1]
-        base = student_outputs(bundle.visual, pixels, "clearclip")[1]
+        tuned = student_outputs(version_visual(bundle.visual, weights), pixels, [])[1]
+        base = student_outputs(bundle.visual, pixels, [])[1]
     return float(1 - torch.nn.functional.cosine_similarity(tuned, base).mean())
 
 
@@ -115,6 +123,12 @@ def test_the_class_token_is_held_where_the_base_model_had_it(setup):
     free, _ = _train(setup, CLIPSelfConfig(**{**cfg, "global_weight": 0.0}))
     held, _ = _train(setup, CLIPSelfConfig(**cfg))
     assert _drift(setup, held) < 0.5 * _drift(setup, free)
+
+
+def test_a_run_trains_the_served_path_and_the_one_tagclip_reads():
+    assert trained_paths(CLIPSelfConfig(dense_head="clearclip")) == ("clearclip", "maskclip")
+    assert trained_paths(CLIPSelfConfig(dense_head="naclip", tag_path=False)) == ("naclip",)
+    assert trained_paths(CLIPSelfConfig(dense_head="maskclip")) == ("maskclip",)  # the paper's, once
 
 
 def test_grid_cells_follow_clipself_splits():

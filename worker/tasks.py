@@ -89,9 +89,8 @@ def train(payload: dict[str, Any]) -> dict[str, Any]:
     job_progress = JobProgress(rq_job, f"train (project {job.project})")
     log.info("train job %s: project %s from %s (trigger %s)", rq_job.id if rq_job else "inline", job.project,
              job.model_version, job.trigger)  # fmt: skip
-    # the project's own settings (DENSE_HEAD, BACKGROUND_WORDS, ...): trained and fitted as it is served
-    base = models.get().for_project(job.project_settings)
-    active = models.for_version(job.model_version, job.project).for_project(job.project_settings)
+    base = models.get()
+    active = models.for_version(job.model_version, job.project)
     return run_training(base, active, registry, job, job_progress.report, job_progress.should_stop)
 
 
@@ -108,5 +107,5 @@ def adapt(payload: dict[str, Any]) -> dict[str, Any]:
     job_progress = JobProgress(rq_job, f"adapt (project {job.project})")
     log.info("adapt job %s: project %s from %s (trigger %s)", rq_job.id if rq_job else "inline", job.project,
              job.model_version, job.trigger)  # fmt: skip
-    active = models.for_version(job.model_version, job.project).for_project(job.project_settings)
+    active = models.for_version(job.model_version, job.project)
     return run_adaptation(active, registry, job, job_progress.report, job_progress.should_stop)

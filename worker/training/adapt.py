@@ -258,6 +258,7 @@ def fitted_config(fitted: Fitted) -> dict[str, Any]:
         "regions": {
             "gamma": prototypes.gamma if prototypes else 0.0,
             "labels": list(prototypes.labels) if prototypes else [],
+            "features": prototypes.features if prototypes else None,
             "left_out_miou": {str(gamma): round(miou, 4) for gamma, miou in fitted.region_miou.items()},
         } if fitted.region_miou else None,
     }  # fmt: skip
@@ -272,6 +273,7 @@ def run_adaptation(
     collect: Callable[..., list[Correction]] = pull_corrections,
 ) -> dict[str, Any]:
     """Fit, evaluate, save and maybe promote; returns the summary the job stores as its result."""
+    active = active.for_project(job.project_settings)  # fitted as the project is served
     settings = active.settings
     started = time.perf_counter()
     progress("collecting corrections", 0, 0, None)
@@ -301,7 +303,7 @@ def run_adaptation(
         promoted, reason = False, "no better than the active version on the held-out corrections"
 
     source = None
-    if job.model_version != settings.model_version:
+    if job.model_version != registry.base_version:  # a trained or fitted version: its files carry over
         info = registry.get(job.project, job.model_version)
         source = registry.version_dir(job.project, info.number)
 

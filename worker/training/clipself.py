@@ -9,7 +9,9 @@ self-distillation we add what annotators told us:
 * D: the dense features of ``cfg.dense_head``'s last block on blocks 0..L-2. The paper trains
   MaskCLIP's value path (residual and FFN kept, the config's default); the service passes its
   ``DENSE_HEAD`` (ClearCLIP by default, no residual, no FFN), so training changes the features
-  masks are served from (a deliberate departure, docs/algorithms.md);
+  masks are served from (a deliberate departure, docs/algorithms.md). With ``tag_path`` the
+  MaskCLIP path trains too, each term averaged over both: TagCLIP's local stage reads it (a last
+  block whose patches attend to themselves);
 * L_self: 1 - cos(RoIAlign(D, box), teacher(crop)) for each corrected region's box and each
   corrected RectangleLabels box (teacher crop with 1.5x context) and a few random grid cells
   (exact crops);
@@ -66,6 +68,7 @@ class CLIPSelfConfig:
     max_boxes: int = 8  # corrected boxes (weak labels) used per image and step
     size: int = 448  # training images: the longest side resized to this, padded black to a square
     dense_head: str = "maskclip"  # the dense path trained: CLIPSelf's; the service passes DENSE_HEAD
+    tag_path: bool = True  # also train the MaskCLIP path, which TagCLIP's local stage reads
     global_weight: float = 1.0  # weight of L_global (0: the class token is free to drift)
 
 
@@ -80,17 +83,25 @@ def block_state(visual: VisionTransformer, blocks: range) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in visual.state_dict().items() if k.startswith(prefixes)}
 
 
-def student_outputs(visual: VisionTransformer, pixels: Tensor, head: str) -> tuple[Tensor, Tensor]:
-    """One trunk pass (blocks 0..L-2) for both of the student's outputs: the dense features of
-    ``head``'s last block [B, E, h, w] and the plain last block's image embedding [B, E], each
+def student_outputs(visual: VisionTransformer, pixels: Tensor, heads: Sequence[str]) -> tuple[list[Tensor], Tensor]:
+    """One trunk pass (blocks 0..L-2) for all of the student's outputs: the dense features of each
+    of ``heads``' last block [B, E, h, w] and the plain last block's image embedding [B, E], each
     L2-normalised."""
     last = visual.transformer.resblocks[-1]
     x = vit.run_blocks(visual, vit.embed(visual, pixels), range(len(visual.transformer.resblocks) - 1))
     p = vit.patch_size(visual)
     grid = (pixels.shape[-2] // p, pixels.shape[-1] // p)
-    features = vit.project(visual, dense_block(last, x, head, grid))[:, 1:]
-    embedding = vit.project(visual, vit.block_forward(last, x)[:, :1])[:, 0]
-    return features.transpose(1, 2).reshape(pixels.shape[0], -1, *grid), embedding
+    maps = []
+    for head in heads:
+        features = vit.project(visual, dense_block(last, x, head, grid))[:, 1:]
+        maps.append(features.transpose(1, 2).reshape(pixels.shape[0], -1, *grid))
+    embedding = vit.project(visual, vit.block_forward(last, x))[:, 0]
+    return maps, embedding
+
+
+def trained_paths(cfg: CLIPSelfConfig) -> tuple[str, ...]:
+    """The dense paths a run trains: the served head's, and TagCLIP's (MaskCLIP's) with ``tag_path``."""
+    return tuple(dict.fromkeys((cfg.dense_head, *(("maskclip",) if cfg.tag_path else ()))))
 
 
 def grid_cells(rng: random.Random, count: int) -> list[tuple[float, float, float, float]]:
@@ -229,8 +240,8 @@ def _loss(model, teacher, batch, text, label_index, mean, std, cfg, native, rng)
     device = text.device
     boxed = [letterbox(c.image, cfg.size, mean, std) for c in batch]
     pixels = torch.stack([pixels for pixels, _ in boxed]).to(device)
-    dense, embedding = student_outputs(model, pixels, cfg.dense_head)  # [B, E, h, w], [B, E]
-    grid = tuple(dense.shape[-2:])
+    maps, embedding = student_outputs(model, pixels, trained_paths(cfg))  # each [B, E, h, w]; [B, E]
+    grid = tuple(maps[0].shape[-2:])
     rois, teacher_inputs, sup_terms, pix_terms = [], [], [], []
     for b, correction in enumerate(batch):
         cover = boxed[b][1]
@@ -245,40 +256,40 @@ def _loss(model, teacher, batch, text, label_index, mean, std, cfg, native, rng)
         teacher_inputs.append(teacher_crops(correction.image, crops, native, mean, std).to(device))
         student_boxes = [to_canvas(box, cover) for box in image_boxes]
         rois += [[b, x0 * grid[1], y0 * grid[0], x1 * grid[1], y1 * grid[0]] for x0, y0, x1, y1 in student_boxes]
-        features = dense[b]  # [E, h, w]
-        if mask is not None:
-            for k, _ in regions:
-                name = correction.mask_labels[k - 1]
-                sup_terms.append(
-                    _pooled_term(features, _area_weights(mask, k, grid).to(device), text, label_index[name])
-                )
-            targets = _patch_targets(mask, grid).to(device).flatten()
-            lookup = torch.full((256,), -100, dtype=torch.long, device=device)
-            for k, name in enumerate(correction.mask_labels, start=1):
-                lookup[k] = label_index[name]
-            labelled = lookup[targets]
-            if (labelled >= 0).any():
-                logits = 50 * features.flatten(1).T @ text.T  # [h*w, C]
-                pix_terms.append(F.cross_entropy(logits, labelled, ignore_index=-100))
-        for name, extent in weak:  # a box says its label is inside it: pooled over the box
-            weights = _box_weights(to_canvas(extent, cover), grid).to(device)
-            sup_terms.append(_pooled_term(features, weights, text, label_index[name]))
-        unboxed = [t for t in correction.all_tags if t not in {name for name, _ in weak}]
-        if mask is None and unboxed:  # tags with no region: their best patch, multiple-instance
-            patch_logits = 50 * features.flatten(1).T @ text.T  # best patch per class
-            best = patch_logits.max(dim=0).values
-            present = [label_index[t] for t in correction.all_tags if t in label_index]
-            absent = [i for i in range(text.shape[0]) if i not in present]
-            first = torch.zeros(1, dtype=torch.long, device=device)  # the present tag, against the absent ones
-            for c in (label_index[t] for t in unboxed if t in label_index):
-                candidates = torch.tensor([c, *absent], device=device)
-                sup_terms.append(F.cross_entropy(best[candidates][None], first))
+        for features in (dense[b] for dense in maps):  # [E, h, w] of each trained path
+            if mask is not None:
+                for k, _ in regions:
+                    name = correction.mask_labels[k - 1]
+                    sup_terms.append(
+                        _pooled_term(features, _area_weights(mask, k, grid).to(device), text, label_index[name])
+                    )
+                targets = _patch_targets(mask, grid).to(device).flatten()
+                lookup = torch.full((256,), -100, dtype=torch.long, device=device)
+                for k, name in enumerate(correction.mask_labels, start=1):
+                    lookup[k] = label_index[name]
+                labelled = lookup[targets]
+                if (labelled >= 0).any():
+                    logits = 50 * features.flatten(1).T @ text.T  # [h*w, C]
+                    pix_terms.append(F.cross_entropy(logits, labelled, ignore_index=-100))
+            for name, extent in weak:  # a box says its label is inside it: pooled over the box
+                weights = _box_weights(to_canvas(extent, cover), grid).to(device)
+                sup_terms.append(_pooled_term(features, weights, text, label_index[name]))
+            unboxed = [t for t in correction.all_tags if t not in {name for name, _ in weak}]
+            if mask is None and unboxed:  # tags with no region: their best patch, multiple-instance
+                patch_logits = 50 * features.flatten(1).T @ text.T  # best patch per class
+                best = patch_logits.max(dim=0).values
+                present = [label_index[t] for t in correction.all_tags if t in label_index]
+                absent = [i for i in range(text.shape[0]) if i not in present]
+                first = torch.zeros(1, dtype=torch.long, device=device)  # the present tag, against the absent ones
+                for c in (label_index[t] for t in unboxed if t in label_index):
+                    candidates = torch.tensor([c, *absent], device=device)
+                    sup_terms.append(F.cross_entropy(best[candidates][None], first))
     with torch.no_grad():
         targets = F.normalize(vit.encode_tokens(teacher, torch.cat(teacher_inputs))[:, 0].float(), dim=-1)
         held = F.normalize(vit.encode_tokens(teacher, pixels)[:, 0].float(), dim=-1) if cfg.global_weight else None
-    pooled = roi_align(dense.float(), torch.tensor(rois, dtype=torch.float32, device=device), (1, 1), aligned=True)
-    loss_self = 1 - F.cosine_similarity(pooled.flatten(1), targets, dim=-1).mean()
-    loss = loss_self
+    boxes = torch.tensor(rois, dtype=torch.float32, device=device)
+    pooled = [roi_align(dense.float(), boxes, (1, 1), aligned=True).flatten(1) for dense in maps]
+    loss = torch.stack([1 - F.cosine_similarity(p, targets, dim=-1).mean() for p in pooled]).mean()  # L_self
     if sup_terms:
         loss = loss + cfg.sup_weight * torch.stack(sup_terms).mean()
     if pix_terms:

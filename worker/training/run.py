@@ -51,6 +51,8 @@ def run_training(
 ) -> dict[str, Any]:
     """Train, evaluate, save and maybe promote; returns the summary the job stores as its result.
     ``collect`` reads the corrections (from Label Studio unless a caller has them already)."""
+    # the project's own settings (DENSE_HEAD, BACKGROUND_WORDS, ...): trained as it is served
+    base, active = base.for_project(job.project_settings), active.for_project(job.project_settings)
     settings = base.settings
     started = time.perf_counter()
     progress("collecting corrections", 0, 0, None)
