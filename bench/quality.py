@@ -515,7 +515,8 @@ def small_sets_markdown(small: dict) -> list[str]:
     last = after[-1]
     lines += [
         "",
-        "### 3b. After the few-shot learner (thresholds + Tip-Adapter cache fitted on K corrected scenes)",
+        "### 3b. After the few-shot learner (thresholds + Tip-Adapter cache fitted on K corrected scenes; "
+        "masks with region prototypes, 3c)",
         "",
         "| project | exact before | " + " | ".join(f"exact {k}" for k in after) + f" | false tags on none, {last} | "
         f"recall several, {last} | mask IoU, {last} |",
