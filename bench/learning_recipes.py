@@ -2,6 +2,7 @@
 holds the class token, and how a ZegCLIP head is scheduled and given its "no label" floor.
 
     python -m bench.learning_recipes --k 50 --steps 100 --seeds 2 --scenes 100
+    python -m bench.learning_recipes --parts zegclip --passes 120 240 480   # the ZegCLIP schedule alone
 
 * CLIPSelf (with the service's supervised terms) on K corrected scenes, three ways: the paper's
   MaskCLIP value path; the path the service serves masks from (ClearCLIP); the served path with
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -48,6 +50,7 @@ CLIPSELF = {
 #: 300 steps, floor set on: "training" masks or those kept "aside").
 ZEGCLIP = (("all", None, "training"), ("four fifths", None, "training"), ("four fifths", None, "aside"),
            ("four fifths", 30, "aside"), ("four fifths", 120, "aside"))  # fmt: skip
+PARTS = ("clipself", "zegclip")
 OLD_STEPS = 300  # TRAIN_STEPS, which ZegCLIP heads used to train for whatever the data
 SERVICE = Settings()  # the service's defaults: ZEGCLIP_EPOCHS, ZEGCLIP_MAX_STEPS, TRAIN_HOLDOUT
 
@@ -72,7 +75,10 @@ def head_miou(bench: q.Bench, samples: list, aside: list, held_out: list[Scene],
     return miou(maps, [s.class_map(kind) for s in held_out], len(names)), head.cfg.mask_threshold
 
 
-def measure(bench: q.Bench, kind: str, k: int, steps: int, lr: float, n_scenes: int, seeds: int) -> dict:
+def measure(
+    bench: q.Bench, kind: str, k: int, steps: int, lr: float, n_scenes: int, seeds: int, parts: Sequence[str] = PARTS,
+    passes: Sequence[int] = (),
+) -> dict:  # fmt: skip
     names = q.KINDS[kind]
     rows: dict[str, list[float]] = {}
 
@@ -88,7 +94,7 @@ def measure(bench: q.Bench, kind: str, k: int, steps: int, lr: float, n_scenes: 
         for name, value in figures(bench, held_out, kind).items():
             add(f"base model: {name}", value)
         text, index = bench.class_text(names), {n: i for i, n in enumerate(names)}
-        for label, options in CLIPSELF.items():
+        for label, options in CLIPSELF.items() if "clipself" in parts else ():
             cfg = CLIPSelfConfig(steps=steps, batch_size=8, lr=lr, size=bench.input_size, **options)
             weights, _ = train_clipself(bench.bundle.visual, bench.bundle.visual, corrections, text, index,
                                         bench.bundle.mean, bench.bundle.std, cfg, seed=seed)  # fmt: skip
@@ -97,9 +103,10 @@ def measure(bench: q.Bench, kind: str, k: int, steps: int, lr: float, n_scenes: 
                 add(f"{label}: {name}", value)
         samples = [TrainingSample(s.image, s.class_map(kind).astype(np.uint8), names) for s in chosen]
         train, aside = calibration_split(samples, SERVICE.train_holdout)
-        for masks, passes, floor_on in ZEGCLIP:
+        heads = (ZEGCLIP if not passes else ()) + tuple(("four fifths", n, "aside") for n in passes)
+        for masks, count, floor_on in heads if "zegclip" in parts else ():
             fit = samples if masks == "all" else train
-            steps = OLD_STEPS if passes is None else schedule(len(fit), passes, SERVICE.zegclip_max_steps)
+            steps = OLD_STEPS if count is None else schedule(len(fit), count, SERVICE.zegclip_max_steps)
             value, floor = head_miou(bench, fit, fit if floor_on == "training" else aside, held_out, kind, steps, seed)
             row = f"ZegCLIP head on {masks} ({len(fit)}) masks, {steps} steps, floor on {floor_on} masks"
             add(f"{row}: mIoU", value)
@@ -117,12 +124,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-4, help="CLIPSelf learning rate")
     parser.add_argument("--scenes", type=int, default=100, help="held-out scenes per seed")
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS, help="which recipes to measure")
+    parser.add_argument(
+        "--passes",
+        type=int,
+        nargs="*",
+        default=[],
+        help="ZegCLIP: only these passes over four fifths of the masks (floor set on the fifth)",
+    )
     args = parser.parse_args(argv)
     settings = Settings(model_checkpoint=args.checkpoint, device="cpu", image_size=q.SIZE,
                         background_words=q.BACKGROUNDS)  # fmt: skip
     bundle = load_clip(settings)
     bench = q.Bench(bundle, TextEmbedder(bundle), TagCLIPConfig(), batch_size=32, input_size=q.SIZE)
-    rows = measure(bench, args.kind, args.k, args.steps, args.lr, args.scenes, args.seeds)
+    rows = measure(bench, args.kind, args.k, args.steps, args.lr, args.scenes, args.seeds, args.parts, args.passes)
     print(f"\n{args.kind}, K = {args.k}, CLIPSelf {args.steps} steps at lr {args.lr}\n")
     print("| figure | mean ± spread |\n|---|---|")
     for row, values in rows.items():
