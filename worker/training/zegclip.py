@@ -81,9 +81,10 @@ BATCH_SIZE = 8
 
 
 def schedule(samples: int, epochs: float, max_steps: int, batch_size: int = BATCH_SIZE) -> int:
-    """Steps for ``epochs`` passes over ``samples`` corrected masks, at most ``max_steps``: ZegCLIP
-    trains Pascal VOC for 20k steps of 16 images over 10,582 (about 30 passes), so a project's head
-    trains in proportion to the masks it has, not for a fixed count."""
+    """Steps for ``epochs`` passes over ``samples`` corrected masks, at most ``max_steps``: a
+    project's head trains in proportion to the masks it has, not for a fixed count. ZegCLIP trains
+    Pascal VOC for 20k steps of 16 images over 10,582 (about 30 passes); a project's few dozen
+    masks want far more passes (docs/algorithms.md section 4)."""
     return max(1, min(max_steps, math.ceil(epochs * samples / batch_size)))
 
 
