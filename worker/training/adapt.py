@@ -170,10 +170,12 @@ def _region_sums(samples: Sequence[RegionSample], n_labels: int) -> tuple[Tensor
 
 
 def _masks_iou(
-    samples: Sequence[RegionSample], sums: Tensor, counts: Tensor, text: Tensor, background: Tensor, gamma: float
-) -> float:
+    samples: Sequence[RegionSample], sums: Tensor, counts: Tensor, text: Tensor, background: Tensor,
+    names: Sequence[str], gamma: float,
+) -> float:  # fmt: skip
     """Mean IoU over labels of the patch maps drawn with each sample's labels (the ones it holds, as
-    when its tags are right), every sample's prototypes made from the other samples only."""
+    when its tags are right), every sample's prototypes made from the other samples only and
+    blended as the predictor blends them."""
     n_labels = text.shape[0]
     inter, union = torch.zeros(n_labels), torch.zeros(n_labels)
     total, total_counts = sums.sum(dim=0), counts.sum(dim=0)
@@ -181,15 +183,11 @@ def _masks_iou(
         present = torch.nonzero(counts[i, :n_labels]).flatten().tolist()
         if not present:
             continue
-        rows, others = F.normalize(text[present].float(), dim=-1), total_counts - counts[i]
-        competitors = background.float()
+        rows, competitors = F.normalize(text[present].float(), dim=-1), background.float()
         if gamma > 0:
-            prototypes = F.normalize(total - sums[i], dim=-1)
-            known = others[present] > 0
-            blended = F.normalize((1 - gamma) * rows + gamma * prototypes[present], dim=-1)
-            rows = torch.where(known[:, None], blended, rows)
-            if others[n_labels] > 0:
-                competitors = torch.cat([competitors, prototypes[n_labels][None]])
+            others = _prototypes(total - sums[i], total_counts - counts[i], names, gamma, "")
+            rows = others.blend([names[label] for label in present], text[present])
+            competitors = torch.cat([competitors, others.competitors(competitors.device)])
         best = (torch.cat([rows, competitors]) @ sample.features.float().T).argmax(dim=0)
         known_patch = sample.target != UNKNOWN
         for j, label in enumerate(present):
@@ -210,17 +208,21 @@ def fit_prototypes(
     if not samples:
         return None, {}
     sums, counts = _region_sums(samples, len(names))
-    scores = {gamma: _masks_iou(samples, sums, counts, text, background, gamma) for gamma in GAMMAS}
+    scores = {gamma: _masks_iou(samples, sums, counts, text, background, names, gamma) for gamma in GAMMAS}
     gamma = max(GAMMAS, key=lambda g: (scores[g], -g))  # the plainest among ties
-    total, total_counts = sums.sum(dim=0), counts.sum(dim=0)
-    found = [i for i in range(len(names)) if total_counts[i] > 0]
-    if gamma == 0 or not found:
+    total_counts = counts.sum(dim=0)
+    if gamma == 0 or not total_counts[: len(names)].any():
         return None, scores
-    prototypes = F.normalize(total[found], dim=-1)
-    background_prototype = F.normalize(total[-1], dim=-1) if total_counts[-1] > 0 else None
-    regions = RegionPrototypes(tuple(names[i] for i in found), prototypes, background_prototype, gamma, tuple(names),
-                               features)  # fmt: skip
-    return regions, scores
+    return _prototypes(sums.sum(dim=0), total_counts, names, gamma, features), scores
+
+
+def _prototypes(sums: Tensor, counts: Tensor, names: Sequence[str], gamma: float, features: str) -> RegionPrototypes:
+    """Prototypes from summed features [L + 1, E] and patch counts [L + 1] (the last row no label),
+    for the labels and the no-label pixels that have patches."""
+    found = [i for i in range(len(names)) if counts[i] > 0]
+    background = F.normalize(sums[-1], dim=-1) if counts[-1] > 0 else None
+    return RegionPrototypes(tuple(names[i] for i in found), F.normalize(sums[found], dim=-1), background, gamma,
+                            tuple(names), features)  # fmt: skip
 
 
 def fit_adapter(

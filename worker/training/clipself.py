@@ -256,34 +256,36 @@ def _loss(model, teacher, batch, text, label_index, mean, std, cfg, native, rng)
         teacher_inputs.append(teacher_crops(correction.image, crops, native, mean, std).to(device))
         student_boxes = [to_canvas(box, cover) for box in image_boxes]
         rois += [[b, x0 * grid[1], y0 * grid[0], x1 * grid[1], y1 * grid[0]] for x0, y0, x1, y1 in student_boxes]
+        # What the corrections say, once per image; each trained path is then held to it.
+        pooling = []  # (patch weights [h, w], class row): a region's or a box's features, pooled
+        labelled = None  # [h*w] class row of each patch of a corrected mask (-100: none known)
+        if mask is not None:
+            for k, _ in regions:
+                name = correction.mask_labels[k - 1]
+                pooling.append((_area_weights(mask, k, grid).to(device), label_index[name]))
+            lookup = torch.full((256,), -100, dtype=torch.long, device=device)
+            for k, name in enumerate(correction.mask_labels, start=1):
+                lookup[k] = label_index[name]
+            labelled = lookup[_patch_targets(mask, grid).to(device).flatten()]
+            labelled = labelled if (labelled >= 0).any() else None
+        for name, extent in weak:  # a box says its label is inside it: pooled over the box
+            pooling.append((_box_weights(to_canvas(extent, cover), grid).to(device), label_index[name]))
+        candidates = []  # tags with no region: the tag against the absent classes, at their best patch
+        unboxed = [t for t in correction.all_tags if t not in {name for name, _ in weak}]
+        if mask is None and unboxed:
+            present = [label_index[t] for t in correction.all_tags if t in label_index]
+            absent = [i for i in range(text.shape[0]) if i not in present]
+            candidates = [torch.tensor([label_index[t], *absent], device=device) for t in unboxed if t in label_index]
+        first = torch.zeros(1, dtype=torch.long, device=device)  # the present tag is candidate 0
         for features in (dense[b] for dense in maps):  # [E, h, w] of each trained path
-            if mask is not None:
-                for k, _ in regions:
-                    name = correction.mask_labels[k - 1]
-                    sup_terms.append(
-                        _pooled_term(features, _area_weights(mask, k, grid).to(device), text, label_index[name])
-                    )
-                targets = _patch_targets(mask, grid).to(device).flatten()
-                lookup = torch.full((256,), -100, dtype=torch.long, device=device)
-                for k, name in enumerate(correction.mask_labels, start=1):
-                    lookup[k] = label_index[name]
-                labelled = lookup[targets]
-                if (labelled >= 0).any():
-                    logits = 50 * features.flatten(1).T @ text.T  # [h*w, C]
-                    pix_terms.append(F.cross_entropy(logits, labelled, ignore_index=-100))
-            for name, extent in weak:  # a box says its label is inside it: pooled over the box
-                weights = _box_weights(to_canvas(extent, cover), grid).to(device)
-                sup_terms.append(_pooled_term(features, weights, text, label_index[name]))
-            unboxed = [t for t in correction.all_tags if t not in {name for name, _ in weak}]
-            if mask is None and unboxed:  # tags with no region: their best patch, multiple-instance
-                patch_logits = 50 * features.flatten(1).T @ text.T  # best patch per class
-                best = patch_logits.max(dim=0).values
-                present = [label_index[t] for t in correction.all_tags if t in label_index]
-                absent = [i for i in range(text.shape[0]) if i not in present]
-                first = torch.zeros(1, dtype=torch.long, device=device)  # the present tag, against the absent ones
-                for c in (label_index[t] for t in unboxed if t in label_index):
-                    candidates = torch.tensor([c, *absent], device=device)
-                    sup_terms.append(F.cross_entropy(best[candidates][None], first))
+            sup_terms += [_pooled_term(features, weights, text, row) for weights, row in pooling]
+            if labelled is not None or candidates:
+                logits = 50 * features.flatten(1).T @ text.T  # [h*w, C]
+            if labelled is not None:
+                pix_terms.append(F.cross_entropy(logits, labelled, ignore_index=-100))
+            if candidates:  # multiple-instance: the best patch per class
+                best = logits.max(dim=0).values
+                sup_terms += [F.cross_entropy(best[c][None], first) for c in candidates]
     with torch.no_grad():
         targets = F.normalize(vit.encode_tokens(teacher, torch.cat(teacher_inputs))[:, 0].float(), dim=-1)
         held = F.normalize(vit.encode_tokens(teacher, pixels)[:, 0].float(), dim=-1) if cfg.global_weight else None
