@@ -9,6 +9,7 @@ grass, sky, sand or water. Everything is deterministic from a seed.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,9 +124,13 @@ def _cut(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, 
         draw.ellipse((cx + dx - r * 0.85, cy + dy - r * 0.85, cx + dx + r * 0.85, cy + dy + r * 0.85), fill=fill)
 
 
-def render_scene(rng: np.random.Generator, size: int = 96, max_objects: int = 4, empty_rate: float = 0.0) -> Scene:
+def render_scene(
+    rng: np.random.Generator, size: int = 96, max_objects: int = 4, empty_rate: float = 0.0,
+    palette: Sequence[str] | None = None,
+) -> Scene:  # fmt: skip
     """One random scene of ``size`` x ``size`` pixels; with probability ``empty_rate`` it shows
-    only its background (real projects have many images with none of their labels)."""
+    only its background (real projects have many images with none of their labels). ``palette``:
+    the colours its objects may have (default: all)."""
     background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     image = _texture(background, size, rng)
     canvas = np.asarray(image).copy()
@@ -135,7 +140,8 @@ def render_scene(rng: np.random.Generator, size: int = 96, max_objects: int = 4,
     drawn: list[ToyObject] = []
     for k in range(count):
         shape = SHAPES[rng.integers(len(SHAPES))]
-        colour = tuple(COLOURS)[rng.integers(len(COLOURS))]
+        colours = tuple(COLOURS) if palette is None else tuple(palette)
+        colour = colours[rng.integers(len(colours))]
         r = size * (rng.uniform(0.24, 0.32) if k == 0 else rng.uniform(0.09, 0.15))
         cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
         angle = rng.uniform(-0.25, 0.25)
@@ -169,10 +175,12 @@ def scenes(seed: int, count: int, size: int = 96, max_objects: int = 4, empty_ra
 CROP_VISIBLE = 0.4
 
 
-def crop(scene: Scene, left: int, top: int, side: int) -> Scene:
-    """The square ``side`` x ``side`` view of ``scene`` at (``left``, ``top``): a close-up when small.
-    Objects mostly outside it are not among its objects (their pixels become unknown: 255)."""
-    box = (slice(top, top + side), slice(left, left + side))
+def crop(scene: Scene, left: int, top: int, side: int, height: int | None = None) -> Scene:
+    """The ``side`` x ``side`` view of ``scene`` at (``left``, ``top``), a close-up when small, or
+    ``side`` wide and ``height`` high. Objects mostly outside it are not among its objects (their
+    pixels become unknown: 255)."""
+    height = side if height is None else height
+    box = (slice(top, top + height), slice(left, left + side))
     inside = np.bincount(scene.object_map[box].ravel(), minlength=len(scene.objects) + 1)
     total = np.bincount(scene.object_map.ravel(), minlength=len(scene.objects) + 1)
     keep = [k for k in range(1, len(scene.objects) + 1) if inside[k] >= CROP_VISIBLE * total[k]]
@@ -180,5 +188,5 @@ def crop(scene: Scene, left: int, top: int, side: int) -> Scene:
     lookup[0] = 0
     for new, old in enumerate(keep, start=1):
         lookup[old] = new
-    image = scene.image.crop((left, top, left + side, top + side))
+    image = scene.image.crop((left, top, left + side, top + height))
     return Scene(image, lookup[scene.object_map[box]], tuple(scene.objects[k - 1] for k in keep), scene.background)

@@ -126,3 +126,61 @@ def test_recipe_benchmark_smoke_run(tiny_checkpoint):
     assert {"TagCLIP mAP, bilinear", "TagCLIP mAP, bicubic", "naclip sliding + tags, bilinear, floor 0.5"} <= rows
     assert all(len(v) == 1 and 0 <= v[0] <= 1 for v in figures.values())
     assert vit.POSITION_INTERPOLATION == "bilinear"  # the service's, put back
+
+
+def test_learning_recipe_benchmark_smoke_run(tiny_checkpoint):
+    from bench import learning_recipes as recipes
+
+    settings = Settings(model_checkpoint=str(tiny_checkpoint), device="cpu", background_words=quality.BACKGROUNDS)
+    bundle = load_clip(settings)
+    bench = quality.Bench(bundle, TextEmbedder(bundle), TagCLIPConfig(), batch_size=4)
+    rows = recipes.measure(bench, "colour", k=5, steps=2, lr=1e-4, n_scenes=4, seeds=1, passes=[1])
+    assert "CLIPSelf, served + TagCLIP's paths, class token held (service): ClearCLIP mIoU" in rows
+    views = {"letterboxed (the paper's)", "square crops", "squashed (prelabel before)"}
+    assert {f"CLIPSelf on wide corrections, {view}: TagCLIP mAP" for view in views} <= set(rows)
+    assert any(row.startswith("ZegCLIP head with both (prelabel before)") for row in rows)
+    assert all(len(v) == 1 and 0 <= v[0] <= 1 for v in rows.values())
+
+
+def test_the_departures_rebuild_what_prelabel_did_before():
+    """The learning-recipe benchmark measures the papers' recipes against prelabel's earlier ones,
+    rebuilt in the benchmark: check each rebuild is what it says, and that the service's are back."""
+    import torch
+
+    from bench import learning_recipes as recipes
+    from worker.model.zegclip import ZegCLIPConfig, segmentation_loss
+    from worker.training import clipself, zegclip
+
+    torch.manual_seed(0)
+    logits, mask = torch.randn(3, 4, 8, 8), torch.randint(0, 3, (3, 8, 8))  # class 3 never present
+    cfg = ZegCLIPConfig()
+    targets = torch.nn.functional.one_hot(mask, 4).permute(0, 3, 1, 2).float()
+    p = logits.sigmoid()
+    p_t = p * targets + (1 - p) * (1 - targets)
+    alpha_t = 0.25 * targets + 0.75 * (1 - targets)
+    ce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    focal_everywhere = (alpha_t * (1 - p_t) ** 2 * ce).mean()  # over every pixel of every map
+    dice = segmentation_loss(logits, mask, ZegCLIPConfig(focal_weight=0.0))
+    expected = cfg.focal_weight * focal_everywhere + dice
+    assert recipes.focal_over_every_map(logits, mask, cfg) == pytest.approx(float(expected), rel=1e-5)
+    assert segmentation_loss(logits, mask, cfg) != pytest.approx(float(expected), rel=1e-3)
+
+    visual = load_clip(Settings(model_checkpoint="bench/models/toy-clip", device="cpu")).visual
+    with recipes.zegclip_before(projection=True, focal_over_maps=True):
+        assert isinstance(zegclip.ZegCLIP(visual, cfg).head, recipes.ProjectedHead)
+        assert zegclip.segmentation_loss is recipes.focal_over_every_map
+    assert not isinstance(zegclip.ZegCLIP(visual, cfg).head, recipes.ProjectedHead)
+    assert zegclip.segmentation_loss is segmentation_loss
+
+    from PIL import Image
+
+    wide = Image.new("RGB", (64, 32), (255, 0, 0))
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    with recipes.clipself_squashed(32):
+        pixels, cover = clipself.letterbox(wide, 32, mean, std)
+        assert cover == (0.0, 0.0, 1.0, 1.0) and torch.allclose(pixels[0], torch.ones(32, 32))  # red everywhere
+        crops = clipself.teacher_crops(wide, [(0.0, 0.0, 1.0, 0.5)], 16, mean, std)  # a 2:1 crop of the square
+        assert torch.allclose(crops[0, :, 4:12], torch.tensor([1.0, -1.0, -1.0])[:, None, None].expand(3, 8, 16))
+        assert (crops[0, :, :4] == 0).all() and (crops[0, :, 12:] == 0).all()  # grey (zero) padding
+    pixels, cover = clipself.letterbox(wide, 32, mean, std)
+    assert cover == (0.0, 0.0, 1.0, 0.5) and (pixels[:, 16:] == -1).all()  # the service's: black below

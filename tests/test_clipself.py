@@ -190,3 +190,48 @@ def test_student_input_keeps_the_aspect_and_its_boxes_land_on_the_same_pixels():
     box = (0.25, 0.5, 0.75, 1.0)
     assert to_canvas(box, cover) == (0.25, 0.25, 0.75, 0.5)
     assert from_canvas(to_canvas(box, cover), cover) == box
+
+
+def test_a_square_crop_cuts_image_mask_and_boxes_alike():
+    """view="crop": a random square of side the short side; the mask is the same pixels' labels,
+    a box is clipped to the square (in its fractions) or dropped outside it; tag-only corrections
+    stay whole, since their tags may lie outside any crop."""
+    import numpy as np
+
+    from worker.training.clipself import square_crop
+
+    photo = _photo(60, 30)
+    mask = np.zeros((30, 60), dtype=np.uint8)
+    mask[:, :12], mask[5:9, 50:] = 1, 2
+    left_box, right_box = ("a", (0.0, 0.0, 0.2, 1.0)), ("b", (0.9, 0.5, 1.0, 1.0))
+    correction = Correction(1, None, {"tags": {"a", "b"}}, mask, ("a", "b"), photo, boxes=[left_box, right_box])
+    seen = set()
+    for seed in range(12):
+        crop = square_crop(correction, random.Random(seed))
+        assert crop.image.size == (30, 30) and crop.mask.shape == (30, 30) and crop.size == (30, 30)
+        left = next(x for x in range(31) if np.array_equal(np.asarray(crop.image), np.asarray(photo)[:, x : x + 30]))
+        seen.add(left)
+        assert np.array_equal(crop.mask, mask[:, left : left + 30])
+        boxes = dict(crop.boxes)
+        if left < 12:
+            assert boxes["a"] == pytest.approx((0.0, 0.0, (12 - left) / 30, 1.0))
+        else:
+            assert "a" not in boxes
+        if left + 30 > 54:
+            assert boxes["b"] == pytest.approx(((54 - left) / 30 if left < 54 else 0.0, 0.5, 1.0, 1.0))
+        else:
+            assert "b" not in boxes
+    assert len(seen) > 3  # the square moves
+    tags_only = Correction(2, None, {"tags": {"a"}}, None, (), photo)
+    assert square_crop(tags_only, random.Random(0)) is tags_only
+    square = Correction(3, None, {}, mask[:, :30].copy(), ("a", "b"), _photo(30, 30))
+    assert square_crop(square, random.Random(0)) is square
+    with pytest.raises(ValueError, match="view"):
+        train_clipself(None, None, [correction], torch.zeros(2, 8), {"a": 0, "b": 1}, MEAN, STD,
+                       CLIPSelfConfig(view="squash"))  # fmt: skip
+
+
+def test_clipself_trains_on_square_crops(setup):
+    cfg = CLIPSelfConfig(**{**CFG.__dict__, "steps": 3, "view": "crop"})
+    weights, report = _train(setup, cfg)
+    assert weights and report.steps == 3 and all(torch.isfinite(v).all() for v in weights.values())

@@ -4,6 +4,7 @@ through the service and still score what it scored when it was trained."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import open_clip
 import pytest
 
 from bench.toy_clip import TOY_CLIP as TOY_CONFIG
-from bench.toy_clip import random_view, view_caption, zero_shot_accuracy
+from bench.toy_clip import ToyStream, random_view, view_caption, zero_shot_accuracy
 from bench.toyworld import BACKGROUNDS, COLOURS, MIN_VISIBLE, SHAPES, crop, render_scene, scenes
 from common.settings import Settings
 from worker.loading import load_clip
@@ -81,6 +82,17 @@ def test_views_are_captioned_with_what_they_show_each_object_bound_to_its_colour
     assert (tokenizer([longest])[0] != 0).sum() <= context
 
 
+def test_one_colour_batches_tell_their_captions_apart_by_shape_only():
+    stream = iter(ToyStream(seed=5, batch_size=6, one_colour_every=2))
+    batches = [[next(stream)[1] for _ in range(6)] for _ in range(8)]
+    named = [{c for caption in batch for c in COLOURS if c in re.findall(r"[a-z]+", caption)} for batch in batches]
+    assert all(len(colours) <= 1 for colours in named[1::2])  # every other batch: one colour at most
+    assert max(len(colours) for colours in named[0::2]) >= 3  # the others: the whole palette
+    assert sum(len(colours) == 1 for colours in named[1::2]) >= 3  # ... and the colour is named
+    scene = render_scene(np.random.default_rng(1), 96, palette=("red",))
+    assert scene.colours <= {"red"}
+
+
 def test_a_crop_keeps_the_objects_mostly_inside_it():
     scene = scenes(11, 1, 128, max_objects=1)[0]
     ys, xs = np.nonzero(scene.object_map)
@@ -93,6 +105,9 @@ def test_a_crop_keeps_the_objects_mostly_inside_it():
                   if not scene.object_map[y : y + 16, x : x + 16].any())  # fmt: skip
     away = crop(scene, *corner, 16)
     assert away.objects == () and not away.object_map.any()
+    band = crop(scene, 0, top, 128, side)  # a wide view: all columns, the object's rows
+    assert band.image.size == (128, side) and band.object_map.shape == (side, 128)
+    assert band.objects == scene.objects and np.array_equal(band.image, np.asarray(scene.image)[top : top + side])
 
 
 def test_committed_toy_clip_loads_through_the_service_and_keeps_its_scores():
