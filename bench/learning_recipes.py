@@ -14,15 +14,16 @@ holds the class token, and how a ZegCLIP head is scheduled and given its "no lab
   the floor set on those or on the fifth kept aside; 30 and 120 passes over the four fifths.
   Figure: mask mIoU (the classes each scene holds).
 
-* ``--parts views heads``: the changes made to follow the papers, each against what prelabel did
-  before, rebuilt here (and only here) to be measured. ``views``: CLIPSelf's student input
+* ``--parts views heads``: the papers' recipes against what prelabel did before and does now, the
+  old ones rebuilt here (and only here) to be measured. ``views``: CLIPSelf's student input
   letterboxed with teacher crops of the original (bicubic, black; the paper's), random square
-  crops (``view="crop"``), or squashed to a square with teacher crops cut from that tensor
-  (bilinear, grey padding; prelabel before), trained on wide corrections (the scenes' middle half,
-  2:1), where they differ; on square images they do not. ``heads``: ZegCLIP's head with a Linear +
-  LayerNorm on the patch features (the official ``use_proj=True``, off in both official configs)
-  and a focal term averaged over every pixel of every class map instead of per mask present, alone
-  and together (``--heads`` picks some, ``--passes`` sets their schedule: 120 passes by default).
+  crops (``view="crop"``, the service's), or squashed to a square with teacher crops cut from
+  that tensor (bilinear, grey padding; prelabel before), trained on wide corrections (the scenes'
+  middle half, 2:1), where they differ; on square images they do not. ``heads``: ZegCLIP's head
+  with or without a Linear + LayerNorm on the patch features (``use_proj``: off in both official
+  configs, on in the service), and with a focal term averaged over every pixel of every class map
+  instead of per mask present (``--heads`` picks some, ``--passes`` sets their schedule: 120
+  passes by default).
 
 Mean ± spread over seeds; each seed draws its own held-out and corrected scenes. Prints a
 markdown table.
@@ -41,7 +42,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
 from bench import quality as q
 from bench.toyworld import Scene, crop, scenes
@@ -52,7 +52,7 @@ from worker.loading import load_clip
 from worker.model.preprocess import to_pixels
 from worker.model.tagclip import TagCLIPConfig
 from worker.model.text import TextEmbedder
-from worker.model.zegclip import ZegCLIP, ZegCLIPConfig, one_hot_targets, segmentation_loss
+from worker.model.zegclip import ZegCLIPConfig, one_hot_targets, segmentation_loss
 from worker.training import clipself, zegclip
 from worker.training.clipself import CLIPSelfConfig, train_clipself
 from worker.training.corrections import Correction
@@ -75,32 +75,13 @@ SERVICE = Settings()  # the service's defaults: ZEGCLIP_EPOCHS, ZEGCLIP_MAX_STEP
 
 
 #: ZegCLIP heads of the heads part: (projection on the patch features, focal averaged over every map)
-ZEGCLIP_BEFORE = {"as the official configs (served)": (False, False), "with the projection": (True, False),
+ZEGCLIP_BEFORE = {"as the official configs": (False, False), "with the projection (served)": (True, False),
                   "with focal over every map": (False, True), "with both (prelabel before)": (True, True)}  # fmt: skip
 #: CLIPSelf's student views of the views part: the service's (clipself.VIEWS) and the old squash
 CLIPSELF_VIEWS = {"letterboxed (the paper's)": "letterbox", "square crops": "crop",
                   "squashed (prelabel before)": "squash"}  # fmt: skip
 HEAD_PASSES = 120  # ZegCLIP passes in the heads part: 600 steps at 50 corrections, minutes on a CPU
 WIDE = 2  # the wide corrections' aspect ratio (width : height)
-
-
-class ProjectedHead(nn.Module):
-    """ZegCLIP's head behind a Linear + LayerNorm on the patch features (``use_proj=True``)."""
-
-    def __init__(self, head: nn.Module, dim: int) -> None:
-        super().__init__()
-        self.head, self.proj, self.norm = head, nn.Linear(dim, dim), nn.LayerNorm(dim)
-        nn.init.trunc_normal_(self.proj.weight, std=0.02)
-        nn.init.zeros_(self.proj.bias)
-
-    def forward(self, image, patches, text, grid):
-        return self.head(image, self.norm(self.proj(patches)), text, grid)
-
-
-def projected_zegclip(visual, cfg: ZegCLIPConfig) -> ZegCLIP:
-    model = ZegCLIP(visual, cfg)
-    model.head = ProjectedHead(model.head, visual.output_dim)
-    return model
 
 
 def focal_over_every_map(logits: torch.Tensor, mask: torch.Tensor, cfg: ZegCLIPConfig) -> torch.Tensor:
@@ -115,12 +96,8 @@ def focal_over_every_map(logits: torch.Tensor, mask: torch.Tensor, cfg: ZegCLIPC
 
 
 @contextlib.contextmanager
-def zegclip_before(projection: bool, focal_over_maps: bool) -> Iterator[None]:
-    with contextlib.ExitStack() as stack:
-        if projection:
-            stack.enter_context(mock.patch.object(zegclip, "ZegCLIP", projected_zegclip))
-        if focal_over_maps:
-            stack.enter_context(mock.patch.object(zegclip, "segmentation_loss", focal_over_every_map))
+def focal_over_maps() -> Iterator[None]:
+    with mock.patch.object(zegclip, "segmentation_loss", focal_over_every_map):
         yield
 
 
@@ -189,9 +166,13 @@ def clipself_figures(
     return figures(dataclasses.replace(bench, bundle=tuned), held_out, kind)
 
 
-def head_miou(bench: q.Bench, samples: list, aside: list, held_out: list[Scene], kind: str, steps: int, seed: int):
+def head_miou(
+    bench: q.Bench, samples: list, aside: list, held_out: list[Scene], kind: str, steps: int, seed: int,
+    project_patches: bool = ZegCLIPConfig.project_patches,
+):  # fmt: skip
     names = list(q.KINDS[kind])
-    cfg = ZegCLIPConfig(decoder_heads=8 if bench.bundle.visual.output_dim % 8 == 0 else 4)
+    heads = 8 if bench.bundle.visual.output_dim % 8 == 0 else 4
+    cfg = ZegCLIPConfig(decoder_heads=heads, project_patches=project_patches)
     head, _ = train_zegclip(bench.bundle, samples, names, cfg, steps=steps, lr=1e-3, size=bench.input_size, seed=seed)
     calibrate_threshold(bench.bundle, head, aside, names, bench.input_size)
     maps = q.zegclip_maps(bench, head, held_out, q.truth_tags(held_out, kind), kind)
@@ -241,8 +222,9 @@ def measure(
         for count in (passes or (HEAD_PASSES,)) if "heads" in parts else ():
             head_steps = schedule(len(train), count, SERVICE.zegclip_max_steps)
             for label in heads:
-                with zegclip_before(*ZEGCLIP_BEFORE[label]):
-                    value, floor = head_miou(bench, train, aside, held_out, kind, head_steps, seed)
+                projection, focal_everywhere = ZEGCLIP_BEFORE[label]
+                with focal_over_maps() if focal_everywhere else contextlib.nullcontext():
+                    value, floor = head_miou(bench, train, aside, held_out, kind, head_steps, seed, projection)
                 add(f"ZegCLIP head {label}, {head_steps} steps: mIoU", value)
                 add(f"ZegCLIP head {label}, {head_steps} steps: floor", floor)
         print(f"seed {seed} done", flush=True)

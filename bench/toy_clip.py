@@ -19,11 +19,11 @@ are often captioned with the service's own prompts (CLIP's 80 ImageNet templates
 five) filled with "red star", "red" or "star", so the service's template ensemble means something
 to this model.
 
-Why some batches are in one colour (v3): CLIP's objective learns what tells a batch's captions
-apart, and in the toy world colour alone nearly always does, so v2 learnt colours perfectly and
-shapes barely (zero-shot 0.32). Every ``--one-colour-every``-th batch draws all its objects in a
-single colour, so only shapes (and backgrounds) tell its captions apart. ``--init`` continues from
-a model directory (v3 continued v2).
+One-colour batches, for a next model (not trained yet; the committed v2 used none): CLIP's
+objective learns what tells a batch's captions apart, and in the toy world colour alone nearly
+always does, so v2 learnt colours perfectly and shapes barely (zero-shot 0.32). With
+``--one-colour-every n`` every n-th batch draws all its objects in one colour, so only shapes (and
+backgrounds) tell its captions apart. ``--init`` continues from a model directory.
 """
 
 from __future__ import annotations

@@ -143,10 +143,39 @@ def test_loss_is_the_reference_focal_and_dice_normalised_per_mask():
     assert float(segmentation_loss(logits, target, CFG)) == pytest.approx(expected, rel=1e-4)
 
 
-def test_patch_features_enter_the_decoder_as_they_are(bundle):
-    """use_proj=False, as in both official configs: no Linear or LayerNorm on the patch features."""
-    model = ZegCLIP(bundle.visual, ZegCLIPConfig(decoder_heads=4))
-    assert not any(name.startswith("head.input") for name, _ in model.named_parameters())
+def test_patch_features_enter_the_decoder_as_they_are_or_projected(bundle):
+    """project_patches=False is the official use_proj=False: no Linear or LayerNorm on the patch
+    features; True puts both in front of the decoder (and changes what it reads)."""
+    plain = ZegCLIP(bundle.visual, ZegCLIPConfig(decoder_heads=4, project_patches=False))
+    assert not any(name.startswith("head.input") for name, _ in plain.named_parameters())
+    torch.manual_seed(0)
+    projected = ZegCLIP(bundle.visual, ZegCLIPConfig(decoder_heads=4, project_patches=True)).eval()
+    names = {name for name, _ in projected.named_parameters() if name.startswith("head.input")}
+    assert names == {"head.input_proj.weight", "head.input_proj.bias", "head.input_norm.weight", "head.input_norm.bias"}
+    image, patches = F.normalize(torch.randn(2, 64), dim=-1), F.normalize(torch.randn(2, 12, 64), dim=-1)
+    head = projected.head
+    with torch.no_grad():
+        seen = head(image, patches, _text(3), (3, 4))
+        head.input_norm.bias.add_(1.0)  # what the decoder reads goes through the projection
+        assert not torch.allclose(head(image, patches, _text(3), (3, 4)), seen)
+
+
+def test_a_head_saved_before_the_projection_option_loads_without_one(bundle, tmp_path):
+    """Heads written before ``project_patches`` existed have no projection and no such key."""
+    import json
+
+    from worker.checkpoints import HEAD_CONFIG
+
+    model = ZegCLIP(bundle.visual, ZegCLIPConfig(decoder_heads=4, project_patches=False)).eval()
+    save_head(model, tmp_path / "head", {})
+    info = json.loads((tmp_path / "head" / HEAD_CONFIG).read_text())
+    del info["config"]["project_patches"]
+    (tmp_path / "head" / HEAD_CONFIG).write_text(json.dumps(info))
+    loaded, _ = load_head(tmp_path / "head", bundle.visual)
+    assert loaded.cfg.project_patches is False and loaded.head.input_proj is None
+    pixels, text = torch.randn(1, 3, 64, 64), _text(2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(bundle.visual, pixels, text), model(bundle.visual, pixels, text))
 
 
 def test_short_training_on_real_photos_lowers_the_loss_and_raises_iou(trained, bundle, voc_pair):

@@ -179,7 +179,7 @@ def save_head(model: ZegCLIP, directory: Path, meta: dict[str, Any]) -> None:
 def load_head(directory: Path, visual: VisionTransformer) -> tuple[ZegCLIP, dict[str, Any]]:
     """The head saved in ``directory``, built for ``visual``; raises ValueError if it does not fit."""
     info = json.loads((directory / HEAD_CONFIG).read_text())
-    model = ZegCLIP(visual, ZegCLIPConfig(**info["config"]))
+    model = ZegCLIP(visual, ZegCLIPConfig(**{"project_patches": False, **info["config"]}))  # older heads: none
     try:
         model.load_state_dict(load_file(str(directory / HEAD_WEIGHTS)))
     except RuntimeError as e:

@@ -8,7 +8,10 @@ on top of the frozen CLIP ViT (docs/algorithms.md section 4).
 * Decoder: 3 post-norm layers of cross-attention from class queries to patch features (no query
   self-attention, so a class's mask does not depend on which other classes are asked); the last
   layer's head-averaged attention logits are the masks.
-* Patch features enter the decoder as they are (``use_proj=False`` in both official configs).
+* Patch features enter the decoder through a Linear + LayerNorm (``project_patches``, the
+  official code's ``use_proj``), a measured departure: both official configs leave it off, and
+  train 20k steps or more; a project's head trains a few thousand, and on the toy world the
+  projection raised mask mIoU from 0.70 to 0.82 at 2,000 steps (docs/algorithms.md section 4).
 * Loss: sigmoid focal (x100) + dice (x1), non-mutually-exclusive, both normalised as the reference
   ``criterion.py`` does: each class map's focal term is its mean over pixels, summed over the
   batch's maps and divided by the number of masks present (so focal keeps its weight against dice
@@ -44,6 +47,7 @@ class ZegCLIPConfig:
     focal_weight: float = 100.0
     dice_weight: float = 1.0
     mask_threshold: float = 0.5  # sigmoid score under which a pixel gets no label (calibrated after training)
+    project_patches: bool = True  # a Linear + LayerNorm on the patch features (use_proj; off officially)
 
 
 class DeepPrompts(nn.Module):
@@ -98,6 +102,8 @@ class ZegCLIPHead(nn.Module):
 
     def __init__(self, dim: int, cfg: ZegCLIPConfig) -> None:
         super().__init__()
+        self.input_proj = nn.Linear(dim, dim) if cfg.project_patches else None
+        self.input_norm = nn.LayerNorm(dim) if cfg.project_patches else None
         self.relation = nn.Linear(2 * dim, dim)
         self.layers = nn.ModuleList(
             RelationDecoderLayer(dim, cfg.decoder_heads, cfg.dropout) for _ in range(cfg.decoder_layers)
@@ -109,7 +115,7 @@ class ZegCLIPHead(nn.Module):
 
     def forward(self, image: Tensor, patches: Tensor, text: Tensor, grid: tuple[int, int]) -> Tensor:
         """image [B, E], patches [B, N, E], text [C, E] -> mask logits [B, C, h, w]."""
-        memory = patches
+        memory = self.input_norm(self.input_proj(patches)) if self.input_proj is not None else patches
         t = text[None].expand(image.shape[0], -1, -1)
         queries = self.relation(torch.cat([image[:, None] * t, t], dim=-1))
         logits = None
