@@ -87,20 +87,21 @@ def view_caption(view: Scene, rng: np.random.Generator) -> str:
 
 class ToyStream(IterableDataset):
     """Endless (pixels, caption) pairs; each worker draws from its own seed. A loader's batch is
-    ``batch_size`` consecutive pairs of one worker, so every ``one_colour_every``-th batch (0:
-    none) can draw all its objects in one colour."""
+    ``batch_size`` consecutive pairs of one worker, so every ``one_colour_every``-th batch of each
+    worker (0: none) can draw all its objects in one colour."""
 
     def __init__(self, seed: int, batch_size: int = 1, one_colour_every: int = 0) -> None:
         self.seed, self.batch_size, self.one_colour_every = seed, batch_size, one_colour_every
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        rng = np.random.default_rng(self.seed + (info.id if info else 0))
+        worker = info.id if info else 0
+        rng = np.random.default_rng(self.seed + worker)
         colours, count = tuple(COLOURS), 0
         while True:
-            batch, palette = divmod(count, self.batch_size)[0], None
+            batch, palette = count // self.batch_size, None
             if self.one_colour_every and batch % self.one_colour_every == self.one_colour_every - 1:
-                palette = (colours[np.random.default_rng((self.seed, batch)).integers(len(colours))],)
+                palette = (colours[np.random.default_rng((self.seed, worker, batch)).integers(len(colours))],)
             view = random_view(render_scene(rng, SCENE_SIZE, empty_rate=EMPTY_RATE, palette=palette), rng)
             count += 1
             yield to_pixels(view.image, (INPUT_SIZE, INPUT_SIZE), OPENAI_DATASET_MEAN, OPENAI_DATASET_STD), \

@@ -194,8 +194,8 @@ def test_student_input_keeps_the_aspect_and_its_boxes_land_on_the_same_pixels():
 
 def test_a_square_crop_cuts_image_mask_and_boxes_alike():
     """view="crop": a random square of side the short side; the mask is the same pixels' labels,
-    a box is clipped to the square (in its fractions) or dropped outside it; tag-only corrections
-    stay whole, since their tags may lie outside any crop."""
+    a box is clipped to the square (in its fractions) or dropped outside it; corrections without a
+    mask stay whole, since their tags may lie outside any crop."""
     import numpy as np
 
     from worker.training.clipself import square_crop
@@ -208,7 +208,7 @@ def test_a_square_crop_cuts_image_mask_and_boxes_alike():
     seen = set()
     for seed in range(12):
         crop = square_crop(correction, random.Random(seed))
-        assert crop.image.size == (30, 30) and crop.mask.shape == (30, 30) and crop.size == (30, 30)
+        assert crop.image.size == (30, 30) and crop.mask.shape == (30, 30) and crop.size == correction.size
         left = next(x for x in range(31) if np.array_equal(np.asarray(crop.image), np.asarray(photo)[:, x : x + 30]))
         seen.add(left)
         assert np.array_equal(crop.mask, mask[:, left : left + 30])
@@ -223,7 +223,10 @@ def test_a_square_crop_cuts_image_mask_and_boxes_alike():
             assert "b" not in boxes
     assert len(seen) > 3  # the square moves
     tags_only = Correction(2, None, {"tags": {"a"}}, None, (), photo)
-    assert square_crop(tags_only, random.Random(0)) is tags_only
+    boxes_only = Correction(2, None, {"tags": {"a", "b"}}, None, (), photo, boxes=[left_box])
+    empty_mask = Correction(2, None, {"tags": {"a"}}, np.zeros((0, 0), dtype=np.uint8), (), photo)
+    for whole in (tags_only, boxes_only, empty_mask):  # a crop could lose what their tags name
+        assert square_crop(whole, random.Random(0)) is whole
     square = Correction(3, None, {}, mask[:, :30].copy(), ("a", "b"), _photo(30, 30))
     assert square_crop(square, random.Random(0)) is square
     with pytest.raises(ValueError, match="view"):

@@ -160,19 +160,21 @@ def test_patch_features_enter_the_decoder_as_they_are_or_projected(bundle):
         assert not torch.allclose(head(image, patches, _text(3), (3, 4)), seen)
 
 
-def test_a_head_saved_before_the_projection_option_loads_without_one(bundle, tmp_path):
-    """Heads written before ``project_patches`` existed have no projection and no such key."""
+@pytest.mark.parametrize("projected", [False, True])
+def test_a_head_saved_without_the_projection_option_loads_as_it_was_trained(bundle, tmp_path, projected):
+    """Heads written before ``project_patches`` existed have no such key: the weights say whether
+    they have a projection (the first heads did, those of the next versions did not)."""
     import json
 
     from worker.checkpoints import HEAD_CONFIG
 
-    model = ZegCLIP(bundle.visual, ZegCLIPConfig(decoder_heads=4, project_patches=False)).eval()
+    model = ZegCLIP(bundle.visual, ZegCLIPConfig(decoder_heads=4, project_patches=projected)).eval()
     save_head(model, tmp_path / "head", {})
     info = json.loads((tmp_path / "head" / HEAD_CONFIG).read_text())
     del info["config"]["project_patches"]
     (tmp_path / "head" / HEAD_CONFIG).write_text(json.dumps(info))
     loaded, _ = load_head(tmp_path / "head", bundle.visual)
-    assert loaded.cfg.project_patches is False and loaded.head.input_proj is None
+    assert loaded.cfg.project_patches is projected and (loaded.head.input_proj is not None) is projected
     pixels, text = torch.randn(1, 3, 64, 64), _text(2)
     with torch.no_grad():
         torch.testing.assert_close(loaded(bundle.visual, pixels, text), model(bundle.visual, pixels, text))

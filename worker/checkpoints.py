@@ -179,9 +179,11 @@ def save_head(model: ZegCLIP, directory: Path, meta: dict[str, Any]) -> None:
 def load_head(directory: Path, visual: VisionTransformer) -> tuple[ZegCLIP, dict[str, Any]]:
     """The head saved in ``directory``, built for ``visual``; raises ValueError if it does not fit."""
     info = json.loads((directory / HEAD_CONFIG).read_text())
-    model = ZegCLIP(visual, ZegCLIPConfig(**{"project_patches": False, **info["config"]}))  # older heads: none
+    state = load_file(str(directory / HEAD_WEIGHTS))
+    projected = "head.input_proj.weight" in state  # the weights say, for heads saved before the option too
+    model = ZegCLIP(visual, ZegCLIPConfig(**{**info["config"], "project_patches": projected}))
     try:
-        model.load_state_dict(load_file(str(directory / HEAD_WEIGHTS)))
+        model.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"The ZegCLIP head in {directory} was trained for another backbone: {e}") from e
     return model.eval(), info

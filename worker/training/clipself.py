@@ -78,8 +78,8 @@ class CLIPSelfConfig:
     global_weight: float = 1.0  # weight of L_global (0: the class token is free to drift)
 
 
-#: "crop": a random square of the image, side its short side, resized to the square (corrected
-#: masks and boxes follow it; tag-only corrections, whose tags may lie outside any crop, stay
+#: "crop": a random square of the image, side its short side, resized to the square (the corrected
+#: mask and boxes follow it; corrections without a mask, whose tags may lie outside any crop, stay
 #: letterboxed); "letterbox": the longest side resized to the square, black padding (the paper's).
 VIEWS = ("crop", "letterbox")
 
@@ -165,9 +165,9 @@ def letterbox(image: Image.Image, size: int, mean: Sequence[float], std: Sequenc
 def square_crop(correction: Correction, rng: random.Random) -> Correction:
     """The correction seen through a random square of its image, side the image's short side: its
     image, mask and boxes cut to that square (boxes clipped, and dropped when outside it). A square
-    image, or a correction without a mask or boxes (its tags may lie outside any crop), is returned
-    as it is."""
-    if correction.image is None or (correction.mask is None and not correction.boxes):
+    image, or a correction without a mask, is returned as it is: its tags (and the tags of boxes a
+    crop would drop) would be trained as present in a crop that may not show them."""
+    if correction.image is None or correction.mask is None or correction.mask.size == 0:
         return correction
     W, H = correction.image.size
     if W == H:  # the whole image (and the same random draws as a letterbox)
@@ -187,7 +187,7 @@ def square_crop(correction: Correction, rng: random.Random) -> Correction:
         if inside[0] < inside[2] and inside[1] < inside[3]:
             boxes.append((name, inside))
     image = correction.image.crop((left, top, left + side, top + side))
-    return replace(correction, image=image, mask=mask, boxes=boxes, size=image.size)
+    return replace(correction, image=image, mask=mask, boxes=boxes)
 
 
 def teacher_crops(
