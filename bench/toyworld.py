@@ -138,9 +138,9 @@ def render_scene(
     empty = empty_rate > 0 and rng.random() < empty_rate  # no draw at 0: older seeds keep their scenes
     count = 0 if empty else int(rng.integers(1, max_objects + 1))
     drawn: list[ToyObject] = []
+    colours = tuple(COLOURS) if palette is None else tuple(palette)
     for k in range(count):
         shape = SHAPES[rng.integers(len(SHAPES))]
-        colours = tuple(COLOURS) if palette is None else tuple(palette)
         colour = colours[rng.integers(len(colours))]
         r = size * (rng.uniform(0.24, 0.32) if k == 0 else rng.uniform(0.09, 0.15))
         cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)

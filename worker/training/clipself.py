@@ -175,11 +175,10 @@ def square_crop(correction: Correction, rng: random.Random) -> Correction:
     side = min(W, H)
     left, top = rng.randint(0, W - side), rng.randint(0, H - side)
     x0, y0, x1, y1 = left / W, top / H, (left + side) / W, (top + side) / H
-    mask = correction.mask
-    if mask is not None and mask.size:  # the mask is at the image's size or in proportion to it
-        h, w = mask.shape
-        rows = slice(top * h // H, max(top * h // H + 1, (top + side) * h // H))
-        mask = np.ascontiguousarray(mask[rows, left * w // W : max(left * w // W + 1, (left + side) * w // W)])
+    h, w = correction.mask.shape  # the image's size, or in proportion to it
+    rows = slice(top * h // H, max(top * h // H + 1, (top + side) * h // H))
+    columns = slice(left * w // W, max(left * w // W + 1, (left + side) * w // W))
+    mask = np.ascontiguousarray(correction.mask[rows, columns])
     boxes = []
     for name, (bx0, by0, bx1, by1) in correction.boxes:
         inside = ((max(bx0, x0) - x0) / (x1 - x0), (max(by0, y0) - y0) / (y1 - y0),
