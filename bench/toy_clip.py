@@ -24,6 +24,12 @@ objective learns what tells a batch's captions apart, and in the toy world colou
 always does, so v2 learnt colours perfectly and shapes barely (zero-shot 0.32). With
 ``--one-colour-every n`` every n-th batch draws all its objects in one colour, so only shapes (and
 backgrounds) tell its captions apart. ``--init`` continues from a model directory.
+
+Main-subject captions, for testing why TagCLIP's local route loses to the global embedding here:
+v2's captions name every object of a view, so its class token learnt to be multi-label. Web
+captions name the main subject, which is what TagCLIP's local route makes up for. With
+``--main-subject-rate p`` a share p of the views showing several objects is captioned with the
+largest one alone.
 """
 
 from __future__ import annotations
@@ -69,13 +75,17 @@ def random_view(scene: Scene, rng: np.random.Generator) -> Scene:
     return crop(scene, left, top, side)
 
 
-def view_caption(view: Scene, rng: np.random.Generator) -> str:
-    """What the view shows: its objects, largest first (at most three), or its background."""
+def view_caption(view: Scene, rng: np.random.Generator, main_subject_rate: float = 0.0) -> str:
+    """What the view shows: its objects, largest first (at most three), or its background. With
+    probability ``main_subject_rate`` a view of several objects names its largest one alone, as a
+    web caption names its main subject."""
     if not view.objects:
         return f"a photo of {view.background}." if rng.random() < 0.5 else \
             TEMPLATES[rng.integers(len(TEMPLATES))].format(view.background)  # fmt: skip
     areas = np.bincount(view.object_map.ravel(), minlength=256)[1 : len(view.objects) + 1]
     shown = [view.objects[k] for k in np.argsort(-areas, kind="stable")[:3]]
+    if len(shown) > 1 and main_subject_rate and rng.random() < main_subject_rate:
+        shown = shown[:1]
     if len(shown) == 1 and rng.random() < 0.6:
         main = shown[0]
         phrase = (f"{main.colour} {main.shape}", main.colour, main.shape)[rng.choice(3, p=[0.6, 0.2, 0.2])]
@@ -88,10 +98,12 @@ def view_caption(view: Scene, rng: np.random.Generator) -> str:
 class ToyStream(IterableDataset):
     """Endless (pixels, caption) pairs; each worker draws from its own seed. A loader's batch is
     ``batch_size`` consecutive pairs of one worker, so every ``one_colour_every``-th batch of each
-    worker (0: none) can draw all its objects in one colour."""
+    worker (0: none) can draw all its objects in one colour; ``main_subject_rate`` goes to
+    ``view_caption``."""
 
-    def __init__(self, seed: int, batch_size: int = 1, one_colour_every: int = 0) -> None:
+    def __init__(self, seed: int, batch_size: int = 1, one_colour_every: int = 0, main_subject_rate: float = 0.0):
         self.seed, self.batch_size, self.one_colour_every = seed, batch_size, one_colour_every
+        self.main_subject_rate = main_subject_rate
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -105,7 +117,7 @@ class ToyStream(IterableDataset):
             view = random_view(render_scene(rng, SCENE_SIZE, empty_rate=EMPTY_RATE, palette=palette), rng)
             count += 1
             yield to_pixels(view.image, (INPUT_SIZE, INPUT_SIZE), OPENAI_DATASET_MEAN, OPENAI_DATASET_STD), \
-                view_caption(view, rng)  # fmt: skip
+                view_caption(view, rng, self.main_subject_rate)  # fmt: skip
 
 
 @torch.no_grad()
@@ -158,6 +170,7 @@ def train(
     workers: int = 1,
     one_colour_every: int = 0,
     init: Path | None = None,
+    main_subject_rate: float = 0.0,
 ) -> dict:
     """Train for ``minutes`` of wall time (cosine schedule over that budget) and save to ``out``;
     from random weights, or from the model directory ``init``."""
@@ -170,7 +183,7 @@ def train(
         used_tokens.update(torch.nonzero(state["token_embedding.weight"].abs().sum(1)).flatten().tolist())
     model.to(device)
     tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=TOY_CLIP["text_cfg"]["context_length"])
-    stream = ToyStream(seed, batch_size, one_colour_every)
+    stream = ToyStream(seed, batch_size, one_colour_every, main_subject_rate)
     loader = DataLoader(stream, batch_size=batch_size, num_workers=workers)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     budget, started = minutes * 60, time.monotonic()
@@ -182,6 +195,7 @@ def train(
             "recipe": {"minutes": minutes, "seed": seed, "batch_size": batch_size, "lr": lr, "steps": step,
                        "scene_size": SCENE_SIZE, "input_size": INPUT_SIZE, "min_view": MIN_VIEW,
                        "empty_rate": EMPTY_RATE, "one_colour_every": one_colour_every,
+                       "main_subject_rate": main_subject_rate,
                        "init": str(init) if init else None, "device": device, "threads": torch.get_num_threads()},
             "zero_shot": zero_shot,
             "log": log,
@@ -237,9 +251,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=1, help="processes drawing scenes")
     parser.add_argument("--one-colour-every", type=int, default=0, help="every n-th batch in one colour (0: none)")
     parser.add_argument("--init", type=Path, help="continue from this model directory")
+    parser.add_argument("--main-subject-rate", type=float, default=0.0, help="views of several objects captioned "
+                        "with their largest alone (a share)")  # fmt: skip
     args = parser.parse_args(argv)
     record = train(args.minutes, args.out, args.seed, args.batch_size, args.lr, args.checkpoint_minutes,
-                   args.device, args.workers, args.one_colour_every, args.init)  # fmt: skip
+                   args.device, args.workers, args.one_colour_every, args.init, args.main_subject_rate)  # fmt: skip
     print(json.dumps({"out": str(args.out), "zero_shot": record["zero_shot"]}))
 
 

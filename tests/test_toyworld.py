@@ -82,6 +82,22 @@ def test_views_are_captioned_with_what_they_show_each_object_bound_to_its_colour
     assert (tokenizer([longest])[0] != 0).sum() <= context
 
 
+def test_main_subject_captions_name_the_largest_object_alone():
+    rng, named_alone = np.random.default_rng(2), 0
+    for _ in range(200):
+        view = random_view(render_scene(rng, 128), rng)
+        areas = [(view.object_map == k).sum() for k in range(1, len(view.objects) + 1)]
+        if len({(o.colour, o.shape) for o in view.objects}) < 2 or sorted(areas)[-1] == sorted(areas)[-2]:
+            continue
+        text = view_caption(view, rng, main_subject_rate=1.0)
+        largest = view.objects[int(np.argmax(areas))]
+        others = {f"{o.colour} {o.shape}" for o in view.objects} - {f"{largest.colour} {largest.shape}"}
+        assert " and " not in text and not any(other in text for other in others)
+        assert largest.shape in text or largest.colour in text
+        named_alone += 1
+    assert named_alone > 20
+
+
 def test_one_colour_batches_tell_their_captions_apart_by_shape_only():
     stream = iter(ToyStream(seed=5, batch_size=6, one_colour_every=2))
     batches = [[next(stream)[1] for _ in range(6)] for _ in range(8)]
