@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import itertools
 import json
 import platform
 import random
@@ -478,8 +479,9 @@ def markdown(report: dict, command: str, description: str) -> str:
         c, s = tags["colour"][m], tags["shape"][m]
         lines.append(f"| {m} | {cell(c['mAP'])} | {cell(c['F1'])} | {cell(s['mAP'])} | {cell(s['F1'])} | "
                      f"{cell(multi['colour'][m])} | {cell(multi['shape'][m])} |")  # fmt: skip
-    lines += ["", "F1 uses TagCLIP's relative rule (TAG_RULE=relative), as the paper does.", "",
-              "## 2. Segmentation (mIoU, background included)", "",
+    lines += ["", "F1 uses TagCLIP's relative rule (TAG_RULE=relative), as the paper does.", ""]
+    lines += per_label_markdown(report["per_label_ap"])
+    lines += ["## 2. Segmentation (mIoU, background included)", "",
               "| head | colour mIoU | shape mIoU |", "|---|---|---|"]  # fmt: skip
     for key, row in report["segmentation"].items():
         lines.append(f"| {key} | {cell(row['colour'])} | {cell(row['shape'])} |")
@@ -488,6 +490,15 @@ def markdown(report: dict, command: str, description: str) -> str:
     if "learning" in report:
         lines += learning_markdown(report["learning"])
     return "\n".join(lines) + "\n"
+
+
+def per_label_markdown(per_label: dict) -> list[str]:
+    """Section 1b: each label's AP (dmar+cwr), colours and shapes side by side."""
+    colours, shapes = list(per_label["colour"].items()), list(per_label["shape"].items())
+    lines = ["### 1b. Per label (dmar+cwr AP)", "", "| colour | AP | shape | AP |", "|---|---|---|---|"]
+    for (colour, c), (shape, s) in itertools.zip_longest(colours, shapes, fillvalue=("", None)):
+        lines.append(f"| {colour} | {cell(c) if colour else ''} | {shape} | {cell(s) if shape else ''} |")
+    return lines + [""]
 
 
 def small_sets_markdown(small: dict) -> list[str]:

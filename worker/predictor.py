@@ -332,7 +332,7 @@ class Predictor:
         p = vit.patch_size(visual)
         grid = (pixels.shape[-2] // p, pixels.shape[-1] // p)
         if tokens is None:
-            tokens = vit.run_blocks(visual, vit.embed(visual, pixels), range(len(visual.transformer.resblocks) - 1))
+            tokens = vit.trunk(visual, pixels)
         return dense.dense_features(visual, tokens, grid, head)
 
     @property

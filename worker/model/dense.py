@@ -89,11 +89,10 @@ def sliding_features(visual: VisionTransformer, pixels: Tensor, head: str, batch
     wy, wx = min(window, H), min(window, W)
     boxes = [(y, x) for y in window_starts(H, wy, window // 2) for x in window_starts(W, wx, window // 2)]
     crops = torch.cat([pixels[:, :, y : y + wy, x : x + wx] for y, x in boxes])  # window-major
-    depth = len(visual.transformer.resblocks)
     features = []
     for start in range(0, len(crops), batch_size):
         chunk = crops[start : start + batch_size]
-        tokens = vit.run_blocks(visual, vit.embed(visual, chunk), range(depth - 1))
+        tokens = vit.trunk(visual, chunk)
         features.append(dense_features(visual, tokens, (wy // p, wx // p), head).float())
     per_window = torch.cat(features).reshape(len(boxes), B, wy // p, wx // p, -1)
     total = torch.zeros(B, H // p, W // p, per_window.shape[-1], device=pixels.device)

@@ -180,7 +180,7 @@ def run_trunk(bundle: ClipBundle, pixels: Tensor, cfg: TagCLIPConfig) -> Trunk:
     visual = bundle.visual
     depth = len(visual.transformer.resblocks)
     votes = AttentionVotes(cfg.layers(depth)[0])
-    tokens = vit.run_blocks(visual, vit.embed(visual, pixels), range(depth - 1), observer=votes)
+    tokens = vit.trunk(visual, pixels, observer=votes)
     p = vit.patch_size(visual)
     return Trunk(pixels, tokens, (pixels.shape[-2] // p, pixels.shape[-1] // p), votes)
 

@@ -117,6 +117,12 @@ def run_blocks(
     return x
 
 
+def trunk(visual: VisionTransformer, pixels: Tensor, observer: AttentionObserver | None = None) -> Tensor:
+    """Tokens [B, 1 + h*w, D] before the last block: what every dense head and TagCLIP's local
+    stage share (each replaces the last block in its own way)."""
+    return run_blocks(visual, embed(visual, pixels), range(len(visual.transformer.resblocks) - 1), observer=observer)
+
+
 def self_attending_block(
     block: ResidualAttentionBlock, x: Tensor, penalty: float, observe: Callable[[Tensor], None] | None = None
 ) -> Tensor:

@@ -100,7 +100,7 @@ def student_outputs(visual: VisionTransformer, pixels: Tensor, heads: Sequence[s
     of ``heads``' last block [B, E, h, w] and the plain last block's image embedding [B, E], each
     L2-normalised."""
     last = visual.transformer.resblocks[-1]
-    x = vit.run_blocks(visual, vit.embed(visual, pixels), range(len(visual.transformer.resblocks) - 1))
+    x = vit.trunk(visual, pixels)
     p = vit.patch_size(visual)
     grid = (pixels.shape[-2] // p, pixels.shape[-1] // p)
     maps = []
