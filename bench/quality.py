@@ -8,7 +8,7 @@ the mean and spread over ``--seeds`` independent held-out sets (and training see
 
 1. tagging mAP and F1 (TagCLIP's relative threshold) over colour and over shape classes, for the
    global embedding (plain CLIP), patch-level classification, TagCLIP with DMAR, and with DMAR +
-   CWR, on all scenes and on multi-object scenes apart; per-label AP in the JSON;
+   CWR, on all scenes and on multi-object scenes apart, and each label's AP (1b);
 2. segmentation mIoU for the MaskCLIP value path and the dense heads (ClearCLIP, NACLIP), over all
    classes and restricted to the tags TagCLIP found;
 3. small label sets, through the service's own ``Predictor`` (its decision rule, distractors and

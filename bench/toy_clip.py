@@ -85,6 +85,7 @@ def view_caption(view: Scene, rng: np.random.Generator, main_subject_rate: float
             TEMPLATES[rng.integers(len(TEMPLATES))].format(view.background)  # fmt: skip
     areas = np.bincount(view.object_map.ravel(), minlength=256)[1 : len(view.objects) + 1]
     shown = [view.objects[k] for k in np.argsort(-areas, kind="stable")[:3]]
+    # no draw at rate 0, so a recipe without main subjects keeps its exact captions (v2 and v3's)
     if len(shown) > 1 and main_subject_rate and rng.random() < main_subject_rate:
         shown = shown[:1]
     if len(shown) == 1 and rng.random() < 0.6:

@@ -67,6 +67,15 @@ def test_benchmark_smoke_run(tiny_checkpoint):
     text = quality.markdown(report, "python -m bench.quality --smoke", bundle.description)
     assert "## 1. Tagging" in text and "| dmar+cwr |" in text and "least confident" in text
     assert "## 3. Small label sets" in text and "| colour x3 |" in text and "exact after 50" in text
+    per_label = report["per_label_ap"]
+    assert {kind: list(labels) for kind, labels in per_label.items()} == {k: list(v) for k, v in quality.KINDS.items()}
+    table = text.split("### 1b. Per label (dmar+cwr AP)")[1].split("## 2.")[0]
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ") and "AP" not in line]
+    assert len(rows) == max(len(labels) for labels in quality.KINDS.values())
+    for kind, column in (("colour", 0), ("shape", 2)):  # each label beside its own AP (n/a where absent)
+        expected = [(label, quality.cell(figure)) for label, figure in per_label[kind].items()]
+        expected += [("", "")] * (len(rows) - len(expected))
+        assert [(row[column].strip(), row[column + 1].strip()) for row in rows] == expected
 
 
 def test_the_benchmark_scores_acceptance_with_the_services_definition():
