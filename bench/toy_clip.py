@@ -24,7 +24,8 @@ minutes with ``--one-colour-every 2 --lr 3e-4``, shape zero-shot 0.44, a candida
 objective learns what tells a batch's captions apart, and in the toy world colour alone nearly
 always does, so v2 learnt colours perfectly and shapes barely (zero-shot 0.32). With
 ``--one-colour-every n`` every n-th batch draws all its objects in one colour, so only shapes (and
-backgrounds) tell its captions apart. ``--init`` continues from a model directory.
+backgrounds) tell its captions apart. ``--init`` continues from a model directory, whose
+``training.json`` is kept inside the new one (``init_training``): a model's record holds every stage.
 
 Main-subject captions, for testing why TagCLIP's local route loses to the global embedding here:
 v2's captions name every object of a view, so its class token learnt to be multi-label. Web
@@ -161,6 +162,13 @@ def save_model_dir(model: open_clip.CLIP, directory: Path, used_tokens: set[int]
     save_file(state, str(directory / "open_clip_model.safetensors"))
 
 
+def init_record(init: Path | None) -> dict | None:
+    """The training record of the model a run continues from (its own ``init_training`` nested in
+    it), so a continued model's ``training.json`` holds every stage that made it."""
+    record = init / "training.json" if init is not None else None
+    return json.loads(record.read_text()) if record is not None and record.is_file() else None
+
+
 def train(
     minutes: float,
     out: Path,
@@ -201,6 +209,7 @@ def train(
                        "init": str(init) if init else None, "device": device, "threads": torch.get_num_threads()},
             "zero_shot": zero_shot,
             "log": log,
+            "init_training": init_record(init),
         }  # fmt: skip
 
     for pixels, texts in loader:

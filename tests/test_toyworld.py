@@ -12,7 +12,7 @@ import open_clip
 import pytest
 
 from bench.toy_clip import TOY_CLIP as TOY_CONFIG
-from bench.toy_clip import ToyStream, random_view, view_caption, zero_shot_accuracy
+from bench.toy_clip import ToyStream, random_view, train, view_caption, zero_shot_accuracy
 from bench.toyworld import BACKGROUNDS, COLOURS, MIN_VISIBLE, SHAPES, crop, render_scene, scenes
 from common.settings import Settings
 from worker.loading import load_clip
@@ -107,6 +107,16 @@ def test_one_colour_batches_tell_their_captions_apart_by_shape_only():
     assert sum(len(colours) == 1 for colours in named[1::2]) >= 3  # ... and the colour is named
     scene = render_scene(np.random.default_rng(1), 96, palette=("red",))
     assert scene.colours <= {"red"}
+
+
+def test_a_continued_model_records_every_stage_that_made_it(tmp_path: Path):
+    first = train(0.02, tmp_path / "first", batch_size=4)
+    second = train(0.02, tmp_path / "second", batch_size=4, init=tmp_path / "first", one_colour_every=2)
+    assert first["init_training"] is None and second["recipe"]["init"] == str(tmp_path / "first")
+    assert second["init_training"] == first  # the stage it continued, log and zero-shot included
+    saved = json.loads((tmp_path / "second" / "training.json").read_text())
+    assert saved["init_training"]["recipe"]["one_colour_every"] == 0 and saved["recipe"]["one_colour_every"] == 2
+    open_clip.create_model(f"local-dir:{tmp_path / 'second'}")  # what the service loads
 
 
 def test_a_crop_keeps_the_objects_mostly_inside_it():
