@@ -17,6 +17,8 @@ the mean and spread over ``--seeds`` independent held-out sets (and training see
    scenes with none, mask IoU of the present labels, and pre-labels accepted unchanged by the
    service's own definition (``common.quality.accepted_unchanged``); and the TAG_MIN_SCORE that
    maximises the exact tag set on the pool scenes (a calibration set apart from the held-out ones);
+   then the same after the few-shot learner has fitted K corrected pool scenes (3b, 3c), K up to
+   200, chosen at random or least confident first (3d);
 4. the learning loop: K scenes corrected (the correction is the ground truth), CLIPSelf and a
    ZegCLIP head trained on them, shape masks and the share accepted unchanged before and after,
    the K scenes chosen at random or least confident first (the service's confidence score).
@@ -75,7 +77,9 @@ SEGMENTATION = tuple((h, False) for h in HEADS) + (("clearclip", True), ("naclip
 MIN_AREA = 0.002  # the service's default MASK_MIN_AREA
 RELATIVE = TagRule("relative")  # TagCLIP's rule, for the paper's figures (sections 1, 2 and 4)
 SMALL_SETS = (1, 2, 3, 5)  # label counts of the small projects of section 3
-ADAPT_KS = (10, 20, 50)  # corrections the few-shot learner sees in section 3
+ADAPT_KS = (10, 20, 50, 100, 200)  # random corrections the few-shot learner sees in section 3
+TAGS_ALONE_KS = (10, 20, 50)  # where 3c also draws masks with the tags fitted alone
+ACTIVE_KS = (10, 50)  # where 3d also corrects the least confident first
 SERVICE = Settings()  # the service's defaults: the ZegCLIP schedule and holdout the learning loop follows
 MIN_SCORES = tuple(round(0.05 * i, 2) for i in range(1, 19))  # TAG_MIN_SCORE values tried on the pool
 
@@ -200,10 +204,11 @@ def accepted_share(predicted: Sequence[np.ndarray], truth: Sequence[np.ndarray])
     return accepted / len(truth)
 
 
-def confidence(bench: Bench, pool: Sequence[Scene]) -> np.ndarray:
-    """The service's task score for shape tags (mean distance from the tag threshold): low = unsure."""
-    scores = tag_scores(bench, pool, "shape")["dmar+cwr"]
-    return np.array([select_tags(dict(zip(SHAPES, row.tolist(), strict=True)), True, RELATIVE)[1] for row in scores])
+def least_confident_first(scores: np.ndarray | torch.Tensor, labels: Sequence[str], rule: TagRule) -> np.ndarray:
+    """Scene indices by the service's task score for these tag ``scores`` [n, L] (how far the labels
+    sit from their cut, on average), lowest first: the tasks an active learner corrects first."""
+    confidence = [select_tags(dict(zip(labels, row.tolist(), strict=True)), True, rule)[1] for row in scores]
+    return np.argsort(confidence, kind="stable")
 
 
 def learning_loop(bench: Bench, pool, held_out, ks: Sequence[int], steps: int, seed: int, lr: float) -> dict:
@@ -218,7 +223,7 @@ def learning_loop(bench: Bench, pool, held_out, ks: Sequence[int], steps: int, s
     before_maps = dense_maps(bench, held_out, "shape", "clearclip", tags)
     before = {"tag_map": mean_average_precision(scores, shape_truth), "miou": miou(before_maps, truth, len(SHAPES)),
               "accepted": accepted_share(before_maps, truth)}  # fmt: skip
-    unsure_first = list(np.argsort(confidence(bench, pool), kind="stable"))
+    unsure_first = list(least_confident_first(tag_scores(bench, pool, "shape")["dmar+cwr"], SHAPES, RELATIVE))
     shuffled = list(range(len(pool)))
     random.Random(seed).shuffle(shuffled)
     head_cfg = ZegCLIPConfig(decoder_heads=8 if bench.bundle.visual.output_dim % 8 == 0 else 4)
@@ -262,12 +267,47 @@ def learning_loop(bench: Bench, pool, held_out, ks: Sequence[int], steps: int, s
     return {"before": before, "rows": rows, "clipself_lr": lr, "steps": steps}
 
 
+@dataclass
+class CorrectedPool:
+    """One small project's pool scenes as the few-shot learner reads them once corrected."""
+
+    kind: str
+    labels: tuple[str, ...]
+    scores: torch.Tensor  # [n, L] TagCLIP scores, before any adapter
+    embeddings: torch.Tensor  # [n, E] image embeddings
+    truth: np.ndarray  # [n, L] which labels each scene shows
+    regions: list[RegionSample]  # each scene painted as the project's annotators would paint it
+    text: torch.Tensor  # [L, E] the labels' mask text
+    background: torch.Tensor  # [B, E] the background words the masks compete with
+
+
+def after_corrections(predictor: Predictor, pool: CorrectedPool, chosen: np.ndarray, held_out: Sequence[Scene],
+                      prepared: list, tags_alone: bool) -> dict:  # fmt: skip
+    """The project's figures once the few-shot learner has fitted the ``chosen`` pool scenes: tag
+    thresholds and cache, then region prototypes; ``tags_alone`` also measures masks without them."""
+    default = predictor.settings.tag_min_score
+    few_shot = fit(pool.scores[chosen], pool.embeddings[chosen], pool.truth[chosen], pool.labels, default).few_shot
+    prototypes, _ = fit_prototypes([pool.regions[i] for i in chosen], pool.text, pool.background, pool.labels,
+                                   predictor.dense_kind)  # fmt: skip
+    figures, extra = {}, {}
+    if tags_alone or not prototypes:
+        figures = project_figures(predictor.with_few_shot(few_shot), held_out, prepared, pool.kind, pool.labels)
+        extra = {"mask_iou_tags_only": figures["mask_iou"]} if tags_alone else {}
+    if prototypes:
+        adapted = predictor.with_few_shot(dataclasses.replace(few_shot, prototypes=prototypes))
+        figures = project_figures(adapted, held_out, prepared, pool.kind, pool.labels)
+    return {**figures, **extra, "alpha": few_shot.adapter.alpha if few_shot.adapter else 0.0,
+            "gamma": prototypes.gamma if prototypes else 0.0}  # fmt: skip
+
+
 def small_label_sets(
-    predictor: Predictor, held_out: Sequence[Scene], pool: Sequence[Scene], seed: int, ks: Sequence[int] = ADAPT_KS
+    predictor: Predictor, held_out: Sequence[Scene], pool: Sequence[Scene], seed: int, ks: Sequence[int] = ADAPT_KS,
+    active_ks: Sequence[int] = ACTIVE_KS,
 ) -> dict:  # fmt: skip
     """Section 3: projects of a few labels drawn at random (seeded), through the service's predictor,
-    before and after the few-shot learner has seen K corrected pool scenes (random ones): its tag
-    thresholds and cache, then its region prototypes too (corrected masks)."""
+    before and after the few-shot learner has seen K corrected pool scenes. The K scenes are random
+    ones ("after K") and, for ``active_ks``, the least confident first by the service's task score
+    ("least confident K"), as a project reviewing Label Studio's lowest-scored tasks first picks them."""
     rng = np.random.default_rng(seed)
     prepared = list(predictor.prepare([s.image for s in held_out]))
     pool_prepared = list(predictor.prepare([s.image for s in pool]))
@@ -278,26 +318,24 @@ def small_label_sets(
             labels = tuple(str(name) for name in rng.choice(names, n, replace=False))
             figures = {"before": project_figures(predictor, held_out, prepared, kind, labels)}
             sweep = tag_sweep(predictor, pool, pool_prepared, kind, labels)
-            with torch.inference_mode():
-                scores, embeddings = predictor.label_scores(pool_prepared, [ClassLabel(x, (x,)) for x in labels])
-            truth = np.array([[x in _present(s, kind, labels) for x in labels] for s in pool])
-            regions = [_region_sample(s, kind, labels, *f) for s, f in zip(pool, pool_features, strict=True)]
             project = [ClassLabel(x, (x,)) for x in labels]
+            with torch.inference_mode():
+                scores, embeddings = predictor.label_scores(pool_prepared, project)
             text, background = predictor.mask_text(project, project)
-            order, default = rng.permutation(len(pool)), predictor.settings.tag_min_score
+            corrected = CorrectedPool(
+                kind, labels, scores, embeddings,
+                truth=np.array([[x in _present(s, kind, labels) for x in labels] for s in pool]),
+                regions=[_region_sample(s, kind, labels, *f) for s, f in zip(pool, pool_features, strict=True)],
+                text=text, background=background,
+            )  # fmt: skip
+            random_order = rng.permutation(len(pool))
+            unsure_first = least_confident_first(scores, labels, predictor.rule)
             for k in ks:
-                chosen = order[:k]
-                few_shot = fit(scores[chosen], embeddings[chosen], truth[chosen], labels, default).few_shot
-                tags_only = project_figures(predictor.with_few_shot(few_shot), held_out, prepared, kind, labels)
-                prototypes, _ = fit_prototypes([regions[i] for i in chosen], text, background, labels,
-                                               predictor.dense_kind)  # fmt: skip
-                adapted = predictor.with_few_shot(dataclasses.replace(few_shot, prototypes=prototypes))
-                figures[f"after {k}"] = {
-                    **(project_figures(adapted, held_out, prepared, kind, labels) if prototypes else tags_only),
-                    "mask_iou_tags_only": tags_only["mask_iou"],
-                    "alpha": few_shot.adapter.alpha if few_shot.adapter else 0.0,
-                    "gamma": prototypes.gamma if prototypes else 0.0,
-                }
+                figures[f"after {k}"] = after_corrections(predictor, corrected, random_order[:k], held_out, prepared,
+                                                          tags_alone=k in TAGS_ALONE_KS)  # fmt: skip
+            for k in active_ks:
+                figures[f"least confident {k}"] = after_corrections(predictor, corrected, unsure_first[:k], held_out,
+                                                                    prepared, tags_alone=False)  # fmt: skip
             out[f"{kind} x{n}"] = {**figures, "labels": list(labels), "best_min_score": max(sweep, key=sweep.get)}
     return {**out, "dense_head": predictor.settings.dense_head}
 
@@ -530,14 +568,17 @@ def small_sets_markdown(small: dict) -> list[str]:
         "masks with region prototypes, 3c)",
         "",
         "| project | exact before | " + " | ".join(f"exact {k}" for k in after) + f" | false tags on none, {last} | "
-        f"recall several, {last} | mask IoU, {last} |",
-        "|---|---|" + "---|" * len(after) + "---|---|---|",
+        f"recall several, {last} | mask IoU, {last} | accepted before | accepted, {last} |",
+        "|---|---|" + "---|" * len(after) + "---|---|---|---|---|",
     ]
     for key, row in projects.items():
         lines.append(f"| {key} | {cell(row['before']['exact'], True)} | "
                      + " | ".join(cell(row[k]["exact"], True) for k in after)
                      + f" | {cell(row[last]['false_on_none'], True)} | {cell(row[last]['recall_several'], True)} | "
-                     f"{cell(row[last]['mask_iou'])} |")  # fmt: skip
+                     f"{cell(row[last]['mask_iou'])} | {cell(row['before']['accepted'], True)} | "
+                     f"{cell(row[last]['accepted'], True)} |")  # fmt: skip
+    after = [key for key in after if "mask_iou_tags_only" in next(iter(projects.values()))[key]]
+    last = after[-1]
     lines += [
         "",
         "### 3c. Masks after the few-shot learner: tags fitted alone, then with region prototypes "
@@ -551,6 +592,28 @@ def small_sets_markdown(small: dict) -> list[str]:
         lines.append(f"| {key} | {cell(row['before']['mask_iou'])} | "
                      + " | ".join(f"{cell(row[k]['mask_iou_tags_only'])} | {cell(row[k]['mask_iou'])}" for k in after)
                      + f" | {cell(row[last]['gamma'])} |")  # fmt: skip
+    active = [key.removeprefix("least confident ") for key in next(iter(projects.values()))
+              if key.startswith("least confident ")]  # fmt: skip
+    if not active:
+        return lines
+    lines += [
+        "",
+        "### 3d. Which corrections: random against least confident first (the few-shot learner, with region "
+        "prototypes)",
+        "",
+        "Least confident = the lowest task score the service gives Label Studio (how far the labels' scores sit "
+        "from their thresholds), as a project reviewing its lowest-scored tasks first corrects them.",
+        "",
+        "| project | K | exact, random | exact, least confident | mask IoU, random | mask IoU, least confident | "
+        "accepted, random | accepted, least confident |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, row in projects.items():
+        for k in active:
+            chance, unsure = row[f"after {k}"], row[f"least confident {k}"]
+            pairs = [(cell(chance[f], f != "mask_iou"), cell(unsure[f], f != "mask_iou"))
+                     for f in ("exact", "mask_iou", "accepted")]  # fmt: skip
+            lines.append(f"| {key} | {k} | " + " | ".join(f"{a} | {b}" for a, b in pairs) + " |")
     return lines
 
 

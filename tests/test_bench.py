@@ -11,6 +11,7 @@ from bench import quality
 from common import quality as metrics
 from common.settings import Settings
 from worker.loading import load_clip
+from worker.model.selection import TagRule
 from worker.model.tagclip import TagCLIPConfig
 from worker.model.text import TextEmbedder
 from worker.predictor import Predictor
@@ -41,6 +42,14 @@ def test_micro_f1():
     assert metrics.micro_f1(predicted, truth) == pytest.approx(2 * (2 / 3) * (2 / 3) / (4 / 3))
 
 
+def test_least_confident_first_ranks_tasks_by_the_service_score():
+    rule = TagRule("absolute", min_score=0.2)
+    scores = np.array([[0.95, 0.0], [0.21, 0.19], [0.6, 0.05], [0.22, 0.9]])  # mean distances .59, .01, .34, .45
+    order = quality.least_confident_first(scores, ("cat", "dog"), rule)
+    assert order.tolist() == [1, 2, 3, 0]
+    assert quality.least_confident_first(scores[[0, 2]], ("cat", "dog"), rule).tolist() == [1, 0]
+
+
 def test_benchmark_smoke_run(tiny_checkpoint):
     settings = Settings(model_checkpoint=str(tiny_checkpoint), device="cpu", background_words=quality.BACKGROUNDS)
     bundle = load_clip(settings)
@@ -61,12 +70,18 @@ def test_benchmark_smoke_run(tiny_checkpoint):
     assert set(small) == {f"{k} x{n}" for k in quality.KINDS for n in quality.SMALL_SETS}
     for row in small.values():
         assert {"before", *(f"after {k}" for k in quality.ADAPT_KS)} <= set(row)
+        assert {f"least confident {k}" for k in quality.ACTIVE_KS} <= set(row)
         assert 0 <= row["before"]["exact"]["mean"] <= 1
     rows = report["learning"]["rows"]
     assert [(r["strategy"], r["k"]) for r in rows] == [("random", 2), ("least confident", 2)]
     text = quality.markdown(report, "python -m bench.quality --smoke", bundle.description)
     assert "## 1. Tagging" in text and "| dmar+cwr |" in text and "least confident" in text
     assert "## 3. Small label sets" in text and "| colour x3 |" in text and "exact after 50" in text
+    active = text.split("### 3d.")[1].split("## 4.")[0]  # random and least confident side by side, per K
+    rows = [line.split(" | ") for line in active.splitlines() if line.startswith("| colour x3 | ")]
+    assert [row[1] for row in rows] == [str(k) for k in quality.ACTIVE_KS]
+    unsure = small["colour x3"][f"least confident {quality.ACTIVE_KS[0]}"]
+    assert rows[0][3] == quality.cell(unsure["exact"], True) and rows[0][5] == quality.cell(unsure["mask_iou"])
     per_label = report["per_label_ap"]
     assert {kind: list(labels) for kind, labels in per_label.items()} == {k: list(v) for k, v in quality.KINDS.items()}
     table = text.split("### 1b. Per label (dmar+cwr AP)")[1].split("## 2.")[0]
