@@ -205,3 +205,20 @@ def test_the_departures_rebuild_what_prelabel_did_before():
         assert (crops[0, :, :4] == 0).all() and (crops[0, :, 12:] == 0).all()  # grey (zero) padding
     pixels, cover = clipself.letterbox(wide, 32, mean, std)
     assert cover == (0.0, 0.0, 1.0, 0.5) and (pixels[:, 16:] == -1).all()  # the service's: black below
+
+
+def test_active_learning_table_puts_each_strategy_in_its_own_column():
+    def figure(value: float) -> dict:
+        return {"mean": value, "std": 0.0, "runs": [value]}
+
+    def learnt(exact: float, iou: float, accepted: float) -> dict:
+        return {"exact": figure(exact), "mask_iou": figure(iou), "accepted": figure(accepted),
+                "false_on_none": figure(0.0), "recall_several": figure(1.0), "gamma": figure(0.5),
+                "mask_iou_tags_only": figure(iou)}  # fmt: skip
+
+    row = {"before": learnt(0.1, 0.1, 0.1), "after 10": learnt(0.2, 0.3, 0.4),
+           "least confident 10": learnt(0.5, 0.6, 0.7), "best_min_score": figure(0.15)}  # fmt: skip
+    text = "\n".join(quality.small_sets_markdown({"colour x1": row, "dense_head": "maskclip"}))
+    table = text.split("### 3d.")[1]
+    cells = next(line for line in table.splitlines() if line.startswith("| colour x1 | 10 |")).split(" | ")[2:]
+    assert [c.strip(" |") for c in cells] == ["20.0%", "50.0%", "0.300", "0.600", "40.0%", "70.0%"]
