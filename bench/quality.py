@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from bench.publish import publish
 from bench.toy_clip import SCENE_SIZE
 from bench.toyworld import BACKGROUNDS, COLOURS, SHAPES, Scene, scenes
-from common.jobs import BrushControl, ChoicesControl, ClassLabel
+from common.jobs import BrushControl, ChoicesControl, ClassLabel, TaskResult
 from common.labelstudio.brush import draw_scaled, rle_to_mask
 from common.quality import UNCHANGED_IOU, accepted_unchanged, mask_iou, mean_average_precision, micro_f1, miou
 from common.settings import Settings
@@ -61,7 +61,7 @@ from worker.model.tagclip import TagCLIPConfig, reidentify, run_trunk, tagclip_h
 from worker.model.text import TextEmbedder
 from worker.model.zegclip import ZegCLIP, ZegCLIPConfig
 from worker.predictor import Predictor
-from worker.training.adapt import RegionSample, fit, fit_prototypes, patch_targets
+from worker.training.adapt import REGION_SAMPLES, RegionSample, fit, fit_prototypes, patch_targets
 from worker.training.clipself import CLIPSelfConfig, train_clipself
 from worker.training.corrections import Correction
 from worker.training.zegclip import TrainingSample, calibrate_threshold, calibration_split, schedule, train_zegclip
@@ -78,8 +78,9 @@ MIN_AREA = 0.002  # the service's default MASK_MIN_AREA
 RELATIVE = TagRule("relative")  # TagCLIP's rule, for the paper's figures (sections 1, 2 and 4)
 SMALL_SETS = (1, 2, 3, 5)  # label counts of the small projects of section 3
 ADAPT_KS = (10, 20, 50, 100, 200)  # random corrections the few-shot learner sees in section 3
-TAGS_ALONE_KS = (10, 20, 50)  # where 3c also draws masks with the tags fitted alone
-ACTIVE_KS = (10, 50)  # where 3d also corrects the least confident first
+TAGS_ALONE_UP_TO = 50  # up to this K, 3c also draws masks with the tags fitted alone
+ACTIVE_KS = (10, 50)  # where 3d also corrects the least confident first (each also in ADAPT_KS)
+GAIN_METRICS = ("exact", "mask_iou", "accepted")  # 3d's paired differences, least confident - random
 SERVICE = Settings()  # the service's defaults: the ZegCLIP schedule and holdout the learning loop follows
 MIN_SCORES = tuple(round(0.05 * i, 2) for i in range(1, 19))  # TAG_MIN_SCORE values tried on the pool
 
@@ -205,8 +206,9 @@ def accepted_share(predicted: Sequence[np.ndarray], truth: Sequence[np.ndarray])
 
 
 def least_confident_first(scores: np.ndarray | torch.Tensor, labels: Sequence[str], rule: TagRule) -> np.ndarray:
-    """Scene indices by the service's task score for these tag ``scores`` [n, L] (how far the labels
-    sit from their cut, on average), lowest first: the tasks an active learner corrects first."""
+    """Scene indices by the confidence ``select_tags`` gives these tag ``scores`` [n, L] (how far the
+    labels sit from their cut, on average), lowest first. Section 4 has no predictor to draw masks,
+    so it ranks by this, the tag part of the task score Label Studio sorts by (section 3 uses all of it)."""
     confidence = [select_tags(dict(zip(labels, row.tolist(), strict=True)), True, rule)[1] for row in scores]
     return np.argsort(confidence, kind="stable")
 
@@ -287,7 +289,8 @@ def after_corrections(predictor: Predictor, pool: CorrectedPool, chosen: np.ndar
     thresholds and cache, then region prototypes; ``tags_alone`` also measures masks without them."""
     default = predictor.settings.tag_min_score
     few_shot = fit(pool.scores[chosen], pool.embeddings[chosen], pool.truth[chosen], pool.labels, default).few_shot
-    prototypes, _ = fit_prototypes([pool.regions[i] for i in chosen], pool.text, pool.background, pool.labels,
+    newest = chosen[-REGION_SAMPLES:]  # as fit_adapter: prototypes from the newest corrected masks
+    prototypes, _ = fit_prototypes([pool.regions[i] for i in newest], pool.text, pool.background, pool.labels,
                                    predictor.dense_kind)  # fmt: skip
     figures, extra = {}, {}
     if tags_alone or not prototypes:
@@ -306,8 +309,14 @@ def small_label_sets(
 ) -> dict:  # fmt: skip
     """Section 3: projects of a few labels drawn at random (seeded), through the service's predictor,
     before and after the few-shot learner has seen K corrected pool scenes. The K scenes are random
-    ones ("after K") and, for ``active_ks``, the least confident first by the service's task score
-    ("least confident K"), as a project reviewing Label Studio's lowest-scored tasks first picks them."""
+    ones ("after K", nested: the first 10 of the 20) and, for ``active_ks``, the lowest task scores
+    the service gives Label Studio before any correction ("least confident K"), as a project
+    reviewing Label Studio's lowest-scored tasks first picks them; with their gain over random."""
+    if max((*ks, *active_ks), default=0) > len(pool):
+        raise ValueError(f"K = {max((*ks, *active_ks))} corrections need a pool of at least as many scenes, "
+                         f"not {len(pool)}")  # fmt: skip
+    if not set(active_ks) <= set(ks):
+        raise ValueError(f"each K of {tuple(active_ks)} (least confident) must also be run at random: {tuple(ks)}")
     rng = np.random.default_rng(seed)
     prepared = list(predictor.prepare([s.image for s in held_out]))
     pool_prepared = list(predictor.prepare([s.image for s in pool]))
@@ -317,7 +326,8 @@ def small_label_sets(
         for n in SMALL_SETS:
             labels = tuple(str(name) for name in rng.choice(names, n, replace=False))
             figures = {"before": project_figures(predictor, held_out, prepared, kind, labels)}
-            sweep = tag_sweep(predictor, pool, pool_prepared, kind, labels)
+            pool_results = _predict(predictor, pool_prepared, kind, labels, masks=True)  # as Label Studio gets them
+            sweep = tag_sweep(pool, pool_results, kind, labels)
             project = [ClassLabel(x, (x,)) for x in labels]
             with torch.inference_mode():
                 scores, embeddings = predictor.label_scores(pool_prepared, project)
@@ -329,13 +339,14 @@ def small_label_sets(
                 text=text, background=background,
             )  # fmt: skip
             random_order = rng.permutation(len(pool))
-            unsure_first = least_confident_first(scores, labels, predictor.rule)
+            unsure_first = np.argsort([r.score for r in pool_results], kind="stable")
             for k in ks:
                 figures[f"after {k}"] = after_corrections(predictor, corrected, random_order[:k], held_out, prepared,
-                                                          tags_alone=k in TAGS_ALONE_KS)  # fmt: skip
+                                                          tags_alone=k <= TAGS_ALONE_UP_TO)  # fmt: skip
             for k in active_ks:
-                figures[f"least confident {k}"] = after_corrections(predictor, corrected, unsure_first[:k], held_out,
-                                                                    prepared, tags_alone=False)  # fmt: skip
+                active = after_corrections(predictor, corrected, unsure_first[:k], held_out, prepared, tags_alone=False)
+                gain = {m: active[m] - figures[f"after {k}"][m] for m in GAIN_METRICS}  # paired: same seed and labels
+                figures[f"least confident {k}"] = {**active, "gain_over_random": gain}
             out[f"{kind} x{n}"] = {**figures, "labels": list(labels), "best_min_score": max(sweep, key=sweep.get)}
     return {**out, "dense_head": predictor.settings.dense_head}
 
@@ -394,9 +405,9 @@ def project_figures(predictor: Predictor, held_out, prepared, kind: str, labels:
     }
 
 
-def tag_sweep(predictor: Predictor, pool, prepared, kind: str, labels: tuple[str, ...]) -> dict[float, float]:
-    """Exact tag-set rate on the pool scenes for each TAG_MIN_SCORE in MIN_SCORES."""
-    results = _predict(predictor, prepared, kind, labels, masks=False)
+def tag_sweep(pool, results: Sequence[TaskResult], kind: str, labels: tuple[str, ...]) -> dict[float, float]:
+    """Exact tag-set rate on the pool scenes for each TAG_MIN_SCORE in MIN_SCORES, re-deciding the
+    tags of the predictor's ``results`` on them."""
     rates = {}
     for t in MIN_SCORES:
         rule = TagRule("absolute", min_score=t)
@@ -407,8 +418,9 @@ def tag_sweep(predictor: Predictor, pool, prepared, kind: str, labels: tuple[str
 
 
 def run_seed(bench: Bench, predictor: Predictor | None, n_held_out: int, n_pool: int, ks: Sequence[int], steps: int,
-             seed: int, lr: float) -> dict:  # fmt: skip
-    """Every section on the held-out and pool scenes of one seed."""
+             seed: int, lr: float, small_ks: tuple[Sequence[int], Sequence[int]]) -> dict:  # fmt: skip
+    """Every section on the held-out and pool scenes of one seed; ``small_ks`` are section 3's
+    random and least confident K."""
     held_out = scenes(HELD_OUT_SEED + seed, n_held_out, SIZE, empty_rate=EMPTY_RATE)
     pool = scenes(POOL_SEED + seed, n_pool, SIZE, empty_rate=EMPTY_RATE)
     multi = [i for i, s in enumerate(held_out) if len(s.objects) >= 2]
@@ -438,7 +450,7 @@ def run_seed(bench: Bench, predictor: Predictor | None, n_held_out: int, n_pool:
                 for kind, names in KINDS.items()
             }  # fmt: skip
     if predictor is not None:
-        report["small_sets"] = small_label_sets(predictor, held_out, pool, seed)
+        report["small_sets"] = small_label_sets(predictor, held_out, pool, seed, *small_ks)
     if ks:
         objects = [s for s in pool if s.objects]
         report["learning"] = learning_loop(bench, objects, held_out, ks, steps, seed, lr)
@@ -446,7 +458,8 @@ def run_seed(bench: Bench, predictor: Predictor | None, n_held_out: int, n_pool:
 
 
 def combine(runs: list) -> object:
-    """Per-seed reports -> one report of the same shape whose numbers are {mean, std, runs}."""
+    """Per-seed reports -> one report of the same shape whose numbers are {mean, std, runs}; std is
+    the sample standard deviation over the seeds that measured it (0 for one)."""
     first = runs[0]
     if isinstance(first, dict):
         return {key: combine([r[key] for r in runs]) for key in first}
@@ -458,20 +471,22 @@ def combine(runs: list) -> object:
     if numbers and all(isinstance(r, int | float) and not isinstance(r, bool) for r in numbers):
         values = np.array([np.nan if r is None else r for r in runs], dtype=float)  # None: not measurable
         kept = values[~np.isnan(values)]
-        return {"mean": float(kept.mean()) if kept.size else None, "std": float(kept.std()) if kept.size else None,
+        std = float(kept.std(ddof=1)) if kept.size > 1 else 0.0 if kept.size else None
+        return {"mean": float(kept.mean()) if kept.size else None, "std": std,
                 "runs": [None if np.isnan(v) else float(v) for v in values]}  # fmt: skip
     return first if all(r == first for r in runs) else runs
 
 
 def run(
     bench: Bench, n_held_out: int, n_pool: int, ks: Sequence[int], steps: int, seeds: int = 1, lr: float = 1e-4,
-    predictor: Predictor | None = None,
+    predictor: Predictor | None = None, small_ks: tuple[Sequence[int], Sequence[int]] = (ADAPT_KS, ACTIVE_KS),
 ) -> dict:  # fmt: skip
-    """All sections for each of ``seeds`` seeds, combined; ``predictor`` runs section 3."""
+    """All sections for each of ``seeds`` seeds, combined; ``predictor`` runs section 3 at the
+    random and least confident K of ``small_ks``."""
     runs = []
     for seed in range(seeds):
         torch.manual_seed(seed)
-        runs.append(run_seed(bench, predictor, n_held_out, n_pool, ks, steps, seed, lr))
+        runs.append(run_seed(bench, predictor, n_held_out, n_pool, ks, steps, seed, lr, small_ks))
         print(json.dumps({"seed": seed, "done": True}), flush=True)
     report = combine(runs)
     assert isinstance(report, dict)
@@ -503,8 +518,8 @@ def markdown(report: dict, command: str, description: str) -> str:
         f"CPU, torch {torch.__version__}), model: {description}. Per seed {mean_of(report['scenes']):.0f} held-out "
         f"scenes of {SIZE} x {SIZE} pixels ({mean_of(report['empty_scenes']):.0f} empty, "
         f"{mean_of(report['multi_object_scenes']):.0f} with several objects), seen by the model at "
-        f"{report['input_size']} pixels; mean ± spread (std) over {report['seeds']} seeds. See `bench/quality.py` "
-        "for the definitions.",
+        f"{report['input_size']} pixels; mean ± spread (sample std) over {report['seeds']} seeds. See "
+        "`bench/quality.py` for the definitions.",
         "",
         "## 1. Tagging",
         "",
@@ -558,62 +573,71 @@ def small_sets_markdown(small: dict) -> list[str]:
         lines.append(f"| {key} | {cell(b['exact'], True)} | {cell(b['recall_several'], True)} | "
                      f"{cell(b['false_on_none'], True)} | {cell(b['mask_iou'])} | {cell(b['accepted'], True)} | "
                      f"{cell(row['best_min_score'])} |")  # fmt: skip
-    after = [key for key in next(iter(projects.values())) if key.startswith("after ")]
+    first = next(iter(projects.values()))  # every project holds the same K
+    after = [key for key in first if key.startswith("after ")]
     if not after:
         return lines
     last = after[-1]
     lines += [
         "",
-        "### 3b. After the few-shot learner (thresholds + Tip-Adapter cache fitted on K corrected scenes; "
+        "### 3b. After the few-shot learner (thresholds + Tip-Adapter cache fitted on K random corrected scenes; "
         "masks with region prototypes, 3c)",
         "",
         "| project | exact before | " + " | ".join(f"exact {k}" for k in after) + f" | false tags on none, {last} | "
-        f"recall several, {last} | mask IoU, {last} | accepted before | accepted, {last} |",
-        "|---|---|" + "---|" * len(after) + "---|---|---|---|---|",
+        f"recall several, {last} |",
+        "|---|---|" + "---|" * len(after) + "---|---|",
     ]
     for key, row in projects.items():
         lines.append(f"| {key} | {cell(row['before']['exact'], True)} | "
                      + " | ".join(cell(row[k]["exact"], True) for k in after)
-                     + f" | {cell(row[last]['false_on_none'], True)} | {cell(row[last]['recall_several'], True)} | "
-                     f"{cell(row[last]['mask_iou'])} | {cell(row['before']['accepted'], True)} | "
-                     f"{cell(row[last]['accepted'], True)} |")  # fmt: skip
-    after = [key for key in after if "mask_iou_tags_only" in next(iter(projects.values()))[key]]
-    last = after[-1]
+                     + f" | {cell(row[last]['false_on_none'], True)} | "
+                     f"{cell(row[last]['recall_several'], True)} |")  # fmt: skip
+    lines += [
+        "",
+        "Pre-labels accepted unchanged (the service's definition), before and after K corrections:",
+        "",
+        "| project | before | " + " | ".join(after) + " |",
+        "|---|---|" + "---|" * len(after),
+    ]
+    for key, row in projects.items():
+        lines.append(f"| {key} | {cell(row['before']['accepted'], True)} | "
+                     + " | ".join(cell(row[k]["accepted"], True) for k in after) + " |")  # fmt: skip
+    alone = {key for key in after if "mask_iou_tags_only" in first[key]}
+    heads = [f"tags {k} | + prototypes {k}" if k in alone else f"+ prototypes {k}" for k in after]
     lines += [
         "",
         "### 3c. Masks after the few-shot learner: tags fitted alone, then with region prototypes "
         "(mask IoU of the present labels)",
         "",
-        "| project | before | " + " | ".join(f"tags {k} | + prototypes {k}" for k in after) + " | gamma chosen, "
-        f"{last} |",
-        "|---|---|" + "---|---|" * len(after) + "---|",
+        "| project | before | " + " | ".join(heads) + f" | gamma chosen, {last} |",
+        "|---|---|" + "---|" * (len(after) + len(alone)) + "---|",
     ]
     for key, row in projects.items():
-        lines.append(f"| {key} | {cell(row['before']['mask_iou'])} | "
-                     + " | ".join(f"{cell(row[k]['mask_iou_tags_only'])} | {cell(row[k]['mask_iou'])}" for k in after)
+        masks = [(f"{cell(row[k]['mask_iou_tags_only'])} | " if k in alone else "") + cell(row[k]["mask_iou"])
+                 for k in after]  # fmt: skip
+        lines.append(f"| {key} | {cell(row['before']['mask_iou'])} | " + " | ".join(masks)
                      + f" | {cell(row[last]['gamma'])} |")  # fmt: skip
-    active = [key.removeprefix("least confident ") for key in next(iter(projects.values()))
-              if key.startswith("least confident ")]  # fmt: skip
+    active = [key.removeprefix("least confident ") for key in first if key.startswith("least confident ")]
     if not active:
         return lines
     lines += [
         "",
-        "### 3d. Which corrections: random against least confident first (the few-shot learner, with region "
-        "prototypes)",
+        "### 3d. Which corrections: random against least confident first (the few-shot learner, as in 3b and 3c)",
         "",
-        "Least confident = the lowest task score the service gives Label Studio (how far the labels' scores sit "
-        "from their thresholds), as a project reviewing its lowest-scored tasks first corrects them.",
+        "Least confident = the lowest task scores the service gives Label Studio before any correction (the mean "
+        "of its tag confidences and mask scores), as a project reviewing its lowest-scored tasks first corrects "
+        "them. Gain = least confident - random, per seed (same labels, same held-out scenes), then mean ± spread.",
         "",
-        "| project | K | exact, random | exact, least confident | mask IoU, random | mask IoU, least confident | "
-        "accepted, random | accepted, least confident |",
-        "|---|---|---|---|---|---|---|---|",
+        "| project | K | exact, random | exact, least confident | gain | mask IoU, random | "
+        "mask IoU, least confident | gain | accepted, random | accepted, least confident | gain |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, row in projects.items():
         for k in active:
             chance, unsure = row[f"after {k}"], row[f"least confident {k}"]
-            pairs = [(cell(chance[f], f != "mask_iou"), cell(unsure[f], f != "mask_iou"))
-                     for f in ("exact", "mask_iou", "accepted")]  # fmt: skip
-            lines.append(f"| {key} | {k} | " + " | ".join(f"{a} | {b}" for a, b in pairs) + " |")
+            triples = [(cell(chance[f], f != "mask_iou"), cell(unsure[f], f != "mask_iou"),
+                        cell(unsure["gain_over_random"][f], f != "mask_iou")) for f in GAIN_METRICS]  # fmt: skip
+            lines.append(f"| {key} | {k} | " + " | ".join(" | ".join(t) for t in triples) + " |")
     return lines
 
 
@@ -659,6 +683,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--out", type=Path, help="write the markdown report here")
     args = parser.parse_args(argv)
+    if args.pool < max(ADAPT_KS):
+        parser.error(f"--pool {args.pool}: section 3 corrects up to {max(ADAPT_KS)} pool scenes")
 
     settings = Settings(model_checkpoint=args.checkpoint, device="cpu", image_size=args.image_size,
                         background_words=BACKGROUNDS, dense_head=args.dense_head)  # fmt: skip

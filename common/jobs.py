@@ -254,6 +254,13 @@ class TaskResult:
     error: str | None = None
     regions: tuple[RegionResult, ...] = ()
 
+    @property
+    def score(self) -> float:
+        """The task's score in Label Studio: the mean of its tag confidences and its mask and region
+        scores (0 with none). Label Studio sorts tasks by it: low scores are the ones to review first."""
+        scores = [c.score for c in self.choices] + [m.score for m in self.masks] + [r.score for r in self.regions]
+        return sum(scores) / len(scores) if scores else 0.0
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TaskResult:
         return cls(

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from bench import quality
+from bench.toyworld import scenes
 from common import quality as metrics
 from common.settings import Settings
 from worker.loading import load_clip
@@ -42,7 +43,7 @@ def test_micro_f1():
     assert metrics.micro_f1(predicted, truth) == pytest.approx(2 * (2 / 3) * (2 / 3) / (4 / 3))
 
 
-def test_least_confident_first_ranks_tasks_by_the_service_score():
+def test_least_confident_first_ranks_tasks_by_their_tag_confidence():
     rule = TagRule("absolute", min_score=0.2)
     scores = np.array([[0.95, 0.0], [0.21, 0.19], [0.6, 0.05], [0.22, 0.9]])  # mean distances .59, .01, .34, .45
     order = quality.least_confident_first(scores, ("cat", "dog"), rule)
@@ -56,7 +57,8 @@ def test_benchmark_smoke_run(tiny_checkpoint):
     text = TextEmbedder(bundle)
     bench = quality.Bench(bundle, text, TagCLIPConfig(), batch_size=4)
     predictor = Predictor(settings, bundle, text=text)
-    report = quality.run(bench, n_held_out=8, n_pool=8, ks=[2], steps=2, seeds=2, predictor=predictor)
+    report = quality.run(bench, n_held_out=8, n_pool=8, ks=[2], steps=2, seeds=2, predictor=predictor,
+                         small_ks=((2, 4), (2,)))  # fmt: skip
     assert report["seeds"] == 2 and set(report["tagging"]) == {"colour", "shape"}
     for kind in report["tagging"].values():
         assert set(kind) == set(quality.TAG_METHODS)
@@ -69,19 +71,18 @@ def test_benchmark_smoke_run(tiny_checkpoint):
     assert small.pop("dense_head") == "clearclip"
     assert set(small) == {f"{k} x{n}" for k in quality.KINDS for n in quality.SMALL_SETS}
     for row in small.values():
-        assert {"before", *(f"after {k}" for k in quality.ADAPT_KS)} <= set(row)
-        assert {f"least confident {k}" for k in quality.ACTIVE_KS} <= set(row)
+        assert {"before", "after 2", "after 4", "least confident 2"} <= set(row)
         assert 0 <= row["before"]["exact"]["mean"] <= 1
     rows = report["learning"]["rows"]
     assert [(r["strategy"], r["k"]) for r in rows] == [("random", 2), ("least confident", 2)]
     text = quality.markdown(report, "python -m bench.quality --smoke", bundle.description)
     assert "## 1. Tagging" in text and "| dmar+cwr |" in text and "least confident" in text
-    assert "## 3. Small label sets" in text and "| colour x3 |" in text and "exact after 50" in text
+    assert "## 3. Small label sets" in text and "| colour x3 |" in text and "exact after 4" in text
     active = text.split("### 3d.")[1].split("## 4.")[0]  # random and least confident side by side, per K
     rows = [line.split(" | ") for line in active.splitlines() if line.startswith("| colour x3 | ")]
-    assert [row[1] for row in rows] == [str(k) for k in quality.ACTIVE_KS]
-    unsure = small["colour x3"][f"least confident {quality.ACTIVE_KS[0]}"]
-    assert rows[0][3] == quality.cell(unsure["exact"], True) and rows[0][5] == quality.cell(unsure["mask_iou"])
+    assert [row[1] for row in rows] == ["2"]
+    unsure = small["colour x3"]["least confident 2"]
+    assert rows[0][3] == quality.cell(unsure["exact"], True) and rows[0][6] == quality.cell(unsure["mask_iou"])
     per_label = report["per_label_ap"]
     assert {kind: list(labels) for kind, labels in per_label.items()} == {k: list(v) for k, v in quality.KINDS.items()}
     table = text.split("### 1b. Per label (dmar+cwr AP)")[1].split("## 2.")[0]
@@ -216,9 +217,47 @@ def test_active_learning_table_puts_each_strategy_in_its_own_column():
                 "false_on_none": figure(0.0), "recall_several": figure(1.0), "gamma": figure(0.5),
                 "mask_iou_tags_only": figure(iou)}  # fmt: skip
 
-    row = {"before": learnt(0.1, 0.1, 0.1), "after 10": learnt(0.2, 0.3, 0.4),
-           "least confident 10": learnt(0.5, 0.6, 0.7), "best_min_score": figure(0.15)}  # fmt: skip
+    gain = {"exact": figure(0.31), "mask_iou": figure(0.32), "accepted": figure(0.33)}
+    late = learnt(0.8, 0.85, 0.9)
+    del late["mask_iou_tags_only"]  # past TAGS_ALONE_UP_TO: masks with prototypes only
+    row = {"before": learnt(0.1, 0.1, 0.15), "after 10": learnt(0.2, 0.3, 0.4), "after 100": late,
+           "least confident 10": {**learnt(0.5, 0.6, 0.7), "gain_over_random": gain},
+           "best_min_score": figure(0.15)}  # fmt: skip
     text = "\n".join(quality.small_sets_markdown({"colour x1": row, "dense_head": "maskclip"}))
-    table = text.split("### 3d.")[1]
-    cells = next(line for line in table.splitlines() if line.startswith("| colour x1 | 10 |")).split(" | ")[2:]
-    assert [c.strip(" |") for c in cells] == ["20.0%", "50.0%", "0.300", "0.600", "40.0%", "70.0%"]
+
+    def cells(section: str, start: str) -> list[str]:
+        line = next(line for line in section.splitlines() if line.startswith(start))
+        return [c.strip(" |") for c in line.removeprefix(start).split(" | ")]
+
+    accepted = text.split("### 3b.")[1].split("accepted unchanged")[1].split("### 3c.")[0]
+    assert cells(accepted, "| colour x1 | ") == ["15.0%", "40.0%", "90.0%"]
+    assert cells(text.split("### 3c.")[1].split("### 3d.")[0], "| colour x1 | ") == [
+        "0.100", "0.300", "0.300", "0.850", "0.500"]  # fmt: skip
+    assert cells(text.split("### 3d.")[1], "| colour x1 | 10 | ") == [
+        "20.0%", "50.0%", "31.0%", "0.300", "0.600", "0.320", "40.0%", "70.0%", "33.0%"]  # fmt: skip
+
+
+def test_section_3_corrects_nested_random_scenes_and_the_lowest_scored_tasks(tiny_checkpoint, monkeypatch):
+    settings = Settings(model_checkpoint=str(tiny_checkpoint), device="cpu", background_words=quality.BACKGROUNDS)
+    predictor = Predictor(settings, load_clip(settings))
+    held_out, pool = scenes(1, 3, quality.SIZE), scenes(2, 6, quality.SIZE)
+    chosen: dict[tuple, list[list[int]]] = {}
+    fit_for_real = quality.after_corrections
+
+    def spy(predictor, corrected, picked, *args, **kwargs):
+        chosen.setdefault((corrected.kind, corrected.labels), []).append(picked.tolist())
+        return fit_for_real(predictor, corrected, picked, *args, **kwargs)
+
+    monkeypatch.setattr(quality, "after_corrections", spy)
+    small = quality.small_label_sets(predictor, held_out, pool, seed=0, ks=(2, 4), active_ks=(2,))
+    prepared = list(predictor.prepare([s.image for s in pool]))
+    assert len(chosen) == len(quality.KINDS) * len(quality.SMALL_SETS)
+    for (kind, labels), (two, four, unsure) in chosen.items():
+        assert len(set(four)) == 4 and two == four[:2]  # K random scenes, each K a prefix of the next
+        scores = [r.score for r in quality._predict(predictor, prepared, kind, labels, masks=True)]
+        assert sorted(scores[i] for i in unsure) == sorted(scores)[:2]  # the two lowest task scores
+        row = small[f"{kind} x{len(labels)}"]
+        for metric, gain in row["least confident 2"]["gain_over_random"].items():
+            assert gain == pytest.approx(row["least confident 2"][metric] - row["after 2"][metric], nan_ok=True)
+    with pytest.raises(ValueError, match="pool"):
+        quality.small_label_sets(predictor, held_out, pool, seed=0, ks=(2, 7), active_ks=(2,))

@@ -65,3 +65,17 @@ def test_shipped_label_configs_are_supported():
     for path in configs:
         spec = parse_label_config(path.read_text(), max_labels=1000)
         assert spec.image_key == "image" and spec.choices, path.name
+
+
+def test_a_tasks_score_is_the_mean_of_its_answers_and_label_studio_gets_it():
+    from common.jobs import ControlTags, MaskResult, PredictResult, RegionResult, TaskResult
+    from common.labelstudio.predictions import to_label_studio
+
+    spec = parse_label_config(CONFIG, max_labels=1000)
+    tags = ControlTags("objects", ("Cat",), {"Cat": 0.9, "D": 0.1, "Person": 0.0}, 0.2)
+    box = RegionResult("box", "Cat", "rectangle", {"x": 1, "y": 1, "width": 5, "height": 5, "rotation": 0}, 0.6)
+    task = TaskResult(7, (tags,), (MaskResult("mask", "Cat", [0, 0, 0], 0.7),), 10, 10, regions=(box,))
+    assert task.score == pytest.approx((0.2 + 0.7 + 0.6) / 3)  # what Label Studio sorts the tasks by
+    assert TaskResult(8).score == 0.0  # nothing found
+    (prediction,) = to_label_studio(PredictResult("v1", (task,)), spec, "v1")
+    assert prediction["score"] == round(task.score, 4)

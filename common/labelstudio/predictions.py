@@ -64,10 +64,8 @@ def _task_prediction(task: TaskResult, spec: LabelSpec, model_version: str) -> d
         }
         for i, region in enumerate(task.regions)
     ]
-    scores = [control.score for control in task.choices] + [mask.score for mask in task.masks]
-    scores += [region.score for region in task.regions]
     return {
         "model_version": model_version,
-        "score": round(sum(scores) / len(scores), 4) if scores else 0.0,
+        "score": round(task.score, 4),
         "result": items,
     }
