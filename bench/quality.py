@@ -19,9 +19,10 @@ the mean and spread over ``--seeds`` independent held-out sets (and training see
    maximises the exact tag set on the pool scenes (a calibration set apart from the held-out ones);
    then the same after the few-shot learner has fitted K corrected pool scenes (3b, 3c), K up to
    200, chosen at random or least confident first (3d);
-4. the learning loop: K scenes corrected (the correction is the ground truth), CLIPSelf and a
-   ZegCLIP head trained on them, shape masks and the share accepted unchanged before and after,
-   the K scenes chosen at random or least confident first (the service's confidence score).
+4. the learning loop: K scenes corrected (the correction is the ground truth), CLIPSelf (its steps
+   scaled with K, ``--clipself-epochs``) and a ZegCLIP head trained on them, shape masks and the
+   share accepted unchanged before and after, the K scenes chosen at random or least confident
+   first (by tag confidence).
 
 Prints the tables, writes them as JSON (``--json``) and as a markdown report (``--out``).
 """
@@ -81,6 +82,7 @@ ADAPT_KS = (10, 20, 50, 100, 200)  # random corrections the few-shot learner see
 TAGS_ALONE_UP_TO = 50  # up to this K, 3c also draws masks with the tags fitted alone
 ACTIVE_KS = (10, 50)  # where 3d also corrects the least confident first (each also in ADAPT_KS)
 GAIN_METRICS = ("exact", "mask_iou", "accepted")  # 3d's paired differences, least confident - random
+CLIPSELF_BATCH = 8  # images per CLIPSelf step in section 4
 SERVICE = Settings()  # the service's defaults: the ZegCLIP schedule and holdout the learning loop follows
 MIN_SCORES = tuple(round(0.05 * i, 2) for i in range(1, 19))  # TAG_MIN_SCORE values tried on the pool
 
@@ -213,9 +215,10 @@ def least_confident_first(scores: np.ndarray | torch.Tensor, labels: Sequence[st
     return np.argsort(confidence, kind="stable")
 
 
-def learning_loop(bench: Bench, pool, held_out, ks: Sequence[int], steps: int, seed: int, lr: float) -> dict:
-    """Parts 3 and 4, as a project's training run does it: CLIPSelf fine-tuning (with the
-    supervised terms, on the served dense path) on K corrected scenes, then a ZegCLIP head on the
+def learning_loop(bench: Bench, pool, held_out, ks: Sequence[int], epochs: float, seed: int, lr: float) -> dict:
+    """Section 4, as a project's training run does it: CLIPSelf fine-tuning (with the supervised
+    terms, on the served dense path) for ``epochs`` passes over K corrected scenes (steps scaled
+    with K, where the service runs TRAIN_STEPS whatever K), then a ZegCLIP head on the
     fine-tuned ViT (the service's schedule: ZEGCLIP_EPOCHS passes over four fifths of the masks,
     its floor set on the other fifth); the K scenes chosen at random or least confident first."""
     truth = [s.class_map("shape") for s in held_out]
@@ -238,9 +241,10 @@ def learning_loop(bench: Bench, pool, held_out, ks: Sequence[int], steps: int, s
             corrections = [Correction(i, None, {"shape": s.shapes}, s.class_map("shape"), SHAPES, s.image)
                            for i, s in enumerate(chosen)]  # fmt: skip
             started = time.perf_counter()
+            steps = schedule(k, epochs, max_steps=10**6, batch_size=CLIPSELF_BATCH)
             weights, _ = train_clipself(
                 bench.bundle.visual, bench.bundle.visual, corrections, text, index, bench.bundle.mean,
-                bench.bundle.std, CLIPSelfConfig(steps=steps, batch_size=8, lr=lr, size=bench.input_size,
+                bench.bundle.std, CLIPSelfConfig(steps=steps, batch_size=CLIPSELF_BATCH, lr=lr, size=bench.input_size,
                                                  dense_head="clearclip"), seed=seed,
             )  # fmt: skip
             tuned_bundle = dataclasses.replace(bench.bundle, visual=version_visual(bench.bundle.visual, weights))
@@ -262,11 +266,12 @@ def learning_loop(bench: Bench, pool, held_out, ks: Sequence[int], steps: int, s
                 "miou_before": before["miou"], "miou_clipself": miou(clipself_maps, truth, len(SHAPES)),
                 "miou_after": final, "accepted_before": before["accepted"],
                 "accepted_after": accepted_share(head_maps, truth),
-                "gain_per_correction": (final - before["miou"]) / k, "zegclip_steps": head_steps,
+                "gain_per_correction": (final - before["miou"]) / k, "clipself_steps": steps,
+                "zegclip_steps": head_steps,
                 "train_seconds": round(time.perf_counter() - started, 1),
             })  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
-    return {"before": before, "rows": rows, "clipself_lr": lr, "steps": steps}
+    return {"before": before, "rows": rows, "clipself_lr": lr, "clipself_epochs": epochs}
 
 
 @dataclass
@@ -417,7 +422,7 @@ def tag_sweep(pool, results: Sequence[TaskResult], kind: str, labels: tuple[str,
     return rates
 
 
-def run_seed(bench: Bench, predictor: Predictor | None, n_held_out: int, n_pool: int, ks: Sequence[int], steps: int,
+def run_seed(bench: Bench, predictor: Predictor | None, n_held_out: int, n_pool: int, ks: Sequence[int], epochs: float,
              seed: int, lr: float, small_ks: tuple[Sequence[int], Sequence[int]]) -> dict:  # fmt: skip
     """Every section on the held-out and pool scenes of one seed; ``small_ks`` are section 3's
     random and least confident K."""
@@ -453,7 +458,7 @@ def run_seed(bench: Bench, predictor: Predictor | None, n_held_out: int, n_pool:
         report["small_sets"] = small_label_sets(predictor, held_out, pool, seed, *small_ks)
     if ks:
         objects = [s for s in pool if s.objects]
-        report["learning"] = learning_loop(bench, objects, held_out, ks, steps, seed, lr)
+        report["learning"] = learning_loop(bench, objects, held_out, ks, epochs, seed, lr)
     return report
 
 
@@ -478,7 +483,7 @@ def combine(runs: list) -> object:
 
 
 def run(
-    bench: Bench, n_held_out: int, n_pool: int, ks: Sequence[int], steps: int, seeds: int = 1, lr: float = 1e-4,
+    bench: Bench, n_held_out: int, n_pool: int, ks: Sequence[int], epochs: float, seeds: int = 1, lr: float = 1e-4,
     predictor: Predictor | None = None, small_ks: tuple[Sequence[int], Sequence[int]] = (ADAPT_KS, ACTIVE_KS),
 ) -> dict:  # fmt: skip
     """All sections for each of ``seeds`` seeds, combined; ``predictor`` runs section 3 at the
@@ -486,7 +491,7 @@ def run(
     runs = []
     for seed in range(seeds):
         torch.manual_seed(seed)
-        runs.append(run_seed(bench, predictor, n_held_out, n_pool, ks, steps, seed, lr, small_ks))
+        runs.append(run_seed(bench, predictor, n_held_out, n_pool, ks, epochs, seed, lr, small_ks))
         print(json.dumps({"seed": seed, "done": True}), flush=True)
     report = combine(runs)
     assert isinstance(report, dict)
@@ -647,7 +652,8 @@ def learning_markdown(learning: dict) -> list[str]:
         "",
         "## 4. Learning loop and active learning (shape tags and masks)",
         "",
-        f"As a project's training run: CLIPSelf + supervised terms ({learning['steps']} steps, lr "
+        f"As a project's training run: CLIPSelf + supervised terms ({mean_of(learning['clipself_epochs']):g} passes "
+        f"over the K corrections in steps of {CLIPSELF_BATCH}, lr "
         f"{mean_of(learning['clipself_lr'])}, on the served ClearCLIP path, class token held), then a ZegCLIP head "
         f"on the fine-tuned ViT ({SERVICE.zegclip_epochs:g} passes over four fifths of the K masks, floor set on the "
         "other fifth).",
@@ -655,13 +661,13 @@ def learning_markdown(learning: dict) -> list[str]:
         f"{cell(before['miou'])}, accepted unchanged {cell(before['accepted'], True)}.",
         "",
         "| chosen | K | tag mAP after | mIoU after CLIPSelf | mIoU after + ZegCLIP | accepted after | "
-        "mIoU gain per correction | ZegCLIP steps | train s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "mIoU gain per correction | CLIPSelf steps | ZegCLIP steps | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in learning["rows"]:
         lines.append(f"| {r['strategy']} | {r['k']} | {cell(r['tag_map_after'])} | {cell(r['miou_clipself'])} | "
                      f"{cell(r['miou_after'])} | {cell(r['accepted_after'], True)} | "
-                     f"{cell(r['gain_per_correction'])} | {r.get('zegclip_steps', '')} | "
+                     f"{cell(r['gain_per_correction'])} | {r['clipself_steps']} | {r['zegclip_steps']} | "
                      f"{cell(r['train_seconds'])} |")  # fmt: skip
     return lines
 
@@ -678,7 +684,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dense-head", default="clearclip", choices=HEADS,
                         help="the service's DENSE_HEAD in section 3 (section 2 measures them all)")  # fmt: skip
     parser.add_argument("--k", type=int, nargs="*", default=[10, 50, 100], help="corrections per run (none: skip)")
-    parser.add_argument("--steps", type=int, default=500, help="CLIPSelf steps per training run")
+    parser.add_argument(
+        "--clipself-epochs",
+        type=float,
+        default=24.0,
+        help="section 4: CLIPSelf passes over the K corrections (24: the service's 300 steps at K=100)",
+    )
     parser.add_argument("--lr", type=float, default=1e-4, help="CLIPSelf learning rate (the service's TRAIN_LR)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--out", type=Path, help="write the markdown report here")
@@ -692,7 +703,7 @@ def main(argv: list[str] | None = None) -> None:
     text = TextEmbedder(bundle)
     bench = Bench(bundle, text, TagCLIPConfig(), batch_size=32, input_size=args.image_size)
     predictor = Predictor(settings, bundle, text=text)
-    report = run(bench, args.scenes, args.pool, args.k, args.steps, args.seeds, args.lr, predictor)
+    report = run(bench, args.scenes, args.pool, args.k, args.clipself_epochs, args.seeds, args.lr, predictor)
     command = "python -m bench.quality " + " ".join(sys.argv[1:] if argv is None else argv)
     publish(markdown(report, command, bundle.description), report, args.json, args.out)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -57,7 +58,7 @@ def test_benchmark_smoke_run(tiny_checkpoint):
     text = TextEmbedder(bundle)
     bench = quality.Bench(bundle, text, TagCLIPConfig(), batch_size=4)
     predictor = Predictor(settings, bundle, text=text)
-    report = quality.run(bench, n_held_out=8, n_pool=8, ks=[2], steps=2, seeds=2, predictor=predictor,
+    report = quality.run(bench, n_held_out=8, n_pool=8, ks=[2], epochs=2, seeds=2, predictor=predictor,
                          small_ks=((2, 4), (2,)))  # fmt: skip
     assert report["seeds"] == 2 and set(report["tagging"]) == {"colour", "shape"}
     for kind in report["tagging"].values():
@@ -75,6 +76,7 @@ def test_benchmark_smoke_run(tiny_checkpoint):
         assert 0 <= row["before"]["exact"]["mean"] <= 1
     rows = report["learning"]["rows"]
     assert [(r["strategy"], r["k"]) for r in rows] == [("random", 2), ("least confident", 2)]
+    assert rows[0]["clipself_steps"] == math.ceil(2 * 2 / quality.CLIPSELF_BATCH)  # 2 passes over K = 2
     text = quality.markdown(report, "python -m bench.quality --smoke", bundle.description)
     assert "## 1. Tagging" in text and "| dmar+cwr |" in text and "least confident" in text
     assert "## 3. Small label sets" in text and "| colour x3 |" in text and "exact after 4" in text
