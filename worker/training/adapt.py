@@ -252,7 +252,7 @@ def fit_adapter(
 
 
 def fitted_config(fitted: Fitted) -> dict[str, Any]:
-    """What a version's config records of its few-shot fit (shown by /versions)."""
+    """What a version's config records of its few-shot fit (in its ``meta.json``)."""
     adapter, prototypes = fitted.few_shot.adapter, fitted.few_shot.prototypes
     return {
         "adapter": {"alpha": adapter.alpha, "beta": adapter.beta, "cache": len(adapter.keys)} if adapter else None,
