@@ -24,7 +24,9 @@ the mean and spread over ``--seeds`` independent held-out sets (and training see
    share accepted unchanged before and after, the K scenes chosen at random or least confident
    first (by tag confidence).
 
-Prints the tables, writes them as JSON (``--json``) and as a markdown report (``--out``).
+Prints the tables, writes them as JSON (``--json``) and as a markdown report (``--out``). Section 4
+costs hours per seed on a CPU: ``--units DIR`` keeps each finished part of the run in DIR, and the
+same command run again goes on where the last one stopped (``bench/units.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import functools
+import hashlib
 import itertools
 import json
 import platform
@@ -49,6 +53,7 @@ import torch.nn.functional as F
 from bench.publish import publish
 from bench.toy_clip import SCENE_SIZE
 from bench.toyworld import BACKGROUNDS, COLOURS, SHAPES, Scene, scenes
+from bench.units import Units
 from common.jobs import BrushControl, ChoicesControl, ClassLabel, TaskResult
 from common.labelstudio.brush import draw_scaled, rle_to_mask
 from common.quality import UNCHANGED_IOU, accepted_unchanged, mask_iou, mean_average_precision, micro_f1, miou
@@ -215,12 +220,15 @@ def least_confident_first(scores: np.ndarray | torch.Tensor, labels: Sequence[st
     return np.argsort(confidence, kind="stable")
 
 
-def learning_loop(bench: Bench, pool, held_out, ks: Sequence[int], epochs: float, seed: int, lr: float) -> dict:
+def learning_loop(
+    bench: Bench, pool, held_out, ks: Sequence[int], epochs: float, seed: int, lr: float, units: Units
+) -> dict:
     """Section 4, as a project's training run does it: CLIPSelf fine-tuning (with the supervised
     terms, on the served dense path) for ``epochs`` passes over K corrected scenes (steps scaled
     with K, where the service runs TRAIN_STEPS whatever K), then a ZegCLIP head on the
     fine-tuned ViT (the service's schedule: ZEGCLIP_EPOCHS passes over four fifths of the masks,
-    its floor set on the other fifth); the K scenes chosen at random or least confident first."""
+    its floor set on the other fifth); the K scenes chosen at random or least confident first. Each
+    (strategy, K) row is one of ``units``: hours of CPU at K = 200, so a run can stop between rows."""
     truth = [s.class_map("shape") for s in held_out]
     shape_truth = truth_tags(held_out, "shape")
     scores = tag_scores(bench, held_out, "shape")["dmar+cwr"]
@@ -234,42 +242,50 @@ def learning_loop(bench: Bench, pool, held_out, ks: Sequence[int], epochs: float
     head_cfg = ZegCLIPConfig(decoder_heads=8 if bench.bundle.visual.output_dim % 8 == 0 else 4)
     text = bench.class_text(SHAPES)
     index = {name: i for i, name in enumerate(SHAPES)}
+
+    def measure(strategy: str, k: int, chosen: list[Scene]) -> dict:
+        torch.manual_seed(seed)
+        corrections = [Correction(i, None, {"shape": s.shapes}, s.class_map("shape"), SHAPES, s.image)
+                       for i, s in enumerate(chosen)]  # fmt: skip
+        started = time.perf_counter()
+        steps = schedule(k, epochs, max_steps=10**6, batch_size=CLIPSELF_BATCH)
+        weights, _ = train_clipself(
+            bench.bundle.visual, bench.bundle.visual, corrections, text, index, bench.bundle.mean,
+            bench.bundle.std, CLIPSelfConfig(steps=steps, batch_size=CLIPSELF_BATCH, lr=lr,
+                                             size=bench.input_size, dense_head="clearclip"), seed=seed,
+        )  # fmt: skip
+        tuned_bundle = dataclasses.replace(bench.bundle, visual=version_visual(bench.bundle.visual, weights))
+        tuned = dataclasses.replace(bench, bundle=tuned_bundle)
+        tuned_scores = tag_scores(tuned, held_out, "shape")["dmar+cwr"]
+        tuned_tags = selected(tuned_scores, SHAPES)
+        clipself_maps = dense_maps(tuned, held_out, "shape", "clearclip", tuned_tags)
+        samples, aside = calibration_split(
+            [TrainingSample(s.image, s.class_map("shape"), SHAPES) for s in chosen], SERVICE.train_holdout
+        )
+        head_steps = schedule(len(samples), SERVICE.zegclip_epochs, SERVICE.zegclip_max_steps)
+        head, _ = train_zegclip(tuned_bundle, samples, SHAPES, head_cfg, steps=head_steps, lr=1e-3,
+                                size=bench.input_size, seed=seed)  # fmt: skip
+        calibrate_threshold(tuned_bundle, head, aside, SHAPES, bench.input_size)
+        head_maps = zegclip_maps(tuned, head, held_out, tuned_tags)
+        final = miou(head_maps, truth, len(SHAPES))
+        return {
+            "strategy": strategy, "k": k,
+            "tag_map_before": before["tag_map"],
+            "tag_map_after": mean_average_precision(tuned_scores, shape_truth),
+            "miou_before": before["miou"], "miou_clipself": miou(clipself_maps, truth, len(SHAPES)),
+            "miou_after": final, "accepted_before": before["accepted"],
+            "accepted_after": accepted_share(head_maps, truth),
+            "gain_per_correction": (final - before["miou"]) / k, "clipself_steps": steps,
+            "zegclip_steps": head_steps,
+            "train_seconds": round(time.perf_counter() - started, 1),
+        }  # fmt: skip
+
     rows = []
     for strategy, order in (("random", shuffled), ("least confident", unsure_first)):
         for k in ks:
             chosen = [pool[i] for i in order[:k]]
-            corrections = [Correction(i, None, {"shape": s.shapes}, s.class_map("shape"), SHAPES, s.image)
-                           for i, s in enumerate(chosen)]  # fmt: skip
-            started = time.perf_counter()
-            steps = schedule(k, epochs, max_steps=10**6, batch_size=CLIPSELF_BATCH)
-            weights, _ = train_clipself(
-                bench.bundle.visual, bench.bundle.visual, corrections, text, index, bench.bundle.mean,
-                bench.bundle.std, CLIPSelfConfig(steps=steps, batch_size=CLIPSELF_BATCH, lr=lr, size=bench.input_size,
-                                                 dense_head="clearclip"), seed=seed,
-            )  # fmt: skip
-            tuned_bundle = dataclasses.replace(bench.bundle, visual=version_visual(bench.bundle.visual, weights))
-            tuned = dataclasses.replace(bench, bundle=tuned_bundle)
-            tuned_scores = tag_scores(tuned, held_out, "shape")["dmar+cwr"]
-            tuned_tags = selected(tuned_scores, SHAPES)
-            clipself_maps = dense_maps(tuned, held_out, "shape", "clearclip", tuned_tags)
-            samples, aside = calibration_split([TrainingSample(s.image, s.class_map("shape"), SHAPES) for s in chosen],
-                                               SERVICE.train_holdout)  # fmt: skip
-            head_steps = schedule(len(samples), SERVICE.zegclip_epochs, SERVICE.zegclip_max_steps)
-            head, _ = train_zegclip(tuned_bundle, samples, SHAPES, head_cfg, steps=head_steps, lr=1e-3,
-                                    size=bench.input_size, seed=seed)  # fmt: skip
-            calibrate_threshold(tuned_bundle, head, aside, SHAPES, bench.input_size)
-            head_maps = zegclip_maps(tuned, head, held_out, tuned_tags)
-            final = miou(head_maps, truth, len(SHAPES))
-            rows.append({
-                "strategy": strategy, "k": k,
-                "tag_map_before": before["tag_map"], "tag_map_after": mean_average_precision(tuned_scores, shape_truth),
-                "miou_before": before["miou"], "miou_clipself": miou(clipself_maps, truth, len(SHAPES)),
-                "miou_after": final, "accepted_before": before["accepted"],
-                "accepted_after": accepted_share(head_maps, truth),
-                "gain_per_correction": (final - before["miou"]) / k, "clipself_steps": steps,
-                "zegclip_steps": head_steps,
-                "train_seconds": round(time.perf_counter() - started, 1),
-            })  # fmt: skip
+            name = f"seed{seed}-learning-{strategy.replace(' ', '-')}-k{k}"
+            rows.append(units.get(name, functools.partial(measure, strategy, k, chosen)))
             print(json.dumps(rows[-1]), flush=True)
     return {"before": before, "rows": rows, "clipself_lr": lr, "clipself_epochs": epochs}
 
@@ -423,11 +439,26 @@ def tag_sweep(pool, results: Sequence[TaskResult], kind: str, labels: tuple[str,
 
 
 def run_seed(bench: Bench, predictor: Predictor | None, n_held_out: int, n_pool: int, ks: Sequence[int], epochs: float,
-             seed: int, lr: float, small_ks: tuple[Sequence[int], Sequence[int]]) -> dict:  # fmt: skip
+             seed: int, lr: float, small_ks: tuple[Sequence[int], Sequence[int]], units: Units) -> dict:  # fmt: skip
     """Every section on the held-out and pool scenes of one seed; ``small_ks`` are section 3's
-    random and least confident K."""
+    random and least confident K. Sections 1-3 are one of ``units``, each row of section 4 another."""
     held_out = scenes(HELD_OUT_SEED + seed, n_held_out, SIZE, empty_rate=EMPTY_RATE)
     pool = scenes(POOL_SEED + seed, n_pool, SIZE, empty_rate=EMPTY_RATE)
+
+    def measure() -> dict:
+        torch.manual_seed(seed)
+        return sections(bench, predictor, held_out, pool, seed, small_ks)
+
+    report = units.get(f"seed{seed}", measure)
+    if ks:
+        objects = [s for s in pool if s.objects]
+        report["learning"] = learning_loop(bench, objects, held_out, ks, epochs, seed, lr, units)
+    return report
+
+
+def sections(bench: Bench, predictor: Predictor | None, held_out: Sequence[Scene], pool: Sequence[Scene], seed: int,
+             small_ks: tuple[Sequence[int], Sequence[int]]) -> dict:  # fmt: skip
+    """Sections 1-3 of one seed (section 3 only with a ``predictor``)."""
     multi = [i for i, s in enumerate(held_out) if len(s.objects) >= 2]
     report: dict = {"tagging": {}, "tagging_multi": {}, "per_label_ap": {}, "segmentation": {},
                     "scenes": len(held_out), "empty_scenes": sum(not s.objects for s in held_out),
@@ -456,9 +487,6 @@ def run_seed(bench: Bench, predictor: Predictor | None, n_held_out: int, n_pool:
             }  # fmt: skip
     if predictor is not None:
         report["small_sets"] = small_label_sets(predictor, held_out, pool, seed, *small_ks)
-    if ks:
-        objects = [s for s in pool if s.objects]
-        report["learning"] = learning_loop(bench, objects, held_out, ks, epochs, seed, lr)
     return report
 
 
@@ -485,13 +513,15 @@ def combine(runs: list) -> object:
 def run(
     bench: Bench, n_held_out: int, n_pool: int, ks: Sequence[int], epochs: float, seeds: int = 1, lr: float = 1e-4,
     predictor: Predictor | None = None, small_ks: tuple[Sequence[int], Sequence[int]] = (ADAPT_KS, ACTIVE_KS),
+    units: Units | None = None,
 ) -> dict:  # fmt: skip
     """All sections for each of ``seeds`` seeds, combined; ``predictor`` runs section 3 at the
-    random and least confident K of ``small_ks``."""
+    random and least confident K of ``small_ks``; ``units`` keeps what is finished (default: nothing
+    is kept)."""
+    units = units or Units(None)
     runs = []
     for seed in range(seeds):
-        torch.manual_seed(seed)
-        runs.append(run_seed(bench, predictor, n_held_out, n_pool, ks, epochs, seed, lr, small_ks))
+        runs.append(run_seed(bench, predictor, n_held_out, n_pool, ks, epochs, seed, lr, small_ks, units))
         print(json.dumps({"seed": seed, "done": True}), flush=True)
     report = combine(runs)
     assert isinstance(report, dict)
@@ -693,6 +723,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-4, help="CLIPSelf learning rate (the service's TRAIN_LR)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--out", type=Path, help="write the markdown report here")
+    parser.add_argument("--units", type=Path, help="keep each finished unit of the run here, and read back those "
+                        "a run with the same options finished (bench/units.py)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.pool < max(ADAPT_KS):
         parser.error(f"--pool {args.pool}: section 3 corrects up to {max(ADAPT_KS)} pool scenes")
@@ -703,9 +735,26 @@ def main(argv: list[str] | None = None) -> None:
     text = TextEmbedder(bundle)
     bench = Bench(bundle, text, TagCLIPConfig(), batch_size=32, input_size=args.image_size)
     predictor = Predictor(settings, bundle, text=text)
-    report = run(bench, args.scenes, args.pool, args.k, args.clipself_epochs, args.seeds, args.lr, predictor)
+    config = {"model": weights_digest(bundle.model), "scenes": args.scenes, "pool": args.pool,
+              "image_size": args.image_size, "dense_head": args.dense_head, "clipself_epochs": args.clipself_epochs,
+              "lr": args.lr}  # fmt: skip
+    try:
+        units = Units(args.units, config)
+    except ValueError as error:
+        parser.error(str(error))
+    report = run(bench, args.scenes, args.pool, args.k, args.clipself_epochs, args.seeds, args.lr, predictor,
+                 units=units)  # fmt: skip
     command = "python -m bench.quality " + " ".join(sys.argv[1:] if argv is None else argv)
     publish(markdown(report, command, bundle.description), report, args.json, args.out)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's weights: which model a units folder's figures were measured on."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 if __name__ == "__main__":

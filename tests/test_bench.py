@@ -10,6 +10,7 @@ import pytest
 
 from bench import quality
 from bench.toyworld import scenes
+from bench.units import Units
 from common import quality as metrics
 from common.settings import Settings
 from worker.loading import load_clip
@@ -263,3 +264,53 @@ def test_section_3_corrects_nested_random_scenes_and_the_lowest_scored_tasks(tin
             assert gain == pytest.approx(row["least confident 2"][metric] - row["after 2"][metric], nan_ok=True)
     with pytest.raises(ValueError, match="pool"):
         quality.small_label_sets(predictor, held_out, pool, seed=0, ks=(2, 7), active_ks=(2,))
+
+
+def test_units_are_computed_once_kept_and_read_back(tmp_path):
+    units = Units(tmp_path / "run", {"scenes": 8, "ks": (2, 4)})
+    calls = []
+
+    def compute() -> dict:
+        calls.append(1)
+        return {"exact": 0.5, "labels": ("red", "blue"), "missing": float("nan")}
+
+    first = units.get("seed0", compute)
+    assert first["labels"] == ["red", "blue"] and math.isnan(first["missing"])  # as JSON reads it back
+    again = Units(tmp_path / "run", {"scenes": 8, "ks": [2, 4]})  # a later run with the same options
+    second = again.get("seed0", compute)
+    assert len(calls) == 1 and json.dumps(second) == json.dumps(first)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "seed0.json"]
+    assert Units(None).get("seed0", compute) == first and len(calls) == 2  # no folder: nothing kept
+
+
+def test_units_refuse_a_folder_of_another_configuration(tmp_path):
+    Units(tmp_path, {"model": "abc", "scenes": 8})
+    with pytest.raises(ValueError, match="differs in model"):
+        Units(tmp_path, {"model": "def", "scenes": 8})
+
+
+def test_a_stopped_run_goes_on_where_it_left_off(tiny_checkpoint, tmp_path, monkeypatch):
+    settings = Settings(model_checkpoint=str(tiny_checkpoint), device="cpu", background_words=quality.BACKGROUNDS)
+    bundle = load_clip(settings)
+    text = TextEmbedder(bundle)
+    bench = quality.Bench(bundle, text, TagCLIPConfig(), batch_size=4)
+    predictor = Predictor(settings, bundle, text=text)
+
+    def run(ks: list[int]) -> dict:
+        return quality.run(bench, n_held_out=4, n_pool=6, ks=ks, epochs=2, seeds=1, predictor=predictor,
+                           small_ks=((2,), (2,)), units=Units(tmp_path))  # fmt: skip
+
+    stopped = run([2])  # a run that stopped after K = 2 ...
+    kept = sorted(p.name for p in tmp_path.glob("seed*.json"))
+    assert kept == ["seed0-learning-least-confident-k2.json", "seed0-learning-random-k2.json", "seed0.json"]
+    trained = []
+    real_train = quality.train_clipself
+    monkeypatch.setattr(quality, "train_clipself", lambda *a, **kw: trained.append(1) or real_train(*a, **kw))
+    monkeypatch.setattr(quality, "sections", lambda *a, **kw: pytest.fail("sections 1-3 were measured again"))
+    finished = run([2, 3])  # ... goes on: only the rows of K = 3 are trained
+    assert len(trained) == 2
+    assert [(r["strategy"], r["k"]) for r in finished["learning"]["rows"]] == [
+        ("random", 2), ("random", 3), ("least confident", 2), ("least confident", 3)
+    ]  # fmt: skip
+    assert json.dumps(finished["small_sets"]) == json.dumps(stopped["small_sets"])
+    assert json.dumps(finished["learning"]["rows"][0]) == json.dumps(stopped["learning"]["rows"][0])
