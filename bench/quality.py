@@ -735,13 +735,15 @@ def main(argv: list[str] | None = None) -> None:
     text = TextEmbedder(bundle)
     bench = Bench(bundle, text, TagCLIPConfig(), batch_size=32, input_size=args.image_size)
     predictor = Predictor(settings, bundle, text=text)
-    config = {"model": weights_digest(bundle.model), "scenes": args.scenes, "pool": args.pool,
-              "image_size": args.image_size, "dense_head": args.dense_head, "clipself_epochs": args.clipself_epochs,
-              "lr": args.lr}  # fmt: skip
-    try:
-        units = Units(args.units, config)
-    except ValueError as error:
-        parser.error(str(error))
+    units = Units(None)
+    if args.units:  # the weights are hashed only for a folder to check them against
+        config = {"model": weights_digest(bundle.model), "scenes": args.scenes, "pool": args.pool,
+                  "image_size": args.image_size, "dense_head": args.dense_head,
+                  "clipself_epochs": args.clipself_epochs, "lr": args.lr}  # fmt: skip
+        try:
+            units = Units(args.units, config)
+        except ValueError as error:
+            parser.error(str(error))
     report = run(bench, args.scenes, args.pool, args.k, args.clipself_epochs, args.seeds, args.lr, predictor,
                  units=units)  # fmt: skip
     command = "python -m bench.quality " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -753,7 +755,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim too
     return digest.hexdigest()
 
 

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from bench import quality
 from bench.toyworld import scenes
@@ -314,3 +315,12 @@ def test_a_stopped_run_goes_on_where_it_left_off(tiny_checkpoint, tmp_path, monk
     ]  # fmt: skip
     assert json.dumps(finished["small_sets"]) == json.dumps(stopped["small_sets"])
     assert json.dumps(finished["learning"]["rows"][0]) == json.dumps(stopped["learning"]["rows"][0])
+
+
+def test_the_weights_digest_names_a_model_and_changes_with_any_weight(tiny_checkpoint):
+    model = load_clip(Settings(model_checkpoint=str(tiny_checkpoint), device="cpu")).model
+    digest = quality.weights_digest(model)
+    assert digest == quality.weights_digest(model) and len(digest) == 64
+    with torch.no_grad():
+        model.logit_scale += 1e-3  # a 0-dim weight counts too
+    assert quality.weights_digest(model) != digest
