@@ -87,6 +87,7 @@ ADAPT_KS = (10, 20, 50, 100, 200)  # random corrections the few-shot learner see
 TAGS_ALONE_UP_TO = 50  # up to this K, 3c also draws masks with the tags fitted alone
 ACTIVE_KS = (10, 50)  # where 3d also corrects the least confident first (each also in ADAPT_KS)
 GAIN_METRICS = ("exact", "mask_iou", "accepted")  # 3d's paired differences, least confident - random
+LEARNING_GAIN_METRICS = ("tag_map_after", "miou_after", "accepted_after")  # section 4's
 CLIPSELF_BATCH = 8  # images per CLIPSelf step in section 4
 SERVICE = Settings()  # the service's defaults: the ZegCLIP schedule and holdout the learning loop follows
 MIN_SCORES = tuple(round(0.05 * i, 2) for i in range(1, 19))  # TAG_MIN_SCORE values tried on the pool
@@ -287,7 +288,10 @@ def learning_loop(
             name = f"seed{seed}-learning-{strategy.replace(' ', '-')}-k{k}"
             rows.append(units.get(name, functools.partial(measure, strategy, k, chosen)))
             print(json.dumps(rows[-1]), flush=True)
-    return {"before": before, "rows": rows, "clipself_lr": lr, "clipself_epochs": epochs}
+    by_row = {(r["strategy"], r["k"]): r for r in rows}  # paired: same seed, pool and held-out scenes
+    gains = [{"k": k, **{m: by_row["least confident", k][m] - by_row["random", k][m] for m in LEARNING_GAIN_METRICS}}
+             for k in ks]  # fmt: skip
+    return {"before": before, "rows": rows, "gains": gains, "clipself_lr": lr, "clipself_epochs": epochs}
 
 
 @dataclass
@@ -699,6 +703,16 @@ def learning_markdown(learning: dict) -> list[str]:
                      f"{cell(r['miou_after'])} | {cell(r['accepted_after'], True)} | "
                      f"{cell(r['gain_per_correction'])} | {r['clipself_steps']} | {r['zegclip_steps']} | "
                      f"{cell(r['train_seconds'])} |")  # fmt: skip
+    lines += [
+        "",
+        "Least confident first - random, per seed (same pool, seed and held-out scenes), then mean ± spread:",
+        "",
+        "| K | tag mAP gain | mIoU gain | accepted gain |",
+        "|---|---|---|---|",
+    ]
+    for g in learning["gains"]:
+        lines.append(f"| {g['k']} | {cell(g['tag_map_after'])} | {cell(g['miou_after'])} | "
+                     f"{cell(g['accepted_after'], True)} |")  # fmt: skip
     return lines
 
 

@@ -79,9 +79,17 @@ def test_benchmark_smoke_run(tiny_checkpoint):
     rows = report["learning"]["rows"]
     assert [(r["strategy"], r["k"]) for r in rows] == [("random", 2), ("least confident", 2)]
     assert rows[0]["clipself_steps"] == math.ceil(2 * 2 / quality.CLIPSELF_BATCH)  # 2 passes over K = 2
+    (gain,) = report["learning"]["gains"]  # least confident - random, paired seed by seed
+    for metric in quality.LEARNING_GAIN_METRICS:
+        chance, unsure = rows[0][metric]["runs"], rows[1][metric]["runs"]
+        paired = [u - c for c, u in zip(chance, unsure, strict=True)]
+        assert gain[metric]["runs"] == pytest.approx(paired)
     text = quality.markdown(report, "python -m bench.quality --smoke", bundle.description)
     assert "## 1. Tagging" in text and "| dmar+cwr |" in text and "least confident" in text
     assert "## 3. Small label sets" in text and "| colour x3 |" in text and "exact after 4" in text
+    learning_gains = text.split("Least confident first - random")[1].splitlines()
+    expected = f"| 2 | {quality.cell(gain['tag_map_after'])} | {quality.cell(gain['miou_after'])} | "
+    assert any(line.startswith(expected) for line in learning_gains)
     active = text.split("### 3d.")[1].split("## 4.")[0]  # random and least confident side by side, per K
     rows = [line.split(" | ") for line in active.splitlines() if line.startswith("| colour x3 | ")]
     assert [row[1] for row in rows] == ["2"]
