@@ -226,9 +226,12 @@ def learning_loop(
 ) -> dict:
     """Section 4, as a project's training run does it: CLIPSelf fine-tuning (with the supervised
     terms, on the served dense path) for ``epochs`` passes over K corrected scenes (steps scaled
-    with K, where the service runs TRAIN_STEPS whatever K), then a ZegCLIP head on the
-    fine-tuned ViT (the service's schedule: ZEGCLIP_EPOCHS passes over four fifths of the masks,
-    its floor set on the other fifth); the K scenes chosen at random or least confident first. Each
+    with K, where the service runs TRAIN_STEPS whatever K), then, once the K scenes hold
+    ZEGCLIP_MIN_MASKS masks with a label (the service's floor; below it CLIPSelf's maps are served),
+    a ZegCLIP head on the fine-tuned ViT (the service's schedule: ZEGCLIP_EPOCHS passes over four
+    fifths of the masks, its floor set on the other fifth). All K are training data: the held-out
+    scenes do what the service's held-out corrections do. The K scenes are chosen at random or
+    least confident first. Each
     (strategy, K) row is one of ``units``: hours of CPU at K = 200, so a run can stop between rows."""
     truth = [s.class_map("shape") for s in held_out]
     shape_truth = truth_tags(held_out, "shape")
@@ -260,22 +263,23 @@ def learning_loop(
         tuned_scores = tag_scores(tuned, held_out, "shape")["dmar+cwr"]
         tuned_tags = selected(tuned_scores, SHAPES)
         clipself_maps = dense_maps(tuned, held_out, "shape", "clearclip", tuned_tags)
-        samples, aside = calibration_split(
-            [TrainingSample(s.image, s.class_map("shape"), SHAPES) for s in chosen], SERVICE.train_holdout
-        )
-        head_steps = schedule(len(samples), SERVICE.zegclip_epochs, SERVICE.zegclip_max_steps)
-        head, _ = train_zegclip(tuned_bundle, samples, SHAPES, head_cfg, steps=head_steps, lr=1e-3,
-                                size=bench.input_size, seed=seed)  # fmt: skip
-        calibrate_threshold(tuned_bundle, head, aside, SHAPES, bench.input_size)
-        head_maps = zegclip_maps(tuned, head, held_out, tuned_tags)
-        final = miou(head_maps, truth, len(SHAPES))
+        masks = [TrainingSample(s.image, s.class_map("shape"), SHAPES) for s in chosen if s.objects]
+        served_maps, head_steps = clipself_maps, 0
+        if len(masks) >= SERVICE.zegclip_min_masks:  # as the service: no head on fewer masks with a label
+            samples, aside = calibration_split(masks, SERVICE.train_holdout)
+            head_steps = schedule(len(samples), SERVICE.zegclip_epochs, SERVICE.zegclip_max_steps)
+            head, _ = train_zegclip(tuned_bundle, samples, SHAPES, head_cfg, steps=head_steps, lr=1e-3,
+                                    size=bench.input_size, seed=seed)  # fmt: skip
+            calibrate_threshold(tuned_bundle, head, aside, SHAPES, bench.input_size)
+            served_maps = zegclip_maps(tuned, head, held_out, tuned_tags)
+        final = miou(served_maps, truth, len(SHAPES))
         return {
             "strategy": strategy, "k": k,
             "tag_map_before": before["tag_map"],
             "tag_map_after": mean_average_precision(tuned_scores, shape_truth),
             "miou_before": before["miou"], "miou_clipself": miou(clipself_maps, truth, len(SHAPES)),
             "miou_after": final, "accepted_before": before["accepted"],
-            "accepted_after": accepted_share(head_maps, truth),
+            "accepted_after": accepted_share(served_maps, truth),
             "gain_per_correction": (final - before["miou"]) / k, "clipself_steps": steps,
             "zegclip_steps": head_steps,
             "train_seconds": round(time.perf_counter() - started, 1),
@@ -690,7 +694,8 @@ def learning_markdown(learning: dict) -> list[str]:
         f"over the K corrections in steps of {CLIPSELF_BATCH}, lr "
         f"{mean_of(learning['clipself_lr'])}, on the served ClearCLIP path, class token held), then a ZegCLIP head "
         f"on the fine-tuned ViT ({SERVICE.zegclip_epochs:g} passes over four fifths of the K masks, floor set on the "
-        "other fifth).",
+        f"other fifth) once they hold {SERVICE.zegclip_min_masks} masks with a label, as the service does (below that, "
+        "ZegCLIP steps 0: CLIPSelf's maps are served).",
         f"Before any correction: shape tag mAP {cell(before['tag_map'])}, mask mIoU (ClearCLIP + tags) "
         f"{cell(before['miou'])}, accepted unchanged {cell(before['accepted'], True)}.",
         "",

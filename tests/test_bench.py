@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -54,7 +55,8 @@ def test_least_confident_first_ranks_tasks_by_their_tag_confidence():
     assert quality.least_confident_first(scores[[0, 2]], ("cat", "dog"), rule).tolist() == [1, 0]
 
 
-def test_benchmark_smoke_run(tiny_checkpoint):
+def test_benchmark_smoke_run(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(quality, "SERVICE", dataclasses.replace(quality.SERVICE, zegclip_min_masks=1))  # K = 2 trains
     settings = Settings(model_checkpoint=str(tiny_checkpoint), device="cpu", background_words=quality.BACKGROUNDS)
     bundle = load_clip(settings)
     text = TextEmbedder(bundle)
@@ -79,6 +81,9 @@ def test_benchmark_smoke_run(tiny_checkpoint):
     rows = report["learning"]["rows"]
     assert [(r["strategy"], r["k"]) for r in rows] == [("random", 2), ("least confident", 2)]
     assert rows[0]["clipself_steps"] == math.ceil(2 * 2 / quality.CLIPSELF_BATCH)  # 2 passes over K = 2
+    for r in rows:  # a head trained on the scenes' masks, every seed (a count all seeds share is one number)
+        steps = r["zegclip_steps"]
+        assert (min(steps["runs"]) if isinstance(steps, dict) else steps) > 0
     (gain,) = report["learning"]["gains"]  # least confident - random, paired seed by seed
     for metric in quality.LEARNING_GAIN_METRICS:
         chance, unsure = rows[0][metric]["runs"], rows[1][metric]["runs"]
@@ -310,6 +315,8 @@ def test_a_stopped_run_goes_on_where_it_left_off(tiny_checkpoint, tmp_path, monk
                            small_ks=((2,), (2,)), units=Units(tmp_path))  # fmt: skip
 
     stopped = run([2])  # a run that stopped after K = 2 ...
+    for row in stopped["learning"]["rows"]:  # 2 masks are under the service's ZEGCLIP_MIN_MASKS: no head
+        assert row["zegclip_steps"] == 0 and row["miou_after"] == row["miou_clipself"]
     kept = sorted(p.name for p in tmp_path.glob("seed*.json"))
     assert kept == ["seed0-learning-least-confident-k2.json", "seed0-learning-random-k2.json", "seed0.json"]
     trained = []
