@@ -231,8 +231,8 @@ def learning_loop(
     a ZegCLIP head on the fine-tuned ViT (the service's schedule: ZEGCLIP_EPOCHS passes over four
     fifths of the masks, its floor set on the other fifth). All K are training data: the held-out
     scenes do what the service's held-out corrections do. The K scenes are chosen at random or
-    least confident first. Each
-    (strategy, K) row is one of ``units``: hours of CPU at K = 200, so a run can stop between rows."""
+    least confident first. Each (strategy, K) row is one of ``units``: hours of CPU at K = 200, so a
+    run can stop between rows."""
     truth = [s.class_map("shape") for s in held_out]
     shape_truth = truth_tags(held_out, "shape")
     scores = tag_scores(bench, held_out, "shape")["dmar+cwr"]
