@@ -70,7 +70,14 @@ from worker.predictor import Predictor
 from worker.training.adapt import REGION_SAMPLES, RegionSample, fit, fit_prototypes, patch_targets
 from worker.training.clipself import CLIPSelfConfig, train_clipself
 from worker.training.corrections import Correction
-from worker.training.zegclip import TrainingSample, calibrate_threshold, calibration_split, schedule, train_zegclip
+from worker.training.zegclip import (
+    TrainingSample,
+    calibrate_threshold,
+    calibration_split,
+    has_label,
+    schedule,
+    train_zegclip,
+)
 
 HELD_OUT_SEED, POOL_SEED = 1000, 2000  # seed s of a run uses HELD_OUT_SEED + s and POOL_SEED + s
 SIZE = SCENE_SIZE
@@ -263,7 +270,7 @@ def learning_loop(
         tuned_scores = tag_scores(tuned, held_out, "shape")["dmar+cwr"]
         tuned_tags = selected(tuned_scores, SHAPES)
         clipself_maps = dense_maps(tuned, held_out, "shape", "clearclip", tuned_tags)
-        masks = [TrainingSample(s.image, s.class_map("shape"), SHAPES) for s in chosen if s.objects]
+        masks = [TrainingSample(s.image, m, SHAPES) for s in chosen if has_label(m := s.class_map("shape"))]
         served_maps, head_steps = clipself_maps, 0
         if len(masks) >= SERVICE.zegclip_min_masks:  # as the service: no head on fewer masks with a label
             samples, aside = calibration_split(masks, SERVICE.train_holdout)

@@ -37,6 +37,7 @@ from worker.training.zegclip import (
     TrainingSample,
     calibrate_threshold,
     calibration_split,
+    has_label,
     load_voc_folder,
     mean_iou,
     schedule,
@@ -263,6 +264,18 @@ def test_the_head_trains_in_passes_over_the_masks_it_has_not_a_fixed_count():
     assert schedule(400, epochs=30, max_steps=2000) == 1500 == 8 * schedule(50, 30, 2000) - 4
     assert schedule(10_000, epochs=30, max_steps=2000) == 2000
     assert schedule(1, epochs=0.1, max_steps=2000) == 1
+
+
+def test_only_masks_that_paint_a_label_count_towards_the_head():
+    """The service's ZEGCLIP_MIN_MASKS floor and the benchmark's section 4 count the same masks:
+    one pixel of a label is enough; "no label" (0) and "unknown" (255) alone are not."""
+    mask = np.zeros((8, 8), dtype=np.uint8)
+    assert not has_label(mask)
+    assert not has_label(np.full((8, 8), 255, dtype=np.uint8))
+    mask[3, 4] = 255
+    assert not has_label(mask)
+    mask[0, 0] = 2
+    assert has_label(mask)
 
 
 def test_the_floor_is_set_on_masks_kept_out_of_training(bundle, voc_pair):

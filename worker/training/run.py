@@ -31,7 +31,14 @@ from worker.training.clipself import CLIPSelfConfig, train_clipself
 from worker.training.corrections import Correction, fetch_images, mask_labels, pull_corrections, split
 from worker.training.evaluate import judge
 from worker.training.loop import ShouldStop, check_stop
-from worker.training.zegclip import TrainingSample, calibrate_threshold, calibration_split, schedule, train_zegclip
+from worker.training.zegclip import (
+    TrainingSample,
+    calibrate_threshold,
+    calibration_split,
+    has_label,
+    schedule,
+    train_zegclip,
+)
 from worker.vocabulary import ClassBank
 
 log = logging.getLogger(__name__)
@@ -81,7 +88,7 @@ def run_training(
 
     head, head_meta = None, {}
     curves = {"clipself": thin(report.losses)}  # for the dashboard
-    masks = [c for c in parts.train if c.mask is not None and ((c.mask > 0) & (c.mask < 255)).any()]
+    masks = [c for c in parts.train if c.mask is not None and has_label(c.mask)]
     if names and len(masks) >= settings.zegclip_min_masks:
         samples, aside = calibration_split([TrainingSample(c.image, c.mask, c.mask_labels) for c in masks],
                                            settings.train_holdout)  # fmt: skip

@@ -50,6 +50,12 @@ class TrainingSample:
     labels: tuple[str, ...]
 
 
+def has_label(mask: np.ndarray) -> bool:
+    """Whether a mask in ``TrainingSample``'s layout paints any pixel with a label: the masks a
+    head can learn a class from (all-"no label" or all-unknown masks teach it none)."""
+    return bool(((mask > 0) & (mask < 255)).any())
+
+
 def target_map(sample: TrainingSample, classes: Sequence[str]) -> np.ndarray:
     """The sample's mask as indices into ``classes`` (NO_CLASS, IGNORE elsewhere); labels that
     are not among ``classes`` become IGNORE, since nothing is known about them."""
