@@ -7,7 +7,7 @@ import hmac
 
 from flask import Request, Response, jsonify
 
-from backend.webhook_secret import SECRET_HEADER, project_secret
+from backend.webhook_secret import SECRET_HEADER, project_secret, secret_project
 from common.settings import Settings
 
 #: Label Studio calls /health without credentials when listing backends; it reveals nothing secret.
@@ -54,15 +54,17 @@ def check_request(request: Request, settings: Settings) -> Response | None:
 
 
 def _webhook_secret_matches(request: Request, secret: str) -> bool:
-    """The header holds the secret of the project the event names (so one project's webhook
-    secret is worth nothing for another)."""
+    """The header names a project and holds its secret (so one project's webhook secret is worth
+    nothing for another), and the event is about that project. The header is checked before the
+    body is read: a request without a valid one costs no JSON parsing."""
     given = request.headers.get(SECRET_HEADER)
+    claimed = secret_project(given)
+    if claimed is None or not _same(given, project_secret(secret, claimed)):
+        return False
     body = request.get_json(silent=True)
     project = body.get("project") if isinstance(body, dict) else None
     pid = project.get("id") if isinstance(project, dict) else None
-    if not given or not isinstance(pid, int) or isinstance(pid, bool):
-        return False
-    return _same(given, project_secret(secret, pid))
+    return isinstance(pid, int) and not isinstance(pid, bool) and pid == claimed
 
 
 def _refuse(message: str) -> Response:

@@ -2,9 +2,10 @@
 
 Adding an ML backend makes Label Studio create a project webhook ``<backend url>/webhook`` that
 sends events with no auth headers (PROTOCOL.md section 2). With ``WEBHOOK_SECRET`` set, prelabel
-accepts an event that carries ``X-Prelabel-Secret: <the project's secret>``, where a project's
-secret is an HMAC of its id under ``WEBHOOK_SECRET``: anyone who can read one project's webhook
-settings (its managers) cannot forge events for another project.
+accepts an event that carries ``X-Prelabel-Secret: <project id>:<the project's secret>``, where a
+project's secret is an HMAC of its id under ``WEBHOOK_SECRET``: anyone who can read one project's
+webhook settings (its managers) cannot forge events for another project. The header names its
+project so that it is checked before the body is read: a request without it costs no parsing.
 
 With ``PRELABEL_URL`` set (this backend's URL as Label Studio calls it), prelabel adds that header
 to the project's webhook whose URL is ``PRELABEL_URL/webhook`` through Label Studio's API, and to
@@ -28,11 +29,19 @@ from common.settings import Settings
 log = logging.getLogger(__name__)
 
 SECRET_HEADER = "X-Prelabel-Secret"
+_SECRET_FORM = re.compile(r"(\d{1,18}):[0-9a-f]{64}", re.ASCII)
 
 
 def project_secret(secret: str, project: int) -> str:
     """The value of ``X-Prelabel-Secret`` for Label Studio project ``project`` (its numeric id)."""
-    return hmac.new(secret.encode(), f"prelabel-webhook:{project}".encode(), hashlib.sha256).hexdigest()
+    digest = hmac.new(secret.encode(), f"prelabel-webhook:{project}".encode(), hashlib.sha256).hexdigest()
+    return f"{project}:{digest}"
+
+
+def secret_project(value: str | None) -> int | None:
+    """The project id an ``X-Prelabel-Secret`` value names, or None when it has not that form."""
+    match = _SECRET_FORM.fullmatch(value or "")
+    return int(match[1]) if match else None
 
 
 def webhook_url(prelabel_url: str) -> str:

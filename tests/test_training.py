@@ -10,6 +10,7 @@ import json
 import threading
 import time
 
+import flask
 import numpy as np
 import pytest
 import redis
@@ -146,9 +147,31 @@ def test_forged_webhooks_are_refused(queue_app):
     # project 5's secret (seen by project 5's managers in its webhook settings) is worth nothing for project 4
     other = project_secret("hook-secret", 5)
     assert client.post("/webhook", json=event, headers={SECRET_HEADER: other}).status_code == 401
+    # the header names its project: project 4's digest under project 5's id, or alone, is refused
+    digest = ours.split(":", 1)[1]
+    assert ours.startswith("4:") and other.startswith("5:")
+    assert client.post("/webhook", json=event, headers={SECRET_HEADER: f"5:{digest}"}).status_code == 401
+    assert client.post("/webhook", json=event, headers={SECRET_HEADER: digest}).status_code == 401
     basic = {"Authorization": "Basic " + base64.b64encode(b"ls:pw").decode()}
     assert client.post("/webhook", json=event, headers=basic).status_code == 200  # START_TRAINING's way
     assert client.post("/predict", json={}, headers={SECRET_HEADER: ours}).status_code == 401
+
+
+def test_a_webhook_without_its_secret_is_refused_before_its_body_is_parsed(queue_app, monkeypatch):
+    """Parsing JSON costs about 30 times its size in memory: a request that proves nothing must not
+    get that far."""
+    app, _ = queue_app(webhook_secret="hook-secret")
+    client = app.test_client()
+    parsed = []
+    real = flask.Request.get_json
+    monkeypatch.setattr(flask.Request, "get_json", lambda self, *a, **k: parsed.append(1) or real(self, *a, **k))
+    event = {"action": "ANNOTATION_CREATED", "annotation": _annotation(1, 10), "project": _project()}
+    for header in ({}, {SECRET_HEADER: "guess"}, {SECRET_HEADER: project_secret("another-secret", 4)}):
+        answer = client.post("/webhook", json=event, headers=header)
+        assert answer.status_code == 401 and SECRET_HEADER in answer.get_json()["error"]
+    assert parsed == []
+    assert client.post("/webhook", json=event, headers={SECRET_HEADER: project_secret("hook-secret", 4)}).status_code == 200
+    assert parsed
 
 
 def test_gate_refuses_a_worse_model():
