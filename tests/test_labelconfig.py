@@ -50,6 +50,11 @@ def test_choices_controls_labels_and_synonyms():
          + "</Choices></View>", "over the 524,288 prelabel reads"),
         ("<View><Image name='i' value='$i'/><Choices name='c' toName='i'>"
          + "".join(f"<Choice value='c{i}'/>" for i in range(1001)) + "</Choices></View>", "MAX_LABELS=1,000"),
+        # each text costs 85 prompts through the text encoder: a label's synonyms are bounded too
+        ("<View><Image name='i' value='$i'/><Choices name='c' toName='i'><Choice value='a' predicted_values='"
+         + ",".join(f"w{i}" for i in range(50_000)) + "'/></Choices></View>", "'a' has 50,001 texts.*at most 8"),
+        ("<View><Image name='i' value='$i'/><Choices name='c' toName='i'><Choice value='a' hint='"
+         + "x" * 201 + "'/></Choices></View>", "'a' has a text of 201 characters"),
     ],
 )  # fmt: skip
 def test_unsupported_configs_say_why(xml, message):

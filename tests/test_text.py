@@ -22,6 +22,21 @@ def test_trimmed_text_encoding_equals_open_clips(make_settings):
         )
 
 
+def test_a_word_is_the_normalised_mean_of_its_normalised_prompts(make_settings):
+    """Checked from the definition with open_clip's own encoder, on more words than one batch
+    holds (words are encoded a few at a time so that only their means are kept)."""
+    bundle = load_clip(make_settings())
+    words = ["cat", "dog", "red car", "tree", "a very long label name", "sky", "x"]
+    with torch.no_grad():
+        expected = torch.stack([
+            F.normalize(F.normalize(bundle.model.encode_text(bundle.tokenizer([t.format(w) for t in TEMPLATES])),
+                                    dim=-1).mean(dim=0), dim=-1)
+            for w in words
+        ])  # fmt: skip
+    fp32 = dataclasses.replace(bundle, precision=torch.float32)
+    torch.testing.assert_close(TextEmbedder(fp32).words(words), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_words_are_encoded_once_and_classes_average_their_synonyms(make_settings):
     embedder = TextEmbedder(load_clip(make_settings()))
     calls = []

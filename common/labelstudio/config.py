@@ -17,6 +17,10 @@ SUPPORTED_CONTROLS = ("Choices", "BrushLabels", *REGION_TYPES)
 #: Label configs are untrusted input (any /predict or webhook body carries one); real ones are a
 #: few kB, a 1,000-class taxonomy about 60 kB.
 MAX_LABEL_CONFIG_BYTES = 512 * 1024
+#: Texts CLIP reads for one label (value, alias, hint, predicted_values) and their length: each
+#: text costs 85 prompts through the text encoder, so a config's cost is bounded by its labels.
+MAX_TEXTS_PER_LABEL = 8
+MAX_TEXT_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -126,8 +130,17 @@ def _class_label(name: str, attr: dict[str, str]) -> ClassLabel:
     the value first, then the alias, ``hint`` and comma-separated ``predicted_values``."""
     candidates = [attr.get("value", name), attr.get("alias", ""), attr.get("hint", "")]
     candidates += attr.get("predicted_values", "").split(",")
-    texts: list[str] = []
+    texts: dict[str, str] = {}  # lower case -> the first spelling, in order
     for text in (c.strip() for c in candidates):
-        if text and text.lower() not in (t.lower() for t in texts):
-            texts.append(text)
-    return ClassLabel(name=name, texts=tuple(texts or [name]))
+        if len(text) > MAX_TEXT_CHARS:
+            raise LabelConfigError(
+                f"Label {name[:60]!r} has a text of {len(text):,} characters; prelabel reads at most {MAX_TEXT_CHARS}."
+            )
+        if text:
+            texts.setdefault(text.lower(), text)
+    if len(texts) > MAX_TEXTS_PER_LABEL:
+        raise LabelConfigError(
+            f"Label {name[:60]!r} has {len(texts):,} texts (value, alias, hint and predicted_values); prelabel "
+            f"reads at most {MAX_TEXTS_PER_LABEL} per label."
+        )
+    return ClassLabel(name=name, texts=tuple(texts.values()) or (name,))
