@@ -207,7 +207,6 @@ class Feedback:
         """Check each annotation and put the good ones in the inbox, with the project's ``labels``
         (its label config's: per-label figures keep only those); returns how many were queued
         and, for the others, their id and the reason."""
-        known = sorted(labels) if labels is not None else None
         queued, refused = [], []
         for annotation in annotations:
             try:
@@ -215,15 +214,19 @@ class Feedback:
             except AnnotationError as e:
                 refused.append({"id": annotation.get("id"), "error": str(e)})
                 continue
-            queued.append(json.dumps({"project": project, "annotation": annotation, "labels": known}))
+            queued.append(annotation)
         if queued:
+            # One inbox item per event: the project's labels are stored once, not once per annotation.
+            known = sorted(labels) if labels is not None else None
+            item = json.dumps({"project": project, "annotations": queued, "labels": known})
             waiting = self.connection.memory_usage(keys.FEEDBACK_INBOX, samples=0) or 0  # exact: no sampling to game
-            if waiting > INBOX_BYTES:
+            if waiting + len(item) > INBOX_BYTES:
                 raise ServiceUnavailable(
-                    f"{waiting // 2**20} MB of corrections are waiting to be compared; this one was not recorded "
-                    "(Label Studio keeps it, and training reads it from there)."
+                    f"{waiting // 2**20} MB of corrections are waiting to be compared and this event holds "
+                    f"{len(item) // 2**20} MB more; it was not recorded (Label Studio keeps its annotations, and "
+                    "training reads them from there)."
                 )
-            self.connection.rpush(keys.FEEDBACK_INBOX, *queued)
+            self.connection.rpush(keys.FEEDBACK_INBOX, item)
         return len(queued), refused
 
     def record(self, project: str, annotation: dict, labels: Iterable[str] | None = None) -> dict[str, Any] | None:
@@ -328,17 +331,24 @@ class Feedback:
         return sorted(found)
 
     def process_one(self, timeout: float = 1.0) -> bool:
-        """Compare the inbox's oldest annotation; False when the inbox stayed empty for ``timeout``."""
+        """Compare the annotations of the inbox's oldest event; False when the inbox stayed empty
+        for ``timeout``."""
         raw = self.connection.blmove(keys.FEEDBACK_INBOX, keys.FEEDBACK_PROCESSING, timeout)
         if raw is None:
             return False
         try:
             item = json.loads(raw)
-            self.record(item["project"], item["annotation"], item.get("labels"))
-        except redis.exceptions.RedisError:
-            raise  # stays in the processing list, taken back when Redis answers again
-        except Exception as e:  # e.g. an RLE corrupt past its header: dropped, said once
-            log.warning("a correction was not compared: %s: %s", type(e).__name__, e)
+            project, annotations, labels = item["project"], list(item["annotations"]), item.get("labels")
+        except (ValueError, TypeError, KeyError) as e:  # not written by accept(): dropped, said once
+            log.warning("an unreadable inbox item was dropped: %s: %s", type(e).__name__, e)
+            annotations = []
+        for annotation in annotations:
+            try:
+                self.record(project, annotation, labels)
+            except redis.exceptions.RedisError:
+                raise  # the event stays in the processing list, taken back (and redone) when Redis answers
+            except Exception as e:  # e.g. an RLE corrupt past its header: dropped, said once
+                log.warning("annotation %.40r was not compared: %s: %s", annotation.get("id"), type(e).__name__, e)
         self.connection.lrem(keys.FEEDBACK_PROCESSING, 1, raw)
         return True
 

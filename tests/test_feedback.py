@@ -168,14 +168,17 @@ def test_the_webhook_only_checks_and_queues_and_the_comparison_happens_later(red
         {"id": 101, "task": 11, "result": prediction["result"]},
         {"id": 102, "task": 11, "result": [bomb]},
         {"id": 103, "task": 11, "result": "not a list"},
-    ])  # fmt: skip
-    assert queued == 1
+        {"id": 104, "task": 11, "result": [_tags("dog")]},
+    ], labels=["cat", "dog"])  # fmt: skip
+    assert queued == 2
     assert [r["id"] for r in refused] == [102, 103]
     assert "over MAX_IMAGE_PIXELS" in refused[0]["error"] and "must be a list" in refused[1]["error"]
     assert feedback.report(PROJECT)[PROJECT] == {}  # nothing compared yet: the webhook has answered
+    assert connection.llen(INBOX) == 1  # one item per event: the project's labels are stored once
     assert feedback.process_one(timeout=1)
     assert not feedback.process_one(timeout=1)  # the inbox is empty
-    assert feedback.report(PROJECT)[PROJECT]["v1"]["unchanged"] == 1
+    row = feedback.report(PROJECT)[PROJECT]["v1"]
+    assert (row["corrections"], row["unchanged"]) == (2, 1)
     assert connection.llen(PROCESSING) == 0
 
 
@@ -204,11 +207,16 @@ def test_work_left_half_done_is_taken_back_and_a_poisoned_item_is_dropped(redis_
 def test_a_full_inbox_refuses_more_and_says_why(redis_url, monkeypatch):
     feedback = Feedback(redis.Redis.from_url(redis_url), MAX_PIXELS)
     annotation = {"id": 1, "task": 11, "result": [_mask("cat", _square(5, 5))]}
-    monkeypatch.setattr(module, "INBOX_BYTES", 10)
+    one = len(json.dumps({"project": PROJECT, "annotations": [annotation], "labels": None}))
+    monkeypatch.setattr(module, "INBOX_BYTES", 2 * one)
     assert feedback.accept(PROJECT, [annotation]) == (1, [])  # under the limit while the inbox is empty
-    with pytest.raises(ServiceUnavailable, match="waiting to be compared"):
-        feedback.accept(PROJECT, [annotation] * 20)
+    with pytest.raises(ServiceUnavailable, match="waiting to be compared and this event holds"):
+        feedback.accept(PROJECT, [annotation] * 2)  # what waits plus what it would add
     assert feedback.connection.llen(INBOX) == 1
+    feedback.connection.delete(INBOX)
+    with pytest.raises(ServiceUnavailable, match="waiting to be compared"):
+        feedback.accept(PROJECT, [annotation] * 3)  # too large on its own, however empty the inbox
+    assert feedback.connection.llen(INBOX) == 0
 
 
 def test_aggregates_match_the_report_through_updates_deletions_and_older_comparisons(redis_url):
