@@ -338,7 +338,9 @@ class Feedback:
             return False
         try:
             item = json.loads(raw)
-            project, annotations, labels = item["project"], list(item["annotations"]), item.get("labels")
+            project, labels = item["project"], item.get("labels")
+            # one annotation per item from backends before events were batched, still in the inbox after an upgrade
+            annotations = list(item["annotations"]) if "annotations" in item else [item["annotation"]]
         except (ValueError, TypeError, KeyError) as e:  # not written by accept(): dropped, said once
             log.warning("an unreadable inbox item was dropped: %s: %s", type(e).__name__, e)
             annotations = []
