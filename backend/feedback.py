@@ -31,16 +31,9 @@ import redis
 
 from common import keys
 from common.errors import AnnotationError, ServiceUnavailable
-from common.labelstudio.annotations import chosen, regions
-from common.labelstudio.brush import region_mask, region_size
-from common.labelstudio.regions import (
-    MAX_REGIONS,
-    MAX_TOTAL_POINTS,
-    REGION_LABELS,
-    outline_mask,
-    region_labels,
-    region_outline,
-)
+from common.labelstudio.annotations import check_annotation, chosen, regions
+from common.labelstudio.brush import region_mask
+from common.labelstudio.regions import outline_mask, region_labels
 from common.quality import accepted_unchanged, mask_iou
 
 log = logging.getLogger(__name__)
@@ -127,36 +120,6 @@ def _iou(predicted: np.ndarray | None, final: np.ndarray | None) -> float:
     if predicted is None or final is None or predicted.shape != final.shape:
         return 0.0
     return mask_iou(predicted, final)
-
-
-def check_annotation(annotation: dict, max_pixels: int) -> None:
-    """What the webhook checks before accepting an annotation: its shape, how many regions and
-    polygon points it holds, every brush region's sizes and RLE header (nothing is decoded), every
-    box's and polygon's numbers, and every region's labels.
-
-    Raises:
-        AnnotationError: with the reason.
-    """
-    if not isinstance(annotation.get("id"), int | str):
-        raise AnnotationError("An annotation needs an 'id'.")
-    result = annotation.get("result") or []
-    if not isinstance(result, list) or not all(isinstance(item, dict) for item in result):
-        raise AnnotationError(f"Annotation {annotation['id']}: 'result' must be a list of objects.")
-    regions = [item for item in result if item.get("type") in ("brushlabels", *REGION_LABELS)]
-    if len(regions) > MAX_REGIONS:
-        raise AnnotationError(f"Annotation {annotation['id']}: more than {MAX_REGIONS:,} regions.")
-    points = 0
-    for item in regions:
-        try:
-            region_labels(item)
-            if item.get("type") == "brushlabels":
-                region_size(item, max_pixels)
-            else:
-                points += len(region_outline(item))
-        except AnnotationError as e:
-            raise AnnotationError(f"Annotation {annotation['id']}: {e}") from e
-    if points > MAX_TOTAL_POINTS:
-        raise AnnotationError(f"Annotation {annotation['id']}: more than {MAX_TOTAL_POINTS:,} polygon points.")
 
 
 def _labels(result: Iterable[dict], kind: str) -> set[str]:

@@ -18,6 +18,7 @@ from common import keys
 from common.errors import AnnotationError, ServiceUnavailable
 from common.keys import FEEDBACK_INBOX as INBOX
 from common.keys import FEEDBACK_PROCESSING as PROCESSING
+from common.labelstudio.annotations import check_annotation, chosen
 
 PROJECT = "5.1795414525"
 MAX_PIXELS = 60_000_000
@@ -107,16 +108,34 @@ def test_a_rotated_box_turns_about_its_top_left_corner_in_pixels():
 )
 def test_malformed_boxes_and_polygons_are_refused_at_the_webhook(item):
     with pytest.raises(AnnotationError, match="Annotation 7: A (box|polygon|rotated box|region)"):
-        module.check_annotation({"id": 7, "result": [item]}, MAX_PIXELS)
+        check_annotation({"id": 7, "result": [item]}, MAX_PIXELS)
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"type": "choices", "from_name": "tags", "value": {"choices": "cat"}},
+        {"type": "choices", "from_name": "tags", "value": {"choices": [7]}},
+        {"type": "choices", "from_name": "tags", "value": {"choices": ["cat"] * 101}},
+    ],
+)
+def test_malformed_choices_are_refused_and_never_crash_a_reader(item):
+    """Label Studio's API checks only that ``result`` is a list: training reads what the webhook
+    would have refused, so both check, and the readers survive what neither refuses."""
+    with pytest.raises(AnnotationError, match="Annotation 7: A region's labels must be a list"):
+        check_annotation({"id": 7, "result": [item]}, MAX_PIXELS)
+    odd = [{"type": "choices", "value": "x"}, {"type": "brushlabels", "value": "x"}, item]
+    assert all(isinstance(c, str) for made in chosen(odd).values() for c in made)
+    assert compare(odd, odd, MAX_PIXELS)["unchanged"]
 
 
 def test_an_annotation_holds_a_bounded_number_of_regions_and_points():
     with pytest.raises(AnnotationError, match="more than 1,000 regions"):
-        module.check_annotation({"id": 7, "result": [_box("car", 1, 1, 2, 2)] * 1001}, MAX_PIXELS)
+        check_annotation({"id": 7, "result": [_box("car", 1, 1, 2, 2)] * 1001}, MAX_PIXELS)
     big = _polygon("car", [[i % 100, i // 100] for i in range(10_000)])
-    module.check_annotation({"id": 7, "result": [big] * 10}, MAX_PIXELS)  # 100,000 points: the most
+    check_annotation({"id": 7, "result": [big] * 10}, MAX_PIXELS)  # 100,000 points: the most
     with pytest.raises(AnnotationError, match="more than 100,000 polygon points"):
-        module.check_annotation({"id": 7, "result": [big] * 11}, MAX_PIXELS)
+        check_annotation({"id": 7, "result": [big] * 11}, MAX_PIXELS)
 
 
 def test_labels_only_the_annotator_drew_score_zero_without_being_drawn():

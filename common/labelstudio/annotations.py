@@ -7,6 +7,10 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from common.errors import AnnotationError
+from common.labelstudio.brush import region_size
+from common.labelstudio.regions import MAX_REGIONS, MAX_TOTAL_POINTS, REGION_LABELS, region_labels, region_outline
+
 
 def image_url(task: dict[str, Any], key: str) -> str | None:
     """The task's image value under ``key`` (the ``<Image value="$key">`` of the config), or None."""
@@ -25,8 +29,10 @@ def chosen(result: Iterable[dict]) -> dict[str, set[str]]:
     """The labels chosen in each ``<Choices>`` control (by ``from_name``) of a result list."""
     out: dict[str, set[str]] = defaultdict(set)
     for item in result:
-        choices = (item.get("value") or {}).get("choices", []) if item.get("type") == "choices" else []
-        out[str(item.get("from_name", ""))].update(c for c in choices if isinstance(c, str))
+        value = item.get("value") if item.get("type") == "choices" else None
+        choices = value.get("choices") if isinstance(value, dict) else None
+        if isinstance(choices, list):
+            out[str(item.get("from_name", ""))].update(c for c in choices if isinstance(c, str))
     return out
 
 
@@ -36,5 +42,40 @@ def regions(result: Iterable[dict], kinds: Iterable[str]) -> Iterator[dict]:
     wanted = set(kinds)
     for item in result:
         kind = item.get("type")
-        if kind in wanted and (kind != "brushlabels" or (item.get("value") or {}).get("rle")):
+        value = item.get("value")
+        if kind in wanted and (kind != "brushlabels" or (isinstance(value, dict) and value.get("rle"))):
             yield item
+
+
+def check_annotation(annotation: dict, max_pixels: int) -> None:
+    """What the webhook checks before accepting an annotation, and training before reading one
+    (Label Studio checks only that ``result`` is a list): its shape, how many regions and polygon
+    points it holds, every brush region's sizes and RLE header (nothing is decoded), every box's
+    and polygon's numbers, and the labels of every region and choice.
+
+    Raises:
+        AnnotationError: with the reason.
+    """
+    if not isinstance(annotation.get("id"), int | str):
+        raise AnnotationError("An annotation needs an 'id'.")
+    result = annotation.get("result") or []
+    if not isinstance(result, list) or not all(isinstance(item, dict) for item in result):
+        raise AnnotationError(f"Annotation {annotation['id']}: 'result' must be a list of objects.")
+    drawn = [item for item in result if item.get("type") in ("brushlabels", *REGION_LABELS)]
+    if len(drawn) > MAX_REGIONS:
+        raise AnnotationError(f"Annotation {annotation['id']}: more than {MAX_REGIONS:,} regions.")
+    points = 0
+    for item in result:
+        kind = item.get("type")
+        if kind not in ("choices", "brushlabels", *REGION_LABELS):
+            continue
+        try:
+            region_labels(item)  # value[type]: the region's labels, or the choices made
+            if kind == "brushlabels":
+                region_size(item, max_pixels)
+            elif kind in REGION_LABELS:
+                points += len(region_outline(item))
+        except AnnotationError as e:
+            raise AnnotationError(f"Annotation {annotation['id']}: {e}") from e
+    if points > MAX_TOTAL_POINTS:
+        raise AnnotationError(f"Annotation {annotation['id']}: more than {MAX_TOTAL_POINTS:,} polygon points.")

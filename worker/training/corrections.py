@@ -18,7 +18,7 @@ from PIL import Image
 
 from common.errors import AnnotationError, ImageError
 from common.jobs import BrushControl, ChoicesControl, RegionControl, TaskId
-from common.labelstudio.annotations import chosen, image_url, latest_annotation
+from common.labelstudio.annotations import check_annotation, chosen, image_url, latest_annotation
 from common.labelstudio.annotations import regions as regions_of
 from common.labelstudio.brush import draw_scaled, original_size, region_size, rle_to_mask
 from common.labelstudio.client import label_studio_client
@@ -145,6 +145,7 @@ def pull_corrections(
             continue
         url = image_url(task, image_key)
         try:
+            check_annotation(annotation, settings.max_image_pixels)  # as the webhook does: Label Studio does not
             corrections.append(from_annotation(task["id"], url, annotation.get("result") or [], choices, brushes,
                                                settings.max_image_pixels, settings.image_size, regions))  # fmt: skip
         except AnnotationError as e:
