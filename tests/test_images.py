@@ -67,6 +67,17 @@ def test_only_the_supported_formats_are_opened(fmt):
         decode_image(data, LIMIT)
 
 
+@pytest.mark.parametrize("size", [(1, 1_000_000), (10_000, 199)])
+def test_a_strip_is_refused_before_decoding(size):
+    """A 1 x 60,000,000 PNG is 240 kB and within MAX_IMAGE_PIXELS, but its masks would be encoded
+    row by row at that size."""
+    strip = _encode(Image.new("1", size), "PNG")
+    with pytest.raises(ImageDecodeError, match=f"{size[0]}x{size[1]}: .*at most 50 times the short one"):
+        decode_image(strip, LIMIT)
+    wide = Image.new("RGB", (50 * min(size), min(size)), (1, 2, 3))
+    assert decode_image(_encode(wide, "PNG"), LIMIT).size == wide.size  # 50:1 is read
+
+
 def test_pixel_limit_is_checked_before_decoding(photos):
     with pytest.raises(ImageDecodeError, match="500x338 = 169,000 pixels, over MAX_IMAGE_PIXELS=100,000"):
         decode_image(photos["2011_000003.jpg"], 100_000)

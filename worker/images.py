@@ -20,6 +20,9 @@ Image.init()  # registers the plugins, so ``formats=`` finds WEBP and TIFF
 #: Scans a JPEG may have: a progressive JPEG has about ten, and each scan costs a pass over every
 #: pixel, so a 200 kB file of a thousand tiny scans decodes for a minute.
 MAX_JPEG_SCANS = 64
+#: The longest side may be this many times the shortest: the masks Label Studio gets are encoded
+#: row by row at the image's size, so a 1 x 60,000,000 strip (a 240 kB PNG) would cost gigabytes.
+MAX_ASPECT_RATIO = 50
 _START_OF_SCAN = b"\xff\xda"  # a JPEG marker; entropy-coded data stuffs every 0xFF with 0x00
 #: Seconds a decode waits for room in the pixel budget before its task fails.
 BUDGET_WAIT = 120.0
@@ -117,6 +120,11 @@ def _decode(
                 raise ImageDecodeError(
                     f"The image is too large: {width}x{height} = {width * height:,} pixels, over "
                     f"MAX_IMAGE_PIXELS={max_pixels:,}."
+                )
+            if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+                raise ImageDecodeError(
+                    f"The image is {width}x{height}: prelabel reads images whose long side is at most "
+                    f"{MAX_ASPECT_RATIO} times the short one."
                 )
             with budget.hold(width * height) if budget else contextlib.nullcontext():
                 if min_side is not None:
