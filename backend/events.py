@@ -18,6 +18,9 @@ from common.projects import project_uid
 log = logging.getLogger(__name__)
 
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
+#: Tasks of one import queued for prediction (a 64 MB event can list millions of task ids): the
+#: rest are predicted when opened or by Retrieve Predictions.
+MAX_PRECOMPUTE_TASKS = 10_000
 
 
 def handle(body: dict[str, Any], state: State) -> dict[str, Any]:
@@ -51,16 +54,21 @@ def handle(body: dict[str, Any], state: State) -> dict[str, Any]:
         label_config = body["project"]["label_config"]
         if not state.runner.background:
             return {"action": action, "status": "ignored", "detail": "embedded mode predicts tasks when opened"}
+        later = tasks[MAX_PRECOMPUTE_TASKS:]
+        if later:
+            log.warning("project %s: an import of %d tasks; the %d after the first %d are predicted when opened",
+                        project, len(tasks), len(later), MAX_PRECOMPUTE_TASKS)  # fmt: skip
         own_settings = state.project_settings.get(project)
-        request = state.server.precompute(tasks, spec, label_config, project, state.registry.active(project),
-                                          own_settings)  # fmt: skip
-        return {"action": action, "status": "precomputing" if request else "cached", "request": request}
+        request = state.server.precompute(tasks[:MAX_PRECOMPUTE_TASKS], spec, label_config, project,
+                                          state.registry.active(project), own_settings)  # fmt: skip
+        answer = {"action": action, "status": "precomputing" if request else "cached", "request": request}
+        return answer | ({"not_precomputed": len(later)} if later else {})
     if action == "ANNOTATIONS_DELETED" and state.feedback is not None:
         project = project_uid(body.get("project"))
         ids = [a.get("id") for a in body.get("annotations") or [] if isinstance(a, dict)]
         state.feedback.forget(project, ids)
         return {"action": action, "status": "recorded", "deleted": len(ids)}
-    log.info("webhook %s acknowledged", action)
+    log.info("webhook %.60r acknowledged", action)
     return {"action": action, "status": "ignored"}
 
 

@@ -50,6 +50,8 @@ CLOCK_SLACK = 5.0
 #: A comparison stored under concurrent writers tries this many times (each try is one Redis
 #: transaction; they conflict only while another process stores the same project's).
 STORE_TRIES = 50
+#: Deleted annotation ids looked up per Redis round trip.
+FORGET_BATCH = 1_000
 #: Lead times over a day are left out of the annotator-time figures.
 MAX_LEAD_TIME = 24 * 3600
 #: Annotations waiting for comparison take at most this much of Redis's memory.
@@ -339,8 +341,15 @@ class Feedback:
         self._stop.set()
 
     def forget(self, project: str, annotation_ids: Iterable[Any]) -> None:
-        for annotation_id in annotation_ids:
-            self._store(project, str(annotation_id), None)
+        """Drop the comparisons of deleted annotations: one transaction for each that was kept, so
+        an event listing millions of ids costs a lookup each, not a transaction."""
+        ids = list(dict.fromkeys(str(a) for a in annotation_ids))
+        key = keys.corrections(project)
+        for start in range(0, len(ids), FORGET_BATCH):
+            batch = ids[start : start + FORGET_BATCH]
+            for annotation_id, kept in zip(batch, self.connection.hmget(key, batch), strict=True):
+                if kept is not None:
+                    self._store(project, annotation_id, None)
 
     def report(self, project: str | None = None, records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Per project and model version: corrections, share accepted unchanged, tag counts, and

@@ -129,6 +129,18 @@ def test_malformed_choices_are_refused_and_never_crash_a_reader(item):
     assert compare(odd, odd, MAX_PIXELS)["unchanged"]
 
 
+def test_forgetting_costs_a_transaction_only_for_comparisons_kept(redis_url, monkeypatch):
+    """An ANNOTATIONS_DELETED event may list millions of ids; most were never compared here."""
+    feedback = Feedback(redis.Redis.from_url(redis_url), MAX_PIXELS)
+    for annotation_id in (1, 2, 3):
+        feedback.record(PROJECT, {"id": annotation_id, "task": annotation_id, "result": [_tags("cat")]})
+    stored, store = [], feedback._store
+    monkeypatch.setattr(feedback, "_store", lambda project, *rest: stored.append(rest[0]) or store(project, *rest))
+    feedback.forget(PROJECT, [*range(1000, 4000), 1, "1", 2])
+    assert stored == ["1", "2"]
+    assert [r["task"] for r in feedback.records(PROJECT)] == [3]
+
+
 def test_an_annotation_holds_a_bounded_number_of_regions_and_points():
     with pytest.raises(AnnotationError, match="more than 1,000 regions"):
         check_annotation({"id": 7, "result": [_box("car", 1, 1, 2, 2)] * 1001}, MAX_PIXELS)

@@ -21,6 +21,7 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.webhook import Webhook
 
+from backend import events
 from backend import runner as runner_module
 from backend.app import create_app
 from backend.runner import InlineRunner, QueueRunner
@@ -323,7 +324,7 @@ def test_an_opened_task_is_answered_while_a_bulk_selection_waits(stack, voc_conf
     assert progress["status"] == "finished" and progress["tasks_done"] == 16 and progress["chunks"]["total"] == 8
 
 
-def test_imported_tasks_are_precomputed_into_the_cache(stack, voc_config):
+def test_imported_tasks_are_precomputed_into_the_cache(stack, voc_config, monkeypatch):
     settings, label_studio, _ = stack
     app = create_app(settings)
     client = app.test_client()
@@ -345,6 +346,13 @@ def test_imported_tasks_are_precomputed_into_the_cache(stack, voc_config):
     results = client.post("/predict", json={"tasks": tasks, "label_config": voc_config,
                                             "project": "8.1795414525"}).get_json()["results"]  # fmt: skip
     assert results == server.cache.get_many(keys)
+
+    # An import's precomputation is bounded (an event can list millions of ids); the rest wait to be opened.
+    monkeypatch.setattr(events, "MAX_PRECOMPUTE_TASKS", 1)
+    more = [{"id": 90 + i, "data": {"image": label_studio.upload_path(name)}} for i, name in enumerate(PHOTOS[2:4])]
+    capped = client.post("/webhook", json={"action": "TASKS_CREATED", "tasks": more, "project": project}).get_json()
+    assert capped["not_precomputed"] == 1
+    assert client.get(f"/jobs/{capped['request']}").get_json()["tasks"] == 1
 
 
 @pytest.fixture
