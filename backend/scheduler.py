@@ -21,6 +21,7 @@ from common import keys
 from common.errors import NotFound
 from common.jobs import ADAPT_FUNCTION, ADAPT_QUEUE, TRAIN_FUNCTION, TRAIN_QUEUE, AllowListedJob, TrainJob
 from common.labelstudio.config import LabelSpec, parse_label_config
+from common.projects import project_id
 from common.settings import Settings
 from common.versions import Registry
 
@@ -49,8 +50,16 @@ class TrainingScheduler:
                                  job_class=AllowListedJob)  # fmt: skip
 
     def remember_project(self, project: str, label_config: str) -> None:
-        """Keep the project's label config, for scheduled runs that have no request to read it from."""
-        self.connection.hset(keys.PROJECTS, project, label_config)
+        """Keep the project's label config, for scheduled runs that have no request to read it from
+        (one uid per Label Studio project id: the latest one named)."""
+        pid = str(project_id(project))
+        previous = self.connection.hget(keys.PROJECT_UIDS, pid)
+        pipe = self.connection.pipeline()
+        if previous is not None and previous.decode() != project:
+            pipe.hdel(keys.PROJECTS, previous.decode())
+        pipe.hset(keys.PROJECT_UIDS, pid, project)
+        pipe.hset(keys.PROJECTS, project, label_config)
+        pipe.execute()
 
     def current(self, project: str) -> Job | None:
         """The project's training run that is queued or running, if any."""

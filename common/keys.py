@@ -11,6 +11,9 @@ PREFIX = "prelabel:"
 
 #: Hash project uid -> label config: what scheduled training runs read, having no request.
 PROJECTS = PREFIX + "projects"
+#: Hash Label Studio project id -> the uid PROJECTS keeps for it (one per id: a project re-created
+#: after a database reset replaces the old one, and made-up creation times cannot pile up).
+PROJECT_UIDS = PREFIX + "project-uids"
 #: Set for a moment by the backend process that runs the scheduled training sweep.
 SWEEP_LOCK = PREFIX + "sweep"
 #: Hash worker name -> GPU bytes held after its last job (for /metrics).

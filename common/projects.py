@@ -13,7 +13,7 @@ from typing import Any
 
 from common.errors import BadRequest
 
-_UID = re.compile(r"^(\d+)\.(\d+)$")
+_UID = re.compile(r"(\d{1,18})\.(\d{1,18})", re.ASCII)  # Arabic-Indic digits are digits to \d otherwise
 
 
 def project_uid(project: Any) -> str:
@@ -25,7 +25,7 @@ def project_uid(project: Any) -> str:
             stamp = int(datetime.fromisoformat(str(project["created_at"])[:64].replace("Z", "+00:00")).timestamp())
         except (ValueError, OverflowError, OSError) as e:
             raise BadRequest(f"Unreadable project created_at {str(project['created_at'])[:64]!r}.") from e
-        if stamp < 0 or project["id"] < 0:
+        if not (0 <= stamp < 10**18 and 0 <= project["id"] < 10**18):
             raise BadRequest(
                 f"Expected a Label Studio project with a positive id and creation time, got {project!r:.80}."
             )

@@ -29,6 +29,11 @@ def test_project_uids_are_the_same_from_setup_and_from_webhooks():
             project_uid({"id": 3, "created_at": created_at})
     with pytest.raises(BadRequest):
         project_uid({"id": True, "created_at": "2026-11-23T06:15:25Z"})
+    with pytest.raises(BadRequest, match="positive"):
+        project_uid({"id": 10**30, "created_at": "2026-11-23T06:15:25Z"})
+    for uid in ("\u0661\u0662.3", "1" * 19 + ".3", "3.1795414525\n"):  # Arabic-Indic digits, too long, a newline
+        with pytest.raises(BadRequest):
+            project_id(uid)
 
 
 def test_base_until_a_version_is_activated_then_rollback(tmp_path, redis_url):

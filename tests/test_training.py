@@ -22,6 +22,7 @@ from rq.serializers import JSONSerializer
 from backend.app import create_app
 from backend.runner import QueueRunner
 from backend.webhook_secret import SECRET_HEADER, project_secret
+from common import keys
 from common.errors import AnnotationError
 from common.jobs import TRAIN_QUEUE, BrushControl, ChoicesControl, ClassLabel, ImageTask, PredictJob, TrainJob
 from common.labelstudio.brush import mask_to_rle
@@ -133,6 +134,11 @@ def test_schedule_trains_only_projects_with_new_corrections(queue_app):
     assert len(started) == 1 and training.current(UID).id == started[0]
     assert training.current("5.1795414525") is None
     assert training.sweep() == []  # already queued: nothing new
+    # One uid per Label Studio project id: made-up (or reset) creation times replace, never pile up.
+    for uid in ("5.1900000000", "5.1924992000"):
+        assert client.post("/setup", json={"project": uid, "schema": CONFIG}).status_code == 200
+    remembered = {uid.decode() for uid in training.connection.hkeys(keys.PROJECTS)}
+    assert remembered == {UID, "5.1924992000"}
 
 
 def test_forged_webhooks_are_refused(queue_app):
