@@ -307,7 +307,9 @@ def test_a_task_may_use_the_storage_resolver_for_itself_only(fetcher_for, label_
     fetcher = fetcher_for(label_studio.legacy_token)
     own = "/tasks/7/resolve/?fileuri=" + base64.urlsafe_b64encode(b"s3://bucket/a.jpg").decode()
     assert fetcher.fetch(own, 7) == photos[PHOTO]  # as Label Studio writes it for its editor
-    for borrowed, task_id in ((own, 8), (own.replace("/tasks/7/", "/projects/1/"), 7), (own, True), (own, None)):
+    longer = own.replace("/resolve/?", "/resolve/x?")  # the key goes to every path under the resolver's
+    for borrowed, task_id in ((own, 8), (own.replace("/tasks/7/", "/projects/1/"), 7), (own, True), (own, None),
+                              (longer, 8)):  # fmt: skip
         with pytest.raises(ImageFetchError, match="may be resolved only for that task"):
             fetcher.fetch(borrowed, task_id)
         with pytest.raises(ImageFetchError, match="may be resolved only for that task"):

@@ -462,7 +462,7 @@ class ImageFetcher:
         if self.ls_url is None or _origin(url) != _origin(self.ls_url):
             return None
         base = (self.ls_url.path or "").rstrip("/")
-        return LABEL_STUDIO_RESOLVE_PATH.fullmatch((url.path or "")[len(base) :])
+        return LABEL_STUDIO_RESOLVE_PATH.match((url.path or "")[len(base) :])  # a prefix, as the key's paths are
 
     def _check_resolver_is_the_tasks(self, url: Url, task_id: object) -> None:
         """A task's image may name Label Studio's storage resolver only for that task: the API
