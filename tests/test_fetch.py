@@ -317,22 +317,6 @@ def test_a_task_may_use_the_storage_resolver_for_itself_only(fetcher_for, label_
     assert len(label_studio.requests) == 1
 
 
-def test_a_task_may_use_the_uploads_of_its_own_project_only(fetcher_for, label_studio, photos):
-    """The API key reads every project's uploads: a task of project 2 naming project 1's file
-    would get project 1's image labelled into project 2."""
-    fetcher = fetcher_for(label_studio.legacy_token)
-    upload = label_studio.upload_path(PHOTO)
-    assert upload.startswith("/data/upload/1/")
-    assert fetcher.fetch(upload, 7, 1) == photos[PHOTO]
-    assert fetcher.fetch(label_studio.url + upload, 7) == photos[PHOTO]  # no project named (/predict may not)
-    for borrowed in (upload, label_studio.url + upload):
-        with pytest.raises(
-            ImageFetchError, match="uploaded to Label Studio project 1 in the data of a task of project 2"
-        ):
-            fetcher.fetch(borrowed, 7, 2)
-    assert len(label_studio.requests) == 2
-
-
 def test_a_storage_host_matched_by_a_wildcard_alone_stays_public(fetcher_for, label_studio, photos, attacker):
     """Anyone can name a host under *.amazonaws.com that resolves to a private address: with
     ALLOW_INTERNAL_HOSTS, a storage host on the private network must be named exactly."""

@@ -33,10 +33,8 @@ class Files:
         self.files = files
         self.held = held
         self.gate = threading.Event()
-        self.projects: set[int | None] = set()
 
-    def fetch(self, url: str, task_id: object = None, project: int | None = None) -> bytes:
-        self.projects.add(project)
+    def fetch(self, url: str, task_id: object = None) -> bytes:
         if url == self.held and not self.gate.wait(timeout=60):
             raise AssertionError("the models waited for every image before starting")
         if url not in self.files:
@@ -44,9 +42,9 @@ class Files:
         return self.files[url]
 
 
-def _job(urls: list[str], project: str | None = None) -> PredictJob:
+def _job(urls: list[str]) -> PredictJob:
     tasks = tuple(ImageTask(10 + i, url) for i, url in enumerate(urls))
-    return PredictJob("v", "image", CHOICES, tasks, BRUSHES, project=project)
+    return PredictJob("v", "image", CHOICES, tasks, BRUSHES)
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 8])
@@ -64,15 +62,6 @@ def test_results_keep_task_order_across_sizes_and_failures(make_settings, batch_
         assert task.error is None and task.choices and task.choices[0].from_name == "tags"
         assert (task.image_width, task.image_height) == Image.open(io.BytesIO(files[url])).size
     assert {"text", "waiting_for_images", "model", "masks", "total"} <= set(result.timings_ms)
-    assert predictor.fetcher.projects == {None}
-
-
-def test_images_are_fetched_for_the_jobs_project(make_settings):
-    """The fetcher refuses another project's uploads, so it must know the job's project."""
-    settings = make_settings()
-    files = Files({"square": _jpeg((64, 64))})
-    result = Predictor(settings, load_clip(settings), fetcher=files).predict(_job(["square"], "12.1795414525"))
-    assert result.tasks[0].error is None and files.projects == {12}
 
 
 def test_models_run_full_batches_while_later_images_download(make_settings, monkeypatch):

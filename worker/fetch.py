@@ -14,8 +14,7 @@ Task data is untrusted: anyone who can import a task chooses its image URL. The 
 * **Cloud storage** URIs (``s3://``, ``gs://``, ``azure-blob://``) go to Label Studio's storage
   resolver for their own task (``/tasks/<id>/resolve/?fileuri=<base64>``), which streams the
   object or redirects to a presigned URL; such a redirect may go to ``STORAGE_HOSTS`` too. A task
-  may name the resolver for its own id only, and an upload (``/data/upload/<project id>/``) of its
-  own project only (the key reads every project's files).
+  may name the resolver for its own id only (the key reads every project's storage).
 * **Other hosts** only when ``ALLOWED_HOSTS`` names them (``*`` for any public host), and never
   when they resolve to a loopback, private, link-local, reserved or multicast address unless
   ``ALLOW_INTERNAL_HOSTS`` is set (and, for a storage host, named exactly: anyone can name a host
@@ -88,8 +87,6 @@ LABEL_STUDIO_DATA_PATH = re.compile(
 )
 #: Label Studio's storage resolvers: they stream an object from cloud storage, or redirect to it.
 LABEL_STUDIO_RESOLVE_PATH = re.compile(r"/(tasks|projects)/(\d+)/(?:resolve|presign)/")
-#: A file uploaded to a Label Studio project: ``/data/upload/<project id>/<name>``.
-LABEL_STUDIO_UPLOAD_PATH = re.compile(r"/data/upload/(\d+)/.*", re.ASCII | re.DOTALL)
 #: URI schemes of Label Studio's cloud storages (S3 and S3-compatible, GCS, Azure Blob).
 STORAGE_SCHEMES = ("s3", "gs", "azure-blob", "azure-spi")
 #: The longest storage URI resolved (Label Studio takes it base64-encoded in a query string).
@@ -381,17 +378,15 @@ class ImageFetcher:
         key = settings.label_studio_api_key
         self.ls_auth = LabelStudioAuth(key, self.post_to_label_studio) if self.ls_url else None
 
-    def fetch(self, raw: str, task_id: object = None, project: int | None = None) -> bytes:
+    def fetch(self, raw: str, task_id: object = None) -> bytes:
         """Return the bytes behind ``raw``, the image value of task ``task_id`` (which a cloud
-        storage URI needs) of Label Studio project ``project`` (its numeric id, when known).
-        Raises ImageFetchError with the reason."""
+        storage URI needs). Raises ImageFetchError with the reason."""
         if not isinstance(raw, str) or not raw:
             raise ImageFetchError("The task's image value is not a URL.")
         if raw.startswith("data:"):
             return self._data_uri(raw)
         url = self._absolute(self._storage_resolver(raw, task_id) if is_storage_uri(raw) else raw)
         self._check_resolver_is_the_tasks(url, task_id)
-        self._check_upload_is_the_projects(url, project)
         with _deadline(self.settings.fetch_timeout) as deadline:
             chain_on_label_studio = True  # every hop so far was on Label Studio
             from_resolver = False  # this hop is a redirect from Label Studio's storage resolver
@@ -475,19 +470,6 @@ class ImageFetcher:
             raise ImageFetchError(
                 f"Refused Label Studio's storage resolver for {owner} {number} in the data of task {task_id!r:.20}: "
                 "a task's image may be resolved only for that task."
-            )
-
-    def _check_upload_is_the_projects(self, url: Url, project: int | None) -> None:
-        """A task's image may be a file uploaded to its own project only: the API key reads every
-        project's uploads, so one project's tasks must not borrow another's images."""
-        if project is None or self.ls_url is None or _origin(url) != _origin(self.ls_url):
-            return
-        base = (self.ls_url.path or "").rstrip("/")
-        match = LABEL_STUDIO_UPLOAD_PATH.fullmatch((url.path or "")[len(base) :])
-        if match is not None and int(match.group(1)) != project:
-            raise ImageFetchError(
-                f"Refused a file uploaded to Label Studio project {match.group(1)} in the data of a task of project "
-                f"{project}: a task's image may be an upload of its own project only."
             )
 
     def _absolute(self, raw: str) -> Url:

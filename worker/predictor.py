@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import functools
 import logging
 import os
 import time
@@ -36,7 +35,6 @@ from common.jobs import (
     TaskResult,
 )
 from common.labelstudio.brush import scaled_mask_to_rle
-from common.projects import project_id
 from common.settings import Settings
 from worker.fetch import ImageFetcher
 from worker.images import PixelBudget, decode_for_model
@@ -178,9 +176,7 @@ class Predictor:
 
     def predict(self, job: PredictJob) -> PredictResult:
         started = time.perf_counter()
-        project = project_id(job.project) if job.project else None
-        # all submitted now; the models take them as they come
-        images = self._pool.map(functools.partial(self._load, project=project), job.tasks)
+        images = self._pool.map(self._load, job.tasks)  # all submitted now; the models take them as they come
         results, timings = self.run([t.task_id for t in job.tasks], images, job.choices, job.brushes, job.regions)
         timings["total"] = _ms_since(started)
         # the version this worker served: the weights' and the project's settings it applied
@@ -252,14 +248,13 @@ class Predictor:
         timings["masks"] = _ms_since(mark)
         return results, timings
 
-    def _load(self, task: ImageTask, project: int | None = None) -> Prepared | str:
-        """The task's image (of Label Studio project ``project``) ready for the models, or the
-        reason it failed (one bad task never fails the batch). Decoded no larger than the working
-        size needs."""
+    def _load(self, task: ImageTask) -> Prepared | str:
+        """The task's image ready for the models, or the reason it failed (one bad task never
+        fails the batch). Decoded no larger than the working size needs."""
         if task.image_url is None:
             return "The task has no image URL in its data."
         try:
-            data = self.fetcher.fetch(task.image_url, task.task_id, project)
+            data = self.fetcher.fetch(task.image_url, task.task_id)
             image, size = decode_for_model(data, self.settings.max_image_pixels, self.settings.image_size, self._budget)
             return self.prepare_image(image, size)
         except ImageError as e:

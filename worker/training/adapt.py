@@ -284,7 +284,7 @@ def run_adaptation(
     corrections = newest(corrections, limit)
     names = mask_labels(job.brushes, job.regions)
     if len(corrections) >= settings.adapt_min_corrections:  # else no image is worth fetching
-        corrections = fetch_images(active, corrections, bool(names), should_stop, job.project)
+        corrections = fetch_images(active, corrections, with_masks=bool(names), should_stop=should_stop)
     if len(corrections) < settings.adapt_min_corrections:
         reason = (f"{len(corrections)} usable corrections; "
                   f"the few-shot learner starts at {settings.adapt_min_corrections}")  # fmt: skip

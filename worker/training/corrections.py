@@ -181,25 +181,20 @@ def split(corrections: list[Correction], fraction: float) -> Split:
 
 
 def fetch_images(
-    predictor: Predictor,
-    corrections: list[Correction],
-    with_masks: bool,
-    should_stop: ShouldStop | None = None,
-    project: str | None = None,
+    predictor: Predictor, corrections: list[Correction], with_masks: bool, should_stop: ShouldStop | None = None
 ) -> list[Correction]:
     """Attach decoded images at training size (short side at most IMAGE_SIZE: a project of phone
     photos stays a few hundred kB per task); drop tasks whose image cannot be had (logged); a
     project with BrushLabels or PolygonLabels reads "no region" as "nothing to label here" (and a
     corrected box's uncovered pixels as unknown)."""
     settings = predictor.settings
-    pid = project_id(project) if project else None
     kept = []
     for correction in corrections:
         check_stop(should_stop, "while fetching images")
         if correction.image_url is None:
             continue
         try:
-            data = predictor.fetcher.fetch(correction.image_url, correction.task_id, pid)
+            data = predictor.fetcher.fetch(correction.image_url, correction.task_id)
             image, upright = decode_for_model(data, settings.max_image_pixels, settings.image_size)
         except ImageError as e:
             log.warning("task %s left out of training: %s", correction.task_id, e)

@@ -65,7 +65,7 @@ def run_training(
     progress("collecting corrections", 0, 0, None)
     corrections = collect(settings, job.project, job.image_key, job.choices, job.brushes, job.regions)
     names = mask_labels(job.brushes, job.regions)  # what corrected masks (brush, polygons) can hold
-    corrections = fetch_images(base, corrections, bool(names), should_stop, job.project)
+    corrections = fetch_images(base, corrections, with_masks=bool(names), should_stop=should_stop)
     if len(corrections) < settings.train_min_corrections:
         reason = f"{len(corrections)} usable corrections; training starts at {settings.train_min_corrections}"
         log.info("project %s: not training: %s", job.project, reason)
