@@ -315,7 +315,8 @@ class Feedback:
             except redis.exceptions.RedisError:
                 raise  # the event stays in the processing list, taken back (and redone) when Redis answers
             except Exception as e:  # e.g. an RLE corrupt past its header: dropped, said once
-                log.warning("annotation %.40r was not compared: %s: %s", annotation.get("id"), type(e).__name__, e)
+                named = annotation.get("id") if isinstance(annotation, dict) else None
+                log.warning("annotation %.40r was not compared: %s: %s", named, type(e).__name__, e)
         self.connection.lrem(keys.FEEDBACK_PROCESSING, 1, raw)
         return True
 

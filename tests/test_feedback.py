@@ -223,6 +223,7 @@ def test_work_left_half_done_is_taken_back_and_a_poisoned_item_is_dropped(redis_
     connection.rpush(INBOX, b"{not json")  # and someone wrote garbage into the inbox
     older = {"project": PROJECT, "annotation": {"id": 102, "task": 11, "result": []}, "labels": None}
     connection.rpush(INBOX, json.dumps(older))  # and an older backend one annotation, as it queued them
+    connection.rpush(INBOX, json.dumps({"project": PROJECT, "annotations": ["not an object"]}))
     thread = feedback.start_comparing()
     deadline = time.monotonic() + 10
     while not feedback.report(PROJECT)[PROJECT]:

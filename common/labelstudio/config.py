@@ -17,8 +17,9 @@ SUPPORTED_CONTROLS = ("Choices", "BrushLabels", *REGION_TYPES)
 #: Label configs are untrusted input (any /predict or webhook body carries one); real ones are a
 #: few kB, a 1,000-class taxonomy about 60 kB.
 MAX_LABEL_CONFIG_BYTES = 512 * 1024
-#: Texts CLIP reads for one label (value, alias, hint, predicted_values) and their length: each
-#: text costs 85 prompts through the text encoder, so a config's cost is bounded by its labels.
+#: Texts CLIP reads for one label (value, alias, hint, predicted_values; the first ones) and their
+#: length (cut; CLIP reads 77 tokens anyway): each text costs 85 prompts through the text encoder,
+#: so a config's cost is bounded by its labels.
 MAX_TEXTS_PER_LABEL = 8
 MAX_TEXT_CHARS = 200
 
@@ -131,16 +132,11 @@ def _class_label(name: str, attr: dict[str, str]) -> ClassLabel:
     candidates = [attr.get("value", name), attr.get("alias", ""), attr.get("hint", "")]
     candidates += attr.get("predicted_values", "").split(",")
     texts: dict[str, str] = {}  # lower case -> the first spelling, in order
-    for text in (c.strip() for c in candidates):
-        if len(text) > MAX_TEXT_CHARS:
-            raise LabelConfigError(
-                f"Label {name[:60]!r} has a text of {len(text):,} characters; prelabel reads at most {MAX_TEXT_CHARS}."
-            )
+    for text in (c.strip()[:MAX_TEXT_CHARS] for c in candidates):
         if text:
             texts.setdefault(text.lower(), text)
-    if len(texts) > MAX_TEXTS_PER_LABEL:
-        raise LabelConfigError(
-            f"Label {name[:60]!r} has {len(texts):,} texts (value, alias, hint and predicted_values); prelabel "
-            f"reads at most {MAX_TEXTS_PER_LABEL} per label."
-        )
-    return ClassLabel(name=name, texts=tuple(texts.values()) or (name,))
+    if len(texts) > MAX_TEXTS_PER_LABEL or any(len(c.strip()) > MAX_TEXT_CHARS for c in candidates):
+        log.warning("label %.60r: CLIP reads its first %d texts (value, alias, hint, predicted_values) of at most "
+                    "%d characters each", name, MAX_TEXTS_PER_LABEL, MAX_TEXT_CHARS)  # fmt: skip
+    kept = tuple(texts.values())[:MAX_TEXTS_PER_LABEL]
+    return ClassLabel(name=name, texts=kept or (name,))
