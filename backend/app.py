@@ -82,11 +82,16 @@ def trusted_hosts(settings: Settings) -> list[str]:
 
 
 def start_background(app: Flask) -> None:
-    """The backend's own threads: the scheduled training sweep and the comparison of corrections.
+    """The backend's own threads: the scheduled training sweep, the comparison of corrections and
+    the webhook secret header of every known project.
     ``prelabel-backend`` starts them in each server process; an app built only for a test has none."""
     current: State = app.extensions["prelabel"]
     if current.training is not None:
         current.training.start_schedule()
+        try:
+            current.securer.schedule_all(current.training.known_projects())
+        except redis.exceptions.RedisError as e:  # Redis not up yet: each project's next /setup does it
+            log.warning("webhook secret headers not checked at start: Redis: %s", e)
     if current.feedback is not None:
         current.feedback.start_comparing()
 

@@ -61,6 +61,10 @@ class TrainingScheduler:
         pipe.hset(keys.PROJECTS, project, label_config)
         pipe.execute()
 
+    def known_projects(self) -> list[str]:
+        """The projects whose label config is remembered (those /setup or a webhook named)."""
+        return [uid.decode() for uid in self.connection.hkeys(keys.PROJECTS)]
+
     def current(self, project: str) -> Job | None:
         """The project's training run that is queued or running, if any."""
         return self._latest(keys.training_job(project), PENDING)

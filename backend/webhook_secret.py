@@ -21,6 +21,7 @@ import hmac
 import logging
 import re
 import threading
+from collections.abc import Iterable
 
 from common.labelstudio.client import label_studio_client
 from common.projects import project_id
@@ -93,6 +94,17 @@ class WebhookSecurer:
                 return
             self._done.add(project)  # retried below if it does not succeed
         threading.Thread(target=self._run, args=(project,), daemon=True, name="prelabel-webhook-secret").start()
+
+    def schedule_all(self, projects: Iterable[str]) -> None:
+        """At start, for the projects prelabel already knows, one after the other: their header
+        may predate this version's form (``<id>:<HMAC>``), and Label Studio calls /setup only now
+        and then."""
+        with self._lock:
+            todo = [project for project in projects if self.enabled and project not in self._done]
+            self._done.update(todo)
+        if todo:
+            threading.Thread(target=lambda: [self._run(project) for project in todo], daemon=True,
+                             name="prelabel-webhook-secret").start()  # fmt: skip
 
     def _run(self, project: str) -> None:
         try:

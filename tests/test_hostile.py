@@ -15,7 +15,9 @@ import gzip
 import io
 import itertools
 import json
+import os
 import re
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ from common.labelstudio.brush import mask_to_rle
 from common.projects import project_uid
 from common.settings import Settings
 from tests.conftest import REPO, claim_redis_db, shared_data
-from tests.labelstudio import LabelStudio, Prelabel, free_port
+from tests.labelstudio import VENV_BIN, LabelStudio, Prelabel, free_port
 from tests.lsfake import FakeLabelStudio, trickle, trickle_headers
 from tests.test_images import scan_bomb
 
@@ -344,11 +346,15 @@ def test_a_forged_import_never_writes_into_another_project_or_over_another_image
         assert time.monotonic() < deadline, "prelabel did not add its secret header to the webhook"
         ls.retrieve_predictions(world.project["id"])  # runs /setup, which schedules the header
         time.sleep(0.5)
+    done = re.compile(r"background predict job \S+ done: 1 predictions cached, 1 posted")
+    posted_before = len(done.findall(world.prelabel.backend_log.read_text()))
     ls.upload(world.project["id"], shared_data() / "voc-samples" / "2011_000006.jpg")
     imported = max(t["id"] for t in ls.tasks(world.project["id"]))
     deadline = time.monotonic() + 120
-    while not ls.predictions(imported):
-        assert time.monotonic() < deadline, world.prelabel.backend_log.read_text()[-3000:]
+    # Label Studio may also ask /predict for it (served from the cache): wait for the posting too
+    while not (len(done.findall(log := world.prelabel.backend_log.read_text())) > posted_before
+               and ls.predictions(imported)):  # fmt: skip
+        assert time.monotonic() < deadline, log[-3000:]
         time.sleep(0.5)
     # what was posted is remembered, so the correction that follows is compared with it
     served = redis.Redis.from_url(world.settings.redis_url)
@@ -391,6 +397,38 @@ def test_tasks_imported_into_label_studio_with_crafted_urls_get_no_prediction(wo
     for url in crafted:
         assert ls.predictions(tasks[url]) == [], url
     assert [p for p in ls.predictions(world.good["id"]) if p["result"]]  # the real photo has one
+
+
+def test_a_secret_header_of_the_older_form_is_replaced_when_a_backend_starts(world, tmp_path):
+    """Headers added before the header named its project (the HMAC alone) are refused; a backend
+    that starts rewrites them for every project it knows, without waiting for Label Studio's /setup."""
+    ls, pid = world.label_studio, world.project["id"]
+    ours = project_secret(WEBHOOK_SECRET, pid)
+    deadline = time.monotonic() + 30
+    while not any(hook["headers"].get(SECRET_HEADER) == ours for hook in ls.webhooks(pid)):
+        assert time.monotonic() < deadline, "prelabel did not add its secret header to the webhook"
+        ls.retrieve_predictions(pid)  # runs /setup, which schedules the header
+        time.sleep(0.5)
+    (hook,) = [hook for hook in ls.webhooks(pid) if hook["headers"].get(SECRET_HEADER) == ours]
+    older = ours.split(":", 1)[1]
+    ls.api("PATCH", f"/api/webhooks/{hook['id']}/", json={"headers": {**hook["headers"], SECRET_HEADER: older}})
+    assert world.post("/webhook", {"action": "PROJECT_UPDATED", "project": world.project}, auth=False,
+                      headers={SECRET_HEADER: older}).status_code == 401  # fmt: skip
+    env = {**os.environ, "PRELABEL_URL": world.prelabel.url, **world.settings.to_env()}
+    log_path = tmp_path / "backend.log"
+    with open(log_path, "w") as log:
+        started = subprocess.Popen([VENV_BIN / "prelabel-backend", "--port", str(free_port())], env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while ls.api("GET", f"/api/webhooks/{hook['id']}/")["headers"].get(SECRET_HEADER) != ours:
+            assert time.monotonic() < deadline, f"the header was not replaced:\n{log_path.read_text()}"
+            assert started.poll() is None, log_path.read_text()
+            time.sleep(0.5)
+    finally:
+        started.terminate()
+        started.wait(timeout=30)
+    assert ours not in log_path.read_text() and WEBHOOK_SECRET not in log_path.read_text()
 
 
 def test_afterwards_no_credential_left_label_studio_and_everything_is_up(world):
