@@ -54,9 +54,14 @@ class TrainingScheduler:
         (one uid per Label Studio project id: the latest one named)."""
         pid = str(project_id(project))
         previous = self.connection.hget(keys.PROJECT_UIDS, pid)
+        if previous is not None:
+            stale = [previous.decode()]
+        else:  # the first time since PROJECT_UIDS exists: older backends kept every uid of the id
+            stale = [uid for uid in self.known_projects() if uid.split(".")[0] == pid]
         pipe = self.connection.pipeline()
-        if previous is not None and previous.decode() != project:
-            pipe.hdel(keys.PROJECTS, previous.decode())
+        for uid in stale:
+            if uid != project:
+                pipe.hdel(keys.PROJECTS, uid)
         pipe.hset(keys.PROJECT_UIDS, pid, project)
         pipe.hset(keys.PROJECTS, project, label_config)
         pipe.execute()

@@ -135,10 +135,11 @@ def test_schedule_trains_only_projects_with_new_corrections(queue_app):
     assert training.current("5.1795414525") is None
     assert training.sweep() == []  # already queued: nothing new
     # One uid per Label Studio project id: made-up (or reset) creation times replace, never pile up.
+    training.connection.hset(keys.PROJECTS, mapping={"5.1800000000": CONFIG, "5.1850000000": CONFIG})  # older backends
+    training.connection.hdel(keys.PROJECT_UIDS, "5")
     for uid in ("5.1900000000", "5.1924992000"):
         assert client.post("/setup", json={"project": uid, "schema": CONFIG}).status_code == 200
-    remembered = {uid.decode() for uid in training.connection.hkeys(keys.PROJECTS)}
-    assert remembered == {UID, "5.1924992000"}
+    assert set(training.known_projects()) == {UID, "5.1924992000"}
 
 
 def test_forged_webhooks_are_refused(queue_app):
