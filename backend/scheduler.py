@@ -52,17 +52,17 @@ class TrainingScheduler:
     def remember_project(self, project: str, label_config: str) -> None:
         """Keep the project's label config, for scheduled runs that have no request to read it from
         (one uid per Label Studio project id: the latest one named)."""
-        pid = str(project_id(project))
-        previous = self.connection.hget(keys.PROJECT_UIDS, pid)
+        pid = project_id(project)
+        previous = self.connection.hget(keys.PROJECT_UIDS, str(pid))
         if previous is not None:
             stale = [previous.decode()]
         else:  # the first time since PROJECT_UIDS exists: older backends kept every uid of the id
-            stale = [uid for uid in self.known_projects() if uid.split(".")[0] == pid]
+            stale = [uid for uid in self.known_projects() if project_id(uid) == pid]
         pipe = self.connection.pipeline()
         for uid in stale:
             if uid != project:
                 pipe.hdel(keys.PROJECTS, uid)
-        pipe.hset(keys.PROJECT_UIDS, pid, project)
+        pipe.hset(keys.PROJECT_UIDS, str(pid), project)
         pipe.hset(keys.PROJECTS, project, label_config)
         pipe.execute()
 

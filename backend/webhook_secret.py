@@ -89,19 +89,15 @@ class WebhookSecurer:
         self._lock = threading.Lock()
 
     def schedule(self, project: str) -> None:
-        with self._lock:
-            if not self.enabled or project in self._done:
-                return
-            self._done.add(project)  # retried below if it does not succeed
-        threading.Thread(target=self._run, args=(project,), daemon=True, name="prelabel-webhook-secret").start()
+        self.schedule_all([project])
 
     def schedule_all(self, projects: Iterable[str]) -> None:
-        """At start, for the projects prelabel already knows, one after the other: their header
-        may predate this version's form (``<id>:<HMAC>``), and Label Studio calls /setup only now
-        and then."""
+        """In one thread, one project after the other; at start, for every project prelabel knows:
+        their header may predate this version's form (``<id>:<HMAC>``), and Label Studio calls
+        /setup only now and then."""
         with self._lock:
             todo = [project for project in projects if self.enabled and project not in self._done]
-            self._done.update(todo)
+            self._done.update(todo)  # retried by a later call if it does not succeed
         if todo:
             threading.Thread(target=lambda: [self._run(project) for project in todo], daemon=True,
                              name="prelabel-webhook-secret").start()  # fmt: skip

@@ -132,10 +132,12 @@ def _class_label(name: str, attr: dict[str, str]) -> ClassLabel:
     candidates = [attr.get("value", name), attr.get("alias", ""), attr.get("hint", "")]
     candidates += attr.get("predicted_values", "").split(",")
     texts: dict[str, str] = {}  # lower case -> the first spelling, in order
-    for text in (c.strip()[:MAX_TEXT_CHARS] for c in candidates):
+    cut = False
+    for text in (c.strip() for c in candidates):
+        cut |= len(text) > MAX_TEXT_CHARS
         if text:
-            texts.setdefault(text.lower(), text)
-    if len(texts) > MAX_TEXTS_PER_LABEL or any(len(c.strip()) > MAX_TEXT_CHARS for c in candidates):
+            texts.setdefault(text[:MAX_TEXT_CHARS].lower(), text[:MAX_TEXT_CHARS])
+    if len(texts) > MAX_TEXTS_PER_LABEL or cut:
         log.warning("label %.60r: CLIP reads its first %d texts (value, alias, hint, predicted_values) of at most "
                     "%d characters each", name, MAX_TEXTS_PER_LABEL, MAX_TEXT_CHARS)  # fmt: skip
     kept = tuple(texts.values())[:MAX_TEXTS_PER_LABEL]
