@@ -170,6 +170,43 @@ def test_recipe_benchmark_smoke_run(tiny_checkpoint):
     assert vit.POSITION_INTERPOLATION == "bilinear"  # the service's, put back
 
 
+def test_working_size_benchmark_smoke_run(tiny_checkpoint):
+    from bench import working_size
+
+    settings = Settings(model_checkpoint=str(tiny_checkpoint), device="cpu", background_words=quality.BACKGROUNDS)
+    bundle = load_clip(settings)
+    bench = quality.Bench(bundle, TextEmbedder(bundle), TagCLIPConfig(), batch_size=4)
+    figures = working_size.measure(bench, [64, 96], n_scenes=4, seeds=1)
+    rows = {row for row, _ in figures}
+    assert {"64: maskclip + tags", "96: maskclip sliding + tags", "96: naclip sliding + tags", "96: seconds"} <= rows
+    assert all(len(v) == 1 and 0 <= v[0] <= 1 for (row, _), v in figures.items() if not row.endswith("seconds"))
+
+
+def test_the_last_block_variants_include_the_heads_they_take_apart(tiny_checkpoint):
+    """MaskCLIP's and ClearCLIP's rows of bench/last_block.py are those heads exactly, and the
+    heads' own block is back afterwards."""
+    import torch
+
+    from bench import last_block
+    from worker.model import dense, vit
+
+    bundle = load_clip(Settings(model_checkpoint=str(tiny_checkpoint), device="cpu"))
+    visual, pixels = bundle.visual, torch.randn(2, 3, 64, 64)
+    tokens, grid = vit.trunk(visual, pixels), (64 // vit.patch_size(visual),) * 2
+    for row, head in (("MaskCLIP: x + self-value + FFN", "maskclip"), ("ClearCLIP: q-q attention alone", "clearclip")):
+        expected = dense.dense_features(visual, tokens, grid, head)
+        with last_block.last_block(last_block.VARIANTS[row]):
+            taken_apart = dense.dense_features(visual, tokens, grid, "naclip")  # the variant, whatever the head
+        assert torch.allclose(taken_apart, expected, atol=1e-5), row
+    with last_block.last_block(last_block.VARIANTS["x alone (the residual stream)"]):
+        residual = dense.dense_features(visual, tokens, grid, "maskclip")
+    assert not torch.allclose(residual, dense.dense_features(visual, tokens, grid, "maskclip"), atol=1e-3)
+    bench = quality.Bench(bundle, TextEmbedder(bundle), TagCLIPConfig(), batch_size=4)
+    figures = last_block.measure(bench, n_scenes=4, seeds=1)
+    assert {row for row, _ in figures} == set(last_block.VARIANTS)
+    assert all(len(v) == 1 and 0 <= v[0] <= 1 for v in figures.values())
+
+
 def test_learning_recipe_benchmark_smoke_run(tiny_checkpoint):
     from bench import learning_recipes as recipes
 

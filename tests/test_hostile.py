@@ -15,6 +15,7 @@ import gzip
 import io
 import itertools
 import json
+import logging
 import os
 import re
 import subprocess
@@ -32,12 +33,14 @@ from PIL import Image
 from backend.webhook_secret import SECRET_HEADER, project_secret
 from common import keys
 from common.labelstudio.brush import mask_to_rle
+from common.labelstudio.config import parse_label_config
 from common.projects import project_uid
 from common.settings import Settings
 from tests.conftest import REPO, claim_redis_db, shared_data
 from tests.labelstudio import VENV_BIN, LabelStudio, Prelabel, free_port
 from tests.lsfake import FakeLabelStudio, trickle, trickle_headers
 from tests.test_images import scan_bomb
+from worker.training.corrections import pull_corrections
 
 pytestmark = pytest.mark.e2e
 
@@ -429,6 +432,32 @@ def test_a_secret_header_of_the_older_form_is_replaced_when_a_backend_starts(wor
         started.terminate()
         started.wait(timeout=30)
     assert ours not in log_path.read_text() and WEBHOOK_SECRET not in log_path.read_text()
+
+
+def test_training_reads_around_annotations_label_studio_stores_but_prelabel_refuses(world, caplog):
+    """Label Studio stores any annotation whose result is a list, and training reads annotations
+    from its API, not from webhooks (a project may be connected after it was labelled): each one
+    the webhook would refuse is left out with its reason, and the others are still read."""
+    ls = world.label_studio
+    project = ls.create_project("team C, labelled before prelabel", CONFIG)  # no webhook checks its annotations
+    for name in (PHOTO, "2011_000006.jpg", "2011_000025.jpg"):
+        ls.upload(project, shared_data() / "voc-samples" / name)
+    good, odd_choices, bomb = sorted(task["id"] for task in ls.tasks(project))
+    choices = {"from_name": "tags", "to_name": "image", "type": "choices"}
+    ls.annotate(good, [{**choices, "value": {"choices": ["cat"]}}, _region(10, 10)])
+    ls.annotate(odd_choices, [{**choices, "value": {"choices": "cat"}}])  # a string, not a list
+    ls.annotate(bomb, [_region(50_000, 40_000)])  # 2 G pixels, over MAX_IMAGE_PIXELS
+    uid = project_uid({"id": project, "created_at": ls.api("GET", f"/api/projects/{project}")["created_at"]})
+    spec = parse_label_config(CONFIG, world.settings.max_labels)
+
+    with caplog.at_level(logging.WARNING, logger="worker.training.corrections"):
+        corrections = pull_corrections(world.settings, uid, spec.image_key, spec.choices, spec.brushes, spec.regions)
+    (read,) = corrections
+    assert read.task_id == good and read.tags == {"tags": {"cat"}}
+    assert read.mask is not None and set(np.unique(read.mask)) == {read.mask_labels.index("cat") + 1}  # all painted
+    left_out = {record.getMessage() for record in caplog.records}
+    assert any(f"task {odd_choices} left out of training" in m and "list of at most" in m for m in left_out)
+    assert any(f"task {bomb} left out of training" in m and "MAX_IMAGE_PIXELS" in m for m in left_out), left_out
 
 
 def test_afterwards_no_credential_left_label_studio_and_everything_is_up(world):
