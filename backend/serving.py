@@ -250,29 +250,29 @@ class Server:
         TASKS_CREATED must not write into another project). Returns the posted ones by task id."""
         if not (self.settings.label_studio_url and self.settings.label_studio_api_key) or not job.project:
             return {}
-        client = label_studio_client(self.settings, "Posting predictions")
         pid = project_id(job.project)
         posted = {}
-        for task, prediction in zip(job.tasks, predictions, strict=True):
-            if not prediction:
-                continue
-            try:
-                # as stored, cloud storage URIs (s3://...) included, not as Label Studio's editor sees it
-                stored = client.tasks.get(str(int(task.task_id)), request_options=AS_STORED)
-                if stored.project != pid or (stored.data or {}).get(job.image_key) != task.image_url:
-                    log.warning("task %s: prediction not posted: the task is not project %s's, or its image "
-                                "changed", task.task_id, pid)  # fmt: skip
+        with label_studio_client(self.settings, "Posting predictions") as client:
+            for task, prediction in zip(job.tasks, predictions, strict=True):
+                if not prediction:
                     continue
-                client.predictions.create(
-                    task=int(task.task_id),
-                    result=prediction["result"],
-                    score=prediction["score"],
-                    model_version=prediction["model_version"],
-                )
-                posted[task.task_id] = prediction
-            except Exception as e:  # one refused prediction does not stop the others
-                log.warning("could not post the prediction of task %s to Label Studio: %s", task.task_id,
-                            type(e).__name__)  # fmt: skip
+                try:
+                    # as stored, cloud storage URIs (s3://...) included, not as Label Studio's editor sees it
+                    stored = client.tasks.get(str(int(task.task_id)), request_options=AS_STORED)
+                    if stored.project != pid or (stored.data or {}).get(job.image_key) != task.image_url:
+                        log.warning("task %s: prediction not posted: the task is not project %s's, or its image "
+                                    "changed", task.task_id, pid)  # fmt: skip
+                        continue
+                    client.predictions.create(
+                        task=int(task.task_id),
+                        result=prediction["result"],
+                        score=prediction["score"],
+                        model_version=prediction["model_version"],
+                    )
+                    posted[task.task_id] = prediction
+                except Exception as e:  # one refused prediction does not stop the others
+                    log.warning("could not post the prediction of task %s to Label Studio: %s", task.task_id,
+                                type(e).__name__)  # fmt: skip
         return posted
 
 

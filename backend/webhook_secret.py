@@ -58,17 +58,17 @@ def secure_project_webhooks(settings: Settings, project: str) -> bool:
     """Add the project's secret header to its webhook that points at this backend. Returns True
     once it carries it (False while Label Studio has no such webhook yet)."""
     assert settings.prelabel_url and settings.webhook_secret
-    client = label_studio_client(settings, "Securing the project's webhook")
     pid = project_id(project)
     ours = webhook_url(settings.prelabel_url)
     value = project_secret(settings.webhook_secret, pid)
-    hooks = [hook for hook in client.webhooks.list(project=str(pid)) if _normalised(hook.url or "") == ours]
-    for hook in hooks:
-        headers = dict(hook.headers or {})
-        if headers.get(SECRET_HEADER) != value:
-            headers[SECRET_HEADER] = value
-            client.webhooks.update(hook.id, headers=headers)
-            log.info("project %s: added the webhook secret header to webhook %s (%s)", project, hook.id, hook.url)
+    with label_studio_client(settings, "Securing the project's webhook") as client:
+        hooks = [hook for hook in client.webhooks.list(project=str(pid)) if _normalised(hook.url or "") == ours]
+        for hook in hooks:
+            headers = dict(hook.headers or {})
+            if headers.get(SECRET_HEADER) != value:
+                headers[SECRET_HEADER] = value
+                client.webhooks.update(hook.id, headers=headers)
+                log.info("project %s: added the webhook secret header to webhook %s (%s)", project, hook.id, hook.url)
     return bool(hooks)
 
 

@@ -389,10 +389,14 @@ def test_the_sdk_client_checks_certificates_against_the_ca_bundle(make_settings,
     try:
         base = f"https://localhost:{server.server_address[1]}"
         settings = make_settings(label_studio_url=base, label_studio_api_key="k" * 40)
-        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
-            label_studio_client(settings, "A test").tasks.get(1, request_options={"max_retries": 0})
+        refused = pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED")
+        with label_studio_client(settings, "A test") as client, refused:
+            client.tasks.get(1, request_options={"max_retries": 0})
         trusted = make_settings(label_studio_url=base, label_studio_api_key="k" * 40, ca_bundle=str(cert))
-        assert label_studio_client(trusted, "A test").tasks.get(1).project == 3
+        with label_studio_client(trusted, "A test") as client:
+            assert client.tasks.get(1).project == 3
+        with pytest.raises(RuntimeError, match="client has been closed"):
+            client.tasks.get(1)  # its connections closed on leaving the block: a worker runs for weeks
     finally:
         server.shutdown()
         server.server_close()

@@ -452,10 +452,10 @@ def test_training_reads_around_annotations_label_studio_stores_but_prelabel_refu
 
     with caplog.at_level(logging.WARNING, logger="worker.training.corrections"):
         corrections = pull_corrections(world.settings, uid, spec.image_key, spec.choices, spec.brushes, spec.regions)
+    left_out = {record.getMessage() for record in caplog.records}
     (read,) = corrections
     assert read.task_id == good and read.tags == {"tags": {"cat"}}
     assert read.mask is not None and set(np.unique(read.mask)) == {read.mask_labels.index("cat") + 1}  # all painted
-    left_out = {record.getMessage() for record in caplog.records}
     assert any(f"task {odd_choices} left out of training" in m and "list of at most" in m for m in left_out)
     assert any(f"task {bomb} left out of training" in m and "MAX_IMAGE_PIXELS" in m for m in left_out), left_out
 

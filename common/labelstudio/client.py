@@ -16,7 +16,8 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import certifi
 import httpx
@@ -35,13 +36,16 @@ SDK_TIMEOUT = 60.0
 Post = Callable[[str, dict], tuple[int, object]]
 
 
-def label_studio_client(settings: Settings, purpose: str) -> LabelStudio:
-    """The SDK client for ``LABEL_STUDIO_URL`` with the API key; ``purpose`` says in the error
-    what needs it when either setting is missing."""
+@contextmanager
+def label_studio_client(settings: Settings, purpose: str) -> Iterator[LabelStudio]:
+    """The SDK client for ``LABEL_STUDIO_URL`` with the API key, its connections closed on leaving
+    the ``with`` block (a worker runs for weeks); ``purpose`` says in the error what needs it when
+    either setting is missing."""
     if not settings.label_studio_url or not settings.label_studio_api_key:
         raise ServiceUnavailable(f"{purpose} needs Label Studio's API: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY.")
-    client = httpx.Client(timeout=SDK_TIMEOUT, verify=tls_context(settings))
-    return LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key, httpx_client=client)
+    with httpx.Client(timeout=SDK_TIMEOUT, verify=tls_context(settings)) as connections:
+        yield LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key,
+                          httpx_client=connections)  # fmt: skip
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext:

@@ -132,24 +132,25 @@ def pull_corrections(
 ) -> list[Correction]:
     """Every annotated task of ``project`` (the ``limit`` newest, by id, when given: only those
     are kept while the pages stream in, and decoded), from Label Studio's API, latest annotation each."""
-    client = label_studio_client(settings, "Training (it reads the corrections from Label Studio)")
-    # resolve_uri=False: cloud storage URIs as stored (s3://...), which the fetcher resolves itself
-    pages = client.tasks.list(project=project_id(project), fields="all", only_annotated=True, resolve_uri=False)
-    tasks = (task if isinstance(task, dict) else task.model_dump() for task in pages)
-    if limit is not None:
-        tasks = iter(sorted(heapq.nlargest(limit, tasks, key=_task_order), key=_task_order))
     corrections = []
-    for task in tasks:
-        annotation = latest_annotation(task.get("annotations") or [])
-        if annotation is None:
-            continue
-        url = image_url(task, image_key)
-        try:
-            check_annotation(annotation, settings.max_image_pixels)  # as the webhook does: Label Studio does not
-            corrections.append(from_annotation(task["id"], url, annotation.get("result") or [], choices, brushes,
-                                               settings.max_image_pixels, settings.image_size, regions))  # fmt: skip
-        except AnnotationError as e:
-            log.warning("task %s left out of training: %s", task["id"], e)
+    with label_studio_client(settings, "Training (it reads the corrections from Label Studio)") as client:
+        # resolve_uri=False: cloud storage URIs as stored (s3://...), which the fetcher resolves itself
+        pages = client.tasks.list(project=project_id(project), fields="all", only_annotated=True, resolve_uri=False)
+        tasks = (task if isinstance(task, dict) else task.model_dump() for task in pages)
+        if limit is not None:
+            tasks = iter(sorted(heapq.nlargest(limit, tasks, key=_task_order), key=_task_order))
+        for task in tasks:
+            annotation = latest_annotation(task.get("annotations") or [])
+            if annotation is None:
+                continue
+            url = image_url(task, image_key)
+            try:
+                check_annotation(annotation, settings.max_image_pixels)  # as the webhook does: Label Studio does not
+                corrections.append(from_annotation(task["id"], url, annotation.get("result") or [], choices,
+                                                   brushes, settings.max_image_pixels, settings.image_size,
+                                                   regions))  # fmt: skip
+            except AnnotationError as e:
+                log.warning("task %s left out of training: %s", task["id"], e)
     log.info("project %s: %d corrected tasks in Label Studio", project, len(corrections))
     return corrections
 
