@@ -81,22 +81,22 @@ def run(clients: int, seconds: float, tasks: int, redis_url: str, checkpoint: st
         stop_at = time.monotonic() + seconds
 
         def client(index: int) -> None:
-            session = requests.Session()
-            i = index
-            while time.monotonic() < stop_at:
-                body = {"tasks": [pool[i % len(pool)]], "label_config": config}
-                started = time.perf_counter()
-                try:
-                    ok = session.post(f"{url}/predict", json=body, timeout=30).status_code == 200
-                except requests.RequestException:
-                    ok = False
-                elapsed = (time.perf_counter() - started) * 1000
-                with lock:
-                    if ok:
-                        latencies.append(elapsed)
-                    else:
-                        errors[0] += 1
-                i += clients
+            with requests.Session() as session:  # closed when the client is done
+                i = index
+                while time.monotonic() < stop_at:
+                    body = {"tasks": [pool[i % len(pool)]], "label_config": config}
+                    started = time.perf_counter()
+                    try:
+                        ok = session.post(f"{url}/predict", json=body, timeout=30).status_code == 200
+                    except requests.RequestException:
+                        ok = False
+                    elapsed = (time.perf_counter() - started) * 1000
+                    with lock:
+                        if ok:
+                            latencies.append(elapsed)
+                        else:
+                            errors[0] += 1
+                    i += clients
 
         workers = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
         started = time.monotonic()
