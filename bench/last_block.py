@@ -16,7 +16,6 @@ import argparse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-import numpy as np
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock
 from torch import Tensor
@@ -24,11 +23,7 @@ from torch import Tensor
 from bench import quality as q
 from bench.toyworld import scenes
 from common.quality import miou
-from common.settings import Settings
-from worker.loading import load_clip
 from worker.model import dense, vit
-from worker.model.tagclip import TagCLIPConfig
-from worker.model.text import TextEmbedder
 
 Block = ResidualAttentionBlock
 
@@ -91,14 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scenes", type=int, default=200, help="held-out scenes per seed")
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args(argv)
-    settings = Settings(model_checkpoint=args.checkpoint, device="cpu", background_words=q.BACKGROUNDS)
-    bundle = load_clip(settings)
-    bench = q.Bench(bundle, TextEmbedder(bundle), TagCLIPConfig(), batch_size=32, input_size=q.SIZE)
-    figures = measure(bench, args.scenes, args.seeds)
-    print("| last block (sliding windows + tags) | colour mIoU | shape mIoU |\n|---|---|---|")
-    for row in VARIANTS:
-        cells = [f"{np.mean(figures[row, k]):.3f} ± {np.std(figures[row, k]):.3f}" for k in q.KINDS]
-        print(f"| {row} | {' | '.join(cells)} |")
+    figures = measure(q.study_bench(args.checkpoint), args.scenes, args.seeds)
+    print(q.kind_table(figures, "last block, sliding windows + tags (mIoU)"))
 
 
 if __name__ == "__main__":

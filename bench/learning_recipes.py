@@ -48,10 +48,7 @@ from bench.toyworld import Scene, crop, scenes
 from common.quality import mean_average_precision, miou
 from common.settings import Settings
 from worker.checkpoints import version_visual
-from worker.loading import load_clip
 from worker.model.preprocess import to_pixels
-from worker.model.tagclip import TagCLIPConfig
-from worker.model.text import TextEmbedder
 from worker.model.zegclip import ZegCLIPConfig, one_hot_targets, segmentation_loss
 from worker.training import clipself, zegclip
 from worker.training.clipself import CLIPSelfConfig, train_clipself
@@ -251,10 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", nargs="+", choices=tuple(ZEGCLIP_BEFORE), default=tuple(ZEGCLIP_BEFORE),
                         help="the ZegCLIP heads of --parts heads")  # fmt: skip
     args = parser.parse_args(argv)
-    settings = Settings(model_checkpoint=args.checkpoint, device="cpu", image_size=q.SIZE,
-                        background_words=q.BACKGROUNDS)  # fmt: skip
-    bundle = load_clip(settings)
-    bench = q.Bench(bundle, TextEmbedder(bundle), TagCLIPConfig(), batch_size=32, input_size=q.SIZE)
+    bench = q.study_bench(args.checkpoint)
     rows = measure(bench, args.kind, args.k, args.steps, args.lr, args.scenes, args.seeds, args.parts, args.passes,
                    args.heads)  # fmt: skip
     print(f"\n{args.kind}, K = {args.k}, CLIPSelf {args.steps} steps at lr {args.lr}\n")

@@ -117,6 +117,26 @@ class Bench:
         return torch.stack([to_pixels(s.image, side, self.bundle.mean, self.bundle.std) for s in batch])
 
 
+def study_bench(checkpoint: str) -> Bench:
+    """The bench of the small studies (``bench/recipes.py``, ``learning_recipes.py``,
+    ``working_size.py``, ``last_block.py``): ``checkpoint`` on the CPU, scenes seen at their size."""
+    from worker.loading import load_clip
+
+    bundle = load_clip(Settings(model_checkpoint=checkpoint, device="cpu", background_words=BACKGROUNDS))
+    return Bench(bundle, TextEmbedder(bundle), TagCLIPConfig(), batch_size=32, input_size=SIZE)
+
+
+def kind_table(figures: dict[tuple[str, str], list[float]], header: str) -> str:
+    """A study's markdown table: ``header`` then one row per figure (in the order measured) of mean ±
+    spread (standard deviation) over seeds for each kind; rows named "... seconds" without decimals."""
+    lines = [f"| {header} | colour | shape |", "|---|---|---|"]
+    for row in dict.fromkeys(r for r, _ in figures):
+        digits = 0 if row.endswith("seconds") else 3
+        cells = [f"{np.mean(figures[row, k]):.{digits}f} ± {np.std(figures[row, k]):.{digits}f}" for k in KINDS]
+        lines.append(f"| {row} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def truth_tags(held_out: Sequence[Scene], kind: str) -> np.ndarray:
     names = KINDS[kind]
     present = [s.colours if kind == "colour" else s.shapes for s in held_out]

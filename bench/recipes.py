@@ -17,16 +17,10 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-
 from bench import quality as q
 from bench.toyworld import scenes
 from common.quality import mean_average_precision, miou
-from common.settings import Settings
-from worker.loading import load_clip
 from worker.model import vit
-from worker.model.tagclip import TagCLIPConfig
-from worker.model.text import TextEmbedder
 
 HEADS = (("maskclip", False), ("clearclip", True), ("naclip", True))
 FLOORS = (0.0, 0.1, 0.3, 0.5)
@@ -64,15 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scenes", type=int, default=200, help="held-out scenes per seed")
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args(argv)
-    settings = Settings(model_checkpoint=args.checkpoint, device="cpu", image_size=q.SIZE,
-                        background_words=q.BACKGROUNDS)  # fmt: skip
-    bundle = load_clip(settings)
-    bench = q.Bench(bundle, TextEmbedder(bundle), TagCLIPConfig(), batch_size=32, input_size=q.SIZE)
-    figures = measure(bench, args.scenes, args.seeds)
-    print("| figure | colour | shape |\n|---|---|---|")
-    for row in dict.fromkeys(r for r, _ in figures):
-        cells = [f"{np.mean(figures[row, k]):.3f} ± {np.std(figures[row, k]):.3f}" for k in q.KINDS]
-        print(f"| {row} | {' | '.join(cells)} |")
+    print(q.kind_table(measure(q.study_bench(args.checkpoint), args.scenes, args.seeds), "figure"))
 
 
 if __name__ == "__main__":

@@ -16,15 +16,9 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
-
 from bench import quality as q
 from bench.toyworld import scenes
 from common.quality import miou
-from common.settings import Settings
-from worker.loading import load_clip
-from worker.model.tagclip import TagCLIPConfig
-from worker.model.text import TextEmbedder
 
 HEADS = (("maskclip", False), ("maskclip", True), ("clearclip", True), ("naclip", True))
 
@@ -55,15 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scenes", type=int, default=200, help="held-out scenes per seed")
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args(argv)
-    settings = Settings(model_checkpoint=args.checkpoint, device="cpu", background_words=q.BACKGROUNDS)
-    bundle = load_clip(settings)
-    bench = q.Bench(bundle, TextEmbedder(bundle), TagCLIPConfig(), batch_size=32)
-    figures = measure(bench, args.sizes, args.scenes, args.seeds)
-    print("| working size: head | colour mIoU | shape mIoU |\n|---|---|---|")
-    for row in dict.fromkeys(r for r, _ in figures):
-        digits = 0 if row.endswith("seconds") else 3
-        cells = [f"{np.mean(figures[row, k]):.{digits}f} ± {np.std(figures[row, k]):.{digits}f}" for k in q.KINDS]
-        print(f"| {row} | {' | '.join(cells)} |")
+    figures = measure(q.study_bench(args.checkpoint), args.sizes, args.scenes, args.seeds)
+    print(q.kind_table(figures, "working size: head (mIoU)"))
 
 
 if __name__ == "__main__":
