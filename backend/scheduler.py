@@ -32,6 +32,8 @@ PENDING = (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SC
 WAITING = (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED)
 #: Finished learning jobs (and their summaries) are kept this long.
 KEEP_JOBS = 30 * 24 * 3600
+#: Remembering a project under concurrent writers tries this many times (one transaction each).
+REMEMBER_TRIES = 50
 
 
 class TrainingScheduler:
@@ -51,20 +53,33 @@ class TrainingScheduler:
 
     def remember_project(self, project: str, label_config: str) -> None:
         """Keep the project's label config, for scheduled runs that have no request to read it from
-        (one uid per Label Studio project id: the latest one named)."""
+        (one uid per Label Studio project id: the latest one named). One watched transaction, so two
+        backends naming the same id with different uids at once (a reset Label Studio's and the old
+        one's) leave one uid remembered, not both."""
         pid = project_id(project)
-        previous = self.connection.hget(keys.PROJECT_UIDS, str(pid))
-        if previous is not None:
-            stale = [previous.decode()]
-        else:  # the first time since PROJECT_UIDS exists: older backends kept every uid of the id
-            stale = [uid for uid in self.known_projects() if project_id(uid) == pid]
-        pipe = self.connection.pipeline()
-        for uid in stale:
-            if uid != project:
-                pipe.hdel(keys.PROJECTS, uid)
-        pipe.hset(keys.PROJECT_UIDS, str(pid), project)
-        pipe.hset(keys.PROJECTS, project, label_config)
-        pipe.execute()
+        with self.connection.pipeline() as pipe:
+            for _ in range(REMEMBER_TRIES):
+                try:
+                    pipe.watch(keys.PROJECT_UIDS, keys.PROJECTS)
+                    previous = pipe.hget(keys.PROJECT_UIDS, str(pid))
+                    if previous == project.encode() and pipe.hget(keys.PROJECTS, project) == label_config.encode():
+                        pipe.unwatch()
+                        return  # the usual /setup: nothing changed, nothing written
+                    if previous is not None:
+                        stale = [previous.decode()]
+                    else:  # the first time since PROJECT_UIDS exists: older backends kept every uid of the id
+                        stale = [uid.decode() for uid in pipe.hkeys(keys.PROJECTS) if project_id(uid.decode()) == pid]
+                    pipe.multi()
+                    for uid in stale:
+                        if uid != project:
+                            pipe.hdel(keys.PROJECTS, uid)
+                    pipe.hset(keys.PROJECT_UIDS, str(pid), project)
+                    pipe.hset(keys.PROJECTS, project, label_config)
+                    pipe.execute()
+                    return
+                except redis.WatchError:  # another backend remembered a project meanwhile: read again
+                    continue
+        raise redis.exceptions.RedisError(f"project {project}: the remembered projects kept changing; not stored")
 
     def known_projects(self) -> list[str]:
         """The projects whose label config is remembered (those /setup or a webhook named)."""

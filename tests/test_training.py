@@ -142,6 +142,31 @@ def test_schedule_trains_only_projects_with_new_corrections(queue_app):
     assert set(training.known_projects()) == {UID, "5.1924992000"}
 
 
+def test_backends_naming_one_project_id_at_once_leave_one_uid(queue_app):
+    """Two Label Studios (a reset one and the old one) naming project 6 with different creation
+    times at once, through several backends: the read of the current uid and the write of the new
+    one are one transaction, so exactly one uid of id 6 stays remembered, the index's own."""
+    app, _ = queue_app(train_every=0)
+    training = app.extensions["prelabel"].training
+    start = threading.Barrier(8)
+
+    def backend(n: int) -> None:
+        start.wait()
+        for i in range(60):
+            training.remember_project(f"6.{1900000000 + 1000 * n + i}", CONFIG)
+
+    threads = [threading.Thread(target=backend, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    remembered = [uid for uid in training.known_projects() if uid.startswith("6.")]
+    assert remembered == [training.connection.hget(keys.PROJECT_UIDS, "6").decode()]
+    before = training.connection.hgetall(keys.PROJECTS)
+    training.remember_project(remembered[0], CONFIG)  # the usual /setup: nothing to change
+    assert training.connection.hgetall(keys.PROJECTS) == before
+
+
 def test_forged_webhooks_are_refused(queue_app):
     app, _ = queue_app(basic_auth_user="ls", basic_auth_pass="pw", webhook_secret="hook-secret")
     client = app.test_client()
