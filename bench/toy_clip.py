@@ -34,7 +34,10 @@ Main-subject captions, for testing why TagCLIP's local route loses to the global
 v2's captions name every object of a view, so its class token learnt to be multi-label. Web
 captions name the main subject, which is what TagCLIP's local route makes up for. With
 ``--main-subject-rate p`` a share p of the views showing several objects is captioned with the
-largest one alone.
+largest one alone. ``bench/models/toy-clip-v5`` is v2's recipe with ``--main-subject-rate 1.0``:
+its class token under-scores the objects its captions left out, as TagCLIP argues CLIP's does, but
+its patches lose them more, so TagCLIP's local route still trails the global embedding; not adopted
+(docs/quality.md).
 """
 
 from __future__ import annotations

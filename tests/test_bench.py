@@ -207,6 +207,34 @@ def test_the_last_block_variants_include_the_heads_they_take_apart(tiny_checkpoi
     assert all(len(v) == 1 and 0 <= v[0] <= 1 for v in figures.values())
 
 
+def test_secondary_objects_split_each_labels_scenes_by_its_role(tiny_checkpoint):
+    """bench/secondary_objects.py: a label is MAIN in a scene when its largest object has it, OTHER
+    when only smaller ones do; each role's AP ranks its scenes against the scenes without the label
+    only (a scene where the label is the main object is no negative for the other role)."""
+    from bench import secondary_objects as so
+
+    held_out = [s for s in scenes(quality.HELD_OUT_SEED, 40, quality.SIZE) if len(s.colours) >= 2]
+    role = so.roles(held_out, "colour")
+    names = quality.KINDS["colour"]
+    for scene, row in zip(held_out, role, strict=True):
+        areas = [(scene.object_map == k).sum() for k in range(1, len(scene.objects) + 1)]
+        largest = scene.objects[int(np.argmax(areas))].colour
+        assert [names[c] for c in np.nonzero(row == so.MAIN)[0]] == [largest]
+        assert {names[c] for c in np.nonzero(row == so.OTHER)[0]} == scene.colours - {largest}
+    scores = np.array([[0.95], [0.9], [0.5], [0.2]])
+    one = np.array([[so.MAIN], [so.OTHER], [so.ABSENT], [so.ABSENT]])
+    assert so.role_ap(scores, one, so.OTHER) == 1.0  # the main-object scene above it is left out
+    assert so.role_ap(scores, one, so.MAIN) == 1.0
+    assert so.role_ap(scores[::-1], one, so.MAIN) == pytest.approx(1 / 3)  # below both scenes without it
+
+    settings = Settings(model_checkpoint=str(tiny_checkpoint), device="cpu", background_words=quality.BACKGROUNDS)
+    bundle = load_clip(settings)
+    bench = quality.Bench(bundle, TextEmbedder(bundle), TagCLIPConfig(), batch_size=4)
+    figures = so.measure(bench, n_scenes=6, seeds=1)
+    assert {row for row, _ in figures} == {f"{r}, {n}" for r in so.ROUTES for n in so.ROLES}
+    assert all(len(v) == 1 and 0 <= v[0] <= 1 for v in figures.values())
+
+
 def test_learning_recipe_benchmark_smoke_run(tiny_checkpoint):
     from bench import learning_recipes as recipes
 
