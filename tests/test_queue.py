@@ -58,11 +58,14 @@ def wait_for_workers(settings: Settings, process: subprocess.Popen, log_path: Pa
 
 
 def stop(process: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 20 s (RQ's warm shutdown sometimes hangs after unsubscribing);
+    reaped either way, so no process outlives its test."""
     process.terminate()
     try:
         process.wait(timeout=20)
     except subprocess.TimeoutExpired:
         process.kill()
+        process.wait()
 
 
 @pytest.fixture(scope="module")
