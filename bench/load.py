@@ -25,6 +25,7 @@ from pathlib import Path
 import redis
 import requests
 
+from bench import processes
 from bench.photos import REPO, jpeg, photos
 from common.settings import Settings
 
@@ -106,9 +107,7 @@ def run(clients: int, seconds: float, tasks: int, redis_url: str, checkpoint: st
             t.join()
         elapsed = time.monotonic() - started
     finally:
-        for process in (backend, worker):
-            process.terminate()
-            process.wait(timeout=30)
+        processes.stop(backend, worker)
         redis.Redis.from_url(redis_url).flushdb()
     ordered = sorted(latencies)
     return {

@@ -27,6 +27,7 @@ import requests
 
 from bench.load import free_port, photo_tasks, wait_for_workers
 from bench.photos import REPO
+from bench.processes import stop
 from common.settings import Settings
 
 CONFIG = (REPO / "label_config" / "voc_tags_and_masks.xml").read_text()
@@ -74,9 +75,7 @@ def run(workers: int, tasks: int, chunk: int, size: int, redis_url: str, checkpo
         thread.join()
         progress = requests.get(f"{url}/jobs/{response.headers['X-Prelabel-Request']}", timeout=10).json()
     finally:
-        for process in processes:
-            process.terminate()
-            process.wait(timeout=30)
+        stop(*processes)
         redis.Redis.from_url(redis_url).flushdb()
     served = sum(1 for p in response.json()["results"] if p)
     return {

@@ -52,6 +52,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from backend.app import create_app
+from bench import processes
 from bench.photos import DATA, REPO, jpeg, photos
 from bench.publish import publish
 from common.jobs import PREDICT_QUEUE, BrushControl, ChoicesControl, ClassLabel
@@ -277,13 +278,7 @@ def _serving(settings: Settings, tasks: list[dict], redis_url: str) -> dict[str,
             overhead.append(queued[-1] - job.return_value()["timings_ms"]["total"])
         cached = latencies(client, [{**t, "id": t["id"] + 1000} for t in tasks])
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:  # an RQ warm shutdown that hangs must not outlive the benchmark
-            print("the benchmark's worker did not stop within 30 s of SIGTERM; killed", file=sys.stderr)
-            worker.kill()
-            worker.wait()
+        processes.stop(worker)
     # The queue's cost per request: its latency minus the time the worker itself spent on the job
     # (exact per request, unlike queue minus in-process, which compares two noisy inference runs).
     return {

@@ -14,6 +14,7 @@ from typing import Any
 
 import requests
 
+from bench import processes
 from common.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,11 +81,7 @@ class LabelStudio:
 
     def stop(self) -> None:
         if self._process is not None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
+            processes.stop(self._process)
 
     def api(self, method: str, path: str, **kwargs: Any) -> Any:
         headers = {"Authorization": f"Token {self.legacy_token}"}
@@ -204,10 +201,4 @@ class Prelabel:
         raise AssertionError(f"prelabel did not start:\n{self.backend_log.read_text()}\n{self.worker_log.read_text()}")
 
     def stop(self) -> None:
-        for process in self.processes:
-            process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        processes.stop(*self.processes)

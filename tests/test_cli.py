@@ -8,6 +8,7 @@ import time
 import pytest
 import requests
 
+from bench import processes
 from tests.conftest import settings_env
 from tests.labelstudio import free_port
 
@@ -30,12 +31,11 @@ def backend_server(make_settings, label_studio, tmp_path):
         except requests.RequestException:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
+            processes.stop(process)
             pytest.fail(f"prelabel-backend did not become ready:\n{log_path.read_text()}")
         time.sleep(0.2)
     yield url, settings, log_path
-    process.terminate()
-    process.wait(timeout=20)
+    processes.stop(process)
 
 
 def test_backend_serves_predictions_for_real_photos_over_http(backend_server, label_studio, voc_config):
@@ -119,5 +119,4 @@ def test_metrics_sum_every_gunicorn_process(make_settings, redis_url, voc_config
             assert f"prelabel_predict_seconds_count {float(sent)}" in text
             assert f"prelabel_predict_tasks_total {float(sent)}" in text
     finally:
-        process.terminate()
-        process.wait(timeout=20)
+        processes.stop(process)

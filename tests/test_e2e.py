@@ -26,6 +26,7 @@ from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 from rq import Queue
 
+from bench import processes
 from common.jobs import PREDICT_QUEUE
 from common.settings import Settings, project_version
 from tests.conftest import REPO, claim_redis_db, shared_data
@@ -333,8 +334,7 @@ def s3_server(tmp_path_factory) -> Iterator[str]:
             assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.2)
     yield url
-    process.terminate()
-    process.wait(timeout=30)
+    processes.stop(process)
 
 
 @pytest.mark.parametrize("presign", [False, True], ids=["streamed by Label Studio", "presigned URLs"])

@@ -31,6 +31,7 @@ import requests
 from PIL import Image
 
 from backend.webhook_secret import SECRET_HEADER, project_secret
+from bench import processes
 from common import keys
 from common.labelstudio.brush import mask_to_rle
 from common.labelstudio.config import parse_label_config
@@ -429,8 +430,7 @@ def test_a_secret_header_of_the_older_form_is_replaced_when_a_backend_starts(wor
             assert started.poll() is None, log_path.read_text()
             time.sleep(0.5)
     finally:
-        started.terminate()
-        started.wait(timeout=30)
+        processes.stop(started)
     assert ours not in log_path.read_text() and WEBHOOK_SECRET not in log_path.read_text()
 
 
