@@ -12,7 +12,6 @@ restricted to the tags TagCLIP finds); mean ± spread over seeds. Prints a markd
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -81,10 +80,7 @@ def measure(bench: q.Bench, n_scenes: int, seeds: int) -> dict[tuple[str, str], 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default="bench/models/toy-clip")
-    parser.add_argument("--scenes", type=int, default=200, help="held-out scenes per seed")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser = q.study_parser(__doc__)
     args = parser.parse_args(argv)
     figures = measure(q.study_bench(args.checkpoint), args.scenes, args.seeds)
     print(q.kind_table(figures, "last block, sliding windows + tags (mIoU)"))

@@ -31,7 +31,6 @@ markdown table.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import math
@@ -229,14 +228,11 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default="bench/models/toy-clip")
+    parser = q.study_parser(__doc__, scenes=100, seeds=2)
     parser.add_argument("--kind", default="colour", choices=tuple(q.KINDS))
     parser.add_argument("--k", type=int, default=50, help="corrected scenes")
     parser.add_argument("--steps", type=int, default=100, help="CLIPSelf steps")
     parser.add_argument("--lr", type=float, default=1e-4, help="CLIPSelf learning rate")
-    parser.add_argument("--scenes", type=int, default=100, help="held-out scenes per seed")
-    parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS, help="which recipes to measure")
     parser.add_argument(
         "--passes",

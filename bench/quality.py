@@ -119,11 +119,22 @@ class Bench:
 
 def study_bench(checkpoint: str) -> Bench:
     """The bench of the small studies (``bench/recipes.py``, ``learning_recipes.py``,
-    ``working_size.py``, ``last_block.py``): ``checkpoint`` on the CPU, scenes seen at their size."""
+    ``working_size.py``, ``last_block.py``, ``secondary_objects.py``): ``checkpoint`` on the CPU,
+    scenes seen at their size."""
     from worker.loading import load_clip
 
     bundle = load_clip(Settings(model_checkpoint=checkpoint, device="cpu", background_words=BACKGROUNDS))
     return Bench(bundle, TextEmbedder(bundle), TagCLIPConfig(), batch_size=32, input_size=SIZE)
+
+
+def study_parser(doc: str, scenes: int = 200, seeds: int = 3) -> argparse.ArgumentParser:
+    """The command line every small study shares (``--checkpoint``, ``--scenes``, ``--seeds``),
+    described by the first line of the study's ``doc``; each study adds its own options."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--checkpoint", default="bench/models/toy-clip")
+    parser.add_argument("--scenes", type=int, default=scenes, help="held-out scenes per seed")
+    parser.add_argument("--seeds", type=int, default=seeds)
+    return parser
 
 
 def kind_table(figures: dict[tuple[str, str], list[float]], header: str) -> str:

@@ -15,8 +15,6 @@ TagCLIP finds); mean ± spread over seeds. Prints a markdown table.
 
 from __future__ import annotations
 
-import argparse
-
 from bench import quality as q
 from bench.toyworld import scenes
 from common.quality import mean_average_precision, miou
@@ -53,10 +51,7 @@ def measure(bench: q.Bench, n_scenes: int, seeds: int) -> dict[tuple[str, str], 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default="bench/models/toy-clip")
-    parser.add_argument("--scenes", type=int, default=200, help="held-out scenes per seed")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser = q.study_parser(__doc__)
     args = parser.parse_args(argv)
     print(q.kind_table(measure(q.study_bench(args.checkpoint), args.scenes, args.seeds), "figure"))
 

@@ -14,8 +14,6 @@ patches. Prints a markdown table.
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 
 from bench import quality as q
@@ -65,10 +63,7 @@ def measure(bench: q.Bench, n_scenes: int, seeds: int) -> dict[tuple[str, str], 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default="bench/models/toy-clip")
-    parser.add_argument("--scenes", type=int, default=200, help="held-out scenes per seed")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser = q.study_parser(__doc__)
     parser.add_argument("--size", type=int, default=q.SIZE, help="the side scenes are seen at (IMAGE_SIZE)")
     args = parser.parse_args(argv)
     bench = q.study_bench(args.checkpoint)

@@ -13,7 +13,6 @@ spread over seeds, and the seconds each configuration took. Prints a markdown ta
 
 from __future__ import annotations
 
-import argparse
 import time
 
 from bench import quality as q
@@ -43,11 +42,8 @@ def measure(bench: q.Bench, sizes: list[int], n_scenes: int, seeds: int) -> dict
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default="bench/models/toy-clip")
+    parser = q.study_parser(__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[q.SIZE], help="working sizes (IMAGE_SIZE)")
-    parser.add_argument("--scenes", type=int, default=200, help="held-out scenes per seed")
-    parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args(argv)
     figures = measure(q.study_bench(args.checkpoint), args.sizes, args.scenes, args.seeds)
     print(q.kind_table(figures, "working size: head (mIoU)"))
