@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import redis
+from rq.registry import StartedJobRegistry
 from rq.results import Result
 from rq.serializers import JSONSerializer
 
@@ -28,15 +29,26 @@ def remember_job(connection: redis.Redis | redis.client.Pipeline, project: str, 
     connection.expire(key, KEEP_SECONDS)
 
 
+def fail_abandoned(connection: redis.Redis) -> None:
+    """Fail the learning jobs whose worker died (no heartbeat for 90 s), so triggers and pages see
+    them failed now, not when a worker of their queue next cleans up: there may be none until the
+    trainer is back. RQ's own cleanup, with prelabel's job class (no callbacks run)."""
+    for name in (TRAIN_QUEUE, ADAPT_QUEUE):
+        StartedJobRegistry(name, connection=connection, serializer=JSONSerializer, job_class=AllowListedJob).cleanup()
+
+
 def failure(result: Result | None) -> str | None:
     """A failed job's exception: the last line of its traceback, without URL queries or userinfo."""
     lines = (result.exc_string or "").strip().splitlines() if result is not None else []
+    if lines and "AbandonedJobError" in lines[-1]:
+        return "its worker stopped mid-job (killed, crashed or restarted): no heartbeat for 90 s"
     return redact_urls(lines[-1]) if lines else None
 
 
 def project_jobs(connection: redis.Redis, project: str, progress: Any, limit: int = 20) -> list[dict[str, Any]]:
     """The project's newest jobs, each as its kind, status, times, progress and a one-line result.
     ``progress`` is the runner's, for predict requests."""
+    fail_abandoned(connection)
     ids = [i.decode() for i in connection.zrevrange(keys.project_jobs(project), 0, limit - 1)]
     job_ids = [i for i in ids if not i.startswith("request-")]
     jobs = dict(zip(job_ids, AllowListedJob.fetch_many(job_ids, connection=connection, serializer=JSONSerializer),

@@ -215,8 +215,8 @@ class QueueRunner:
                 result = rq_job.latest_result(timeout=max(1, math.floor(remaining)))
                 if result is not None or time.monotonic() >= deadline:
                     break
-                # A job whose worker died stays "started" until its execution expires (JOB_TIMEOUT
-                # + 60 s); this hands it to its retry, or to the failed registry, at that point.
+                # A job whose worker died stays "started" until its execution expires (90 s after
+                # the worker's last heartbeat); this hands it to its retry, or to the failed registry.
                 StartedJobRegistry(queue=self.queue, job_class=AllowListedJob).cleanup()
         if result is None:
             raise JobTimeout(

@@ -15,7 +15,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from backend.job_index import remember_job
+from backend.job_index import fail_abandoned, remember_job
 from backend.project_settings import ProjectSettings
 from common import keys
 from common.errors import NotFound
@@ -86,7 +86,10 @@ class TrainingScheduler:
         return [uid.decode() for uid in self.connection.hkeys(keys.PROJECTS)]
 
     def current(self, project: str) -> Job | None:
-        """The project's training run that is queued or running, if any."""
+        """The project's training run that is queued or running, if any. A run whose worker died
+        (no heartbeat for 90 s) is failed first, so the project can train again without waiting
+        for a training worker to come back and clean up."""
+        fail_abandoned(self.connection)
         return self._latest(keys.training_job(project), PENDING)
 
     def _latest(self, key: str, states: tuple[JobStatus, ...]) -> Job | None:
@@ -198,6 +201,7 @@ class TrainingScheduler:
         return thread
 
     def job(self, job_id: str) -> Job:
+        fail_abandoned(self.connection)
         try:
             return AllowListedJob.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
         except NoSuchJobError as e:

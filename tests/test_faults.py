@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -18,6 +19,7 @@ from backend.runner import QueueRunner
 from common.jobs import ChoicesControl, ClassLabel, ImageTask, PredictJob
 from tests.labelstudio import free_port
 from tests.test_queue import start_worker, stop, wait_for_workers
+from tests.test_training import CONFIG
 
 pytestmark = pytest.mark.slow
 
@@ -112,7 +114,7 @@ def test_a_worker_killed_mid_job_has_its_job_retried_by_another(redis_url, make_
         victim = next(w for w in workers if w.pid == pid)
         os.kill(victim.pid, signal.SIGKILL)  # mid-job: the image is still downloading
 
-        result = runner.wait(job_id, time.monotonic() + 150)  # JOB_TIMEOUT + 60 s to notice, then a retry
+        result = runner.wait(job_id, time.monotonic() + 150)  # min(JOB_TIMEOUT, 30) + 60 s to notice, then a retry
         assert result.tasks[0].choices and not result.tasks[0].error
         survivor = next(w for w in workers if w is not victim)
         assert result.worker["pid"] == survivor.pid
@@ -149,3 +151,42 @@ def test_with_redis_down_every_route_but_health_answers_a_503_naming_redis(own_r
         assert response.status_code == 503 and f"Redis at {own_redis.url} is unreachable" in error, (path, error)
     health = client.get("/health")
     assert health.status_code == 503 and health.get_json()["status"] == "DOWN"
+
+
+def test_a_trainer_killed_mid_run_frees_its_project_to_train_again(redis_url, make_settings, label_studio, tmp_path):
+    """A training run whose worker dies (OOM, a redeploy's SIGKILL) is failed about 90 s after its
+    last heartbeat, with a reason, and the project can train again; it used to stay "started" for
+    TRAIN_TIMEOUT (4 h) and every trigger in between was ignored."""
+    settings = make_settings(redis_url=redis_url, label_studio_url=label_studio.url,
+                             label_studio_api_key=label_studio.legacy_token)  # fmt: skip
+    asked, release = threading.Event(), threading.Event()
+
+    def hold(handler):  # Label Studio slow to list the corrections: the run is mid-way when killed
+        asked.set()
+        release.wait(120)
+        handler._send(200, b"[]")
+
+    label_studio.extra_routes["/api/tasks/"] = label_studio.extra_routes["/api/tasks"] = hold
+    trainer = start_worker(settings, tmp_path / "trainer.log", "train")
+    try:
+        wait_for_workers(settings, trainer, tmp_path / "trainer.log")
+        client = create_app(settings).test_client()
+        project = {"id": 4, "created_at": "2026-11-23T06:15:25Z", "title": "photos", "label_config": CONFIG}
+        start = {"action": "START_TRAINING", "project": project}
+        first = client.post("/webhook", json=start).get_json()
+        assert first["status"] == "queued", first
+        assert asked.wait(60), (tmp_path / "trainer.log").read_text()
+        assert client.post("/webhook", json=start).get_json()["status"] == "already queued"  # it is running
+        os.kill(trainer.pid, signal.SIGKILL)
+        trainer.wait()
+
+        deadline = time.monotonic() + 150  # 90 s after the last heartbeat (every 30 s)
+        while (again := client.post("/webhook", json=start).get_json())["status"] != "queued":
+            assert time.monotonic() < deadline, "the dead trainer's run still blocks the project"
+            time.sleep(2)
+        assert again["job"] != first["job"]
+        shown = client.get(f"/jobs/{first['job']}").get_json()
+        assert shown["status"] == "failed" and "stopped mid-job" in shown["error"][0]
+    finally:
+        release.set()
+        stop(trainer)

@@ -12,10 +12,14 @@ import argparse
 import logging
 import socket
 import sys
+import threading
 
 import redis
 from rq import Queue, SimpleWorker, Worker, worker_registration
+from rq.executions import Execution
+from rq.job import Job
 from rq.serializers import JSONSerializer
+from rq.worker import WorkerStatus
 
 from common.errors import ModelUnavailable, SettingsError
 from common.jobs import ADAPT_QUEUE, PREDICT_QUEUE, TRAIN_QUEUE, AllowListedJob
@@ -33,14 +37,44 @@ MAINTENANCE_INTERVAL = 60
 
 class PrelabelWorker(SimpleWorker):
     """RQ's SimpleWorker (no fork: the model stays loaded) that registers itself again on every
-    heartbeat, so it is found again after Redis restarts without its data, and runs only
-    ``AllowListedJob``s."""
+    heartbeat, so it is found again after Redis restarts without its data, keeps heartbeating while
+    a job runs, so a dead worker's job is noticed within 90 s, and runs only ``AllowListedJob``s."""
 
     job_class = AllowListedJob
 
     def heartbeat(self, timeout: int | None = None, pipeline=None) -> None:
         super().heartbeat(timeout, pipeline)
         worker_registration.register(self, pipeline=pipeline)
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        """SimpleWorker's, plus heartbeats while the job runs. RQ's SimpleWorker sends none during a
+        job; it registers itself and the job for the job's whole timeout instead, so a worker killed
+        mid-job looked alive, and its job running, for up to JOB_TIMEOUT (a training run: 4 h, in
+        which its project could not train again). With heartbeats both expire 90 s after the kill."""
+        execution = self.prepare_execution(job)
+        done = threading.Event()
+        beating = threading.Thread(target=self._beat_until, args=(done, job, execution), name="job heartbeat",
+                                   daemon=True)  # fmt: skip
+        beating.start()
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            done.set()
+            beating.join()
+        self.set_state(WorkerStatus.IDLE)
+
+    def _beat_until(self, done: threading.Event, job: Job, execution: Execution) -> None:
+        while not done.wait(self.job_monitoring_interval):
+            try:
+                self.maintain_heartbeats(job, execution)
+            except redis.exceptions.RedisError as e:  # Redis away: the next beat tries again
+                log.warning("job %s: heartbeat failed: %s", job.id, e)
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        """How long the worker's and the job's registrations outlive a heartbeat: the next one is
+        due within ``job_monitoring_interval`` (RQ's rule for its forking worker)."""
+        left = job.timeout - working_time if job.timeout and job.timeout > 0 else self.job_monitoring_interval
+        return int(min(left, self.job_monitoring_interval)) + 60
 
     def unsubscribe(self) -> None:
         """Trip the command listener's stop flag before RQ unsubscribes it. RQ unsubscribes first
