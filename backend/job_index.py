@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import redis
+from rq import Worker
 from rq.registry import StartedJobRegistry
 from rq.results import Result
 from rq.serializers import JSONSerializer
@@ -32,9 +33,20 @@ def remember_job(connection: redis.Redis | redis.client.Pipeline, project: str, 
 def fail_abandoned(connection: redis.Redis) -> None:
     """Fail the learning jobs whose worker died (no heartbeat for 90 s), so triggers and pages see
     them failed now, not when a worker of their queue next cleans up: there may be none until the
-    trainer is back. RQ's own cleanup, with prelabel's job class (no callbacks run)."""
+    trainer is back. RQ's own cleanup, with prelabel's job class (no callbacks run), and only once
+    the job's worker is gone from Redis too: a job's expiry is a time on its worker's clock, the
+    worker's registration expires on Redis's, so a worker whose clock runs ahead keeps its job."""
     for name in (TRAIN_QUEUE, ADAPT_QUEUE):
-        StartedJobRegistry(name, connection=connection, serializer=JSONSerializer, job_class=AllowListedJob).cleanup()
+        registry = StartedJobRegistry(name, connection=connection, serializer=JSONSerializer,
+                                      job_class=AllowListedJob)  # fmt: skip
+        expired = registry.get_expired_job_ids()
+        if not expired:
+            continue
+        jobs = AllowListedJob.fetch_many(expired, connection=connection, serializer=JSONSerializer)
+        workers = {job.worker_name for job in jobs if job is not None and job.worker_name}
+        prefix = Worker.redis_worker_namespace_prefix
+        if not any(Worker.find_by_key(prefix + worker, connection=connection) for worker in workers):
+            registry.cleanup()
 
 
 def failure(result: Result | None) -> str | None:

@@ -453,3 +453,117 @@ def test_a_warm_shutdown_does_not_wait_a_minute_for_the_command_listener(redis_u
     took = time.monotonic() - started
     worker.pubsub_thread.join(timeout=90)  # on failure, let the listener end before the next test
     assert took < 5 and not worker.pubsub_thread.is_alive()
+
+
+def _wait_for_log(caplog, text: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in caplog.text:
+        assert time.monotonic() < deadline, f"never logged {text!r}:\n{caplog.text[-3000:]}"
+        time.sleep(0.1)
+
+
+def _post_attempts(label_studio: FakeLabelStudio, task_id: int) -> int:
+    """How often prelabel looked a task up to post a prediction to it (it reads the task first)."""
+    return sum(1 for path, _ in label_studio.requests if path.rstrip("/") == f"/api/tasks/{task_id}")
+
+
+def test_asking_again_while_a_job_runs_waits_for_it_and_delivers_once(stack, voc_config, caplog):
+    """Retrieve Predictions clicked twice: the second request waits for the first one's job instead
+    of queuing the same work, and each prediction reaches Label Studio once (in the second answer,
+    or posted by the first request's background finish, whichever caches it first)."""
+    settings, label_studio, _ = stack
+    caplog.set_level("INFO", logger="backend.serving")
+    photo = label_studio.files[PHOTOS[1]]
+
+    def slow(handler):
+        time.sleep(3)
+        handler._send(200, photo, "image/png")
+
+    label_studio.extra_routes["/data/upload/1/again.png"] = slow
+    tasks = [{"id": 31, "data": {"image": "/data/upload/1/again.png"}},
+             {"id": 32, "data": {"image": label_studio.upload_path(PHOTOS[2])}}]  # fmt: skip
+    body = {"tasks": tasks, "label_config": voc_config, "project": "3.1700000000"}
+    finished = Queue(PREDICT_QUEUE, connection=redis.Redis.from_url(settings.redis_url),
+                     serializer=JSONSerializer).finished_job_registry  # fmt: skip
+    before = set(finished.get_job_ids())
+
+    first = create_app(dataclasses.replace(settings, predict_timeout=1.0)).test_client().post("/predict", json=body)
+    assert first.get_json()["results"] == [[], []]  # the slow image is still downloading
+    again = create_app(settings).test_client().post("/predict", json=body).get_json()["results"]
+
+    (job_id,) = set(finished.get_job_ids()) - before  # one job served both requests
+    _wait_for_log(caplog, f"background predict job {job_id} done")
+    assert sum(1 for path, _ in label_studio.requests if path == "/data/upload/1/again.png") == 1
+    for task, answer in zip(tasks, again, strict=True):
+        assert bool(answer) + _post_attempts(label_studio, task["id"]) == 1, (task["id"], caplog.text[-2000:])
+
+
+def test_an_opened_task_queued_in_a_bulk_job_gets_its_own_job_and_is_not_posted_again(stack, voc_config, caplog):
+    """An annotator opens a task whose bulk job still waits in the queue: they do not wait behind
+    it (their task gets a job at the front), and when the bulk job gets to it, the prediction
+    already answered is not posted a second time."""
+    settings, label_studio, _ = stack
+    caplog.set_level("INFO", logger="backend.serving")
+    photo = label_studio.files[PHOTOS[1]]
+
+    def slow(handler):
+        time.sleep(3)
+        handler._send(200, photo, "image/png")
+
+    label_studio.extra_routes["/data/upload/1/busy.png"] = slow
+    busy = {"id": 41, "data": {"image": "/data/upload/1/busy.png"}}
+    opened = {"id": 42, "data": {"image": label_studio.upload_path(PHOTOS[3])}}
+    bulk = create_app(dataclasses.replace(settings, predict_timeout=1.0, max_tasks_per_job=1)).test_client()
+    response = bulk.post(
+        "/predict", json={"tasks": [busy, opened], "label_config": voc_config, "project": "3.1700000000"}
+    )
+    assert response.get_json()["results"] == [[], []]  # the worker is on the slow task, the other waits
+    request = create_app(settings).test_client().get(f"/jobs/{response.headers['X-Prelabel-Request']}").get_json()
+    busy_job, opened_job = request["jobs"]
+
+    answer = create_app(settings).test_client().post("/predict", json={"tasks": [opened], "label_config": voc_config})
+    assert answer.get_json()["results"][0]["result"]  # its own job, ahead of the bulk one
+
+    _wait_for_log(caplog, f"background predict job {opened_job} done")
+    _wait_for_log(caplog, f"background predict job {busy_job} done")
+    assert _post_attempts(label_studio, opened["id"]) == 0  # answered already: not posted again
+    assert _post_attempts(label_studio, busy["id"]) == 1  # the control: the bulk job's other task is posted
+
+
+def test_a_running_job_is_kept_registered_by_heartbeats_not_for_its_whole_timeout(redis_url, make_settings,
+                                                                                  label_studio):  # fmt: skip
+    """While a job runs, the worker renews its registration every job_monitoring_interval for
+    about a minute more; RQ's SimpleWorker registered it once for JOB_TIMEOUT + 60 s, so a dead
+    worker's job looked alive for that long."""
+    settings = make_settings(redis_url=redis_url, label_studio_url=label_studio.url,
+                             label_studio_api_key=label_studio.legacy_token)  # fmt: skip
+    photo = label_studio.files[PHOTOS[1]]
+
+    def slow(handler):
+        time.sleep(3)
+        handler._send(200, photo, "image/png")
+
+    label_studio.extra_routes["/data/upload/1/slow.png"] = slow
+    runner = QueueRunner(settings)
+    control = ChoicesControl("tags", "image", (ClassLabel("cat", ("cat",)), ClassLabel("dog", ("dog",))), True)
+    runner.submit(PredictJob(settings.model_version, "image", (control,), (ImageTask(1, "/data/upload/1/slow.png"),)))
+    registry = StartedJobRegistry(PREDICT_QUEUE, connection=runner.connection)
+    samples, done = [], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.1):
+            for _, expiry in runner.connection.zrange(registry.key, 0, -1, withscores=True):
+                samples.append((time.time(), expiry))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    tasks.configure(settings)
+    try:
+        PrelabelWorker([runner.queue], connection=runner.connection, serializer=JSONSerializer,
+                       job_monitoring_interval=1).work(burst=True)  # fmt: skip
+    finally:
+        done.set()
+        sampler.join()
+    assert samples, "the job was never seen running"
+    assert all(expiry < at + 62 for at, expiry in samples)  # about a minute ahead, never JOB_TIMEOUT
+    assert max(e for _, e in samples) - min(e for _, e in samples) >= 1.5  # renewed as the job ran

@@ -17,10 +17,11 @@ import threading
 import redis
 from rq import Queue, SimpleWorker, Worker, worker_registration
 from rq.executions import Execution
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
+from common import keys
 from common.errors import ModelUnavailable, SettingsError
 from common.jobs import ADAPT_QUEUE, PREDICT_QUEUE, TRAIN_QUEUE, AllowListedJob
 from common.logs import configure_logging, redact_url
@@ -67,14 +68,19 @@ class PrelabelWorker(SimpleWorker):
         while not done.wait(self.job_monitoring_interval):
             try:
                 self.maintain_heartbeats(job, execution)
-            except redis.exceptions.RedisError as e:  # Redis away: the next beat tries again
+                if job.get_status(refresh=True) == JobStatus.FAILED and not done.is_set():
+                    # Failed as abandoned while it runs (Redis away for over a minute): a training
+                    # run must not promote a model after its project was told it failed.
+                    log.warning("job %s was failed as abandoned while it runs; asking it to stop", job.id)
+                    self.connection.set(keys.cancel(job.id), 1, ex=24 * 3600)
+            except Exception as e:  # Redis away, or anything else: the next beat tries again
                 log.warning("job %s: heartbeat failed: %s", job.id, e)
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         """How long the worker's and the job's registrations outlive a heartbeat: the next one is
         due within ``job_monitoring_interval`` (RQ's rule for its forking worker)."""
         left = job.timeout - working_time if job.timeout and job.timeout > 0 else self.job_monitoring_interval
-        return int(min(left, self.job_monitoring_interval)) + 60
+        return int(min(max(left, 0), self.job_monitoring_interval)) + 60
 
     def unsubscribe(self) -> None:
         """Trip the command listener's stop flag before RQ unsubscribes it. RQ unsubscribes first
