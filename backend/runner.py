@@ -47,6 +47,11 @@ REQUEST_STATES = {"queued": "queued", "deferred": "queued", "scheduled": "queued
 REQUEST_PENDING = ("queued", "deferred", "scheduled", "started")
 #: Chunk ids a request's progress lists (an import of 100,000 tasks has 12,500).
 MAX_LISTED_JOBS = 100
+#: How long Redis keeps the note of which job computes a task's prediction (only a job still
+#: queued or running counts, so a stale note costs nothing but its bytes).
+IN_FLIGHT_TTL = 24 * 3600
+#: RQ job states in which a job will still deliver its predictions.
+IN_FLIGHT_STATES = ("queued", "deferred", "scheduled", "started")
 
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
@@ -99,6 +104,14 @@ class Runner(Protocol):
         """A tracked request's state over all its chunks; None when unknown or expired."""
         ...
 
+    def claim(self, cache_keys: list[str], job_id: str) -> None:
+        """Note that job ``job_id`` computes the predictions of ``cache_keys``."""
+        ...
+
+    def owners(self, cache_keys: list[str]) -> dict[str, InFlight]:
+        """The jobs, still queued or running, that compute some of ``cache_keys``, by key."""
+        ...
+
     def wait(self, job_id: str, deadline: float) -> PredictResult:
         """The job's result, by ``deadline`` (monotonic clock).
 
@@ -114,6 +127,14 @@ class Runner(Protocol):
 def make_runner(settings: Settings, connection: redis.Redis | None) -> Runner:
     """The queue runner on ``connection``, or the embedded one without Redis."""
     return QueueRunner(settings, connection) if connection is not None else InlineRunner(settings)
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A predict job that will deliver a prediction someone asks for again."""
+
+    job_id: str
+    started: bool
 
 
 class QueueRunner:
@@ -147,6 +168,27 @@ class QueueRunner:
         log.info("predict job %s enqueued%s: %d tasks, model %s", rq_job.id, " at the front" if interactive else "",
                  len(job.tasks), job.model_version)  # fmt: skip
         return rq_job.id
+
+    def claim(self, cache_keys: list[str], job_id: str) -> None:
+        with self.redis_errors():
+            pipe = self.connection.pipeline(transaction=False)
+            for key in cache_keys:
+                pipe.set(keys.predicting(key), job_id, ex=IN_FLIGHT_TTL)
+            pipe.execute()
+
+    def owners(self, cache_keys: list[str]) -> dict[str, InFlight]:
+        if not cache_keys:
+            return {}
+        with self.redis_errors():
+            named = self.connection.mget([keys.predicting(key) for key in cache_keys])
+            job_ids = sorted({j.decode() for j in named if j is not None})
+            jobs = AllowListedJob.fetch_many(job_ids, connection=self.connection, serializer=JSONSerializer)
+            live = {}
+            for job_id, job in zip(job_ids, jobs, strict=True):
+                status = job.get_status(refresh=False) if job is not None else None
+                if status is not None and status.value in IN_FLIGHT_STATES:
+                    live[job_id] = InFlight(job_id, started=status.value == "started")
+        return {key: live[j.decode()] for key, j in zip(cache_keys, named, strict=True) if j and j.decode() in live}
 
     def track(self, job_ids: list[str], sizes: list[int], project: str | None) -> str:
         """Record the chunks (and their task counts) of one request under a new id; the record
@@ -294,6 +336,12 @@ class InlineRunner:
 
     def track(self, job_ids: list[str], sizes: list[int], project: str | None) -> None:
         return None
+
+    def claim(self, cache_keys: list[str], job_id: str) -> None:
+        return None  # one request at a time waits for its own jobs: nothing to share
+
+    def owners(self, cache_keys: list[str]) -> dict[str, InFlight]:
+        return {}
 
     def progress(self, request_id: str) -> None:
         return None

@@ -10,6 +10,9 @@ The same in both modes (``backend/runner.py``): only the cache's home differs.
   are cached and posted to Label Studio through its API (to tasks of the job's project only), so
   the annotators find them without asking again.
 * TASKS_CREATED (an import) starts that same background work for the new tasks: precomputing.
+* A task asked for again while a job computes it (Retrieve Predictions clicked twice, a task
+  opened while its import is precomputed) waits for that job: nothing is computed twice, and
+  each prediction reaches Label Studio once, from whoever caches it first.
 """
 
 from __future__ import annotations
@@ -28,10 +31,10 @@ from typing import Any, Protocol
 import redis
 from label_studio_sdk.core.request_options import RequestOptions
 
-from backend.runner import Runner
+from backend.runner import InFlight, Runner
 from common import keys
 from common.errors import JobTimeout, PrelabelError, ServiceUnavailable
-from common.jobs import ImageTask, PredictJob
+from common.jobs import ImageTask, PredictJob, PredictResult
 from common.labelstudio.annotations import image_url
 from common.labelstudio.client import label_studio_client
 from common.labelstudio.config import LabelSpec
@@ -59,11 +62,14 @@ Remember = Callable[[str, dict[Any, dict]], None]
 
 
 class PredictionCache(Protocol):
-    """Label Studio predictions by ``cache_key``."""
+    """Label Studio predictions by ``cache_key``. A prediction is added once: whoever adds it
+    delivers it to Label Studio (in a /predict answer, or posted), so it is delivered once."""
 
     def get_many(self, cache_keys: list[str]) -> list[dict | list | None]: ...
 
-    def put_many(self, items: dict[str, Any]) -> None: ...
+    def add_many(self, items: dict[str, Any]) -> set[str]:
+        """Store the items not cached yet; returns the keys stored."""
+        ...
 
 
 class RedisCache:
@@ -76,13 +82,13 @@ class RedisCache:
         found = self.connection.mget(cache_keys) if cache_keys else []
         return [json.loads(v) if v is not None else None for v in found]
 
-    def put_many(self, items: dict[str, Any]) -> None:
+    def add_many(self, items: dict[str, Any]) -> set[str]:
         if not items:
-            return
+            return set()
         pipe = self.connection.pipeline()
         for key, prediction in items.items():
-            pipe.set(key, json.dumps(prediction), ex=CACHE_TTL)
-        pipe.execute()
+            pipe.set(key, json.dumps(prediction), ex=CACHE_TTL, nx=True)
+        return {key for key, stored in zip(items, pipe.execute(), strict=True) if stored}
 
 
 class MemoryCache:
@@ -102,16 +108,17 @@ class MemoryCache:
                     self._items.move_to_end(key)
         return [json.loads(v) if v is not None else None for v in found]
 
-    def put_many(self, items: dict[str, Any]) -> None:
+    def add_many(self, items: dict[str, Any]) -> set[str]:
         texts = {key: json.dumps(prediction) for key, prediction in items.items()}
         with self._lock:
-            for key, text in texts.items():
-                old = self._items.pop(key, None)
-                self._bytes += len(key) + len(text) - (len(key) + len(old) if old is not None else 0)
-                self._items[key] = text
+            stored = {key for key in texts if key not in self._items}
+            for key in stored:
+                self._items[key] = texts[key]
+                self._bytes += len(key) + len(texts[key])
             while self._bytes > self.max_bytes and self._items:
                 key, text = self._items.popitem(last=False)
                 self._bytes -= len(key) + len(text)
+        return stored
 
 
 @dataclass(frozen=True)
@@ -150,18 +157,19 @@ class Server:
         it) ahead of queued bulk work; a job not done by PREDICT_TIMEOUT is finished later,
         cached and posted to Label Studio. The embedded runner, which runs one job at a time,
         gets them one after the other until PREDICT_TIMEOUT, so that an annotator's next request
-        does not wait behind a whole selection; Label Studio asks again for the rest.
+        does not wait behind a whole selection; Label Studio asks again for the rest. Tasks that
+        jobs queued earlier compute already are waited for, not queued again (``_lookup``).
         """
-        cache_keys, answers, jobs = self._lookup(tasks, spec, label_config, project, version, images,
-                                                 project_settings or {})  # fmt: skip
-        cached = len(tasks) - sum(len(chunk) for chunk, _ in jobs)
+        interactive = len(tasks) == 1
+        cache_keys, answers, jobs, elsewhere = self._lookup(tasks, spec, label_config, project, version, images,
+                                                            project_settings or {}, interactive)  # fmt: skip
+        cached = len(tasks) - sum(len(chunk) for chunk, _ in jobs) - len(elsewhere)
         if jobs:
             status = self.runner.status()
             if status.unavailable:
                 raise ServiceUnavailable(status.unavailable)
         deadline = time.monotonic() + self.settings.predict_timeout
-        interactive = len(tasks) == 1
-        ids = [self.runner.submit(job, interactive) for _, job in jobs] if self.runner.background else []
+        ids = self._submit(jobs, cache_keys, interactive) if self.runner.background else []
         sizes = [len(chunk) for chunk, _ in jobs]
         request = self.runner.track(ids, sizes, project) if ids and not interactive else None
         for n, (chunk, job) in enumerate(jobs):
@@ -178,11 +186,53 @@ class Server:
                 for (later, later_job), later_id in zip(jobs[n + 1 :], ids[n + 1 :], strict=False):
                     self.finish_later(later_id, later_job, spec, [cache_keys[i] for i in later])
                 raise
-            fresh = to_label_studio(result, spec, result.model_version)
-            self.cache.put_many({cache_keys[i]: p for i, p in zip(chunk, fresh, strict=True) if p})
-            for i, p in zip(chunk, fresh, strict=True):
-                answers[i] = p
+            self._deliver(result, spec, tasks, chunk, cache_keys, answers)
+        self._collect(elsewhere, tasks, cache_keys, answers, spec, deadline)
         return Served([a if a is not None else [] for a in answers], cached, request)
+
+    def _submit(
+        self, jobs: list[tuple[Sequence[int], PredictJob]], cache_keys: list[str], interactive: bool
+    ) -> list[str]:
+        """Queue ``jobs`` and note which job computes which prediction, for whoever asks again meanwhile."""
+        ids = []
+        for chunk, job in jobs:
+            ids.append(self.runner.submit(job, interactive))
+            self.runner.claim([cache_keys[i] for i in chunk], ids[-1])
+        return ids
+
+    def _collect(
+        self, elsewhere: dict[str, InFlight], tasks: list[dict], cache_keys: list[str], answers: list[Any],
+        spec: LabelSpec, deadline: float,
+    ) -> None:  # fmt: skip
+        """Fill ``answers`` from the jobs that earlier requests queued for some of these tasks, as
+        far as they finish by ``deadline``. Those jobs are their requests' to finish: what is not
+        done by then is posted to Label Studio when it is, as for the request that queued it."""
+        waiting: dict[str, list[int]] = {}
+        for i, key in enumerate(cache_keys):
+            if key in elsewhere:
+                waiting.setdefault(elsewhere[key].job_id, []).append(i)
+        for job_id, indices in waiting.items():
+            if time.monotonic() >= deadline:
+                break
+            try:
+                result = self.runner.wait(job_id, deadline)
+            except PrelabelError as e:  # not done yet, or failed: the request that queued it says so
+                log.info("predict job %s, which %d tasks of this request wait for: %s", job_id, len(indices), e)
+                continue
+            self._deliver(result, spec, tasks, indices, cache_keys, answers)
+
+    def _deliver(
+        self, result: PredictResult, spec: LabelSpec, tasks: list[dict], indices: Sequence[int],
+        cache_keys: list[str], answers: list[Any],
+    ) -> None:  # fmt: skip
+        """Set ``answers`` of the tasks at ``indices`` from ``result`` (of a job that holds them),
+        except those another request or a background job cached first: it delivers them."""
+        predictions = to_label_studio(result, spec, result.model_version)
+        by_task = {str(t.task_id): p for t, p in zip(result.tasks, predictions, strict=True)}
+        found = {i: by_task.get(str(tasks[i]["id"])) for i in indices}
+        stored = self.cache.add_many({cache_keys[i]: p for i, p in found.items() if p})
+        for i, p in found.items():
+            answers[i] = p if not p or cache_keys[i] in stored else None
 
     def precompute(
         self, tasks: list[dict], spec: LabelSpec, label_config: str, project: str, version: str,
@@ -195,24 +245,29 @@ class Server:
         if not self.runner.background:
             return None
         images = [image_url(t, spec.image_key) for t in tasks]
-        cache_keys, _, jobs = self._lookup(tasks, spec, label_config, project, version, images, project_settings)
-        ids = []
-        for chunk, job in jobs:
-            job_id = self.runner.submit(job)
+        cache_keys, _, jobs, _ = self._lookup(tasks, spec, label_config, project, version, images, project_settings)
+        ids = self._submit(jobs, cache_keys, interactive=False)
+        for (chunk, job), job_id in zip(jobs, ids, strict=True):
             self.finish_later(job_id, job, spec, [cache_keys[i] for i in chunk])
-            ids.append(job_id)
         return self.runner.track(ids, [len(chunk) for chunk, _ in jobs], project) if ids else None
 
     def _lookup(
         self, tasks: list[dict], spec: LabelSpec, label_config: str, project: str | None, version: str,
-        images: list[str | None], project_settings: dict[str, Any],
-    ) -> tuple[list[str], list[Any], list[tuple[Sequence[int], PredictJob]]]:  # fmt: skip
-        """The tasks' cache keys and cached answers (None where missing), and the jobs, of at most
-        MAX_TASKS_PER_JOB tasks, for the missing ones with the indices of their tasks."""
+        images: list[str | None], project_settings: dict[str, Any], interactive: bool = False,
+    ) -> tuple[list[str], list[Any], list[tuple[Sequence[int], PredictJob]], dict[str, InFlight]]:  # fmt: skip
+        """The tasks' cache keys and cached answers (None where missing), the jobs, of at most
+        MAX_TASKS_PER_JOB tasks, for the missing ones with the indices of their tasks, and the
+        missing ones that jobs queued earlier compute already (asked again while those run:
+        Retrieve Predictions clicked twice, an import being precomputed). Those are not computed
+        twice, except that an annotator opening one task does not wait behind queued bulk work:
+        their task gets its own job, at the front."""
         served = project_version(version, project_settings)
         cache_keys = [cache_key(served, label_config, t["id"], url) for t, url in zip(tasks, images, strict=True)]
         answers: list[Any] = self.cache.get_many(cache_keys)
         missing = [i for i, a in enumerate(answers) if a is None]
+        owners = self.runner.owners([cache_keys[i] for i in missing])
+        elsewhere = {key: job for key, job in owners.items() if job.started or not interactive}
+        missing = [i for i in missing if cache_keys[i] not in elsewhere]
         jobs = [
             (
                 chunk,
@@ -222,7 +277,7 @@ class Server:
             )  # fmt: skip
             for chunk in per_job(missing, self.settings.max_tasks_per_job)
         ]
-        return cache_keys, answers, jobs
+        return cache_keys, answers, jobs, elsewhere
 
     def finish_later(self, job_id: str, job: PredictJob, spec: LabelSpec, cache_keys: list[str]) -> None:
         self._background.submit(self._finish, job_id, job, spec, cache_keys)
@@ -234,15 +289,18 @@ class Server:
             log.warning("background predict job %s gave nothing to post: %s", job_id, e)
             return
         predictions = to_label_studio(result, spec, result.model_version)
-        self.cache.put_many({k: p for k, p in zip(cache_keys, predictions, strict=True) if p})
-        posted = self._post(job, predictions)
+        # One cached first by a request (an annotator opened the task, or a request asking again
+        # collected this job's result) was in its answer: posting it too would add a copy.
+        stored = self.cache.add_many({k: p for k, p in zip(cache_keys, predictions, strict=True) if p})
+        posted = self._post(job, [p if k in stored else [] for k, p in zip(cache_keys, predictions, strict=True)])
         if posted and self.posted is not None and job.project:
             try:
                 self.posted(job.project, posted)
             except redis.exceptions.RedisError as e:  # the report misses them; the predictions are posted
                 log.warning("background predict job %s: posted predictions not remembered: %s", job_id, e)
-        log.info("background predict job %s done: %d predictions cached, %d posted to Label Studio",
-                 job_id, sum(1 for p in predictions if p), len(posted))  # fmt: skip
+        answered = sum(1 for p in predictions if p) - len(stored)
+        log.info("background predict job %s done: %d predictions cached, %d posted to Label Studio (%d answered by "
+                 "a request)", job_id, len(stored), len(posted), answered)  # fmt: skip
 
     def _post(self, job: PredictJob, predictions: list[Any]) -> dict[Any, dict]:
         """Post each prediction to its task, only when Label Studio says the task belongs to the

@@ -43,6 +43,11 @@ def cached_prediction(version: str, task_id: object, digest: str) -> str:
     return f"{PREFIX}cache:{version}:{task_id}:{digest}"
 
 
+def predicting(cache_key: str) -> str:
+    """The id of the predict job computing the prediction ``cache_key`` will hold."""
+    return f"{PREFIX}predicting:{cache_key.removeprefix(PREFIX)}"
+
+
 def training_job(project: str) -> str:
     """The id of the project's latest training job (at most one is queued or running)."""
     return f"{PREFIX}training:{project}"
