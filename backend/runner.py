@@ -182,12 +182,12 @@ class QueueRunner:
         with self.redis_errors():
             named = self.connection.mget([keys.predicting(key) for key in cache_keys])
             job_ids = sorted({j.decode() for j in named if j is not None})
-            jobs = AllowListedJob.fetch_many(job_ids, connection=self.connection, serializer=JSONSerializer)
-            live = {}
-            for job_id, job in zip(job_ids, jobs, strict=True):
-                status = job.get_status(refresh=False) if job is not None else None
-                if status is not None and status.value in IN_FLIGHT_STATES:
-                    live[job_id] = InFlight(job_id, started=status.value == "started")
+            pipe = self.connection.pipeline()
+            for job_id in job_ids:  # one field of each job, not its payload
+                pipe.hget(AllowListedJob.key_for(job_id), "status")
+            statuses = [s.decode() if s is not None else None for s in pipe.execute()]
+            live = {j: InFlight(j, started=s == "started") for j, s in zip(job_ids, statuses, strict=True)
+                    if s in IN_FLIGHT_STATES}  # fmt: skip
         return {key: live[j.decode()] for key, j in zip(cache_keys, named, strict=True) if j and j.decode() in live}
 
     def track(self, job_ids: list[str], sizes: list[int], project: str | None) -> str:

@@ -11,8 +11,8 @@ The same in both modes (``backend/runner.py``): only the cache's home differs.
   the annotators find them without asking again.
 * TASKS_CREATED (an import) starts that same background work for the new tasks: precomputing.
 * A task asked for again while a job computes it (Retrieve Predictions clicked twice, a task
-  opened while its import is precomputed) waits for that job: nothing is computed twice, and
-  each prediction reaches Label Studio once, from whoever caches it first.
+  opened while its import is precomputed) waits for that job instead of queuing the same work,
+  and a late job does not post a prediction that a request has answered meanwhile.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from label_studio_sdk.core.request_options import RequestOptions
 from backend.runner import InFlight, Runner
 from common import keys
 from common.errors import JobTimeout, PrelabelError, ServiceUnavailable
-from common.jobs import ImageTask, PredictJob, PredictResult
+from common.jobs import ImageTask, PredictJob
 from common.labelstudio.annotations import image_url
 from common.labelstudio.client import label_studio_client
 from common.labelstudio.config import LabelSpec
@@ -62,14 +62,11 @@ Remember = Callable[[str, dict[Any, dict]], None]
 
 
 class PredictionCache(Protocol):
-    """Label Studio predictions by ``cache_key``. A prediction is added once: whoever adds it
-    delivers it to Label Studio (in a /predict answer, or posted), so it is delivered once."""
+    """Label Studio predictions by ``cache_key``."""
 
     def get_many(self, cache_keys: list[str]) -> list[dict | list | None]: ...
 
-    def add_many(self, items: dict[str, Any]) -> set[str]:
-        """Store the items not cached yet; returns the keys stored."""
-        ...
+    def put_many(self, items: dict[str, Any]) -> None: ...
 
 
 class RedisCache:
@@ -82,13 +79,13 @@ class RedisCache:
         found = self.connection.mget(cache_keys) if cache_keys else []
         return [json.loads(v) if v is not None else None for v in found]
 
-    def add_many(self, items: dict[str, Any]) -> set[str]:
+    def put_many(self, items: dict[str, Any]) -> None:
         if not items:
-            return set()
+            return
         pipe = self.connection.pipeline()
         for key, prediction in items.items():
-            pipe.set(key, json.dumps(prediction), ex=CACHE_TTL, nx=True)
-        return {key for key, stored in zip(items, pipe.execute(), strict=True) if stored}
+            pipe.set(key, json.dumps(prediction), ex=CACHE_TTL)
+        pipe.execute()
 
 
 class MemoryCache:
@@ -108,17 +105,16 @@ class MemoryCache:
                     self._items.move_to_end(key)
         return [json.loads(v) if v is not None else None for v in found]
 
-    def add_many(self, items: dict[str, Any]) -> set[str]:
+    def put_many(self, items: dict[str, Any]) -> None:
         texts = {key: json.dumps(prediction) for key, prediction in items.items()}
         with self._lock:
-            stored = {key for key in texts if key not in self._items}
-            for key in stored:
-                self._items[key] = texts[key]
-                self._bytes += len(key) + len(texts[key])
+            for key, text in texts.items():
+                old = self._items.pop(key, None)
+                self._bytes += len(key) + len(text) - (len(key) + len(old) if old is not None else 0)
+                self._items[key] = text
             while self._bytes > self.max_bytes and self._items:
                 key, text = self._items.popitem(last=False)
                 self._bytes -= len(key) + len(text)
-        return stored
 
 
 @dataclass(frozen=True)
@@ -163,7 +159,7 @@ class Server:
         interactive = len(tasks) == 1
         cache_keys, answers, jobs, elsewhere = self._lookup(tasks, spec, label_config, project, version, images,
                                                             project_settings or {}, interactive)  # fmt: skip
-        cached = len(tasks) - sum(len(chunk) for chunk, _ in jobs) - len(elsewhere)
+        cached = len(tasks) - sum(len(chunk) for chunk, _ in jobs) - sum(1 for key in cache_keys if key in elsewhere)
         if jobs:
             status = self.runner.status()
             if status.unavailable:
@@ -186,7 +182,10 @@ class Server:
                 for (later, later_job), later_id in zip(jobs[n + 1 :], ids[n + 1 :], strict=False):
                     self.finish_later(later_id, later_job, spec, [cache_keys[i] for i in later])
                 raise
-            self._deliver(result, spec, tasks, chunk, cache_keys, answers)
+            fresh = to_label_studio(result, spec, result.model_version)
+            self.cache.put_many({cache_keys[i]: p for i, p in zip(chunk, fresh, strict=True) if p})
+            for i, p in zip(chunk, fresh, strict=True):
+                answers[i] = p
         self._collect(elsewhere, tasks, cache_keys, answers, spec, deadline)
         return Served([a if a is not None else [] for a in answers], cached, request)
 
@@ -217,22 +216,15 @@ class Server:
             try:
                 result = self.runner.wait(job_id, deadline)
             except PrelabelError as e:  # not done yet, or failed: the request that queued it says so
-                log.info("predict job %s, which %d tasks of this request wait for: %s", job_id, len(indices), e)
+                log.warning("predict job %s, which %d tasks of this request wait for: %s", job_id, len(indices), e)
                 continue
-            self._deliver(result, spec, tasks, indices, cache_keys, answers)
-
-    def _deliver(
-        self, result: PredictResult, spec: LabelSpec, tasks: list[dict], indices: Sequence[int],
-        cache_keys: list[str], answers: list[Any],
-    ) -> None:  # fmt: skip
-        """Set ``answers`` of the tasks at ``indices`` from ``result`` (of a job that holds them),
-        except those another request or a background job cached first: it delivers them."""
-        predictions = to_label_studio(result, spec, result.model_version)
-        by_task = {str(t.task_id): p for t, p in zip(result.tasks, predictions, strict=True)}
-        found = {i: by_task.get(str(tasks[i]["id"])) for i in indices}
-        stored = self.cache.add_many({cache_keys[i]: p for i, p in found.items() if p})
-        for i, p in found.items():
-            answers[i] = p if not p or cache_keys[i] in stored else None
+            predictions = to_label_studio(result, spec, result.model_version)
+            ids = [str(t.task_id) for t in result.tasks]
+            # by task id: that job was another request's; an id it holds twice (two images) is left out
+            by_task = {i: p for i, p in zip(ids, predictions, strict=True) if ids.count(i) == 1}
+            for i in indices:
+                answers[i] = by_task.get(str(tasks[i]["id"])) or None
+            self.cache.put_many({cache_keys[i]: answers[i] for i in indices if answers[i]})
 
     def precompute(
         self, tasks: list[dict], spec: LabelSpec, label_config: str, project: str, version: str,
@@ -246,9 +238,10 @@ class Server:
             return None
         images = [image_url(t, spec.image_key) for t in tasks]
         cache_keys, _, jobs, _ = self._lookup(tasks, spec, label_config, project, version, images, project_settings)
-        ids = self._submit(jobs, cache_keys, interactive=False)
-        for (chunk, job), job_id in zip(jobs, ids, strict=True):
-            self.finish_later(job_id, job, spec, [cache_keys[i] for i in chunk])
+        ids = []
+        for chunk, job in jobs:  # each job has its finisher before the next is queued (Redis may go)
+            ids += self._submit([(chunk, job)], cache_keys, interactive=False)
+            self.finish_later(ids[-1], job, spec, [cache_keys[i] for i in chunk])
         return self.runner.track(ids, [len(chunk) for chunk, _ in jobs], project) if ids else None
 
     def _lookup(
@@ -289,18 +282,19 @@ class Server:
             log.warning("background predict job %s gave nothing to post: %s", job_id, e)
             return
         predictions = to_label_studio(result, spec, result.model_version)
-        # One cached first by a request (an annotator opened the task, or a request asking again
-        # collected this job's result) was in its answer: posting it too would add a copy.
-        stored = self.cache.add_many({k: p for k, p in zip(cache_keys, predictions, strict=True) if p})
-        posted = self._post(job, [p if k in stored else [] for k, p in zip(cache_keys, predictions, strict=True)])
+        # One cached meanwhile was in a request's answer (an annotator opened the task, or a request
+        # asking again collected this job's result): posting it too would add a copy.
+        answered = [p is not None for p in self.cache.get_many(cache_keys)]
+        self.cache.put_many({k: p for k, p, a in zip(cache_keys, predictions, answered, strict=True) if p and not a})
+        posted = self._post(job, [p if not a else [] for p, a in zip(predictions, answered, strict=True)])
         if posted and self.posted is not None and job.project:
             try:
                 self.posted(job.project, posted)
             except redis.exceptions.RedisError as e:  # the report misses them; the predictions are posted
                 log.warning("background predict job %s: posted predictions not remembered: %s", job_id, e)
-        answered = sum(1 for p in predictions if p) - len(stored)
-        log.info("background predict job %s done: %d predictions cached, %d posted to Label Studio (%d answered by "
-                 "a request)", job_id, len(stored), len(posted), answered)  # fmt: skip
+        log.info("background predict job %s done: %d predictions cached, %d posted to Label Studio (%d answered "
+                 "meanwhile)", job_id, sum(1 for p, a in zip(predictions, answered, strict=True) if p and not a),
+                 len(posted), sum(answered))  # fmt: skip
 
     def _post(self, job: PredictJob, predictions: list[Any]) -> dict[Any, dict]:
         """Post each prediction to its task, only when Label Studio says the task belongs to the

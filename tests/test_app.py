@@ -258,9 +258,9 @@ def test_embedded_mode_serves_repeated_tasks_from_its_cache(client, voc_config, 
 def test_the_memory_cache_keeps_the_most_recently_used_within_its_bytes():
     cache = MemoryCache(max_bytes=250)
     item = {"result": ["x" * 80]}  # ~95 bytes of JSON: two fit
-    cache.add_many({"a": item, "b": item})
+    cache.put_many({"a": item, "b": item})
     assert cache.get_many(["a"]) == [item]  # a is now the most recently used
-    cache.add_many({"c": item})
+    cache.put_many({"c": item})
     assert cache.get_many(["a", "b", "c"]) == [item, None, item]
 
 

@@ -87,7 +87,7 @@ def test_metrics_sum_every_gunicorn_process(make_settings, redis_url, voc_config
 
     settings = make_settings(redis_url=redis_url)
     tasks = [{"id": i, "data": {"image": f"data:image/png;base64,{i}"}} for i in range(4)]
-    RedisCache(redis.Redis.from_url(redis_url)).add_many({
+    RedisCache(redis.Redis.from_url(redis_url)).put_many({
         cache_key(settings.model_version, voc_config, t["id"], t["data"]["image"]): {"result": [], "score": 0.5}
         for t in tasks
     })  # fmt: skip
