@@ -7,6 +7,7 @@ import base64
 import dataclasses
 import io
 import json
+import signal
 import threading
 import time
 
@@ -18,20 +19,32 @@ import torch
 from PIL import Image
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
+from rq.worker import WorkerStatus
 
 from backend.app import create_app
 from backend.runner import QueueRunner
 from backend.webhook_secret import SECRET_HEADER, project_secret
 from common import keys
 from common.errors import AnnotationError
-from common.jobs import TRAIN_QUEUE, BrushControl, ChoicesControl, ClassLabel, ImageTask, PredictJob, TrainJob
+from common.jobs import (
+    TRAIN_FUNCTION,
+    TRAIN_QUEUE,
+    BrushControl,
+    ChoicesControl,
+    ClassLabel,
+    ImageTask,
+    PredictJob,
+    TrainJob,
+)
 from common.labelstudio.brush import mask_to_rle
 from common.labelstudio.config import parse_label_config
 from common.versions import WEIGHTS_FILE, Registry
 from tests.conftest import shared_data
 from worker import tasks
+from worker.cli import PrelabelWorker
 from worker.loading import load_clip
 from worker.predictor import Predictor
+from worker.progress import SHUTTING_DOWN, JobProgress, naming_shutdown
 from worker.provider import ModelProvider
 from worker.training.clipself import CLIPSelfConfig, _box_weights, train_clipself
 from worker.training.corrections import Correction, fetch_images, from_annotation, mark_boxes_unknown
@@ -594,3 +607,34 @@ def test_boxes_are_unknown_in_masks_and_a_boxes_only_project_is_gated_on_its_box
     scored = evaluate(predictor, corrections, (), (), spec.regions)
     assert 0.0 <= scored["box_miou"] <= 1.0  # something to gate on
     assert gate(scored, scored, 0.0)[0]
+
+
+def test_a_worker_asked_to_stop_ends_its_training_run_at_the_next_step(trainer, redis_url):
+    """SIGTERM (a redeploy) while a run trains: RQ's warm shutdown waits for the job, so the run
+    stops at its next step and says why, instead of being killed mid-step when the container's
+    grace period ends (and found dead 90 s later)."""
+    settings, base, registry = trainer
+    job = dataclasses.replace(JOB, model_version=settings.model_version)
+    connection = redis.Redis.from_url(redis_url)
+    worker = PrelabelWorker([TRAIN_QUEUE], connection=connection, serializer=JSONSerializer)
+    queued = Queue(TRAIN_QUEUE, connection=connection, serializer=JSONSerializer).enqueue_call(TRAIN_FUNCTION,
+                                                                                              args=({},))  # fmt: skip
+    job_progress = JobProgress(queued, "train")
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    reached: list[str] = []
+
+    def progress(name, step, steps, loss) -> None:
+        reached.append(name)
+        if name == "clipself" and reached.count(name) == 1:
+            worker.set_state(WorkerStatus.BUSY)
+            worker.request_stop(signal.SIGTERM, None)  # what RQ's SIGTERM handler runs
+
+    try:
+        with pytest.raises(TrainingCancelled, match="its worker was shut down"), naming_shutdown():
+            run_training(base, base, registry, job, progress, job_progress.should_stop, collect=_corrections)
+    finally:
+        SHUTTING_DOWN.clear()
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    assert reached.count("clipself") <= 2  # stopped within a step
+    assert registry.active(UID) == settings.model_version and registry.versions(UID) == []

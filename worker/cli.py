@@ -27,6 +27,7 @@ from common.jobs import ADAPT_QUEUE, PREDICT_QUEUE, TRAIN_QUEUE, AllowListedJob
 from common.logs import configure_logging, redact_url
 from common.settings import Settings
 from worker import tasks
+from worker.progress import SHUTTING_DOWN
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,11 @@ class PrelabelWorker(SimpleWorker):
         due within ``job_monitoring_interval`` (RQ's rule for its forking worker)."""
         left = job.timeout - working_time if job.timeout and job.timeout > 0 else self.job_monitoring_interval
         return int(min(max(left, 0), self.job_monitoring_interval)) + 60
+
+    def handle_warm_shutdown_request(self) -> None:
+        """SIGTERM: a prediction finishes; a training or few-shot job stops at its next step."""
+        super().handle_warm_shutdown_request()
+        SHUTTING_DOWN.set()
 
     def unsubscribe(self) -> None:
         """Trip the command listener's stop flag before RQ unsubscribes it. RQ unsubscribes first

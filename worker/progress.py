@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
+from collections.abc import Iterator
 
 from rq.job import Job
 
 from common import keys
+from worker.training.loop import TrainingCancelled
 
 log = logging.getLogger(__name__)
+
+#: Set when this worker process is asked to stop (SIGTERM: a redeploy, ``docker stop``). A running
+#: training or few-shot job then stops at its next step, as when cancelled, instead of being
+#: killed mid-step when the grace period ends and found dead 90 s later.
+SHUTTING_DOWN = threading.Event()
 
 
 #: Points of a stage's loss curve kept in the job's meta (halved, every other dropped, when full).
@@ -67,4 +76,17 @@ class JobProgress:
             )
 
     def should_stop(self) -> bool:
+        if SHUTTING_DOWN.is_set():
+            return True
         return self.job is not None and bool(self.job.connection.exists(keys.cancel(self.job.id)))
+
+
+@contextlib.contextmanager
+def naming_shutdown() -> Iterator[None]:
+    """A job stopped because its worker is shutting down says so (a cancel says "stopped ...")."""
+    try:
+        yield
+    except TrainingCancelled as e:
+        if not SHUTTING_DOWN.is_set():
+            raise
+        raise TrainingCancelled(f"{e}: its worker was shut down (SIGTERM); start the run again") from e

@@ -19,7 +19,7 @@ from common.errors import ModelUnavailable
 from common.jobs import PredictJob, TrainJob
 from common.settings import Settings
 from common.versions import Registry
-from worker.progress import JobProgress
+from worker.progress import JobProgress, naming_shutdown
 from worker.provider import ModelProvider
 from worker.training.adapt import run_adaptation
 from worker.training.run import run_training
@@ -79,7 +79,8 @@ def train(payload: dict[str, Any]) -> dict[str, Any]:
     """Run one training run for a project (queue ``train``); returns its summary.
 
     Progress goes to the RQ job's meta (``GET /jobs/<id>`` shows it); the run stops between steps
-    when the backend sets the job's cancel key; the active version only changes at the very end.
+    when the backend sets the job's cancel key or the worker is asked to stop; the active version
+    only changes at the very end.
     """
     job = TrainJob.from_dict(payload)
     models = provider()
@@ -91,7 +92,8 @@ def train(payload: dict[str, Any]) -> dict[str, Any]:
              job.model_version, job.trigger)  # fmt: skip
     base = models.get()
     active = models.for_version(job.model_version, job.project)
-    return run_training(base, active, registry, job, job_progress.report, job_progress.should_stop)
+    with naming_shutdown():
+        return run_training(base, active, registry, job, job_progress.report, job_progress.should_stop)
 
 
 def adapt(payload: dict[str, Any]) -> dict[str, Any]:
@@ -108,4 +110,5 @@ def adapt(payload: dict[str, Any]) -> dict[str, Any]:
     log.info("adapt job %s: project %s from %s (trigger %s)", rq_job.id if rq_job else "inline", job.project,
              job.model_version, job.trigger)  # fmt: skip
     active = models.for_version(job.model_version, job.project)
-    return run_adaptation(active, registry, job, job_progress.report, job_progress.should_stop)
+    with naming_shutdown():
+        return run_adaptation(active, registry, job, job_progress.report, job_progress.should_stop)
