@@ -108,7 +108,7 @@ class Runner(Protocol):
         """Note that job ``job_id`` computes the predictions of ``cache_keys``."""
         ...
 
-    def owners(self, cache_keys: list[str]) -> dict[str, InFlight]:
+    def owners(self, cache_keys: list[str]) -> dict[str, str]:
         """The jobs, still queued or running, that compute some of ``cache_keys``, by key."""
         ...
 
@@ -127,14 +127,6 @@ class Runner(Protocol):
 def make_runner(settings: Settings, connection: redis.Redis | None) -> Runner:
     """The queue runner on ``connection``, or the embedded one without Redis."""
     return QueueRunner(settings, connection) if connection is not None else InlineRunner(settings)
-
-
-@dataclass(frozen=True)
-class InFlight:
-    """A predict job that will deliver a prediction someone asks for again."""
-
-    job_id: str
-    started: bool
 
 
 class QueueRunner:
@@ -176,7 +168,7 @@ class QueueRunner:
                 pipe.set(keys.predicting(key), job_id, ex=IN_FLIGHT_TTL)
             pipe.execute()
 
-    def owners(self, cache_keys: list[str]) -> dict[str, InFlight]:
+    def owners(self, cache_keys: list[str]) -> dict[str, str]:
         if not cache_keys:
             return {}
         with self.redis_errors():
@@ -186,9 +178,8 @@ class QueueRunner:
             for job_id in job_ids:  # one field of each job, not its payload
                 pipe.hget(AllowListedJob.key_for(job_id), "status")
             statuses = [s.decode() if s is not None else None for s in pipe.execute()]
-            live = {j: InFlight(j, started=s == "started") for j, s in zip(job_ids, statuses, strict=True)
-                    if s in IN_FLIGHT_STATES}  # fmt: skip
-        return {key: live[j.decode()] for key, j in zip(cache_keys, named, strict=True) if j and j.decode() in live}
+            live = {j for j, s in zip(job_ids, statuses, strict=True) if s in IN_FLIGHT_STATES}
+        return {key: j.decode() for key, j in zip(cache_keys, named, strict=True) if j and j.decode() in live}
 
     def track(self, job_ids: list[str], sizes: list[int], project: str | None) -> str:
         """Record the chunks (and their task counts) of one request under a new id; the record
@@ -340,7 +331,7 @@ class InlineRunner:
     def claim(self, cache_keys: list[str], job_id: str) -> None:
         return None  # one request at a time waits for its own jobs: nothing to share
 
-    def owners(self, cache_keys: list[str]) -> dict[str, InFlight]:
+    def owners(self, cache_keys: list[str]) -> dict[str, str]:
         return {}
 
     def progress(self, request_id: str) -> None:

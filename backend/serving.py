@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import redis
 from label_studio_sdk.core.request_options import RequestOptions
 
-from backend.runner import InFlight, Runner
+from backend.runner import Runner
 from common import keys
 from common.errors import JobTimeout, PrelabelError, ServiceUnavailable
 from common.jobs import ImageTask, PredictJob
@@ -160,7 +160,7 @@ class Server:
         cache_keys, answers, jobs, elsewhere = self._lookup(tasks, spec, label_config, project, version, images,
                                                             project_settings or {}, interactive)  # fmt: skip
         cached = len(tasks) - sum(len(chunk) for chunk, _ in jobs) - sum(1 for key in cache_keys if key in elsewhere)
-        if jobs:
+        if jobs or elsewhere:  # a worker must be there to run ours, or theirs
             status = self.runner.status()
             if status.unavailable:
                 raise ServiceUnavailable(status.unavailable)
@@ -200,7 +200,7 @@ class Server:
         return ids
 
     def _collect(
-        self, elsewhere: dict[str, InFlight], tasks: list[dict], cache_keys: list[str], answers: list[Any],
+        self, elsewhere: dict[str, str], tasks: list[dict], cache_keys: list[str], answers: list[Any],
         spec: LabelSpec, deadline: float,
     ) -> None:  # fmt: skip
         """Fill ``answers`` from the jobs that earlier requests queued for some of these tasks, as
@@ -209,7 +209,7 @@ class Server:
         waiting: dict[str, list[int]] = {}
         for i, key in enumerate(cache_keys):
             if key in elsewhere:
-                waiting.setdefault(elsewhere[key].job_id, []).append(i)
+                waiting.setdefault(elsewhere[key], []).append(i)
         for job_id, indices in waiting.items():
             if time.monotonic() >= deadline:
                 break
@@ -247,19 +247,19 @@ class Server:
     def _lookup(
         self, tasks: list[dict], spec: LabelSpec, label_config: str, project: str | None, version: str,
         images: list[str | None], project_settings: dict[str, Any], interactive: bool = False,
-    ) -> tuple[list[str], list[Any], list[tuple[Sequence[int], PredictJob]], dict[str, InFlight]]:  # fmt: skip
+    ) -> tuple[list[str], list[Any], list[tuple[Sequence[int], PredictJob]], dict[str, str]]:  # fmt: skip
         """The tasks' cache keys and cached answers (None where missing), the jobs, of at most
         MAX_TASKS_PER_JOB tasks, for the missing ones with the indices of their tasks, and the
         missing ones that jobs queued earlier compute already (asked again while those run:
         Retrieve Predictions clicked twice, an import being precomputed). Those are not computed
-        twice, except that an annotator opening one task does not wait behind queued bulk work:
-        their task gets its own job, at the front."""
+        twice, except that an annotator opening one task never waits on another request's job
+        (queued behind bulk work, or on a worker that may have died): their task gets its own
+        job, at the front, and the other job does not post it again."""
         served = project_version(version, project_settings)
         cache_keys = [cache_key(served, label_config, t["id"], url) for t, url in zip(tasks, images, strict=True)]
         answers: list[Any] = self.cache.get_many(cache_keys)
         missing = [i for i, a in enumerate(answers) if a is None]
-        owners = self.runner.owners([cache_keys[i] for i in missing])
-        elsewhere = {key: job for key, job in owners.items() if job.started or not interactive}
+        elsewhere = self.runner.owners([cache_keys[i] for i in missing]) if not interactive else {}
         missing = [i for i in missing if cache_keys[i] not in elsewhere]
         jobs = [
             (
