@@ -86,6 +86,15 @@ class FakeLabelStudio:
         self._server.shutdown()
         self._server.server_close()
 
+    def serve_slowly(self, path: str, name: str, seconds: float, content_type: str = "image/png") -> None:
+        """Serve the file ``name`` at ``path`` after ``seconds``: an image slow to download."""
+
+        def slow(handler: BaseHTTPRequestHandler) -> None:
+            time.sleep(seconds)
+            handler._send(200, self.files[name], content_type)
+
+        self.extra_routes[path] = slow
+
     def expire_access_tokens(self) -> None:
         self.access_tokens.clear()
 

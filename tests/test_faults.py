@@ -90,13 +90,7 @@ def test_redis_down_then_back_recovers_without_restarts(own_redis, make_settings
 def test_a_worker_killed_mid_job_has_its_job_retried_by_another(redis_url, make_settings, label_studio, tmp_path):
     settings = make_settings(redis_url=redis_url, job_timeout=5, label_studio_url=label_studio.url,
                              label_studio_api_key=label_studio.legacy_token)  # fmt: skip
-    photo = label_studio.files["2011_000003.jpg"]
-
-    def slow(handler):
-        time.sleep(3)
-        handler._send(200, photo, "image/jpeg")
-
-    label_studio.extra_routes["/data/upload/1/slow.jpg"] = slow
+    label_studio.serve_slowly("/data/upload/1/slow.jpg", "2011_000003.jpg", 3, "image/jpeg")
     workers = [start_worker(settings, tmp_path / f"worker{i}.log") for i in range(2)]
     try:
         wait_for_workers(settings, workers[0], tmp_path / "worker0.log", count=2)

@@ -135,13 +135,7 @@ def test_worker_rejects_a_job_for_another_model_version(stack, voc_config):
 
 def test_a_slow_batch_answers_what_is_ready_and_finishes_in_the_background(stack, voc_config):
     settings, label_studio, _ = stack
-    photo = label_studio.files[PHOTOS[1]]
-
-    def slow(handler):
-        time.sleep(2.5)
-        handler._send(200, photo, "image/png")
-
-    label_studio.extra_routes["/data/upload/1/slow.png"] = slow
+    label_studio.serve_slowly("/data/upload/1/slow.png", PHOTOS[1], 2.5)
     impatient = dataclasses.replace(settings, predict_timeout=1.0)
     client = create_app(impatient).test_client()
     fast = {"id": 1, "data": {"image": label_studio.upload_path(PHOTOS[0])}}
@@ -298,13 +292,7 @@ def test_an_opened_task_is_answered_while_a_bulk_selection_waits(stack, voc_conf
     """One worker, a selection of 8 chunks whose images are slow to download, and an annotator
     opening another task meanwhile: the task is answered while chunks of the selection still wait."""
     settings, label_studio, _ = stack
-    photo = label_studio.files[PHOTOS[1]]
-
-    def slow(handler):
-        time.sleep(0.4)
-        handler._send(200, photo, "image/png")
-
-    label_studio.extra_routes["/data/upload/1/slow-bulk.png"] = slow
+    label_studio.serve_slowly("/data/upload/1/slow-bulk.png", PHOTOS[1], 0.4)
     chunked = dataclasses.replace(settings, max_tasks_per_job=2)
     bulk = [{"id": 500 + i, "data": {"image": f"/data/upload/1/slow-bulk.png?{i}"}} for i in range(16)]
     runner = QueueRunner(chunked)
@@ -472,13 +460,7 @@ def test_asking_again_while_a_job_runs_waits_for_it(stack, voc_config, caplog):
     of queuing the same work, and answers with its predictions."""
     settings, label_studio, _ = stack
     caplog.set_level("INFO", logger="backend.serving")
-    photo = label_studio.files[PHOTOS[1]]
-
-    def slow(handler):
-        time.sleep(3)
-        handler._send(200, photo, "image/png")
-
-    label_studio.extra_routes["/data/upload/1/again.png"] = slow
+    label_studio.serve_slowly("/data/upload/1/again.png", PHOTOS[1], 3)
     tasks = [{"id": 31, "data": {"image": "/data/upload/1/again.png"}},
              {"id": 32, "data": {"image": label_studio.upload_path(PHOTOS[2])}}]  # fmt: skip
     body = {"tasks": tasks, "label_config": voc_config, "project": "3.1700000000"}
@@ -502,13 +484,7 @@ def test_an_opened_task_queued_in_a_bulk_job_gets_its_own_job_and_is_not_posted_
     already answered is not posted a second time."""
     settings, label_studio, _ = stack
     caplog.set_level("INFO", logger="backend.serving")
-    photo = label_studio.files[PHOTOS[1]]
-
-    def slow(handler):
-        time.sleep(3)
-        handler._send(200, photo, "image/png")
-
-    label_studio.extra_routes["/data/upload/1/busy.png"] = slow
+    label_studio.serve_slowly("/data/upload/1/busy.png", PHOTOS[1], 3)
     busy = {"id": 41, "data": {"image": "/data/upload/1/busy.png"}}
     opened = {"id": 42, "data": {"image": label_studio.upload_path(PHOTOS[3])}}
     bulk = create_app(dataclasses.replace(settings, predict_timeout=1.0, max_tasks_per_job=1)).test_client()
@@ -535,13 +511,7 @@ def test_a_running_job_is_kept_registered_by_heartbeats_not_for_its_whole_timeou
     worker's job looked alive for that long."""
     settings = make_settings(redis_url=redis_url, label_studio_url=label_studio.url,
                              label_studio_api_key=label_studio.legacy_token)  # fmt: skip
-    photo = label_studio.files[PHOTOS[1]]
-
-    def slow(handler):
-        time.sleep(3)
-        handler._send(200, photo, "image/png")
-
-    label_studio.extra_routes["/data/upload/1/slow.png"] = slow
+    label_studio.serve_slowly("/data/upload/1/slow.png", PHOTOS[1], 3)
     runner = QueueRunner(settings)
     control = ChoicesControl("tags", "image", (ClassLabel("cat", ("cat",)), ClassLabel("dog", ("dog",))), True)
     runner.submit(PredictJob(settings.model_version, "image", (control,), (ImageTask(1, "/data/upload/1/slow.png"),)))
