@@ -215,6 +215,6 @@ class TrainingScheduler:
             job.cancel()
             return {"id": job_id, "status": "canceled"}
         if status == JobStatus.STARTED:
-            self.connection.set(keys.cancel(job_id), 1, ex=24 * 3600)
+            self.connection.set(keys.cancel(job_id), 1, ex=keys.CANCEL_TTL)
             return {"id": job_id, "status": "stopping"}
         return {"id": job_id, "status": str(status.value if status else "unknown"), "detail": "not running"}

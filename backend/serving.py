@@ -285,7 +285,8 @@ class Server:
         # One cached meanwhile was in a request's answer (an annotator opened the task, or a request
         # asking again collected this job's result): posting it too would add a copy.
         answered = [p is not None for p in self.cache.get_many(cache_keys)]
-        self.cache.put_many({k: p for k, p, a in zip(cache_keys, predictions, answered, strict=True) if p and not a})
+        fresh = {k: p for k, p, a in zip(cache_keys, predictions, answered, strict=True) if p and not a}
+        self.cache.put_many(fresh)
         posted = self._post(job, [p if not a else [] for p, a in zip(predictions, answered, strict=True)])
         if posted and self.posted is not None and job.project:
             try:
@@ -293,8 +294,7 @@ class Server:
             except redis.exceptions.RedisError as e:  # the report misses them; the predictions are posted
                 log.warning("background predict job %s: posted predictions not remembered: %s", job_id, e)
         log.info("background predict job %s done: %d predictions cached, %d posted to Label Studio (%d answered "
-                 "meanwhile)", job_id, sum(1 for p, a in zip(predictions, answered, strict=True) if p and not a),
-                 len(posted), sum(answered))  # fmt: skip
+                 "meanwhile)", job_id, len(fresh), len(posted), sum(answered))  # fmt: skip
 
     def _post(self, job: PredictJob, predictions: list[Any]) -> dict[Any, dict]:
         """Post each prediction to its task, only when Label Studio says the task belongs to the

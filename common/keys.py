@@ -27,6 +27,10 @@ CORRECTIONS_PREFIX = PREFIX + "corrections:"
 PROJECTS_WITH_CORRECTIONS = PREFIX + "projects-with-corrections"
 
 
+#: Seconds a cancel request is kept (longer than any job asked to stop takes to notice it).
+CANCEL_TTL = 24 * 3600
+
+
 def cancel(job_id: str) -> str:
     """Exists while a running job is asked to stop (RQ cannot interrupt a job that runs inside
     the worker process, so training checks this key as it goes)."""

@@ -73,7 +73,7 @@ class PrelabelWorker(SimpleWorker):
                     # Failed as abandoned while it runs (Redis away for over a minute): a training
                     # run must not promote a model after its project was told it failed.
                     log.warning("job %s was failed as abandoned while it runs; asking it to stop", job.id)
-                    self.connection.set(keys.cancel(job.id), 1, ex=24 * 3600)
+                    self.connection.set(keys.cancel(job.id), 1, ex=keys.CANCEL_TTL)
             except Exception as e:  # Redis away, or anything else: the next beat tries again
                 log.warning("job %s: heartbeat failed: %s", job.id, e)
 
