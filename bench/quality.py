@@ -57,7 +57,7 @@ from bench.units import Units
 from common.jobs import BrushControl, ChoicesControl, ClassLabel, TaskResult
 from common.labelstudio.brush import draw_scaled, rle_to_mask
 from common.quality import UNCHANGED_IOU, accepted_unchanged, mask_iou, mean_average_precision, micro_f1, miou
-from common.settings import Settings
+from common.settings import TAG_SCORES, Settings
 from worker.checkpoints import version_visual
 from worker.model import dense, vit
 from worker.model.bundle import ClipBundle
@@ -355,7 +355,8 @@ def after_corrections(predictor: Predictor, pool: CorrectedPool, chosen: np.ndar
     """The project's figures once the few-shot learner has fitted the ``chosen`` pool scenes: tag
     thresholds and cache, then region prototypes; ``tags_alone`` also measures masks without them."""
     default = predictor.settings.tag_min_score
-    few_shot = fit(pool.scores[chosen], pool.embeddings[chosen], pool.truth[chosen], pool.labels, default).few_shot
+    few_shot = fit(pool.scores[chosen], pool.embeddings[chosen], pool.truth[chosen], pool.labels, default,
+                   predictor.settings.tag_scores).few_shot  # fmt: skip
     newest = chosen[-REGION_SAMPLES:]  # as fit_adapter: prototypes from the newest corrected masks
     prototypes, _ = fit_prototypes([pool.regions[i] for i in newest], pool.text, pool.background, pool.labels,
                                    predictor.dense_kind)  # fmt: skip
@@ -415,7 +416,7 @@ def small_label_sets(
                 gain = {m: active[m] - figures[f"after {k}"][m] for m in GAIN_METRICS}  # paired: same seed and labels
                 figures[f"least confident {k}"] = {**active, "gain_over_random": gain}
             out[f"{kind} x{n}"] = {**figures, "labels": list(labels), "best_min_score": max(sweep, key=sweep.get)}
-    return {**out, "dense_head": predictor.settings.dense_head}
+    return {**out, "dense_head": predictor.settings.dense_head, "tag_scores": predictor.settings.tag_scores}
 
 
 def _region_sample(scene: Scene, kind: str, labels: tuple[str, ...], features: torch.Tensor,
@@ -495,7 +496,9 @@ def run_seed(bench: Bench, predictor: Predictor | None, n_held_out: int, n_pool:
         torch.manual_seed(seed)
         return sections(bench, predictor, held_out, pool, seed, small_ks)
 
-    report = units.get(f"seed{seed}", measure)
+    # section 3's tag scores name their own unit: both kinds share the folder and its section 4 rows
+    tag_scores = predictor.settings.tag_scores if predictor is not None else "tagclip"
+    report = units.get(f"seed{seed}" + ("" if tag_scores == "tagclip" else f"-tags-{tag_scores}"), measure)
     if ks:
         objects = [s for s in pool if s.objects]
         report["learning"] = learning_loop(bench, objects, held_out, ks, epochs, seed, lr, units)
@@ -639,7 +642,7 @@ def small_sets_markdown(small: dict) -> list[str]:
     lines = [
         "",
         "## 3. Small label sets, as the service decides (TAG_RULE=absolute, builtin distractors, "
-        f"DENSE_HEAD={small['dense_head']})",
+        f"TAG_SCORES={small.get('tag_scores', 'tagclip')}, DENSE_HEAD={small['dense_head']})",
         "",
         "Each seed draws its own labels. Accepted = the service's definition: tags exact and every mask "
         f"within IoU {UNCHANGED_IOU} of the truth.",
@@ -648,7 +651,7 @@ def small_sets_markdown(small: dict) -> list[str]:
         "labels | accepted unchanged | best TAG_MIN_SCORE on the pool |",
         "|---|---|---|---|---|---|---|",
     ]
-    projects = {key: row for key, row in small.items() if key != "dense_head"}
+    projects = {key: row for key, row in small.items() if key not in ("dense_head", "tag_scores")}
     for key, row in projects.items():
         b = row["before"]
         lines.append(f"| {key} | {cell(b['exact'], True)} | {cell(b['recall_several'], True)} | "
@@ -770,6 +773,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=SIZE, help="the side the model sees (IMAGE_SIZE)")
     parser.add_argument("--dense-head", default="clearclip", choices=HEADS,
                         help="the service's DENSE_HEAD in section 3 (section 2 measures them all)")  # fmt: skip
+    parser.add_argument("--tag-scores", default="tagclip", choices=TAG_SCORES,
+                        help="the service's TAG_SCORES in section 3; a units folder keeps each one's sections "
+                        "1-3 apart and shares section 4")  # fmt: skip
     parser.add_argument("--k", type=int, nargs="*", default=[10, 50, 100], help="corrections per run (none: skip)")
     parser.add_argument(
         "--clipself-epochs",
@@ -787,7 +793,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--pool {args.pool}: section 3 corrects up to {max(ADAPT_KS)} pool scenes")
 
     settings = Settings(model_checkpoint=args.checkpoint, device="cpu", image_size=args.image_size,
-                        background_words=BACKGROUNDS, dense_head=args.dense_head)  # fmt: skip
+                        background_words=BACKGROUNDS, dense_head=args.dense_head,
+                        tag_scores=args.tag_scores)  # fmt: skip
     bundle = load_clip(settings)
     text = TextEmbedder(bundle)
     bench = Bench(bundle, text, TagCLIPConfig(), batch_size=32, input_size=args.image_size)

@@ -34,6 +34,9 @@ DEFAULT_STORAGE_HOSTS: tuple[str, ...] = (
 DENSE_HEADS = ("clearclip", "naclip", "maskclip")
 #: How scores become tags (see worker/model/selection.py): absolute thresholds, or TagCLIP's relative one.
 TAG_RULES = ("absolute", "relative")
+#: Where tag scores come from (see worker/model/tagclip.py): TagCLIP's local route, or the image's
+#: global embedding, each label against the competitors alone.
+TAG_SCORES = ("tagclip", "global")
 
 #: Inference precision of the ViT: auto = bf16 where the hardware computes it natively.
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -41,8 +44,8 @@ PRECISIONS = ("auto", "bf16", "fp32")
 #: What a project manager may set for one project, in the "Extra params" (JSON) of its model
 #: connection in Label Studio, by the environment variable's name: how tags are decided and masks
 #: drawn. Never paths, hosts, sizes or credentials: Label Studio's project admins are not operators.
-PROJECT_SETTINGS = ("TAG_RULE", "TAG_MIN_SCORE", "TAG_THRESHOLD", "CWR_MAX_CLASSES", "BACKGROUND_WORDS",
-                    "DENSE_HEAD", "DENSE_SLIDING", "DENSE_PAMR", "MASK_MIN_AREA")  # fmt: skip
+PROJECT_SETTINGS = ("TAG_SCORES", "TAG_RULE", "TAG_MIN_SCORE", "TAG_THRESHOLD", "CWR_MAX_CLASSES",
+                    "BACKGROUND_WORDS", "DENSE_HEAD", "DENSE_SLIDING", "DENSE_PAMR", "MASK_MIN_AREA")  # fmt: skip
 #: Bounds on a project's BACKGROUND_WORDS (each word is embedded by the text tower once).
 MAX_PROJECT_WORDS, MAX_WORD_LENGTH = 200, 60
 #: A project's CWR_MAX_CLASSES when the environment sets no limit (0): each costs a ViT pass.
@@ -100,6 +103,7 @@ class Settings:
 
     # Algorithm
     image_size: int = field(default=448, metadata={"env": "IMAGE_SIZE"})
+    tag_scores: str = field(default="tagclip", metadata={"env": "TAG_SCORES"})
     tag_rule: str = field(default="absolute", metadata={"env": "TAG_RULE"})
     tag_min_score: float = field(default=0.15, metadata={"env": "TAG_MIN_SCORE"})
     tag_threshold: float = field(default=0.5, metadata={"env": "TAG_THRESHOLD"})
@@ -137,6 +141,8 @@ class Settings:
             )
         if not 0 <= self.tag_threshold < 1:
             raise SettingsError(f"TAG_THRESHOLD={self.tag_threshold} must be in [0, 1).")
+        if self.tag_scores not in TAG_SCORES:
+            raise SettingsError(f"TAG_SCORES={self.tag_scores} must be one of {', '.join(TAG_SCORES)}.")
         if self.tag_rule not in TAG_RULES:
             raise SettingsError(f"TAG_RULE={self.tag_rule} must be one of {', '.join(TAG_RULES)}.")
         if not 0 < self.tag_min_score < 1:
@@ -283,6 +289,7 @@ class Settings:
             "mask_min_area": self.mask_min_area,
             # only when on: versions from before the option stay the same, and nothing re-predicts
             **({"dense_pamr": True} if self.dense_pamr else {}),
+            **({"tag_scores": self.tag_scores} if self.tag_scores != "tagclip" else {}),
         }
         digest = hashlib.sha1(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:6]
         return f"prelabel-{weights}-{digest}"

@@ -220,6 +220,11 @@ def test_thresholds_and_the_adapter_change_what_the_predictor_tags(adapter_setup
     _, embeddings = base.label_scores(images, labels)
     always_dog = TipAdapter(embeddings, torch.tensor([[0.0, 1.0]] * 3), ("cat", "dog"), 1.0, 5.5)
     assert tags(base.with_few_shot(FewShot({"cat": 0.5, "dog": 0.5}, always_dog))) == [("dog",)] * 3
+    # fitted on TagCLIP's scores, they do not cut the global route's (a project that switched TAG_SCORES)
+    fitted = FewShot({"cat": 2.0, "dog": 0.0}, always_dog, tag_scores="tagclip")
+    switched = base.with_few_shot(fitted).for_project({"TAG_SCORES": "global"})
+    assert switched.rule.per_label == {} and switched.tag_fit.adapter is None
+    assert switched.for_project({"TAG_SCORES": "tagclip"}).rule.per_label == {"cat": 2.0, "dog": 0.0}
 
 
 def test_a_version_carries_its_adapter_and_thresholds(adapter_setup, tmp_path):
@@ -231,7 +236,7 @@ def test_a_version_carries_its_adapter_and_thresholds(adapter_setup, tmp_path):
                                0.75, ("cat", "dog"), "clearclip+sliding")  # fmt: skip
     info = registry.add(UID, lambda d: write_version(d, {}, None, {}, FewShot({"cat": 0.12}, adapter, regions)))
     loaded = read_version(registry, UID, info.version, base.bundle.visual).few_shot
-    assert loaded.thresholds == {"cat": 0.12}
+    assert loaded.thresholds == {"cat": 0.12} and loaded.tag_scores == "tagclip"
     assert loaded.adapter is not None and loaded.adapter.labels == ("cat", "dog") and loaded.adapter.beta == 3.0
     assert torch.equal(loaded.adapter.keys, adapter.keys)
     assert loaded.prototypes is not None and loaded.prototypes.labels == ("dog",) and loaded.prototypes.gamma == 0.75
@@ -242,6 +247,8 @@ def test_a_version_carries_its_adapter_and_thresholds(adapter_setup, tmp_path):
     assert regions_file.is_file()
     only_tags = registry.add(UID, lambda d: write_version(d, {}, None, {}, FewShot({}, adapter)))
     assert read_version(registry, UID, only_tags.version, base.bundle.visual).few_shot.prototypes is None
+    on_global = registry.add(UID, lambda d: write_version(d, {}, None, {}, FewShot({"cat": 0.3}, tag_scores="global")))
+    assert read_version(registry, UID, on_global.version, base.bundle.visual).few_shot.tag_scores == "global"
     config = registry.version_dir(UID, info.number) / ADAPTER_CONFIG
     config.write_text(json.dumps({**json.loads(config.read_text()), "thresholds": {"cat": 0.9}}))
     with pytest.raises(Exception, match="checksum|changed|differ"):  # the registry's checksums cover it

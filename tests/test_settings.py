@@ -49,6 +49,7 @@ def test_environment_names_and_types():
         ({"TAG_THRESHOLD": "1.5"}, "TAG_THRESHOLD"),
         ({"BATCH_SIZE": "0"}, "BATCH_SIZE must be a positive number"),
         ({"PRECISION": "fp16"}, "PRECISION=fp16 must be one of auto, bf16, fp32"),
+        ({"TAG_SCORES": "patch"}, "TAG_SCORES=patch must be one of tagclip, global"),
         ({"CWR_MAX_CLASSES": "-1"}, "CWR_MAX_CLASSES"),
         ({"FETCH_THREADS": "-2"}, r"FETCH_THREADS=-2 must be 0 \(automatic\) or positive"),
         ({"MAX_TASKS_PER_JOB": "0"}, "MAX_TASKS_PER_JOB must be a positive number"),
@@ -77,6 +78,8 @@ def test_model_version_tracks_weights_and_prediction_settings():
     assert Settings.from_env({"IMAGE_SIZE": "224"}).model_version != base.model_version
     assert Settings.from_env({"CWR_MAX_CLASSES": "0"}).model_version != base.model_version
     assert Settings.from_env({"DENSE_PAMR": "true"}).model_version != base.model_version
+    assert Settings.from_env({"TAG_SCORES": "global"}).model_version != base.model_version
+    assert Settings.from_env({"TAG_SCORES": "tagclip"}).model_version == base.model_version  # the default
     assert Settings.from_env({"PREDICT_TIMEOUT": "50"}).model_version == base.model_version  # not a model knob
     assert Settings.from_env({"PRECISION": "fp32"}).model_version == base.model_version  # numerics, like DEVICE
     assert "random" in Settings.from_env({"MODEL_PRETRAINED": "random"}).model_version
@@ -127,9 +130,10 @@ def test_per_project_settings_are_named_as_in_the_environment():
     assert all(envs[name] == name.lower() for name in PROJECT_SETTINGS)  # extra_params keys are env names
     settings = Settings.from_env({})
     assert settings.project_overrides(
-        {"tag_rule": "relative", "BACKGROUND_WORDS": ["sky", " floor "], "DENSE_SLIDING": False}
+        {"tag_rule": "relative", "BACKGROUND_WORDS": ["sky", " floor "], "DENSE_SLIDING": False, "TAG_SCORES": "global"}
     ) == {  # fmt: skip
         "tag_rule": "relative",
+        "tag_scores": "global",
         "background_words": ("sky", "floor"),
         "dense_sliding": False,
     }

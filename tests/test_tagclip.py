@@ -17,6 +17,7 @@ from worker.model.tagclip import (
     cls_attention_mask,
     crop_inputs,
     dmar,
+    global_scores,
     local_scores,
     reidentify,
 )
@@ -260,3 +261,37 @@ def test_local_stage_matches_the_papers_definition_computed_independently():
     torch.testing.assert_close(item.patch_probs, probs, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(item.patch_scores, expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(item.scores, expected[:, :n_fg].amax(dim=0), atol=1e-5, rtol=1e-4)
+
+
+def test_global_scores_put_each_label_against_the_competitors_alone():
+    """TAG_SCORES=global, from its definition: p_c = exp(z_c) / (exp(z_c) + sum over competitors
+    exp(z_k)), z = scale * cosine. So a label's score does not move when another label joins the
+    project, and two labels shown together can both score high (a softmax over all would split)."""
+    torch.manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(3, 16), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1)  # 2 labels, then 4 competitors
+    scores = global_scores(image, text, n_fg=2, logit_scale=50.0)
+    z = 50.0 * image @ text.T
+    for b in range(3):
+        for c in range(2):
+            expected = z[b, c].exp() / (z[b, c].exp() + z[b, 2:].exp().sum())
+            torch.testing.assert_close(scores[b, c], expected)
+    alone_in_project = global_scores(image, torch.cat([text[:1], text[2:]]), n_fg=1, logit_scale=50.0)
+    torch.testing.assert_close(scores[:, :1], alone_in_project)
+    assert not torch.allclose(scores[:, 0], z[:, :].softmax(dim=-1)[:, 0])  # which a softmax over all is not
+    both = torch.nn.functional.normalize(text[0] + text[1], dim=-1)[None]  # an image of both labels
+    assert (global_scores(both, text, 2, 50.0) > 0.5).all()
+    alone = global_scores(image, text[:2], n_fg=2, logit_scale=50.0)  # no competitors: a softmax over the labels
+    torch.testing.assert_close(alone, (z[:, :2]).softmax(dim=-1))
+
+
+def test_global_scores_stay_in_fp32_under_bf16_autocast():
+    torch.manual_seed(1)
+    image = torch.nn.functional.normalize(torch.randn(4, 64), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(40, 64), dim=-1)
+    exact = global_scores(image, text, 3, 100.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = global_scores(image.bfloat16(), text.bfloat16(), 3, 100.0)
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, global_scores(image.bfloat16().float(), text.bfloat16().float(), 3, 100.0))
+    assert (under - exact).abs().max() < 0.05

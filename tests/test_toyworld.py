@@ -172,3 +172,63 @@ def test_the_committed_toy_clip_tags_a_small_project_by_the_services_rule():
     tagged_when_present = np.mean([tagged for tagged, present in hits if present])
     tagged_when_absent = np.mean([tagged for tagged, present in hits if not present])
     assert tagged_when_present > 0.3 > 0.05 > tagged_when_absent
+
+
+def test_on_the_toy_clip_global_tag_scores_find_the_colours_tagclip_misses():
+    """Why TAG_SCORES=global exists: this toy CLIP's class token knows the colours of the smaller
+    objects and its patches do not (docs/quality.md). On a three-colour project, scored from the
+    global embedding (each label against the competitors alone), the exact tag set is right far
+    more often than from TagCLIP's local route, with images of none of the labels still left empty."""
+    from bench import quality
+    from worker.predictor import Predictor
+
+    held_out = scenes(78, 80, 128, empty_rate=0.15)
+    labels = ("red", "blue", "green")
+    exact, false_on_none = {}, {}
+    for source in ("tagclip", "global"):
+        settings = Settings(model_checkpoint=str(TOY_CLIP), device="cpu", image_size=128,
+                            background_words=quality.BACKGROUNDS, tag_scores=source, precision="fp32")  # fmt: skip
+        predictor = Predictor(settings, load_clip(settings))
+        prepared = list(predictor.prepare([s.image for s in held_out]))
+        results = quality._predict(predictor, prepared, "colour", labels, masks=False)
+        chosen = [(set(r.choices[0].selected), set(labels) & s.colours) for s, r in zip(held_out, results, strict=True)]
+        exact[source] = np.mean([tags == present for tags, present in chosen])
+        false_on_none[source] = np.mean([bool(tags) for tags, present in chosen if not present])
+    assert exact["global"] >= 0.75 and exact["global"] >= exact["tagclip"] + 0.15, exact
+    assert false_on_none["global"] <= 0.1, false_on_none
+
+
+def test_global_tag_scores_are_each_image_s_plain_embedding_against_the_competitors():
+    """TAG_SCORES=global through the service's predictor: each image's scores are its plain CLIP
+    embedding (the ViT's whole forward pass) scored by ``global_scores`` against the labels'
+    competitors, across batches of mixed sizes; masks are drawn for the labels it selects only."""
+    import torch
+    import torch.nn.functional as F
+
+    from bench import quality
+    from common.jobs import ClassLabel
+    from worker.model import vit
+    from worker.model.tagclip import global_scores
+    from worker.predictor import Predictor
+    from worker.vocabulary import ClassBank, distinct_competitors
+
+    settings = Settings(model_checkpoint=str(TOY_CLIP), device="cpu", image_size=128, batch_size=2,
+                        background_words=quality.BACKGROUNDS, tag_scores="global", precision="fp32")  # fmt: skip
+    predictor = Predictor(settings, load_clip(settings))
+    images = [s.image for s in scenes(79, 5, 128)]
+    images[1] = images[1].resize((128, 96))
+    prepared = list(predictor.prepare(images))
+    labels = ("red", "blue", "green")
+    results = quality._predict(predictor, prepared, "colour", labels, masks=True)
+    bank = ClassBank.build([ClassLabel(x, (x,)) for x in labels], settings.background_words, predictor.distractors)
+    text = predictor.text.classes(bank.synonyms)
+    text = text[distinct_competitors(text, bank.n_labels)]
+    assert len(text) > len(labels) + 5  # the labels meet background words and distractors
+    for image, result in zip(prepared, results, strict=True):
+        with torch.inference_mode():
+            embedding = F.normalize(vit.encode_tokens(predictor.bundle.visual, image.pixels[None])[:, 0], dim=-1)
+            expected = global_scores(embedding, text, len(labels), predictor.bundle.logit_scale)[0]
+        scores = result.choices[0].scores
+        assert [scores[label] for label in labels] == pytest.approx(expected.tolist(), abs=1e-4)
+        assert {m.label for m in result.masks} <= set(result.choices[0].selected)
+    assert any(result.masks for result in results)

@@ -74,7 +74,7 @@ def write_adapter(directory: Path, few_shot: FewShot) -> None:
     adapter, prototypes = few_shot.adapter, few_shot.prototypes
     if adapter is None and prototypes is None and not few_shot.thresholds:
         return
-    config: dict[str, Any] = {"thresholds": dict(few_shot.thresholds)}
+    config: dict[str, Any] = {"thresholds": dict(few_shot.thresholds), "tag_scores": few_shot.tag_scores}
     if adapter is not None:
         _save(directory / ADAPTER_CACHE, {"keys": adapter.keys, "values": adapter.values})
         config |= {"labels": list(adapter.labels), "alpha": adapter.alpha, "beta": adapter.beta}
@@ -133,7 +133,9 @@ def read_adapter(directory: Path, embed_dim: int) -> FewShot:
     thresholds = {str(k): float(v) for k, v in config.get("thresholds", {}).items()}
     if not all(math.isfinite(t) for t in thresholds.values()):
         raise ValueError(f"The tag thresholds in {directory} are not all finite numbers.")
-    return FewShot(thresholds, _tag_cache(directory, config, embed_dim), _region_cache(directory, config, embed_dim))
+    tag_scores = str(config.get("tag_scores", "tagclip"))  # versions from before TAG_SCORES: TagCLIP's
+    return FewShot(thresholds, _tag_cache(directory, config, embed_dim), _region_cache(directory, config, embed_dim),
+                   tag_scores)  # fmt: skip
 
 
 def _tag_cache(directory: Path, config: dict, embed_dim: int) -> TipAdapter | None:

@@ -43,7 +43,7 @@ from worker.model.adapter import FewShot, dense_kind
 from worker.model.bundle import ClipBundle, autocast
 from worker.model.preprocess import to_pixels, working_size
 from worker.model.selection import TagRule, select_tags
-from worker.model.tagclip import LocalScores, TagCLIPConfig, reidentify, run_trunk, tagclip_head
+from worker.model.tagclip import LocalScores, TagCLIPConfig, global_scores, reidentify, run_trunk, tagclip_head
 from worker.model.text import TextEmbedder
 from worker.model.zegclip import ZegCLIP
 from worker.regions import polygons, rectangles
@@ -105,7 +105,7 @@ class Arrivals:
 class ImageScores:
     """What the models produced for one image."""
 
-    tags: list[float]  # TagCLIP score per label class of the bank
+    tags: list[float]  # tag score (``TAG_SCORES``) per label class of the bank
     grid: tuple[int, int]
     dense: Tensor | None = None  # [h*w, E] dense patch embeddings (training-free masks)
     zegclip: Tensor | None = None  # [n_labels, h, w] mask logits of the project's trained head
@@ -134,8 +134,9 @@ class Predictor:
         self.head = head
         self.few_shot = few_shot or FewShot()
         self.config = TagCLIPConfig(cwr_max_classes=settings.cwr_max_classes or None)
+        self.tag_fit = self.few_shot.for_tag_scores(settings.tag_scores)  # thresholds and tag cache
         self.rule = TagRule(settings.tag_rule, settings.tag_min_score, settings.tag_threshold,
-                            dict(self.few_shot.thresholds))  # fmt: skip
+                            dict(self.tag_fit.thresholds))  # fmt: skip
         self.distractors = distractor_words(settings.distractors)
         threads = settings.fetch_threads or max(8, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="prelabel-fetch")
@@ -157,7 +158,8 @@ class Predictor:
     def for_project(self, project_settings: Mapping[str, object]) -> Predictor:
         """This predictor with a project's own settings (Label Studio's extra_params: how tags
         are decided, how masks are drawn), checked again here; the same weights, caches and
-        threads. A version's fitted per-label thresholds still win over TAG_MIN_SCORE."""
+        threads. A version's fitted per-label thresholds still win over TAG_MIN_SCORE, if they
+        were fitted on the project's TAG_SCORES."""
         overrides = self.settings.project_overrides(dict(project_settings))
         if not overrides:
             return self
@@ -165,8 +167,9 @@ class Predictor:
         predictor = copy.copy(self)
         predictor.settings = settings
         predictor.config = TagCLIPConfig(cwr_max_classes=settings.cwr_max_classes or None)
+        predictor.tag_fit = self.few_shot.for_tag_scores(settings.tag_scores)
         predictor.rule = TagRule(settings.tag_rule, settings.tag_min_score, settings.tag_threshold,
-                                 self.rule.per_label)  # fmt: skip
+                                 dict(predictor.tag_fit.thresholds))  # fmt: skip
         return predictor
 
     def warm_up(self) -> None:
@@ -208,7 +211,7 @@ class Predictor:
         mark = time.perf_counter()
         arrivals = Arrivals(images)
         scores = self._run_models(arrivals, text, bank.n_labels, bool(brushes or regions),
-                                  self.few_shot.adapter is not None)  # fmt: skip
+                                  self.tag_fit.adapter is not None)  # fmt: skip
         timings["waiting_for_images"] = round(arrivals.waited_ms, 1)
         timings["model"] = round(_ms_since(mark) - arrivals.waited_ms, 1)
         if len(arrivals.received) != len(task_ids):
@@ -278,7 +281,7 @@ class Predictor:
         return bank, text[kept].to(self.bundle.device), bank.mask_rows(kept)
 
     def label_scores(self, images: Sequence[Prepared], labels: Sequence[ClassLabel]) -> tuple[Tensor, Tensor]:
-        """[n, L] TagCLIP scores of ``labels`` (before any adapter) and [n, E] image embeddings:
+        """[n, L] tag scores of ``labels`` (``TAG_SCORES``, before any adapter) and [n, E] image embeddings:
         what the few-shot learner fits on."""
         bank, text, _ = self._vocabulary(labels)
         scores = self._run_models(enumerate(images), text, bank.n_labels, False, True)
@@ -290,37 +293,49 @@ class Predictor:
         self, images: Iterable[tuple[int, Prepared]], text: Tensor, n_labels: int, with_dense: bool,
         with_embedding: bool,
     ) -> dict[int, ImageScores]:  # fmt: skip
-        """Same-size images share forward passes: one trunk (blocks 0..L-2) feeds both TagCLIP and
-        the dense head; then the CWR crops of all images share batches. A project's ZegCLIP head,
-        when it has one, replaces the dense head with its own prompted pass. ``with_embedding``
-        also finishes the trunk's plain last block for the image embedding."""
+        """Same-size images share forward passes: one trunk (blocks 0..L-2) feeds both the tag
+        scores and the dense head; then the CWR crops of all images share batches. A project's
+        ZegCLIP head, when it has one, replaces the dense head with its own prompted pass.
+        ``with_embedding`` also finishes the trunk's plain last block for the image embedding,
+        which ``TAG_SCORES=global`` scores tags with instead of TagCLIP's local route and CWR."""
         visual = self.bundle.visual
+        tagclip = self.settings.tag_scores == "tagclip"
         order: list[int] = []
         local: list[LocalScores] = []
+        tags: list[Tensor] = []
+        grids: list[tuple[int, int]] = []
         extras: list[dict[str, Tensor]] = []
         with self._inference():
             for batch in same_size_batches(images, self.settings.batch_size):
                 chunk = [i for i, _ in batch]
                 pixels = torch.stack([image.pixels for _, image in batch]).to(self.bundle.device)
-                trunk = run_trunk(self.bundle, pixels, self.config)
+                # TagCLIP's trunk also gathers its attention statistics; the global route needs none
+                trunk = run_trunk(self.bundle, pixels, self.config) if tagclip else None
+                tokens = trunk.tokens if trunk is not None else vit.trunk(visual, pixels)
                 if self.head is not None and with_dense:
                     logits = self.head(visual, pixels, text[:n_labels])
                     extras += [{"zegclip": image_logits.float()} for image_logits in logits]
                 elif with_dense:
-                    extras += [{"dense": f.float()} for f in self._dense(pixels, trunk.tokens)]
+                    extras += [{"dense": f.float()} for f in self._dense(pixels, tokens)]
                 else:
                     extras += [{} for _ in chunk]
-                if with_embedding:
+                if with_embedding or trunk is None:
                     last = visual.transformer.resblocks[-1]
-                    embedded = vit.project(visual, vit.block_forward(last, trunk.tokens))[:, 0].float().cpu()
-                    for extra, embedding in zip(extras[-len(chunk) :], embedded, strict=True):
+                    embedded = vit.project(visual, vit.block_forward(last, tokens))[:, 0].float()
+                    for extra, embedding in zip(extras[-len(chunk) :], embedded.cpu(), strict=True):
                         extra["embedding"] = embedding
-                local += tagclip_head(self.bundle, trunk, text, n_labels, self.config)
+                    if trunk is None:
+                        tags += list(global_scores(embedded, text, n_labels, self.bundle.logit_scale))
+                if trunk is not None:
+                    local += tagclip_head(self.bundle, trunk, text, n_labels, self.config)
+                p = vit.patch_size(visual)
+                grids += [(pixels.shape[-2] // p, pixels.shape[-1] // p)] * len(chunk)
                 order += chunk
-            fused = reidentify(self.bundle, local, text, self.config, self.settings.batch_size)
+            if tagclip:
+                tags = reidentify(self.bundle, local, text, self.config, self.settings.batch_size)
         return {
-            i: ImageScores(scores.float().cpu().tolist(), item.grid, **extra)
-            for i, scores, item, extra in zip(order, fused, local, extras, strict=True)
+            i: ImageScores(scores.float().cpu().tolist(), grid, **extra)
+            for i, scores, grid, extra in zip(order, tags, grids, extras, strict=True)
         }
 
     def _dense(self, pixels: Tensor, tokens: Tensor | None = None) -> Tensor:
@@ -369,8 +384,8 @@ class Predictor:
     def _label_scores(self, labels: Sequence[ClassLabel], bank: ClassBank, scores: ImageScores) -> dict[str, float]:
         """Each label's tag score, through the version's few-shot adapter when it has one."""
         by_label = {label.name: scores.tags[bank.index[label.texts]] for label in labels}
-        if self.few_shot.adapter is not None and scores.embedding is not None:
-            return self.few_shot.adapter.adjust(by_label, scores.embedding)
+        if self.tag_fit.adapter is not None and scores.embedding is not None:
+            return self.tag_fit.adapter.adjust(by_label, scores.embedding)
         return by_label
 
     def _answer(self, control: ChoicesControl, bank: ClassBank, scores: ImageScores) -> ControlTags:

@@ -105,3 +105,11 @@ class FewShot:
     thresholds: Mapping[str, float] = field(default_factory=dict)  # per label, over TAG_MIN_SCORE
     adapter: TipAdapter | None = None  # tags
     prototypes: RegionPrototypes | None = None  # training-free masks
+    tag_scores: str = "tagclip"  # the TAG_SCORES the thresholds and the tag cache were fitted on
+
+    def for_tag_scores(self, tag_scores: str) -> FewShot:
+        """What applies to tags scored by ``tag_scores``: thresholds and cache fitted on other
+        scores (a project that switched TAG_SCORES since) would cut them in the wrong place."""
+        if tag_scores == self.tag_scores:
+            return self
+        return FewShot(prototypes=self.prototypes, tag_scores=tag_scores)

@@ -7,6 +7,9 @@ docs/algorithms.md section 1. Two deliberate departures from the reference code:
 
 * boxes keep the last patch row and column (the reference clips them to ``h-1``/``w-1``);
 * CWR skips a class with an empty region and goes on (the reference stops at the first one).
+
+``global_scores`` is plain CLIP's route, which a model whose class token knows more than its
+patches is better served by (``TAG_SCORES=global``, docs/algorithms.md section 1).
 """
 
 from __future__ import annotations
@@ -162,6 +165,24 @@ def full_precision(device: torch.device):
 def class_probabilities(features: Tensor, text: Tensor, logit_scale: float) -> Tensor:
     """Softmax over classes of scaled cosine similarities; ``features`` [..., E] normalised."""
     return (logit_scale * features.float() @ text.float().T).softmax(dim=-1)
+
+
+def global_scores(embeddings: Tensor, text: Tensor, n_fg: int, logit_scale: float) -> Tensor:
+    """Tag scores from the images' global embeddings (``TAG_SCORES=global``), the alternative to
+    TagCLIP's local route: [B, E] normalised embeddings -> [B, n_fg].
+
+    Each label competes with the competitors alone (``text`` rows from ``n_fg`` on: background
+    words, distractors), not with the other labels: ``p_c = exp(z_c) / (exp(z_c) + sum_k exp(z_k))``
+    over competitors k. Labels shown together so do not split one probability, as they would in a
+    softmax over every class, and other labels do not compete for a label's score (though a
+    competitor too close to any label is left out, ``vocabulary.distinct_competitors``).
+    Without competitors, the labels share a softmax. In fp32 even under autocast."""
+    with full_precision(embeddings.device):
+        logits = logit_scale * embeddings.float() @ text.float().T
+        if text.shape[0] == n_fg:
+            return logits.softmax(dim=-1)
+        rest = logits[:, n_fg:].logsumexp(dim=-1, keepdim=True)
+        return torch.sigmoid(logits[:, :n_fg] - rest)
 
 
 @dataclass

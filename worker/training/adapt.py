@@ -119,9 +119,10 @@ def best_threshold(scores: np.ndarray, truth: np.ndarray, default: float) -> flo
     return float(best[np.argmin(np.abs(best - default))])
 
 
-def fit(scores: Tensor, embeddings: Tensor, truth: np.ndarray, names: Sequence[str], default: float) -> Fitted:
+def fit(scores: Tensor, embeddings: Tensor, truth: np.ndarray, names: Sequence[str], default: float,
+        tag_scores: str = "tagclip") -> Fitted:  # fmt: skip
     """The blend and thresholds that get the most tag sets right (leave one out), the plainest
-    (smallest alpha) among ties."""
+    (smallest alpha) among ties; ``scores`` are of the kind ``tag_scores`` (TAG_SCORES)."""
     target = torch.from_numpy(truth)
     best: tuple[tuple[float, float], Fitted] | None = None
     for alpha in ALPHAS:
@@ -133,7 +134,7 @@ def fit(scores: Tensor, embeddings: Tensor, truth: np.ndarray, names: Sequence[s
             rank = (exact, float((predicted == truth).mean()))
             if best is None or rank > best[0]:
                 adapter = TipAdapter(embeddings.float(), target.float(), tuple(names), alpha, beta) if alpha else None
-                best = rank, Fitted(FewShot(dict(zip(names, cuts, strict=True)), adapter), exact)
+                best = rank, Fitted(FewShot(dict(zip(names, cuts, strict=True)), adapter, tag_scores=tag_scores), exact)
     assert best is not None
     return best[1]
 
@@ -235,7 +236,8 @@ def fit_adapter(
     with torch.inference_mode():
         scores, embeddings = predictor.label_scores(prepared, labels)
     names = [label.name for label in labels]
-    fitted = fit(scores, embeddings, presence(corrections, names), names, predictor.settings.tag_min_score)
+    fitted = fit(scores, embeddings, presence(corrections, names), names, predictor.settings.tag_min_score,
+                 predictor.settings.tag_scores)  # fmt: skip
     painted = [label for label in labels if label.name in mask_names]
     with_masks = [i for i, c in enumerate(corrections) if c.mask is not None][-REGION_SAMPLES:]
     if predictor.head is not None or not painted or not with_masks:
@@ -257,6 +259,7 @@ def fitted_config(fitted: Fitted) -> dict[str, Any]:
     return {
         "adapter": {"alpha": adapter.alpha, "beta": adapter.beta, "cache": len(adapter.keys)} if adapter else None,
         "thresholds": dict(fitted.few_shot.thresholds),
+        "tag_scores": fitted.few_shot.tag_scores,
         "regions": {
             "gamma": prototypes.gamma if prototypes else 0.0,
             "labels": list(prototypes.labels) if prototypes else [],

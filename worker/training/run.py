@@ -77,8 +77,9 @@ def run_training(
     text = base.text.classes(bank.synonyms).to(base.bundle.device)
     index = {label.name: bank.index[label.texts] for label in labels}
 
+    # TagCLIP's local stage reads the MaskCLIP path; with TAG_SCORES=global nothing served does
     cfg = CLIPSelfConfig(steps=settings.train_steps, lr=settings.train_lr, size=settings.image_size,
-                         dense_head=settings.dense_head)  # fmt: skip
+                         dense_head=settings.dense_head, tag_path=settings.tag_scores == "tagclip")  # fmt: skip
     weights, report = train_clipself(
         active.bundle.visual, base.bundle.visual, parts.train, text, index, base.bundle.mean, base.bundle.std, cfg,
         progress=lambda step, loss: progress("clipself", step + 1, cfg.steps, loss), should_stop=should_stop,
