@@ -30,23 +30,34 @@ def remember_job(connection: redis.Redis | redis.client.Pipeline, project: str, 
     connection.expire(key, KEEP_SECONDS)
 
 
-def fail_abandoned(connection: redis.Redis) -> None:
-    """Fail the learning jobs whose worker died (no heartbeat for 90 s), so triggers and pages see
-    them failed now, not when a worker of their queue next cleans up: there may be none until the
-    trainer is back. RQ's own cleanup, with prelabel's job class (no callbacks run), and only once
-    the job's worker is gone from Redis too: a job's expiry is a time on its worker's clock, the
-    worker's registration expires on Redis's, so a worker whose clock runs ahead keeps its job."""
-    for name in (TRAIN_QUEUE, ADAPT_QUEUE):
+def fail_abandoned(connection: redis.Redis, queues: tuple[str, ...] = (TRAIN_QUEUE, ADAPT_QUEUE)) -> None:
+    """Fail the jobs of ``queues`` whose worker died (no heartbeat for 90 s), or hand them to their
+    retry (predict jobs), now rather than when a worker of their queue next cleans up: there may be
+    none until the trainer is back. RQ's own cleanup, with prelabel's job class (no callbacks run),
+    of the expired jobs whose worker is gone from Redis too: a job's expiry is a time on its
+    worker's clock, the worker's registration expires on Redis's, so a worker whose clock runs
+    ahead keeps its job. RQ cleans up to a time, so the cut falls before the first expired job
+    whose worker is alive; those after it wait for the next call."""
+    prefix = Worker.redis_worker_namespace_prefix
+    for name in queues:
         registry = StartedJobRegistry(name, connection=connection, serializer=JSONSerializer,
                                       job_class=AllowListedJob)  # fmt: skip
-        expired = registry.get_expired_job_ids()
+        now = time.time()
+        expired = [(registry.parse_job_id(m.decode()), score)
+                   for m, score in connection.zrangebyscore(registry.key, 0, now, withscores=True)]  # fmt: skip
         if not expired:
             continue
-        jobs = AllowListedJob.fetch_many(expired, connection=connection, serializer=JSONSerializer)
-        workers = {job.worker_name for job in jobs if job is not None and job.worker_name}
-        prefix = Worker.redis_worker_namespace_prefix
-        if not any(Worker.find_by_key(prefix + worker, connection=connection) for worker in workers):
-            registry.cleanup()
+        jobs = AllowListedJob.fetch_many([job_id for job_id, _ in expired], connection=connection,
+                                         serializer=JSONSerializer)  # fmt: skip
+        alive = {
+            worker: Worker.find_by_key(prefix + worker, connection=connection) is not None
+            for worker in {job.worker_name for job in jobs if job is not None and job.worker_name}
+        }
+        kept = [score for (_, score), job in zip(expired, jobs, strict=True)
+                if job is not None and alive.get(job.worker_name or "", False)]  # fmt: skip
+        cut = min(kept) - 0.001 if kept else now
+        if expired[0][1] <= cut:
+            registry.cleanup(timestamp=cut)
 
 
 def failure(result: Result | None) -> str | None:

@@ -24,11 +24,10 @@ from typing import Any, Protocol
 
 import redis
 from rq import Queue, Retry, Worker
-from rq.registry import StartedJobRegistry
 from rq.results import Result
 from rq.serializers import JSONSerializer
 
-from backend.job_index import remember_job
+from backend.job_index import fail_abandoned, remember_job
 from backend.prometheus import record_job
 from common import keys
 from common.errors import JobFailed, JobTimeout, PrelabelError, ServiceUnavailable
@@ -250,7 +249,7 @@ class QueueRunner:
                     break
                 # A job whose worker died stays "started" until its execution expires (90 s after
                 # the worker's last heartbeat); this hands it to its retry, or to the failed registry.
-                StartedJobRegistry(queue=self.queue, job_class=AllowListedJob).cleanup()
+                fail_abandoned(self.connection, (self.queue.name,))
         if result is None:
             raise JobTimeout(
                 f"Predict job {job_id} is not done after {time.monotonic() - started:.0f} s; it keeps running."

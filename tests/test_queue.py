@@ -21,7 +21,7 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.webhook import Webhook
 
-from backend import events
+from backend import events, job_index
 from backend import runner as runner_module
 from backend.app import create_app
 from backend.runner import InlineRunner, QueueRunner
@@ -415,6 +415,33 @@ def test_the_backend_cleaning_abandoned_jobs_sends_no_webhook_a_job_lists(redis_
     plant()
     StartedJobRegistry(queue=Queue(PREDICT_QUEUE, connection=connection, serializer=JSONSerializer)).cleanup()
     assert hooked == ["/hook"]  # RQ's plain job class would have
+
+
+def test_abandoned_jobs_are_cleaned_only_up_to_the_first_whose_worker_is_still_registered(redis_url):
+    """A job expired on its worker's clock but whose worker is still registered in Redis (a clock
+    that runs ahead) keeps running; the jobs of dead workers expired before it are retried now,
+    and those after it once it is done or its worker is gone too."""
+    connection = redis.Redis.from_url(redis_url)
+    alive = PrelabelWorker([PREDICT_QUEUE], connection=connection, serializer=JSONSerializer, name="alive")
+    alive.register_birth()
+
+    def plant(worker: str, expired_ago: float) -> Job:
+        job = Job.create(PREDICT_FUNCTION, args=({},), connection=connection, serializer=JSONSerializer,
+                         origin=PREDICT_QUEUE)  # fmt: skip
+        job.worker_name = worker
+        job.set_status(JobStatus.STARTED)
+        job.save()
+        connection.zadd(f"rq:wip:{PREDICT_QUEUE}", {f"{job.id}:exec1": time.time() - expired_ago})
+        return job
+
+    first, kept, after = plant("dead-1", 100), plant("alive", 50), plant("dead-2", 10)
+    job_index.fail_abandoned(connection, (PREDICT_QUEUE,))
+    statuses = [j.get_status(refresh=True) for j in (first, kept, after)]
+    assert statuses == [JobStatus.FAILED, JobStatus.STARTED, JobStatus.STARTED]
+    alive.register_death()
+    connection.delete(alive.key)
+    job_index.fail_abandoned(connection, (PREDICT_QUEUE,))
+    assert [j.get_status(refresh=True) for j in (kept, after)] == [JobStatus.FAILED, JobStatus.FAILED]
 
 
 def test_a_warm_shutdown_does_not_wait_a_minute_for_the_command_listener(redis_url):
