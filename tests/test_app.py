@@ -297,7 +297,10 @@ def test_a_projects_extra_params_are_its_own_settings_and_part_of_its_version(ap
 @pytest.mark.parametrize(
     ("extra_params", "message"),
     [
-        ({"MODEL_CHECKPOINT": "/etc/passwd"}, "'MODEL_CHECKPOINT' is not a per-project setting; these are: TAG_RULE"),
+        (
+            {"MODEL_CHECKPOINT": "/etc/passwd"},
+            "'MODEL_CHECKPOINT' is not a per-project setting; these are: TAG_SCORES, TAG_RULE",
+        ),
         ({"ALLOWED_HOSTS": "*"}, "'ALLOWED_HOSTS' is not a per-project setting"),
         ({"TAG_MIN_SCORE": 2}, "TAG_MIN_SCORE=2.0 must be a probability"),
         ({"DENSE_HEAD": "unet"}, "DENSE_HEAD=unet must be one of"),

@@ -73,7 +73,7 @@ def test_benchmark_smoke_run(tiny_checkpoint, monkeypatch):
     assert set(report["segmentation"]) == {f"{row}{r}" for row in rows for r in ("", " + tags")}
     assert "naclip sliding" in report["segmentation"]
     small = dict(report["small_sets"])
-    assert small.pop("dense_head") == "clearclip"
+    assert small.pop("dense_head") == "clearclip" and small.pop("tag_scores") == "tagclip"
     assert set(small) == {f"{k} x{n}" for k in quality.KINDS for n in quality.SMALL_SETS}
     for row in small.values():
         assert {"before", "after 2", "after 4", "least confident 2"} <= set(row)
