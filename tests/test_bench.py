@@ -375,7 +375,7 @@ def test_a_stopped_run_goes_on_where_it_left_off(tiny_checkpoint, tmp_path, monk
     bench = quality.Bench(bundle, text, TagCLIPConfig(), batch_size=4)
     predictor = Predictor(settings, bundle, text=text)
 
-    def run(ks: list[int]) -> dict:
+    def run(ks: list[int], predictor: Predictor = predictor) -> dict:
         return quality.run(bench, n_held_out=4, n_pool=6, ks=ks, epochs=2, seeds=1, predictor=predictor,
                            small_ks=((2,), (2,)), units=Units(tmp_path))  # fmt: skip
 
@@ -385,7 +385,7 @@ def test_a_stopped_run_goes_on_where_it_left_off(tiny_checkpoint, tmp_path, monk
     kept = sorted(p.name for p in tmp_path.glob("seed*.json"))
     assert kept == ["seed0-learning-least-confident-k2.json", "seed0-learning-random-k2.json", "seed0.json"]
     trained = []
-    real_train = quality.train_clipself
+    real_train, real_sections = quality.train_clipself, quality.sections
     monkeypatch.setattr(quality, "train_clipself", lambda *a, **kw: trained.append(1) or real_train(*a, **kw))
     monkeypatch.setattr(quality, "sections", lambda *a, **kw: pytest.fail("sections 1-3 were measured again"))
     finished = run([2, 3])  # ... goes on: only the rows of K = 3 are trained
@@ -395,6 +395,13 @@ def test_a_stopped_run_goes_on_where_it_left_off(tiny_checkpoint, tmp_path, monk
     ]  # fmt: skip
     assert json.dumps(finished["small_sets"]) == json.dumps(stopped["small_sets"])
     assert json.dumps(finished["learning"]["rows"][0]) == json.dumps(stopped["learning"]["rows"][0])
+
+    # section 3 with the other tag scores is a unit of its own in the same folder; section 4 is shared
+    monkeypatch.setattr(quality, "sections", real_sections)
+    other = run([2, 3], Predictor(dataclasses.replace(settings, tag_scores="global"), bundle, text=text))
+    assert (tmp_path / "seed0-tags-global.json").is_file() and len(trained) == 2
+    assert other["small_sets"]["tag_scores"] == "global" and finished["small_sets"]["tag_scores"] == "tagclip"
+    assert json.dumps(other["learning"]["rows"]) == json.dumps(finished["learning"]["rows"])
 
 
 def test_the_weights_digest_names_a_model_and_changes_with_any_weight(tiny_checkpoint):
