@@ -282,14 +282,18 @@ class Settings:
             "tag_min_score": self.tag_min_score,
             "tag_threshold": self.tag_threshold,
             "distractors": self.distractors,
-            "cwr_max_classes": self.cwr_max_classes,
             "background_words": list(self.background_words),
             "dense_head": self.dense_head,
             "dense_sliding": self.dense_sliding,
             "mask_min_area": self.mask_min_area,
             # only when on: versions from before the option stay the same, and nothing re-predicts
             **({"dense_pamr": True} if self.dense_pamr else {}),
-            **({"tag_scores": self.tag_scores} if self.tag_scores != "tagclip" else {}),
+            # CWR runs on TagCLIP's route only
+            **(
+                {"cwr_max_classes": self.cwr_max_classes}
+                if self.tag_scores == "tagclip"
+                else {"tag_scores": self.tag_scores}
+            ),
         }
         digest = hashlib.sha1(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:6]
         return f"prelabel-{weights}-{digest}"

@@ -80,6 +80,8 @@ def test_model_version_tracks_weights_and_prediction_settings():
     assert Settings.from_env({"DENSE_PAMR": "true"}).model_version != base.model_version
     assert Settings.from_env({"TAG_SCORES": "global"}).model_version != base.model_version
     assert Settings.from_env({"TAG_SCORES": "tagclip"}).model_version == base.model_version  # the default
+    on_global = Settings.from_env({"TAG_SCORES": "global"}).model_version
+    assert Settings.from_env({"TAG_SCORES": "global", "CWR_MAX_CLASSES": "2"}).model_version == on_global  # no CWR
     assert Settings.from_env({"PREDICT_TIMEOUT": "50"}).model_version == base.model_version  # not a model knob
     assert Settings.from_env({"PRECISION": "fp32"}).model_version == base.model_version  # numerics, like DEVICE
     assert "random" in Settings.from_env({"MODEL_PRETRAINED": "random"}).model_version
