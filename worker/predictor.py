@@ -328,8 +328,7 @@ class Predictor:
                         tags += list(global_scores(embedded, text, n_labels, self.bundle.logit_scale))
                 if trunk is not None:
                     local += tagclip_head(self.bundle, trunk, text, n_labels, self.config)
-                p = vit.patch_size(visual)
-                grids += [(pixels.shape[-2] // p, pixels.shape[-1] // p)] * len(chunk)
+                grids += [vit.patch_grid(visual, pixels)] * len(chunk)
                 order += chunk
             if tagclip:
                 tags = reidentify(self.bundle, local, text, self.config, self.settings.batch_size)
@@ -344,8 +343,7 @@ class Predictor:
         visual, head = self.bundle.visual, self.settings.dense_head
         if self.settings.dense_sliding:
             return dense.sliding_features(visual, pixels, head, self.settings.batch_size)
-        p = vit.patch_size(visual)
-        grid = (pixels.shape[-2] // p, pixels.shape[-1] // p)
+        grid = vit.patch_grid(visual, pixels)
         if tokens is None:
             tokens = vit.trunk(visual, pixels)
         return dense.dense_features(visual, tokens, grid, head)
@@ -359,11 +357,10 @@ class Predictor:
         """Each image's [h*w, E] training-free dense features (on the CPU) and patch grid, as masks
         are drawn from them: what the few-shot learner's region prototypes are made of."""
         out: dict[int, tuple[Tensor, tuple[int, int]]] = {}
-        p = vit.patch_size(self.bundle.visual)
         with self._inference():
             for batch in same_size_batches(enumerate(images), self.settings.batch_size):
                 pixels = torch.stack([image.pixels for _, image in batch]).to(self.bundle.device)
-                grid = (pixels.shape[-2] // p, pixels.shape[-1] // p)
+                grid = vit.patch_grid(self.bundle.visual, pixels)
                 for (i, _), features in zip(batch, self._dense(pixels), strict=True):
                     out[i] = (features.float().cpu(), grid)
         return [out[i] for i in range(len(images))]

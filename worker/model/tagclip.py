@@ -202,8 +202,7 @@ def run_trunk(bundle: ClipBundle, pixels: Tensor, cfg: TagCLIPConfig) -> Trunk:
     depth = len(visual.transformer.resblocks)
     votes = AttentionVotes(cfg.layers(depth)[0])
     tokens = vit.trunk(visual, pixels, observer=votes)
-    p = vit.patch_size(visual)
-    return Trunk(pixels, tokens, (pixels.shape[-2] // p, pixels.shape[-1] // p), votes)
+    return Trunk(pixels, tokens, vit.patch_grid(visual, pixels), votes)
 
 
 @torch.no_grad()

@@ -26,6 +26,12 @@ def native_grid(visual: VisionTransformer) -> tuple[int, int]:
     return int(visual.grid_size[0]), int(visual.grid_size[1])
 
 
+def patch_grid(visual: VisionTransformer, pixels: Tensor) -> tuple[int, int]:
+    """(h, w): the patches of images [..., H, W] whose sides are multiples of the patch size."""
+    p = patch_size(visual)
+    return pixels.shape[-2] // p, pixels.shape[-1] // p
+
+
 #: How grid positions are resized to another grid: bilinear as TagCLIP; ClearCLIP's and NACLIP's
 #: repositories use bicubic, which measured no better on the toy world (bench/recipes.py, and
 #: docs/algorithms.md). Sliding windows run at the native grid and resize nothing.

@@ -146,8 +146,7 @@ class ZegCLIP(nn.Module):
                 x = torch.cat([x[:, :1], self.prompts.tokens(i, B).to(x.dtype), x[:, 1 + n :]], dim=1)
             x = vit.block_forward(block, x)
         out = vit.project(visual, self.prompts.norm(x))
-        p = vit.patch_size(visual)
-        return out[:, 0], out[:, 1 + n :], (pixels.shape[-2] // p, pixels.shape[-1] // p)
+        return out[:, 0], out[:, 1 + n :], vit.patch_grid(visual, pixels)
 
     def forward(self, visual: VisionTransformer, pixels: Tensor, text: Tensor) -> Tensor:
         """Mask logits [B, C, h, w] on the patch grid for the classes in ``text`` [C, E]."""

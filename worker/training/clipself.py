@@ -101,8 +101,7 @@ def student_outputs(visual: VisionTransformer, pixels: Tensor, heads: Sequence[s
     L2-normalised."""
     last = visual.transformer.resblocks[-1]
     x = vit.trunk(visual, pixels)
-    p = vit.patch_size(visual)
-    grid = (pixels.shape[-2] // p, pixels.shape[-1] // p)
+    grid = vit.patch_grid(visual, pixels)
     maps = []
     for head in heads:
         features = vit.project(visual, dense_block(last, x, head, grid))[:, 1:]
