@@ -15,6 +15,7 @@ from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from backend.auth import check_request
+from backend.deliveries import Deliveries
 from backend.feedback import Feedback
 from backend.project_settings import ProjectSettings
 from backend.routes import admin, dashboard, metrics, protocol
@@ -53,7 +54,13 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings=settings,
         connection=connection,
         runner=runner,
-        server=Server(settings, runner, cache, feedback.remember_predictions if feedback is not None else None),
+        server=Server(
+            settings,
+            runner,
+            cache,
+            feedback.remember_predictions if feedback is not None else None,
+            Deliveries(connection, settings.result_ttl * 24) if connection is not None else None,
+        ),
         registry=registry,
         training=training,
         feedback=feedback,
@@ -82,8 +89,8 @@ def trusted_hosts(settings: Settings) -> list[str]:
 
 
 def start_background(app: Flask) -> None:
-    """The backend's own threads: the scheduled training sweep, the comparison of corrections and
-    the webhook secret header of every known project.
+    """The backend's own threads: the scheduled training sweep, the comparison of corrections, the
+    webhook secret header of every known project and the heartbeat that delivers late jobs.
     ``prelabel-backend`` starts them in each server process; an app built only for a test has none."""
     current: State = app.extensions["prelabel"]
     if current.training is not None:
@@ -94,6 +101,7 @@ def start_background(app: Flask) -> None:
             log.warning("webhook secret headers not checked at start: Redis: %s", e)
     if current.feedback is not None:
         current.feedback.start_comparing()
+    current.server.start_delivering()
 
 
 def _prelabel_error(e: PrelabelError):

@@ -116,7 +116,7 @@ class Runner(Protocol):
 
         Raises:
             JobTimeout: not done by then; the job keeps running and can be waited for again.
-            JobFailed: the job raised.
+            JobFailed: the job raised, was canceled, or is no longer known (its result expired).
         """
         ...
 
@@ -242,6 +242,11 @@ class QueueRunner:
         started = time.monotonic()
         with self.redis_errors():
             rq_job = AllowListedJob(job_id, connection=self.connection, serializer=JSONSerializer)
+            status = self.connection.hget(rq_job.key, "status")
+            if status is None:
+                raise JobFailed(f"No predict job {job_id}: it expired (results are kept RESULT_TTL seconds).")
+            if status.decode() in ("canceled", "stopped"):
+                raise JobFailed(f"Predict job {job_id} was {status.decode()}.")
             while True:
                 remaining = min(deadline - time.monotonic(), self.settings.predict_timeout, ABANDONED_CHECK)
                 result = rq_job.latest_result(timeout=max(1, math.floor(remaining)))

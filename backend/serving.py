@@ -13,10 +13,14 @@ The same in both modes (``backend/runner.py``): only the cache's home differs.
 * A task asked for again while a job computes it (Retrieve Predictions clicked twice, a task
   opened while its import is precomputed) waits for that job instead of queuing the same work,
   and a late job does not post a prediction that a request has answered meanwhile.
+* In the queue mode each late job is also a delivery in Redis (``backend/deliveries.py``): when
+  the backend process that waits for it dies, another (or its restart) posts its predictions.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,6 +35,7 @@ from typing import Any, Protocol
 import redis
 from label_studio_sdk.core.request_options import RequestOptions
 
+from backend.deliveries import HEARTBEAT, Deliveries, Delivery
 from backend.runner import Runner
 from common import keys
 from common.errors import JobTimeout, PrelabelError, ServiceUnavailable
@@ -68,6 +73,10 @@ class PredictionCache(Protocol):
 
     def put_many(self, items: dict[str, Any]) -> None: ...
 
+    def put_new(self, items: dict[str, Any]) -> set[str]:
+        """Cache the items whose key holds nothing yet; returns those keys."""
+        ...
+
 
 class RedisCache:
     """The queue mode's cache: shared by every backend process, kept for CACHE_TTL."""
@@ -86,6 +95,12 @@ class RedisCache:
         for key, prediction in items.items():
             pipe.set(key, json.dumps(prediction), ex=CACHE_TTL)
         pipe.execute()
+
+    def put_new(self, items: dict[str, Any]) -> set[str]:
+        pipe = self.connection.pipeline()
+        for key, prediction in items.items():
+            pipe.set(key, json.dumps(prediction), ex=CACHE_TTL, nx=True)
+        return {key for key, written in zip(items, pipe.execute(), strict=True) if written}
 
 
 class MemoryCache:
@@ -116,6 +131,12 @@ class MemoryCache:
                 key, text = self._items.popitem(last=False)
                 self._bytes -= len(key) + len(text)
 
+    def put_new(self, items: dict[str, Any]) -> set[str]:
+        with self._lock:
+            new = {key: prediction for key, prediction in items.items() if key not in self._items}
+        self.put_many(new)  # the embedded mode has one finisher per job: no other writes these meanwhile
+        return set(new)
+
 
 @dataclass(frozen=True)
 class Served:
@@ -131,15 +152,21 @@ class Server:
     """Answers /predict from the cache and the runner, and finishes late jobs in the background."""
 
     def __init__(
-        self, settings: Settings, runner: Runner, cache: PredictionCache, posted: Remember | None = None
-    ) -> None:
+        self, settings: Settings, runner: Runner, cache: PredictionCache, posted: Remember | None = None,
+        deliveries: Deliveries | None = None,
+    ) -> None:  # fmt: skip
         """``posted`` hears of the predictions posted to Label Studio in the background (the
-        correction report compares them with what annotators make of them)."""
+        correction report compares them with what annotators make of them). ``deliveries`` (the
+        queue mode) keeps late jobs in Redis, so that no backend restart loses them."""
         self.settings = settings
         self.runner = runner
         self.cache = cache
         self.posted = posted
+        self.deliveries = deliveries
         self._background = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prelabel-late-jobs")
+        self._handling: set[str] = set()  # late jobs this process has a thread (or a queued one) for
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
 
     def predict(
         self, tasks: list[dict], spec: LabelSpec, label_config: str, project: str | None, version: str,
@@ -273,28 +300,112 @@ class Server:
         return cache_keys, answers, jobs, elsewhere
 
     def finish_later(self, job_id: str, job: PredictJob, spec: LabelSpec, cache_keys: list[str]) -> None:
-        self._background.submit(self._finish, job_id, job, spec, cache_keys)
+        """Cache and post the job's predictions when it finishes, on a thread of this process
+        and, in the queue mode, as a delivery another process takes over if this one dies."""
+        delivery = Delivery(job_id, job, spec, cache_keys)
+        with self._lock:
+            self._handling.add(job_id)
+        if self.deliveries is not None:
+            try:
+                self.deliveries.record(delivery)
+            except redis.exceptions.RedisError as e:  # this process's thread still delivers it
+                log.warning("predict job %s: delivery not recorded in Redis (a restart now would lose it): %s",
+                            job_id, e)  # fmt: skip
+        self._background.submit(self._deliver, delivery)
 
-    def _finish(self, job_id: str, job: PredictJob, spec: LabelSpec, cache_keys: list[str]) -> None:
+    def start_delivering(self) -> threading.Thread | None:
+        """The queue mode's heartbeat: every HEARTBEAT seconds, this process shows it is alive and
+        hands its threads the deliveries of dead processes, and its own that no thread holds any
+        longer, as their jobs finish. On a clean exit it says it left, so others take over at once."""
+        deliveries = self.deliveries
+        if deliveries is None:
+            return None
+
+        def loop() -> None:
+            while True:
+                try:
+                    deliveries.beat()
+                    with self._lock:
+                        handling = set(self._handling)
+                    for delivery in deliveries.take(handling):
+                        with self._lock:  # finish_later may have added it since the copy
+                            if delivery.job_id in self._handling:
+                                continue
+                            self._handling.add(delivery.job_id)
+                        self._background.submit(self._deliver, delivery)
+                except redis.exceptions.RedisError as e:  # Redis away for a while: try again next beat
+                    log.warning("late predict jobs not checked: Redis: %s", e)
+                except Exception:  # the heartbeat must outlive any one bad beat
+                    log.exception("late predict jobs not checked")
+                if self._stop.wait(HEARTBEAT):
+                    return
+
+        def leave() -> None:
+            with contextlib.suppress(redis.exceptions.RedisError):  # then the others wait ALIVE_TTL
+                deliveries.leave()
+
+        atexit.register(leave)
+        thread = threading.Thread(target=loop, name="prelabel-deliveries", daemon=True)
+        thread.start()
+        return thread
+
+    def stop_delivering(self) -> None:
+        """Stop the heartbeat (tests: an app that is done with)."""
+        self._stop.set()
+
+    def _deliver(self, delivery: Delivery) -> None:
+        """One thread's delivery of one late job. What is left in Redis is taken up again at a
+        later heartbeat."""
+        try:
+            self._finish(delivery)
+        except redis.exceptions.RedisError as e:
+            log.warning("background predict job %s: Redis: %s; it is tried again later", delivery.job_id, e)
+        except Exception:  # a bug, not a passing state: ended, not retried every heartbeat
+            log.exception("background predict job %s: its predictions could not be delivered", delivery.job_id)
+            self._end(delivery.job_id)
+        finally:
+            with self._lock:
+                self._handling.discard(delivery.job_id)
+
+    def _finish(self, delivery: Delivery) -> None:
+        job_id, job, spec, cache_keys = delivery.job_id, delivery.job, delivery.spec, delivery.cache_keys
         try:
             result = self.runner.wait(job_id, deadline=time.monotonic() + self.settings.job_timeout + 60)
-        except Exception as e:  # failed or never picked up: nothing to post, the log says why
+        except (JobTimeout, ServiceUnavailable) as e:  # not done yet, or Redis away
+            kept = "; it is tried again when it is done" if self.deliveries is not None else ""
+            log.warning("background predict job %s: nothing to post yet: %s%s", job_id, e, kept)
+            return
+        except PrelabelError as e:  # failed, canceled or expired: nothing to post, the log says why
             log.warning("background predict job %s gave nothing to post: %s", job_id, e)
+            self._end(job_id)
+            return
+        if self.deliveries is not None and self.deliveries.taken_by_another(job_id):
+            log.info("background predict job %s: another backend process took it over and posts it", job_id)
             return
         predictions = to_label_studio(result, spec, result.model_version)
-        # One cached meanwhile was in a request's answer (an annotator opened the task, or a request
-        # asking again collected this job's result): posting it too would add a copy.
-        answered = [p is not None for p in self.cache.get_many(cache_keys)]
-        fresh = {k: p for k, p, a in zip(cache_keys, predictions, answered, strict=True) if p and not a}
-        self.cache.put_many(fresh)
-        posted = self._post(job, [p if not a else [] for p, a in zip(predictions, answered, strict=True)])
+        # Only the predictions this delivery is first to cache are posted: one cached already was
+        # in a request's answer (an annotator opened the task, or a request asking again collected
+        # this job's result), or is another delivery's of the same job.
+        fresh = self.cache.put_new({k: p for k, p in zip(cache_keys, predictions, strict=True) if p})
+        posted = self._post(job, [p if k in fresh else [] for k, p in zip(cache_keys, predictions, strict=True)])
         if posted and self.posted is not None and job.project:
             try:
                 self.posted(job.project, posted)
             except redis.exceptions.RedisError as e:  # the report misses them; the predictions are posted
                 log.warning("background predict job %s: posted predictions not remembered: %s", job_id, e)
+        answered = sum(1 for p in predictions if p) - len(fresh)
         log.info("background predict job %s done: %d predictions cached, %d posted to Label Studio (%d answered "
-                 "meanwhile)", job_id, len(fresh), len(posted), sum(answered))  # fmt: skip
+                 "meanwhile)", job_id, len(fresh), len(posted), answered)  # fmt: skip
+        self._end(job_id)
+
+    def _end(self, job_id: str) -> None:
+        """The delivery is over: posted, or nothing to post."""
+        if self.deliveries is None:
+            return
+        try:
+            self.deliveries.done(job_id)
+        except redis.exceptions.RedisError as e:  # taken up again later, and then finds them cached
+            log.warning("predict job %s: delivery not ended in Redis: %s", job_id, e)
 
     def _post(self, job: PredictJob, predictions: list[Any]) -> dict[Any, dict]:
         """Post each prediction to its task, only when Label Studio says the task belongs to the
@@ -314,6 +425,11 @@ class Server:
                     if stored.project != pid or (stored.data or {}).get(job.image_key) != task.image_url:
                         log.warning("task %s: prediction not posted: the task is not project %s's, or its image "
                                     "changed", task.task_id, pid)  # fmt: skip
+                        continue
+                    # Reading a task that has no prediction makes Label Studio ask /predict for it
+                    # (with "show predictions to annotators" on): it may hold this one now.
+                    versions = {p.model_version for p in getattr(stored, "predictions", None) or []}
+                    if prediction["model_version"] in versions:
                         continue
                     client.predictions.create(
                         task=int(task.task_id),

@@ -25,6 +25,9 @@ FEEDBACK_PROCESSING = PREFIX + "feedback:processing"
 CORRECTIONS_PREFIX = PREFIX + "corrections:"
 #: Set of the projects that have comparisons (no scan of the keyspace to list them).
 PROJECTS_WITH_CORRECTIONS = PREFIX + "projects-with-corrections"
+#: Hash predict job id -> the backend process that caches and posts its predictions when it
+#: finishes (``backend/deliveries.py``).
+DELIVERIES = PREFIX + "deliveries"
 
 
 #: Seconds a cancel request is kept (longer than any job asked to stop takes to notice it).
@@ -89,6 +92,16 @@ def corrections(project: str) -> str:
 def correction_totals(project: str) -> str:
     """Hash of the project's correction aggregates per model version, kept as corrections arrive (for /metrics)."""
     return f"{PREFIX}correction-totals:{project}"
+
+
+def delivery(job_id: str) -> str:
+    """What caching and posting a late predict job's predictions needs: the job, its cache keys."""
+    return f"{PREFIX}delivery:{job_id}"
+
+
+def backend_alive(process: str) -> str:
+    """Exists while backend process ``process`` lives (renewed by its heartbeat)."""
+    return f"{PREFIX}backend:{process}"
 
 
 def predict_request(request_id: str) -> str:

@@ -4,8 +4,10 @@ its REST API, and prelabel's backend, predict worker and training worker as the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import time
@@ -22,6 +24,8 @@ LS_BIN = Path(os.environ.get("PRELABEL_LS_VENV", REPO / ".venv-ls")) / "bin" / "
 
 
 VENV_BIN = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin"
+#: prelabel's services, as docker-compose.yml runs them.
+SERVICES = ("backend", "worker", "trainer")
 
 
 def free_port() -> int:
@@ -161,25 +165,45 @@ class LabelStudio:
 
 
 class Prelabel:
-    """prelabel-backend and one prelabel-worker, as the README starts them."""
+    """prelabel-backend, one prelabel-worker and a training worker, as the README starts them."""
 
-    def __init__(self, settings: Settings, workdir: Path) -> None:
+    def __init__(self, settings: Settings, workdir: Path, services: tuple[str, ...] = SERVICES) -> None:
         self.settings = settings
         self.port = free_port()
         self.url = f"http://localhost:{self.port}"
         # Label Studio calls the backend at this URL, which is the one the webhook secret goes to.
-        env = {**os.environ, "PRELABEL_URL": self.url, **settings.to_env()}
+        self.env = {**os.environ, "PRELABEL_URL": self.url, **settings.to_env()}
         self.backend_log, self.worker_log = workdir / "backend.log", workdir / "worker.log"
         self.trainer_log = workdir / "trainer.log"
+        for log_path in (self.backend_log, self.worker_log, self.trainer_log):
+            log_path.write_text("")
         self.auth = (settings.basic_auth_user, settings.basic_auth_pass)
-        self.processes = []
-        for command, log_path in (
-            ([VENV_BIN / "prelabel-backend", "--port", str(self.port)], self.backend_log),
-            ([VENV_BIN / "prelabel-worker"], self.worker_log),
-            ([VENV_BIN / "prelabel-worker", "train"], self.trainer_log),
-        ):
-            with open(log_path, "w") as log:
-                self.processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+        self.processes: dict[str, subprocess.Popen] = {}
+        for service in services:
+            self.start(service)
+
+    def start(self, service: str) -> None:
+        """Start ``service`` (one of SERVICES), in a process group of its own (see ``kill``)."""
+        command, log_path = {
+            "backend": ([VENV_BIN / "prelabel-backend", "--port", str(self.port)], self.backend_log),
+            "worker": ([VENV_BIN / "prelabel-worker"], self.worker_log),
+            "trainer": ([VENV_BIN / "prelabel-worker", "train"], self.trainer_log),
+        }[service]
+        with open(log_path, "a") as log:
+            self.processes[service] = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                                       start_new_session=True)  # fmt: skip
+
+    def kill(self, service: str) -> None:
+        """SIGKILL the service and its children (gunicorn's workers): a crash, nothing cleaned up."""
+        process = self.processes.pop(service)
+        _kill_group(process)
+        process.wait()
+
+    def terminate(self, service: str) -> None:
+        """SIGTERM: the service stops as on a deploy."""
+        process = self.processes.pop(service)
+        processes.stop(process)
+        _kill_group(process)
 
     def get(self, path: str) -> dict:
         response = requests.get(f"{self.url}{path}", auth=self.auth, timeout=10)
@@ -195,10 +219,17 @@ class Prelabel:
                     return
             except (requests.RequestException, ValueError):
                 pass
-            if any(p.poll() is not None for p in self.processes):
+            if any(p.poll() is not None for p in self.processes.values()):
                 break
             time.sleep(0.5)
         raise AssertionError(f"prelabel did not start:\n{self.backend_log.read_text()}\n{self.worker_log.read_text()}")
 
     def stop(self) -> None:
-        processes.stop(*self.processes)
+        processes.stop(*self.processes.values())
+        for process in self.processes.values():
+            _kill_group(process)  # a gunicorn worker left by a master that had to be killed
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the whole group has exited
+        os.killpg(process.pid, signal.SIGKILL)

@@ -84,6 +84,7 @@ def test_metrics_sum_every_gunicorn_process(make_settings, redis_url, voc_config
     import redis
 
     from backend.serving import RedisCache, cache_key
+    from common import keys
 
     settings = make_settings(redis_url=redis_url)
     tasks = [{"id": i, "data": {"image": f"data:image/png;base64,{i}"}} for i in range(4)]
@@ -118,5 +119,13 @@ def test_metrics_sum_every_gunicorn_process(make_settings, redis_url, voc_config
             text = requests.get(f"{url}/metrics", timeout=10).text
             assert f"prelabel_predict_seconds_count {float(sent)}" in text
             assert f"prelabel_predict_tasks_total {float(sent)}" in text
+        # Each process beats (backend/deliveries.py); stopped cleanly, each says it left, so that
+        # another takes its late jobs over at once instead of ALIVE_TTL seconds later.
+        connection = redis.Redis.from_url(redis_url)
+        deadline = time.monotonic() + 30
+        while len(list(connection.scan_iter(keys.backend_alive("*")))) < 3:  # the third may still be starting
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
     finally:
-        processes.stop(process)
+        assert not processes.stop(process)
+    assert list(connection.scan_iter(keys.backend_alive("*"))) == []

@@ -27,6 +27,7 @@ from PIL import Image
 from rq import Queue
 
 from bench import processes
+from common import keys
 from common.jobs import PREDICT_QUEUE
 from common.settings import Settings, project_version
 from tests.conftest import REPO, claim_redis_db, shared_data
@@ -103,6 +104,7 @@ def test_retrieve_predictions_from_label_studio(label_studio, token_kind, tmp_pa
             while not [p for p in label_studio.predictions(new_task) if p["model_version"] == trained]:
                 assert time.monotonic() < deadline, prelabel.backend_log.read_text()[-3000:]
                 time.sleep(1)
+            assert len(label_studio.predictions(new_task)) == 1  # posted once
         finally:
             prelabel.stop()
     logs = prelabel.backend_log.read_text() + prelabel.worker_log.read_text() + prelabel.trainer_log.read_text()
@@ -158,6 +160,60 @@ def test_an_annotator_opening_a_task_is_served_ahead_of_a_bulk_selection(label_s
             progress = prelabel.get(f"/jobs/{request}")
             assert progress["status"] == "finished" and progress["tasks_done"] == 12
             assert all(len(label_studio.predictions(task)) == 1 for task in selection)
+        finally:
+            prelabel.stop()
+
+
+def test_an_imports_predictions_survive_a_backend_killed_while_its_jobs_wait(label_studio, tmp_path):
+    """Photos imported while no worker runs wait in the queue as precompute jobs; the backend that
+    queued them is killed (SIGKILL, nothing cleaned up); a new backend takes over their deliveries,
+    and once a worker runs, every imported task gets its prediction in Label Studio, once."""
+    with claim_redis_db() as redis_url:
+        settings = Settings(
+            redis_url=redis_url, label_studio_url=label_studio.url, label_studio_api_key=label_studio.legacy_token,
+            basic_auth_user="labelstudio", basic_auth_pass="s3cret-pass", webhook_secret="hook-s3cret",
+            model_checkpoint=str(TOY_CLIP), image_size=64, background_words=("sky",), distractors="none",
+            tag_min_score=0.01, max_tasks_per_job=1,
+        )  # fmt: skip
+        connection = redis.Redis.from_url(redis_url)
+        prelabel = Prelabel(settings, tmp_path, services=("backend", "worker"))
+        try:
+            prelabel.wait_ready()
+            project = label_studio.create_project("prelabel restarted mid-import", CONFIG.read_text())
+            label_studio.upload(project, shared_data() / PHOTOS[0])
+            label_studio.connect_backend(project, prelabel.url, "labelstudio", "s3cret-pass")
+            deadline = time.monotonic() + 30
+            while not all(hook["headers"].get("X-Prelabel-Secret") for hook in label_studio.webhooks(project)):
+                assert time.monotonic() < deadline, "prelabel did not add its secret header to the webhook"
+                label_studio.retrieve_predictions(project)  # each call runs /setup, which schedules the header
+                time.sleep(0.5)
+
+            prelabel.terminate("worker")
+            for photo in PHOTOS[1:]:
+                label_studio.upload(project, shared_data() / photo)
+            deadline = time.monotonic() + 30
+            while connection.hlen(keys.DELIVERIES) < len(PHOTOS) - 1:  # one precompute job per imported photo
+                assert time.monotonic() < deadline, prelabel.backend_log.read_text()[-3000:]
+                time.sleep(0.2)
+            imported = sorted(task["id"] for task in label_studio.tasks(project))[1:]
+            assert all(label_studio.predictions(task) == [] for task in imported)
+
+            prelabel.kill("backend")
+            for key in connection.scan_iter(keys.backend_alive("*")):
+                connection.delete(key)  # as its expiry would, ALIVE_TTL seconds after the crash
+            prelabel.start("backend")
+            prelabel.start("worker")
+            prelabel.wait_ready()
+            deadline = time.monotonic() + 120
+            while not all(label_studio.predictions(task) for task in imported):
+                assert time.monotonic() < deadline, prelabel.backend_log.read_text()[-3000:]
+                time.sleep(1)
+            for task in imported:
+                print(prelabel.backend_log.read_text()[-6000:])
+                (prediction,) = label_studio.predictions(task)  # posted once
+                assert prediction["model_version"] == settings.model_version and prediction["result"]
+            assert connection.hlen(keys.DELIVERIES) == 0
+            assert prelabel.backend_log.read_text().count("taken over from backend process") == len(imported)
         finally:
             prelabel.stop()
 

@@ -471,7 +471,7 @@ def test_afterwards_no_credential_left_label_studio_and_everything_is_up(world):
                SIGNATURE, base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()]  # fmt: skip
     for secret in secrets:
         assert secret not in logs
-    assert all(process.poll() is None for process in world.prelabel.processes)  # no process died
+    assert all(process.poll() is None for process in world.prelabel.processes.values())  # no process died
     health = requests.get(f"{world.prelabel.url}/health", timeout=5).json()
     assert health["status"] == "UP" and health["workers"]["count"] == 1
     fresh = {"id": next(TASK_IDS), "data": world.good["data"]}

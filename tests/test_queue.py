@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import http.server
+import logging
 import os
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from bench import processes
 from common import keys
 from common.errors import JobTimeout
 from common.jobs import PREDICT_FUNCTION, PREDICT_QUEUE, ChoicesControl, ClassLabel, ImageTask, PredictJob
+from common.labelstudio.config import parse_label_config
 from common.settings import Settings
 from tests.conftest import claim_redis_db, settings_env
 from tests.lsfake import FakeLabelStudio
@@ -345,6 +347,46 @@ def test_imported_tasks_are_precomputed_into_the_cache(stack, voc_config, monkey
     capped = client.post("/webhook", json={"action": "TASKS_CREATED", "tasks": more, "project": project}).get_json()
     assert capped["not_precomputed"] == 1
     assert client.get(f"/jobs/{capped['request']}").get_json()["tasks"] == 1
+
+
+def test_the_late_jobs_of_a_backend_that_died_are_delivered_by_another(stack, voc_config, tmp_path, caplog):
+    """An import precomputed while no worker runs; the backend process that queued it stops
+    beating (dead, or hung: its thread here still waits); another takes over the delivery, and
+    when a worker has run the job, it caches the predictions. The first, if it wakes, does not."""
+    caplog.set_level(logging.INFO, logger="backend")
+    _, label_studio, _ = stack
+    tasks = [{"id": 95 + i, "data": {"image": label_studio.upload_path(name)}} for i, name in enumerate(PHOTOS[:2])]
+    with claim_redis_db() as url:
+        settings = dataclasses.replace(stack[0], redis_url=url)
+        connection = redis.Redis.from_url(url)
+        dying = create_app(settings).extensions["prelabel"].server
+        dying.precompute(tasks, parse_label_config(voc_config, settings.max_labels), voc_config, "9.1763878525",
+                         settings.model_version, {})  # fmt: skip
+        (job_id,) = [j.decode() for j in connection.hkeys(keys.DELIVERIES)]
+        assert connection.hget(keys.DELIVERIES, job_id).decode() == dying.deliveries.process
+        connection.delete(keys.backend_alive(dying.deliveries.process))
+
+        heir = create_app(settings).extensions["prelabel"].server
+        heir.start_delivering()
+        worker = None
+        try:
+            deadline = time.monotonic() + 10
+            while connection.hget(keys.DELIVERIES, job_id).decode() != heir.deliveries.process:
+                assert time.monotonic() < deadline, "the delivery was not taken over"
+                time.sleep(0.1)
+            worker = start_worker(settings, tmp_path / "worker.log")
+            cache_keys = [cache_key(settings.model_version, voc_config, t["id"], t["data"]["image"]) for t in tasks]
+            deadline = time.monotonic() + 60
+            while connection.hlen(keys.DELIVERIES) or "took it over" not in caplog.text:
+                assert time.monotonic() < deadline, caplog.text[-3000:]
+                time.sleep(0.2)
+            assert all(p and p["result"] for p in heir.cache.get_many(cache_keys))
+            assert f"background predict job {job_id}: another backend process took it over" in caplog.text
+            assert caplog.text.count(f"background predict job {job_id} done: 2 predictions cached") == 1
+        finally:
+            heir.stop_delivering()
+            if worker is not None:
+                stop(worker)
 
 
 @pytest.fixture

@@ -1,0 +1,132 @@
+"""Late predict jobs as deliveries in Redis (``backend/deliveries.py``): owned by one live backend
+process, taken over by exactly one other when it dies, never lost to an expired record."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+from rq import Queue, SimpleWorker
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+from backend import deliveries as deliveries_module
+from backend.deliveries import Deliveries, Delivery
+from backend.runner import QueueRunner
+from backend.serving import RedisCache, Server, predict_job
+from common import keys
+from common.errors import JobFailed
+from common.labelstudio.config import parse_label_config
+
+CONFIG = """<View>
+  <Image name="photo" value="$image"/>
+  <Choices name="tags" toName="photo" choice="multiple"><Choice value="cat"/><Choice value="dog"/></Choices>
+  <BrushLabels name="masks" toName="photo"><Label value="cat"/></BrushLabels>
+</View>"""
+
+
+def delivery(job_id: str) -> Delivery:
+    spec = parse_label_config(CONFIG, 100)
+    tasks = [{"id": 7, "data": {"image": "/data/upload/1/a.jpg"}}, {"id": 8, "data": {"image": "s3://b/c.png"}}]
+    job = predict_job(spec, "3.1700000000", "v1", tasks, [t["data"]["image"] for t in tasks], {"tag_min_score": 0.2})
+    return Delivery(job_id, job, spec, [f"prelabel:cache:v1:{t['id']}:abc" for t in tasks])
+
+
+def die(process: Deliveries) -> None:
+    """What ALIVE_TTL seconds without a heartbeat do."""
+    process.connection.delete(keys.backend_alive(process.process))
+
+
+def test_a_dead_processes_deliveries_go_to_exactly_one_live_process_whole(redis_url):
+    connection = redis.Redis.from_url(redis_url)
+    dead, first, second = (Deliveries(connection, ttl=600) for _ in range(3))
+    dead.record(delivery("job-1"))
+    dead.record(delivery("job-2"))
+    first.beat()
+    second.beat()
+    assert first.take(set()) == second.take(set()) == []  # its owner is alive
+
+    die(dead)
+    taken = first.take(set())
+    # the job, its label spec and cache keys, as recorded (their jobs are not in RQ: nothing to wait for)
+    assert sorted(taken, key=lambda d: d.job_id) == [delivery("job-1"), delivery("job-2")]
+    assert second.take(set()) == []  # one taker only
+    assert dead.taken_by_another("job-1") and not first.taken_by_another("job-1")
+
+    dead.done("job-1")  # the dead process's thread, still waiting, cannot end what it no longer owns
+    assert connection.hget(keys.DELIVERIES, "job-1").decode() == first.process
+    assert connection.exists(keys.delivery("job-1"))
+    first.done("job-1")
+    assert not connection.hexists(keys.DELIVERIES, "job-1") and not connection.exists(keys.delivery("job-1"))
+
+
+def test_a_process_takes_back_its_own_deliveries_only_when_no_thread_of_it_holds_them(redis_url):
+    connection = redis.Redis.from_url(redis_url)
+    owner = Deliveries(connection, ttl=600)
+    owner.record(delivery("job-1"))
+    assert owner.take({"job-1"}) == []
+    assert owner.take(set()) == [delivery("job-1")]  # its thread gave up waiting, or Redis was away
+
+
+def test_an_expired_record_ends_its_delivery(redis_url):
+    connection = redis.Redis.from_url(redis_url)
+    dead, live = Deliveries(connection, ttl=600), Deliveries(connection, ttl=600)
+    dead.record(delivery("job-1"))
+    assert 0 < connection.ttl(keys.delivery("job-1")) <= 600
+    connection.delete(keys.delivery("job-1"))
+    die(dead)
+    assert live.take(set()) == []
+    assert connection.hlen(keys.DELIVERIES) == 0
+
+
+def test_each_heartbeat_hands_out_a_bounded_number(redis_url, monkeypatch):
+    monkeypatch.setattr(deliveries_module, "MAX_DISPATCHED", 2)
+    connection = redis.Redis.from_url(redis_url)
+    dead, live = Deliveries(connection, ttl=600), Deliveries(connection, ttl=600)
+    for n in range(3):
+        dead.record(delivery(f"job-{n}"))
+    die(dead)
+    first = live.take(set())
+    assert len(first) == 2
+    second = live.take({d.job_id for d in first})  # the next heartbeat, its threads on the first two
+    assert [d.job_id for d in second] == sorted({"job-0", "job-1", "job-2"} - {d.job_id for d in first})
+
+
+def test_a_delivery_goes_to_a_thread_only_once_its_job_is_done(redis_url):
+    """Taken over at once, handed out when RQ has run the job: a thread never waits on a job
+    queued behind a whole import."""
+    connection = redis.Redis.from_url(redis_url)
+    queue = Queue("deliveries-test", connection=connection, serializer=JSONSerializer)
+    job = queue.enqueue_call("builtins.len", args=([1, 2],))
+    dead, live = Deliveries(connection, ttl=600), Deliveries(connection, ttl=600)
+    dead.record(delivery(job.id))
+    die(dead)
+    assert live.take(set()) == []  # queued
+    assert connection.hget(keys.DELIVERIES, job.id).decode() == live.process  # ... but taken over
+    SimpleWorker([queue], connection=connection, serializer=JSONSerializer).work(burst=True)
+    assert job.get_status(refresh=True) == JobStatus.FINISHED
+    assert live.take(set()) == [delivery(job.id)]
+
+
+def test_a_canceled_jobs_delivery_ends_without_a_post(redis_url, make_settings):
+    """Waiting for a canceled (or expired) job ends its delivery at once, instead of holding a
+    thread for JOB_TIMEOUT and coming back every heartbeat."""
+    settings = make_settings(redis_url=redis_url)
+    connection = redis.Redis.from_url(redis_url)
+    runner = QueueRunner(settings, connection)
+    late = delivery("unused")
+    job_id = runner.submit(late.job)
+    Job.fetch(job_id, connection=connection, serializer=JSONSerializer).cancel()
+    server = Server(settings, runner, RedisCache(connection), deliveries=Deliveries(connection, ttl=600))
+    server.finish_later(job_id, late.job, late.spec, late.cache_keys)
+    deadline = time.monotonic() + 10
+    while connection.hlen(keys.DELIVERIES):
+        assert time.monotonic() < deadline, "the canceled job's delivery did not end"
+        time.sleep(0.05)
+    assert not connection.exists(keys.delivery(job_id))
+    assert RedisCache(connection).get_many(late.cache_keys) == [None, None]
+    with pytest.raises(JobFailed, match="canceled"):
+        runner.wait(job_id, time.monotonic() + 5)
+    with pytest.raises(JobFailed, match="expired"):
+        runner.wait("no-such-job", time.monotonic() + 5)
