@@ -11,15 +11,17 @@ import time
 
 import pytest
 import redis
+from rq import Worker
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from backend.app import create_app
 from backend.runner import QueueRunner
-from common.jobs import ChoicesControl, ClassLabel, ImageTask, PredictJob
+from common.jobs import PREDICT_QUEUE, ChoicesControl, ClassLabel, ImageTask, PredictJob
 from tests.labelstudio import free_port
 from tests.test_queue import start_worker, stop, wait_for_workers
 from tests.test_training import CONFIG
+from worker.cli import PrelabelWorker
 
 pytestmark = pytest.mark.slow
 
@@ -85,6 +87,21 @@ def test_redis_down_then_back_recovers_without_restarts(own_redis, make_settings
         assert worker.poll() is None  # the same worker process, never restarted
     finally:
         stop(worker)
+
+
+def test_redis_gone_just_as_a_job_ends_does_not_end_the_worker(own_redis):
+    """RQ sets a worker idle outside its reconnecting loop: Redis away at that moment (a job just
+    finished) killed the worker process. Now it waits for Redis and registers again."""
+    connection = redis.Redis.from_url(own_redis.url)
+    worker = PrelabelWorker([PREDICT_QUEUE], connection=connection, serializer=JSONSerializer, worker_ttl=60)
+    own_redis.stop()
+    back = threading.Timer(1.5, own_redis.start)
+    back.start()
+    try:
+        assert worker.dequeue_job_and_maintain_ttl(timeout=1, max_idle_time=2) is None  # idle, alive
+    finally:
+        back.join()
+    assert [w.name for w in Worker.all(connection=connection)] == [worker.name]  # registered again
 
 
 def test_a_worker_killed_mid_job_has_its_job_retried_by_another(redis_url, make_settings, label_studio, tmp_path):

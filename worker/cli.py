@@ -48,6 +48,15 @@ class PrelabelWorker(SimpleWorker):
         super().heartbeat(timeout, pipeline)
         worker_registration.register(self, pipeline=pipeline)
 
+    def set_state(self, state: str, pipeline=None) -> None:
+        """RQ's, except that Redis going away then does not end the worker: RQ sets the idle state
+        outside its reconnecting loop, so a Redis restart just as a job ended killed the process.
+        The state is informational, and set again with the next job."""
+        try:
+            super().set_state(state, pipeline)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+            log.warning("worker state %s not recorded: Redis: %s", state, e)
+
     def execute_job(self, job: Job, queue: Queue) -> None:
         """SimpleWorker's, plus heartbeats while the job runs. RQ's SimpleWorker sends none during a
         job; it registers itself and the job for the job's whole timeout instead, so a worker killed
