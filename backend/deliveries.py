@@ -43,10 +43,16 @@ MAX_DISPATCHED = 500
 #: Hash fields read per round trip when scanning the deliveries.
 SCAN_COUNT = 1000
 
-#: Hand the delivery ARGV[1] from owner ARGV[2] to ARGV[3] (to nobody: '') if ARGV[2] still owns it.
+#: Hand the delivery ARGV[1] from owner ARGV[2] to ARGV[3] if ARGV[2] still owns it; to nobody
+#: ('') ends it, its record KEYS[2] included, in the same step.
 _HAND_OVER = """
 if redis.call('hget', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
-if ARGV[3] == '' then redis.call('hdel', KEYS[1], ARGV[1]) else redis.call('hset', KEYS[1], ARGV[1], ARGV[3]) end
+if ARGV[3] == '' then
+  redis.call('hdel', KEYS[1], ARGV[1])
+  redis.call('del', KEYS[2])
+else
+  redis.call('hset', KEYS[1], ARGV[1], ARGV[3])
+end
 return 1
 """
 
@@ -92,8 +98,7 @@ class Deliveries:
 
     def done(self, job_id: str) -> None:
         """End the delivery, if this process still owns it."""
-        if self._hand_over(keys=[keys.DELIVERIES], args=[job_id, self.process, ""]):
-            self.connection.delete(keys.delivery(job_id))
+        self._hand_over(keys=[keys.DELIVERIES, keys.delivery(job_id)], args=[job_id, self.process, ""])
 
     def beat(self) -> None:
         self.connection.set(keys.backend_alive(self.process), 1, ex=ALIVE_TTL)
@@ -119,7 +124,8 @@ class Deliveries:
         orphans = [job_id for job_id, owner in owners.items() if owner in dead]
         pipe = self.connection.pipeline(transaction=False)
         for job_id in orphans:
-            self._hand_over(keys=[keys.DELIVERIES], args=[job_id, owners[job_id], self.process], client=pipe)
+            self._hand_over(keys=[keys.DELIVERIES, keys.delivery(job_id)], args=[job_id, owners[job_id], self.process],
+                            client=pipe)  # fmt: skip
         adopted = [job_id for job_id, won in zip(orphans, pipe.execute(), strict=True) if won]
         for job_id in adopted:
             log.info("delivery of predict job %s taken over from backend process %s", job_id, owners[job_id])
