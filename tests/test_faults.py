@@ -11,13 +11,21 @@ import time
 
 import pytest
 import redis
-from rq import Worker
+from rq import Queue, Worker
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from backend.app import create_app
 from backend.runner import QueueRunner
-from common.jobs import PREDICT_QUEUE, ChoicesControl, ClassLabel, ImageTask, PredictJob
+from common.jobs import (
+    PREDICT_FUNCTION,
+    PREDICT_QUEUE,
+    AllowListedJob,
+    ChoicesControl,
+    ClassLabel,
+    ImageTask,
+    PredictJob,
+)
 from tests.labelstudio import free_port
 from tests.test_queue import start_worker, stop, wait_for_workers
 from tests.test_training import CONFIG
@@ -90,18 +98,40 @@ def test_redis_down_then_back_recovers_without_restarts(own_redis, make_settings
 
 
 def test_redis_gone_just_as_a_job_ends_does_not_end_the_worker(own_redis):
-    """RQ sets a worker idle outside its reconnecting loop: Redis away at that moment (a job just
-    finished) killed the worker process. Now it waits for Redis and registers again."""
+    """RQ's work loop waits for Redis only around its dequeue: Redis away for longer than redis-py's
+    own retries (about 3 s) just as a job ended killed the worker (the heartbeat after the job, the
+    suspension check). Now the real work loop waits for Redis and registers the worker again."""
+    seen_after_restart: list[str] = []
+
+    def come_back() -> None:
+        own_redis.start()  # empty: the worker must register itself again
+        connection = redis.Redis.from_url(own_redis.url)
+        deadline = time.monotonic() + 15
+        while not seen_after_restart and time.monotonic() < deadline:
+            seen_after_restart.extend(w.name for w in Worker.all(connection=connection))
+            time.sleep(0.2)
+
+    back = threading.Timer(5, come_back)
+
+    class RedisGoesAwayAfterAJob(PrelabelWorker):
+        def execute_job(self, job, queue):
+            super().execute_job(job, queue)
+            own_redis.stop()
+            back.start()
+
     connection = redis.Redis.from_url(own_redis.url)
-    worker = PrelabelWorker([PREDICT_QUEUE], connection=connection, serializer=JSONSerializer, worker_ttl=60)
-    own_redis.stop()
-    back = threading.Timer(1.5, own_redis.start)
-    back.start()
+    queue = Queue(PREDICT_QUEUE, connection=connection, serializer=JSONSerializer, job_class=AllowListedJob)
+    queue.enqueue(PREDICT_FUNCTION, {})  # fails at once (no payload), which ends it like any job
+    worker = RedisGoesAwayAfterAJob([PREDICT_QUEUE], connection=connection, serializer=JSONSerializer, worker_ttl=60)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # work() installs its own
     try:
-        assert worker.dequeue_job_and_maintain_ttl(timeout=1, max_idle_time=2) is None  # idle, alive
+        assert worker.work(max_idle_time=10)  # True: it ran the job; returns once idle for 10 s
     finally:
-        back.join()
-    assert [w.name for w in Worker.all(connection=connection)] == [worker.name]  # registered again
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+        if back.is_alive():
+            back.join()
+    assert seen_after_restart == [worker.name]
 
 
 def test_a_worker_killed_mid_job_has_its_job_retried_by_another(redis_url, make_settings, label_studio, tmp_path):

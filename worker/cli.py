@@ -9,10 +9,12 @@ in the worker process, so the model loaded here stays warm. Run one worker per G
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import socket
 import sys
 import threading
+from collections.abc import Iterator
 
 import redis
 from rq import Queue, SimpleWorker, Worker, worker_registration
@@ -37,6 +39,14 @@ WORKER_TTL = 60
 MAINTENANCE_INTERVAL = 60
 
 
+@contextlib.contextmanager
+def _logged_if_redis_away(what: str) -> Iterator[None]:
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+        log.warning("%s: Redis: %s", what, e)
+
+
 class PrelabelWorker(SimpleWorker):
     """RQ's SimpleWorker (no fork: the model stays loaded) that registers itself again on every
     heartbeat, so it is found again after Redis restarts without its data, keeps heartbeating while
@@ -44,34 +54,46 @@ class PrelabelWorker(SimpleWorker):
 
     job_class = AllowListedJob
 
-    def heartbeat(self, timeout: int | None = None, pipeline=None) -> None:
-        super().heartbeat(timeout, pipeline)
-        worker_registration.register(self, pipeline=pipeline)
+    # RQ's work loop waits for Redis to come back only around its blocking dequeue. The writes it
+    # makes between a job's end and that wait (the idle state, a heartbeat, the suspension check,
+    # registry clean-ups) raise instead, and RQ ends the worker on them: a Redis restart just as a
+    # job ended killed the process. Each is informational or repeated on the next round, so here
+    # a Redis error there is logged and the loop goes on to the dequeue, which waits for Redis.
 
     def set_state(self, state: str, pipeline=None) -> None:
-        """RQ's, except that Redis going away then does not end the worker: RQ sets the idle state
-        outside its reconnecting loop, so a Redis restart just as a job ended killed the process.
-        The state is informational, and set again with the next job."""
-        try:
+        with _logged_if_redis_away(f"worker state {state} not recorded"):
             super().set_state(state, pipeline)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
-            log.warning("worker state %s not recorded: Redis: %s", state, e)
+
+    def heartbeat(self, timeout: int | None = None, pipeline=None) -> None:
+        """RQ's, and registers the worker again, so it is found after Redis restarts empty."""
+        with _logged_if_redis_away("heartbeat not sent"):
+            super().heartbeat(timeout, pipeline)
+            worker_registration.register(self, pipeline=pipeline)
+
+    def check_for_suspension(self, burst: bool) -> None:
+        with _logged_if_redis_away("suspension not checked"):
+            super().check_for_suspension(burst)
+
+    def run_maintenance_tasks(self) -> None:
+        with _logged_if_redis_away("registries not cleaned"):
+            super().run_maintenance_tasks()
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         """SimpleWorker's, plus heartbeats while the job runs. RQ's SimpleWorker sends none during a
         job; it registers itself and the job for the job's whole timeout instead, so a worker killed
         mid-job looked alive, and its job running, for up to JOB_TIMEOUT (a training run: 4 h, in
         which its project could not train again). With heartbeats both expire 90 s after the kill."""
-        execution = self.prepare_execution(job)
-        done = threading.Event()
-        beating = threading.Thread(target=self._beat_until, args=(done, job, execution), name="job heartbeat",
-                                   daemon=True)  # fmt: skip
-        beating.start()
-        try:
-            self.perform_job(job, queue, execution)
-        finally:
-            done.set()
-            beating.join()
+        with _logged_if_redis_away(f"job {job.id} not run or its outcome not recorded"):
+            execution = self.prepare_execution(job)
+            done = threading.Event()
+            beating = threading.Thread(target=self._beat_until, args=(done, job, execution), name="job heartbeat",
+                                       daemon=True)  # fmt: skip
+            beating.start()
+            try:
+                self.perform_job(job, queue, execution)
+            finally:
+                done.set()
+                beating.join()
         self.set_state(WorkerStatus.IDLE)
 
     def _beat_until(self, done: threading.Event, job: Job, execution: Execution) -> None:
