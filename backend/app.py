@@ -59,7 +59,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             runner,
             cache,
             feedback.remember_predictions if feedback is not None else None,
-            Deliveries(connection, settings.result_ttl * 24) if connection is not None else None,
+            Deliveries(connection, settings.kept_ttl) if connection is not None else None,
         ),
         registry=registry,
         training=training,

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 
 import redis
 
+from backend.job_index import job_statuses
 from backend.runner import IN_FLIGHT_STATES
 from common import keys
-from common.jobs import AllowListedJob, PredictJob
+from common.jobs import PredictJob
 from common.labelstudio.config import LabelSpec
 
 log = logging.getLogger(__name__)
@@ -130,10 +131,7 @@ class Deliveries:
         for job_id in adopted:
             log.info("delivery of predict job %s taken over from backend process %s", job_id, owners[job_id])
         mine = [j for j, owner in owners.items() if owner == self.process and j not in handling] + adopted
-        pipe = self.connection.pipeline(transaction=False)
-        for job_id in mine:
-            pipe.hget(AllowListedJob.key_for(job_id), "status")
-        statuses = [s.decode() if s is not None else None for s in pipe.execute()]
+        statuses = job_statuses(self.connection, mine)
         ready = [job_id for job_id, status in zip(mine, statuses, strict=True) if status not in IN_FLIGHT_STATES]
         taken = []
         for job_id in ready[:MAX_DISPATCHED]:

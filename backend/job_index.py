@@ -30,6 +30,14 @@ def remember_job(connection: redis.Redis | redis.client.Pipeline, project: str, 
     connection.expire(key, KEEP_SECONDS)
 
 
+def job_statuses(connection: redis.Redis, job_ids: list[str]) -> list[str | None]:
+    """The RQ status of each job (None where the job is gone), one field each, not the payloads."""
+    pipe = connection.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.hget(AllowListedJob.key_for(job_id), "status")
+    return [status.decode() if status is not None else None for status in pipe.execute()]
+
+
 def fail_abandoned(connection: redis.Redis, queues: tuple[str, ...] = (TRAIN_QUEUE, ADAPT_QUEUE)) -> None:
     """Fail the jobs of ``queues`` whose worker died (no heartbeat for 90 s), or hand them to their
     retry (predict jobs), now rather than when a worker of their queue next cleans up: there may be

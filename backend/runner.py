@@ -27,7 +27,7 @@ from rq import Queue, Retry, Worker
 from rq.results import Result
 from rq.serializers import JSONSerializer
 
-from backend.job_index import fail_abandoned, remember_job
+from backend.job_index import fail_abandoned, job_statuses, remember_job
 from backend.prometheus import record_job
 from common import keys
 from common.errors import JobFailed, JobTimeout, PrelabelError, ServiceUnavailable
@@ -151,7 +151,7 @@ class QueueRunner:
                 args=(job.to_dict(),),
                 timeout=self.settings.job_timeout,
                 result_ttl=self.settings.result_ttl,
-                failure_ttl=self.settings.result_ttl * 24,
+                failure_ttl=self.settings.kept_ttl,
                 description=f"predict {len(job.tasks)} tasks (project {job.project})",
                 retry=Retry(max=1),  # a job whose worker died runs once more elsewhere
                 at_front=interactive,
@@ -173,10 +173,7 @@ class QueueRunner:
         with self.redis_errors():
             named = self.connection.mget([keys.predicting(key) for key in cache_keys])
             job_ids = sorted({j.decode() for j in named if j is not None})
-            pipe = self.connection.pipeline()
-            for job_id in job_ids:  # one field of each job, not its payload
-                pipe.hget(AllowListedJob.key_for(job_id), "status")
-            statuses = [s.decode() if s is not None else None for s in pipe.execute()]
+            statuses = job_statuses(self.connection, job_ids)
             live = {j for j, s in zip(job_ids, statuses, strict=True) if s in IN_FLIGHT_STATES}
         return {key: j.decode() for key, j in zip(cache_keys, named, strict=True) if j and j.decode() in live}
 
@@ -187,16 +184,12 @@ class QueueRunner:
         record = {"jobs": job_ids, "sizes": sizes, "project": project, "created_at": time.time()}
         with self.redis_errors():
             pipe = self.connection.pipeline()
-            pipe.set(keys.predict_request(request_id), json.dumps(record), ex=self._request_ttl)
+            pipe.set(keys.predict_request(request_id), json.dumps(record), ex=self.settings.kept_ttl)
             if project:
                 remember_job(pipe, project, request_id)
             pipe.execute()
         log.info("request %s: %d tasks in %d predict jobs, project %s", request_id, sum(sizes), len(job_ids), project)
         return request_id
-
-    @property
-    def _request_ttl(self) -> int:
-        return self.settings.result_ttl * 24  # as long as a failed chunk is kept
 
     def progress(self, request_id: str) -> dict[str, Any] | None:
         with self.redis_errors():
@@ -205,12 +198,9 @@ class QueueRunner:
             if raw is None:
                 return None
             record = json.loads(raw)
-            pipe = self.connection.pipeline()
-            for job_id in record["jobs"]:  # one field of each job, not its payload
-                pipe.hget(AllowListedJob.key_for(job_id), "status")
-            statuses = [s.decode() if s is not None else "expired" for s in pipe.execute()]
+            statuses = [s or "expired" for s in job_statuses(self.connection, record["jobs"])]
             if any(s in REQUEST_PENDING for s in statuses):
-                self.connection.expire(key, self._request_ttl)  # still running: kept while it runs
+                self.connection.expire(key, self.settings.kept_ttl)  # still running: kept while it runs
         counts = dict.fromkeys(("queued", "started", "finished", "failed", "canceled", "expired"), 0)
         tasks_done = 0
         for status, size in zip(statuses, record["sizes"], strict=True):

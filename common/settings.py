@@ -259,6 +259,13 @@ class Settings:
         return bool(self.basic_auth_user)
 
     @property
+    def kept_ttl(self) -> int:
+        """Seconds a failed predict job, a bulk request's record and a late job's delivery are kept
+        (24 x RESULT_TTL): long enough to see why a job failed, and to deliver one whose backend
+        process died, after its result itself (RESULT_TTL) would be gone."""
+        return self.result_ttl * 24
+
+    @property
     def random_weights(self) -> bool:
         return self.model_checkpoint is None and self.model_pretrained == "random"
 
