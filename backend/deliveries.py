@@ -12,14 +12,21 @@ renewed every HEARTBEAT. Every HEARTBEAT it also takes over the deliveries whose
 alive, one compare-and-set each, so that of several live processes exactly one takes each, and
 finishes them as their jobs finish. A delivery ends when its predictions are posted, or its job failed or expired.
 A delivery posts only the predictions it was first to cache (``PredictionCache.put_new``), so no
-two post the same one; a process that dies between caching and posting leaves them cached (served
-when the task is opened), not posted.
+two post the same one, and records which those are before it posts: a process that dies in between
+leaves them to the process that takes over, which posts them from the cache (skipping any task
+that holds one already).
+
+Label Studio away (restarting, a network cut) does not lose the posts either: the delivery then
+keeps the cache keys it has not posted and is taken up again after a growing delay (RETRY_DELAY,
+doubled each time up to MAX_RETRY_DELAY), posting from the cache, until its record expires.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import time
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -44,6 +51,10 @@ MAX_DISPATCHED = 500
 #: Hash fields read per round trip when scanning the deliveries.
 SCAN_COUNT = 1000
 
+#: First wait before posting again to a Label Studio that was away, doubled at each failure.
+RETRY_DELAY = HEARTBEAT
+MAX_RETRY_DELAY = 15 * 60
+
 #: Hand the delivery ARGV[1] from owner ARGV[2] to ARGV[3] if ARGV[2] still owns it; to nobody
 #: ('') ends it, its record KEYS[2] included, in the same step.
 _HAND_OVER = """
@@ -57,15 +68,27 @@ end
 return 1
 """
 
+#: Rewrite the record KEYS[2] of delivery ARGV[1] (its expiry kept) if ARGV[2] still owns it.
+_REWRITE = """
+if redis.call('hget', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+return redis.call('set', KEYS[2], ARGV[3], 'XX', 'KEEPTTL') and 1 or 0
+"""
+
 
 @dataclass(frozen=True)
 class Delivery:
-    """A predict job whose predictions are to be cached under ``cache_keys`` and posted."""
+    """A predict job whose predictions are to be cached under ``cache_keys`` and posted.
+
+    ``unposted``: None until the predictions are cached; then the cache keys of those still to
+    post (Label Studio was away), tried again from ``retry_at`` (a Unix time) on."""
 
     job_id: str
     job: PredictJob
     spec: LabelSpec
     cache_keys: list[str]
+    unposted: tuple[str, ...] | None = None
+    attempts: int = 0
+    retry_at: float = 0.0
 
 
 class Deliveries:
@@ -77,17 +100,13 @@ class Deliveries:
         self.ttl = ttl
         self.process = uuid.uuid4().hex
         self._hand_over = connection.register_script(_HAND_OVER)
+        self._rewrite = connection.register_script(_REWRITE)
 
     def record(self, delivery: Delivery) -> None:
         """Own ``delivery`` (this process is alive as of now, whether its heartbeat runs yet or not)."""
-        body = {
-            "job": delivery.job.to_dict(),
-            "image_name": delivery.spec.image_name,
-            "cache_keys": delivery.cache_keys,
-        }
         pipe = self.connection.pipeline()
         pipe.set(keys.backend_alive(self.process), 1, ex=ALIVE_TTL)
-        pipe.set(keys.delivery(delivery.job_id), json.dumps(body), ex=self.ttl)
+        pipe.set(keys.delivery(delivery.job_id), _body(delivery), ex=self.ttl)
         pipe.hset(keys.DELIVERIES, delivery.job_id, self.process)
         pipe.execute()
 
@@ -96,6 +115,25 @@ class Deliveries:
         that one posts it, not this."""
         owner = self.connection.hget(keys.DELIVERIES, job_id)
         return owner is not None and owner != self.process.encode()
+
+    def cached(self, delivery: Delivery, unposted: list[str]) -> Delivery:
+        """Record that the job's predictions are cached and which of them this delivery posts:
+        should this process die before it has, the one that takes over posts them."""
+        again = dataclasses.replace(delivery, unposted=tuple(unposted))
+        self._rewrite(keys=[keys.DELIVERIES, keys.delivery(delivery.job_id)],
+                      args=[delivery.job_id, self.process, _body(again)])  # fmt: skip
+        return again
+
+    def postpone(self, delivery: Delivery, unposted: list[str]) -> float:
+        """Keep ``delivery`` with the cache keys of the predictions Label Studio did not take, to
+        try again later; returns the seconds until then. Its record's expiry stays what it was:
+        a Label Studio away for longer than that misses these posts (they stay cached)."""
+        delay = min(RETRY_DELAY * 2**delivery.attempts, MAX_RETRY_DELAY)
+        again = dataclasses.replace(delivery, unposted=tuple(unposted), attempts=delivery.attempts + 1,
+                                    retry_at=time.time() + delay)  # fmt: skip
+        self._rewrite(keys=[keys.DELIVERIES, keys.delivery(delivery.job_id)],
+                      args=[delivery.job_id, self.process, _body(again)])  # fmt: skip
+        return delay
 
     def done(self, job_id: str) -> None:
         """End the delivery, if this process still owns it."""
@@ -134,11 +172,14 @@ class Deliveries:
         statuses = job_statuses(self.connection, mine)
         ready = [job_id for job_id, status in zip(mine, statuses, strict=True) if status not in IN_FLIGHT_STATES]
         taken = []
-        for job_id in ready[:MAX_DISPATCHED]:
+        now = time.time()
+        for job_id in ready:
+            if len(taken) == MAX_DISPATCHED:
+                break
             delivery = self._load(job_id)
             if delivery is None:
                 self.done(job_id)
-            else:
+            elif delivery.retry_at <= now:  # else Label Studio was away: not yet
                 taken.append(delivery)
         return taken
 
@@ -152,7 +193,19 @@ class Deliveries:
             body = json.loads(raw)
             job = PredictJob.from_dict(body["job"])
             spec = LabelSpec(body["image_name"], job.image_key, job.choices, job.brushes, job.regions)
-            return Delivery(job_id, job, spec, [str(k) for k in body["cache_keys"]])
+            unposted = body.get("unposted")
+            return Delivery(job_id, job, spec, [str(k) for k in body["cache_keys"]],
+                            tuple(str(k) for k in unposted) if unposted is not None else None,
+                            int(body.get("attempts", 0)), float(body.get("retry_at", 0.0)))  # fmt: skip
         except Exception as e:  # written by another release, say: dropped, not retried every heartbeat
             log.warning("delivery of predict job %s dropped: unreadable record: %s", job_id, e)
             return None
+
+
+def _body(delivery: Delivery) -> str:
+    """The delivery's record: what posting it needs, the job itself included."""
+    body: dict = {"job": delivery.job.to_dict(), "image_name": delivery.spec.image_name,
+                  "cache_keys": delivery.cache_keys}  # fmt: skip
+    if delivery.unposted is not None:
+        body.update(unposted=list(delivery.unposted), attempts=delivery.attempts, retry_at=delivery.retry_at)
+    return json.dumps(body)

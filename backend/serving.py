@@ -21,18 +21,21 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import hashlib
 import json
 import logging
+import queue
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import httpx
 import redis
+from label_studio_sdk.core.api_error import ApiError
 from label_studio_sdk.core.request_options import RequestOptions
 
 from backend.deliveries import HEARTBEAT, Deliveries, Delivery
@@ -148,6 +151,35 @@ class Served:
     request: str | None
 
 
+class Background:
+    """A few threads for late jobs that, unlike ThreadPoolExecutor's, do not hold the process open
+    at exit: a gunicorn worker told to stop waited for every thread still waiting on a job (up to
+    JOB_TIMEOUT), past its graceful timeout, until SIGKILL. In the queue mode whatever a thread
+    was doing is a delivery in Redis, finished by the process that takes it over."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._started = False
+        self._lock = threading.Lock()
+
+    def submit(self, function: Callable[..., None], *args: Any) -> None:
+        with self._lock:  # started on first use: an app that never has a late job starts none
+            if not self._started:
+                for n in range(self.workers):
+                    threading.Thread(target=self._run, name=f"prelabel-late-jobs-{n}", daemon=True).start()
+                self._started = True
+        self._calls.put(functools.partial(function, *args))
+
+    def _run(self) -> None:
+        while True:
+            call = self._calls.get()
+            try:
+                call()
+            except Exception:
+                log.exception("late job thread: unexpected error")
+
+
 class Server:
     """Answers /predict from the cache and the runner, and finishes late jobs in the background."""
 
@@ -163,7 +195,7 @@ class Server:
         self.cache = cache
         self.posted = posted
         self.deliveries = deliveries
-        self._background = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prelabel-late-jobs")
+        self._background = Background(workers=4)
         self._handling: set[str] = set()  # late jobs this process has a thread (or a queued one) for
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -368,35 +400,67 @@ class Server:
                 self._handling.discard(delivery.job_id)
 
     def _finish(self, delivery: Delivery) -> None:
-        job_id, job, spec, cache_keys = delivery.job_id, delivery.job, delivery.spec, delivery.cache_keys
-        try:
-            result = self.runner.wait(job_id, deadline=time.monotonic() + self.settings.job_timeout + 60)
-        except (JobTimeout, ServiceUnavailable) as e:  # not done yet, or Redis away
-            kept = "; it is tried again when it is done" if self.deliveries is not None else ""
-            log.warning("background predict job %s: nothing to post yet: %s%s", job_id, e, kept)
-            return
-        except PrelabelError as e:  # failed, canceled or expired: nothing to post, the log says why
-            log.warning("background predict job %s gave nothing to post: %s", job_id, e)
-            self._end(job_id)
-            return
-        if self.deliveries is not None and self.deliveries.taken_by_another(job_id):
-            log.info("background predict job %s: another backend process took it over and posts it", job_id)
-            return
-        predictions = to_label_studio(result, spec, result.model_version)
-        # Only the predictions this delivery is first to cache are posted: one cached already was
-        # in a request's answer (an annotator opened the task, or a request asking again collected
-        # this job's result), or is another delivery's of the same job.
-        fresh = self.cache.put_new({k: p for k, p in zip(cache_keys, predictions, strict=True) if p})
-        posted = self._post(job, [p if k in fresh else [] for k, p in zip(cache_keys, predictions, strict=True)])
+        answered = 0
+        if delivery.unposted is None:
+            cached = self._cache_result(delivery)
+            if cached is None:
+                return
+            predictions, answered = cached
+        else:  # cached at an earlier try (Label Studio was away), or by a process that died
+            found = dict(zip(delivery.unposted, self.cache.get_many(list(delivery.unposted)), strict=True))
+            predictions = [found.get(k) or [] for k in delivery.cache_keys]
+        job_id, job = delivery.job_id, delivery.job
+        posted, unreached = self._post(job, predictions)
         if posted and self.posted is not None and job.project:
             try:
                 self.posted(job.project, posted)
             except redis.exceptions.RedisError as e:  # the report misses them; the predictions are posted
                 log.warning("background predict job %s: posted predictions not remembered: %s", job_id, e)
-        answered = sum(1 for p in predictions if p) - len(fresh)
-        log.info("background predict job %s done: %d predictions cached, %d posted to Label Studio (%d answered "
-                 "meanwhile)", job_id, len(fresh), len(posted), answered)  # fmt: skip
+        if delivery.unposted is None:
+            log.info("background predict job %s done: %d predictions cached, %d posted to Label Studio (%d answered "
+                     "meanwhile)", job_id, sum(1 for p in predictions if p), len(posted), answered)  # fmt: skip
+        else:
+            log.info("background predict job %s: %d of %d cached predictions posted to Label Studio at try %d (tasks "
+                     "holding one already skipped)", job_id, len(posted), len(delivery.unposted),
+                     delivery.attempts + 1)  # fmt: skip
+        if unreached and self.deliveries is not None:
+            delay = self.deliveries.postpone(delivery, [delivery.cache_keys[i] for i in unreached])
+            log.warning("background predict job %s: %d predictions not posted, Label Studio is away; tried again in "
+                        "%.0f s (they are served from the cache meanwhile)", job_id, len(unreached), delay)  # fmt: skip
+            return
+        if unreached:
+            log.warning("background predict job %s: %d predictions not posted, Label Studio is away; they are served "
+                        "from the cache when their tasks are opened", job_id, len(unreached))  # fmt: skip
         self._end(job_id)
+
+    def _cache_result(self, delivery: Delivery) -> tuple[list[Any], int] | None:
+        """Wait for the job, cache its predictions, and return those to post (the ones this
+        delivery was first to cache, [] for the rest) and how many others were cached already.
+        None: nothing to post now (the delivery is ended, kept for later, or another process's)."""
+        job_id = delivery.job_id
+        try:
+            result = self.runner.wait(job_id, deadline=time.monotonic() + self.settings.job_timeout + 60)
+        except (JobTimeout, ServiceUnavailable) as e:  # not done yet, or Redis away
+            kept = "; it is tried again when it is done" if self.deliveries is not None else ""
+            log.warning("background predict job %s: nothing to post yet: %s%s", job_id, e, kept)
+            return None
+        except PrelabelError as e:  # failed, canceled or expired: nothing to post, the log says why
+            log.warning("background predict job %s gave nothing to post: %s", job_id, e)
+            self._end(job_id)
+            return None
+        if self.deliveries is not None and self.deliveries.taken_by_another(job_id):
+            log.info("background predict job %s: another backend process took it over and posts it", job_id)
+            return None
+        predictions = to_label_studio(result, delivery.spec, result.model_version)
+        # Only the predictions this delivery is first to cache are posted: one cached already was
+        # in a request's answer (an annotator opened the task, or a request asking again collected
+        # this job's result), or is another delivery's of the same job.
+        made = {k: p for k, p in zip(delivery.cache_keys, predictions, strict=True) if p}
+        fresh = self.cache.put_new(made)
+        if self.deliveries is not None:
+            self.deliveries.cached(delivery, [k for k in delivery.cache_keys if k in fresh])
+        to_post = [p if k in fresh else [] for k, p in zip(delivery.cache_keys, predictions, strict=True)]
+        return to_post, len(made) - len(fresh)
 
     def _end(self, job_id: str) -> None:
         """The delivery is over: posted, or nothing to post."""
@@ -407,17 +471,23 @@ class Server:
         except redis.exceptions.RedisError as e:  # taken up again later, and then finds them cached
             log.warning("predict job %s: delivery not ended in Redis: %s", job_id, e)
 
-    def _post(self, job: PredictJob, predictions: list[Any]) -> dict[Any, dict]:
+    def _post(self, job: PredictJob, predictions: list[Any]) -> tuple[dict[Any, dict], list[int]]:
         """Post each prediction to its task, only when Label Studio says the task belongs to the
         job's project and still shows the image the prediction was made from (a forged
-        TASKS_CREATED must not write into another project). Returns the posted ones by task id."""
+        TASKS_CREATED must not write into another project). Returns the posted ones by task id,
+        and the indices of those not posted because Label Studio is away (to post later)."""
         if not (self.settings.label_studio_url and self.settings.label_studio_api_key) or not job.project:
-            return {}
+            return {}, []
         pid = project_id(job.project)
-        posted = {}
+        posted: dict[Any, dict] = {}
+        unreached: list[int] = []
+        no_answer = False
         with label_studio_client(self.settings, "Posting predictions") as client:
-            for task, prediction in zip(job.tasks, predictions, strict=True):
+            for i, (task, prediction) in enumerate(zip(job.tasks, predictions, strict=True)):
                 if not prediction:
+                    continue
+                if no_answer:  # no answer for one task, none for the rest: not a timeout each
+                    unreached.append(i)
                     continue
                 try:
                     # as stored, cloud storage URIs (s3://...) included, not as Label Studio's editor sees it
@@ -439,9 +509,21 @@ class Server:
                     )
                     posted[task.task_id] = prediction
                 except Exception as e:  # one refused prediction does not stop the others
+                    if label_studio_away(e):
+                        unreached.append(i)
+                        no_answer = isinstance(e, httpx.TransportError)
                     log.warning("could not post the prediction of task %s to Label Studio: %s", task.task_id,
                                 type(e).__name__)  # fmt: skip
-        return posted
+        return posted, unreached
+
+
+def label_studio_away(error: Exception) -> bool:
+    """Whether ``error`` says Label Studio is unreachable or unwell for now (no answer, a 5xx, a
+    429), as opposed to refusing this one request (a deleted task, a bad prediction)."""
+    if isinstance(error, httpx.TransportError):
+        return True
+    return isinstance(error, ApiError) and (error.status_code is None or error.status_code in (408, 429)
+                                            or error.status_code >= 500)  # fmt: skip
 
 
 def per_job(indices: Sequence[int], size: int) -> Iterator[Sequence[int]]:

@@ -10,6 +10,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,62 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Gate:
+    """A TCP relay on loopback to ``target_port`` that can be shut (new connections refused, open
+    ones cut) and opened again on the same port: a network cut between prelabel and Label Studio,
+    with the real Label Studio behind it."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._listener: socket.socket | None = None
+        self._relayed: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self.open()
+
+    def open(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def shut(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread; the port refuses from now on
+            listener.close()
+        with self._lock:
+            relayed, self._relayed = self._relayed, set()
+        for sock in relayed:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # shut
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._relayed.update((client, server))
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
 
 
 class LabelStudio:
@@ -163,6 +220,15 @@ class LabelStudio:
     def webhooks(self, project: int) -> list[dict]:
         return self.api("GET", f"/api/webhooks/?project={project}")
 
+    def wait_for_webhook_secret(self, project: int) -> None:
+        """Until prelabel has added its secret header to the project's webhook: each Retrieve
+        Predictions runs /setup, which schedules it."""
+        deadline = time.monotonic() + 30
+        while not all(hook["headers"].get("X-Prelabel-Secret") for hook in self.webhooks(project)):
+            assert time.monotonic() < deadline, "prelabel did not add its secret header to the webhook"
+            self.retrieve_predictions(project)
+            time.sleep(0.5)
+
 
 class Prelabel:
     """prelabel-backend, one prelabel-worker and a training worker, as the README starts them."""
@@ -199,11 +265,12 @@ class Prelabel:
         _kill_group(process)
         process.wait()
 
-    def terminate(self, service: str) -> None:
-        """SIGTERM: the service stops as on a deploy."""
+    def terminate(self, service: str, within: float = 30) -> None:
+        """SIGTERM: the service stops as on a deploy, and must exit ``within`` seconds."""
         process = self.processes.pop(service)
-        processes.stop(process)
+        killed = processes.stop(process, timeout=within)
         _kill_group(process)
+        assert not killed, f"{service} did not exit within {within} s of SIGTERM"
 
     def get(self, path: str) -> dict:
         response = requests.get(f"{self.url}{path}", auth=self.auth, timeout=10)

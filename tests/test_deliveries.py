@@ -80,6 +80,53 @@ def test_an_expired_record_ends_its_delivery(redis_url):
     assert connection.hlen(keys.DELIVERIES) == 0
 
 
+def test_a_process_that_dies_between_caching_and_posting_leaves_the_posts_to_its_heir(redis_url):
+    """What a delivery cached (and so alone may post) is in its record before it posts: the heir
+    posts those from the cache, where it would otherwise find them cached and post nothing."""
+    connection = redis.Redis.from_url(redis_url)
+    dead, heir = Deliveries(connection, ttl=600), Deliveries(connection, ttl=600)
+    recorded = delivery("job-1")
+    dead.record(recorded)
+    assert dead.cached(recorded, recorded.cache_keys[:1]).unposted == tuple(recorded.cache_keys[:1])
+    die(dead)
+    (taken,) = heir.take(set())
+    assert taken.unposted == tuple(recorded.cache_keys[:1]) and taken.attempts == 0
+    assert taken.job == recorded.job
+
+
+def test_a_delivery_label_studio_did_not_take_waits_a_growing_delay_then_posts_what_is_left(redis_url, monkeypatch):
+    """Postponed: the record keeps the cache keys still to post and its expiry (Label Studio away
+    for longer than that loses the posts, not Redis memory); it is not handed out before its time,
+    then handed out with them; each failure doubles the delay, up to MAX_RETRY_DELAY."""
+    clock = [1_000_000.0]
+    monkeypatch.setattr(deliveries_module.time, "time", lambda: clock[0])
+    connection = redis.Redis.from_url(redis_url)
+    owner, other = Deliveries(connection, ttl=600), Deliveries(connection, ttl=600)
+    first = delivery("job-1")
+    owner.record(first)
+    connection.expire(keys.delivery("job-1"), 500)  # time has passed since it was recorded
+    assert owner.postpone(first, first.cache_keys[1:]) == deliveries_module.RETRY_DELAY
+    assert 0 < connection.ttl(keys.delivery("job-1")) <= 500
+    assert owner.take(set()) == []
+    clock[0] += deliveries_module.RETRY_DELAY
+    (again,) = owner.take(set())
+    assert (again.unposted, again.attempts) == (tuple(first.cache_keys[1:]), 1)
+    assert again.job == first.job and again.cache_keys == first.cache_keys
+
+    delays = [owner.postpone(again, list(again.unposted))]
+    for _ in range(8):
+        clock[0] += delays[-1]
+        (again,) = owner.take(set())
+        delays.append(owner.postpone(again, list(again.unposted)))
+    assert delays[:3] == [2 * deliveries_module.RETRY_DELAY, 4 * deliveries_module.RETRY_DELAY,
+                          8 * deliveries_module.RETRY_DELAY]  # fmt: skip
+    assert max(delays) == delays[-1] == deliveries_module.MAX_RETRY_DELAY
+
+    other.postpone(again, [])  # not its delivery: changes nothing
+    clock[0] += deliveries_module.MAX_RETRY_DELAY
+    assert owner.take(set())[0].unposted == again.unposted
+
+
 def test_each_heartbeat_hands_out_a_bounded_number(redis_url, monkeypatch):
     monkeypatch.setattr(deliveries_module, "MAX_DISPATCHED", 2)
     connection = redis.Redis.from_url(redis_url)

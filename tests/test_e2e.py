@@ -26,12 +26,13 @@ from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 from rq import Queue
 
+from backend.job_index import job_statuses
 from bench import processes
 from common import keys
 from common.jobs import PREDICT_QUEUE
 from common.settings import Settings, project_version
 from tests.conftest import REPO, claim_redis_db, shared_data
-from tests.labelstudio import VENV_BIN, LabelStudio, Prelabel, free_port
+from tests.labelstudio import VENV_BIN, Gate, LabelStudio, Prelabel, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -182,11 +183,7 @@ def test_an_imports_predictions_survive_a_backend_killed_while_its_jobs_wait(lab
             project = label_studio.create_project("prelabel restarted mid-import", CONFIG.read_text())
             label_studio.upload(project, shared_data() / PHOTOS[0])
             label_studio.connect_backend(project, prelabel.url, "labelstudio", "s3cret-pass")
-            deadline = time.monotonic() + 30
-            while not all(hook["headers"].get("X-Prelabel-Secret") for hook in label_studio.webhooks(project)):
-                assert time.monotonic() < deadline, "prelabel did not add its secret header to the webhook"
-                label_studio.retrieve_predictions(project)  # each call runs /setup, which schedules the header
-                time.sleep(0.5)
+            label_studio.wait_for_webhook_secret(project)
 
             prelabel.terminate("worker")
             for photo in PHOTOS[1:]:
@@ -209,7 +206,6 @@ def test_an_imports_predictions_survive_a_backend_killed_while_its_jobs_wait(lab
                 assert time.monotonic() < deadline, prelabel.backend_log.read_text()[-3000:]
                 time.sleep(1)
             for task in imported:
-                print(prelabel.backend_log.read_text()[-6000:])
                 (prediction,) = label_studio.predictions(task)  # posted once
                 assert prediction["model_version"] == settings.model_version and prediction["result"]
             assert connection.hlen(keys.DELIVERIES) == 0
@@ -218,14 +214,76 @@ def test_an_imports_predictions_survive_a_backend_killed_while_its_jobs_wait(lab
             prelabel.stop()
 
 
+def test_predictions_finished_while_label_studio_is_away_are_posted_when_it_returns(label_studio, tmp_path):
+    """An import's precompute jobs finish while prelabel cannot reach Label Studio (a restart, a
+    network cut: here a relay that refuses connections). Their deliveries keep what they could not
+    post and try again later; once Label Studio answers, every task gets its prediction, once."""
+    gate = Gate(label_studio.port)
+    with claim_redis_db() as redis_url:
+        settings = Settings(
+            redis_url=redis_url, label_studio_url=gate.url, label_studio_api_key=label_studio.legacy_token,
+            basic_auth_user="labelstudio", basic_auth_pass="s3cret-pass", webhook_secret="hook-s3cret",
+            model_checkpoint=str(TOY_CLIP), image_size=64, background_words=("sky",), distractors="none",
+            tag_min_score=0.01, max_tasks_per_job=1,
+        )  # fmt: skip
+        connection = redis.Redis.from_url(redis_url)
+        prelabel = Prelabel(settings, tmp_path, services=("backend", "worker"))
+        try:
+            prelabel.wait_ready()
+            project = label_studio.create_project("prelabel with Label Studio away", CONFIG.read_text())
+            label_studio.upload(project, shared_data() / PHOTOS[0])
+            label_studio.connect_backend(project, prelabel.url, "labelstudio", "s3cret-pass")
+            label_studio.wait_for_webhook_secret(project)
+
+            prelabel.terminate("worker")
+            for photo in PHOTOS[1:]:
+                label_studio.upload(project, shared_data() / photo)
+            deadline = time.monotonic() + 30
+            while connection.hlen(keys.DELIVERIES) < len(PHOTOS) - 1:  # one precompute job per imported photo
+                assert time.monotonic() < deadline, prelabel.backend_log.read_text()[-3000:]
+                time.sleep(0.2)
+            imported = sorted(task["id"] for task in label_studio.tasks(project))[1:]
+            job_ids = [j.decode() for j in connection.hkeys(keys.DELIVERIES)]
+
+            # A deploy: its deliveries wait in Redis for the next backend. It exits at once (docker
+            # stop waits 10 s), no thread of it waiting on a job, and says it left.
+            prelabel.terminate("backend", within=10)
+            assert not list(connection.scan_iter(keys.backend_alive("*")))
+            prelabel.start("worker")
+            deadline = time.monotonic() + 120
+            while job_statuses(connection, job_ids) != ["finished"] * len(job_ids):
+                assert time.monotonic() < deadline, prelabel.worker_log.read_text()[-3000:]
+                time.sleep(0.5)
+            gate.shut()
+            prelabel.start("backend")
+            prelabel.wait_ready()
+            deadline = time.monotonic() + 90
+            while prelabel.backend_log.read_text().count("Label Studio is away; tried again in") < len(job_ids):
+                assert time.monotonic() < deadline, prelabel.backend_log.read_text()[-3000:]
+                time.sleep(0.5)
+            assert all(label_studio.predictions(task) == [] for task in imported)
+
+            gate.open()
+            deadline = time.monotonic() + 120
+            while not all(label_studio.predictions(task) for task in imported):
+                assert time.monotonic() < deadline, prelabel.backend_log.read_text()[-3000:]
+                time.sleep(1)
+            for task in imported:
+                (prediction,) = label_studio.predictions(task)  # posted once
+                assert prediction["model_version"] == settings.model_version and prediction["result"]
+            assert connection.hlen(keys.DELIVERIES) == 0
+            # (reading a task to post to it makes Label Studio ask /predict, served from the cache: either way, once)
+            retried = prelabel.backend_log.read_text().count("cached predictions posted to Label Studio at try")
+            assert retried == len(job_ids)
+        finally:
+            prelabel.stop()
+            gate.shut()
+
+
 def learn_from_corrections(label_studio: LabelStudio, project: int, backend: int, prelabel: Prelabel) -> str:
     """Annotators fix every task (the webhooks reach prelabel with the secret header it added),
     then Start Training; returns the project's uid once the new version is active."""
-    deadline = time.monotonic() + 30
-    while not all(hook["headers"].get("X-Prelabel-Secret") for hook in label_studio.webhooks(project)):
-        assert time.monotonic() < deadline, "prelabel did not add its secret header to the webhook"
-        label_studio.retrieve_predictions(project)  # each call runs /setup, which schedules the header
-        time.sleep(0.5)
+    label_studio.wait_for_webhook_secret(project)
     for task in label_studio.tasks(project):
         (prediction,) = [p for p in label_studio.predictions(task["id"]) if p["result"]][:1]
         corrected = [dict(item) for item in prediction["result"]]
@@ -344,11 +402,7 @@ def test_boxes_and_polygons_round_trip_through_label_studio(label_studio, tmp_pa
                 kinds |= {item["type"] for item in prediction["result"]}
             assert {"choices", "rectanglelabels", "polygonlabels"} <= kinds
 
-            deadline = time.monotonic() + 30
-            while not all(hook["headers"].get("X-Prelabel-Secret") for hook in label_studio.webhooks(project)):
-                assert time.monotonic() < deadline, "prelabel did not add its secret header to the webhook"
-                label_studio.retrieve_predictions(project)
-                time.sleep(0.5)
+            label_studio.wait_for_webhook_secret(project)
             corrected = 0
             for task_id, (prediction,) in stored.items():
                 result = [dict(item) for item in prediction["result"]]
