@@ -56,22 +56,26 @@ RETRY_DELAY = HEARTBEAT
 MAX_RETRY_DELAY = 15 * 60
 
 #: Hand the delivery ARGV[1] from owner ARGV[2] to ARGV[3] if ARGV[2] still owns it; to nobody
-#: ('') ends it, its record KEYS[2] included, in the same step.
+#: ('') ends it, its record KEYS[2] and retry time in KEYS[3] included, in the same step.
 _HAND_OVER = """
 if redis.call('hget', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 if ARGV[3] == '' then
   redis.call('hdel', KEYS[1], ARGV[1])
   redis.call('del', KEYS[2])
+  redis.call('zrem', KEYS[3], ARGV[1])
 else
   redis.call('hset', KEYS[1], ARGV[1], ARGV[3])
 end
 return 1
 """
 
-#: Rewrite the record KEYS[2] of delivery ARGV[1] (its expiry kept) if ARGV[2] still owns it.
+#: If ARGV[2] still owns delivery ARGV[1]: rewrite its record KEYS[2] (its expiry kept) and, with
+#: a time ARGV[4], set when it is tried again in KEYS[3]. Returns 0 when it is not, or no longer, its.
 _REWRITE = """
 if redis.call('hget', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
-return redis.call('set', KEYS[2], ARGV[3], 'XX', 'KEEPTTL') and 1 or 0
+if not redis.call('set', KEYS[2], ARGV[3], 'XX', 'KEEPTTL') then return 0 end
+if ARGV[4] ~= '' then redis.call('zadd', KEYS[3], ARGV[4], ARGV[1]) end
+return 1
 """
 
 
@@ -79,8 +83,8 @@ return redis.call('set', KEYS[2], ARGV[3], 'XX', 'KEEPTTL') and 1 or 0
 class Delivery:
     """A predict job whose predictions are to be cached under ``cache_keys`` and posted.
 
-    ``unposted``: None until the predictions are cached; then the cache keys of those still to
-    post (Label Studio was away), tried again from ``retry_at`` (a Unix time) on."""
+    ``unposted``: None until the predictions are cached; then the cache keys of those this
+    delivery is still to post, after ``attempts`` tries that found Label Studio away."""
 
     job_id: str
     job: PredictJob
@@ -88,7 +92,6 @@ class Delivery:
     cache_keys: list[str]
     unposted: tuple[str, ...] | None = None
     attempts: int = 0
-    retry_at: float = 0.0
 
 
 class Deliveries:
@@ -116,28 +119,31 @@ class Deliveries:
         owner = self.connection.hget(keys.DELIVERIES, job_id)
         return owner is not None and owner != self.process.encode()
 
-    def cached(self, delivery: Delivery, unposted: list[str]) -> Delivery:
+    def cached(self, delivery: Delivery, unposted: list[str]) -> Delivery | None:
         """Record that the job's predictions are cached and which of them this delivery posts:
-        should this process die before it has, the one that takes over posts them."""
+        should this process die before it has, the one that takes over posts them. Returns the
+        delivery so recorded, or None when another process has taken it over meanwhile."""
         again = dataclasses.replace(delivery, unposted=tuple(unposted))
-        self._rewrite(keys=[keys.DELIVERIES, keys.delivery(delivery.job_id)],
-                      args=[delivery.job_id, self.process, _body(again)])  # fmt: skip
-        return again
+        return again if self._rewrite_record(again) else None
 
-    def postpone(self, delivery: Delivery, unposted: list[str]) -> float:
+    def postpone(self, delivery: Delivery, unposted: list[str]) -> float | None:
         """Keep ``delivery`` with the cache keys of the predictions Label Studio did not take, to
-        try again later; returns the seconds until then. Its record's expiry stays what it was:
-        a Label Studio away for longer than that misses these posts (they stay cached)."""
+        try again later; returns the seconds until then, or None when it is no longer this
+        process's. Its record's expiry stays what it was: a Label Studio away for longer than
+        that misses these posts (they stay cached)."""
         delay = min(RETRY_DELAY * 2**delivery.attempts, MAX_RETRY_DELAY)
-        again = dataclasses.replace(delivery, unposted=tuple(unposted), attempts=delivery.attempts + 1,
-                                    retry_at=time.time() + delay)  # fmt: skip
-        self._rewrite(keys=[keys.DELIVERIES, keys.delivery(delivery.job_id)],
-                      args=[delivery.job_id, self.process, _body(again)])  # fmt: skip
-        return delay
+        again = dataclasses.replace(delivery, unposted=tuple(unposted), attempts=delivery.attempts + 1)
+        return delay if self._rewrite_record(again, retry_at=time.time() + delay) else None
+
+    def _rewrite_record(self, delivery: Delivery, retry_at: float | None = None) -> bool:
+        keys_ = [keys.DELIVERIES, keys.delivery(delivery.job_id), keys.DELIVERY_RETRIES]
+        args = [delivery.job_id, self.process, _body(delivery), "" if retry_at is None else repr(retry_at)]
+        return bool(self._rewrite(keys=keys_, args=args))
 
     def done(self, job_id: str) -> None:
         """End the delivery, if this process still owns it."""
-        self._hand_over(keys=[keys.DELIVERIES, keys.delivery(job_id)], args=[job_id, self.process, ""])
+        self._hand_over(keys=[keys.DELIVERIES, keys.delivery(job_id), keys.DELIVERY_RETRIES],
+                        args=[job_id, self.process, ""])  # fmt: skip
 
     def beat(self) -> None:
         self.connection.set(keys.backend_alive(self.process), 1, ex=ALIVE_TTL)
@@ -163,29 +169,29 @@ class Deliveries:
         orphans = [job_id for job_id, owner in owners.items() if owner in dead]
         pipe = self.connection.pipeline(transaction=False)
         for job_id in orphans:
-            self._hand_over(keys=[keys.DELIVERIES, keys.delivery(job_id)], args=[job_id, owners[job_id], self.process],
-                            client=pipe)  # fmt: skip
+            self._hand_over(keys=[keys.DELIVERIES, keys.delivery(job_id), keys.DELIVERY_RETRIES],
+                            args=[job_id, owners[job_id], self.process], client=pipe)  # fmt: skip
         adopted = [job_id for job_id, won in zip(orphans, pipe.execute(), strict=True) if won]
         for job_id in adopted:
             log.info("delivery of predict job %s taken over from backend process %s", job_id, owners[job_id])
         mine = [j for j, owner in owners.items() if owner == self.process and j not in handling] + adopted
+        later = {j.decode() for j in self.connection.zrangebyscore(keys.DELIVERY_RETRIES, f"({time.time()}", "+inf")}
+        mine = [job_id for job_id in mine if job_id not in later]  # Label Studio was away: not yet
         statuses = job_statuses(self.connection, mine)
         ready = [job_id for job_id, status in zip(mine, statuses, strict=True) if status not in IN_FLIGHT_STATES]
+        ready = ready[:MAX_DISPATCHED]
         taken = []
-        now = time.time()
-        for job_id in ready:
-            if len(taken) == MAX_DISPATCHED:
-                break
-            delivery = self._load(job_id)
+        for job_id, raw in zip(ready, self.connection.mget([keys.delivery(j) for j in ready]) if ready else [],
+                               strict=True):  # fmt: skip
+            delivery = self._read(job_id, raw)
             if delivery is None:
                 self.done(job_id)
-            elif delivery.retry_at <= now:  # else Label Studio was away: not yet
+            else:
                 taken.append(delivery)
         return taken
 
-    def _load(self, job_id: str) -> Delivery | None:
+    def _read(self, job_id: str, raw: bytes | None) -> Delivery | None:
         """The delivery as recorded, or None when its record expired (or cannot be read)."""
-        raw = self.connection.get(keys.delivery(job_id))
         if raw is None:
             log.warning("delivery of predict job %s dropped: its record expired", job_id)
             return None
@@ -196,7 +202,7 @@ class Deliveries:
             unposted = body.get("unposted")
             return Delivery(job_id, job, spec, [str(k) for k in body["cache_keys"]],
                             tuple(str(k) for k in unposted) if unposted is not None else None,
-                            int(body.get("attempts", 0)), float(body.get("retry_at", 0.0)))  # fmt: skip
+                            int(body.get("attempts", 0)))  # fmt: skip
         except Exception as e:  # written by another release, say: dropped, not retried every heartbeat
             log.warning("delivery of predict job %s dropped: unreadable record: %s", job_id, e)
             return None
@@ -207,5 +213,5 @@ def _body(delivery: Delivery) -> str:
     body: dict = {"job": delivery.job.to_dict(), "image_name": delivery.spec.image_name,
                   "cache_keys": delivery.cache_keys}  # fmt: skip
     if delivery.unposted is not None:
-        body.update(unposted=list(delivery.unposted), attempts=delivery.attempts, retry_at=delivery.retry_at)
+        body.update(unposted=list(delivery.unposted), attempts=delivery.attempts)
     return json.dumps(body)

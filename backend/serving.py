@@ -38,7 +38,7 @@ import redis
 from label_studio_sdk.core.api_error import ApiError
 from label_studio_sdk.core.request_options import RequestOptions
 
-from backend.deliveries import HEARTBEAT, Deliveries, Delivery
+from backend.deliveries import HEARTBEAT, RETRY_DELAY, Deliveries, Delivery
 from backend.runner import Runner
 from common import keys
 from common.errors import JobTimeout, PrelabelError, ServiceUnavailable
@@ -196,6 +196,7 @@ class Server:
         self.posted = posted
         self.deliveries = deliveries
         self._background = Background(workers=4)
+        self._label_studio_away_until = 0.0  # monotonic: posts wait until then (found away)
         self._handling: set[str] = set()  # late jobs this process has a thread (or a queued one) for
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -354,7 +355,7 @@ class Server:
             return None
 
         def loop() -> None:
-            while True:
+            while not self._stop.is_set():
                 try:
                     deliveries.beat()
                     with self._lock:
@@ -373,6 +374,7 @@ class Server:
                     return
 
         def leave() -> None:
+            self._stop.set()  # no heartbeat after this one says it left
             with contextlib.suppress(redis.exceptions.RedisError):  # then the others wait ALIVE_TTL
                 deliveries.leave()
 
@@ -400,6 +402,7 @@ class Server:
                 self._handling.discard(delivery.job_id)
 
     def _finish(self, delivery: Delivery) -> None:
+        job_id, job = delivery.job_id, delivery.job
         answered = 0
         if delivery.unposted is None:
             cached = self._cache_result(delivery)
@@ -407,10 +410,15 @@ class Server:
                 return
             predictions, answered = cached
         else:  # cached at an earlier try (Label Studio was away), or by a process that died
+            if self.deliveries is not None and self.deliveries.taken_by_another(job_id):
+                log.info("background predict job %s: another backend process took it over and posts it", job_id)
+                return
             found = dict(zip(delivery.unposted, self.cache.get_many(list(delivery.unposted)), strict=True))
             predictions = [found.get(k) or [] for k in delivery.cache_keys]
-        job_id, job = delivery.job_id, delivery.job
-        posted, unreached = self._post(job, predictions)
+        if time.monotonic() < self._label_studio_away_until:  # found away by another delivery just now
+            posted, unreached = {}, [i for i, p in enumerate(predictions) if p]
+        else:
+            posted, unreached = self._post(job, predictions)
         if posted and self.posted is not None and job.project:
             try:
                 self.posted(job.project, posted)
@@ -419,14 +427,18 @@ class Server:
         if delivery.unposted is None:
             log.info("background predict job %s done: %d predictions cached, %d posted to Label Studio (%d answered "
                      "meanwhile)", job_id, sum(1 for p in predictions if p), len(posted), answered)  # fmt: skip
-        else:
+        elif not unreached:
             log.info("background predict job %s: %d of %d cached predictions posted to Label Studio at try %d (tasks "
                      "holding one already skipped)", job_id, len(posted), len(delivery.unposted),
                      delivery.attempts + 1)  # fmt: skip
         if unreached and self.deliveries is not None:
             delay = self.deliveries.postpone(delivery, [delivery.cache_keys[i] for i in unreached])
-            log.warning("background predict job %s: %d predictions not posted, Label Studio is away; tried again in "
-                        "%.0f s (they are served from the cache meanwhile)", job_id, len(unreached), delay)  # fmt: skip
+            if delay is None:
+                log.info("background predict job %s: another backend process took it over and posts it", job_id)
+            else:
+                log.warning("background predict job %s: %d predictions not posted, Label Studio is away; tried "
+                            "again in %.0f s (served from the cache meanwhile)", job_id, len(unreached),
+                            delay)  # fmt: skip
             return
         if unreached:
             log.warning("background predict job %s: %d predictions not posted, Label Studio is away; they are served "
@@ -458,7 +470,10 @@ class Server:
         made = {k: p for k, p in zip(delivery.cache_keys, predictions, strict=True) if p}
         fresh = self.cache.put_new(made)
         if self.deliveries is not None:
-            self.deliveries.cached(delivery, [k for k in delivery.cache_keys if k in fresh])
+            try:  # first to cache them, this delivery posts them, whoever owns it now
+                self.deliveries.cached(delivery, [k for k in delivery.cache_keys if k in fresh])
+            except redis.exceptions.RedisError as e:  # this thread posts them still; a crash now would not
+                log.warning("background predict job %s: what it cached is not recorded: %s", job_id, e)
         to_post = [p if k in fresh else [] for k, p in zip(delivery.cache_keys, predictions, strict=True)]
         return to_post, len(made) - len(fresh)
 
@@ -481,12 +496,11 @@ class Server:
         pid = project_id(job.project)
         posted: dict[Any, dict] = {}
         unreached: list[int] = []
-        no_answer = False
         with label_studio_client(self.settings, "Posting predictions") as client:
             for i, (task, prediction) in enumerate(zip(job.tasks, predictions, strict=True)):
                 if not prediction:
                     continue
-                if no_answer:  # no answer for one task, none for the rest: not a timeout each
+                if time.monotonic() < self._label_studio_away_until:  # not a timeout for each task
                     unreached.append(i)
                     continue
                 try:
@@ -509,21 +523,28 @@ class Server:
                     )
                     posted[task.task_id] = prediction
                 except Exception as e:  # one refused prediction does not stop the others
-                    if label_studio_away(e):
+                    failure = post_failure(e)
+                    if failure is not None:
                         unreached.append(i)
-                        no_answer = isinstance(e, httpx.TransportError)
+                    if failure == "away":  # the other deliveries wait too, instead of a timeout each
+                        self._label_studio_away_until = time.monotonic() + RETRY_DELAY
                     log.warning("could not post the prediction of task %s to Label Studio: %s", task.task_id,
                                 type(e).__name__)  # fmt: skip
         return posted, unreached
 
 
-def label_studio_away(error: Exception) -> bool:
-    """Whether ``error`` says Label Studio is unreachable or unwell for now (no answer, a 5xx, a
-    429), as opposed to refusing this one request (a deleted task, a bad prediction)."""
+def post_failure(error: Exception) -> str | None:
+    """Whether a post that raised ``error`` is worth trying again: "away" when Label Studio does
+    not answer, or its proxy says it is down or rate-limits (no use asking for the next task now),
+    "later" for an error of its own on this task (a 500, a 408), None when it refused the post."""
     if isinstance(error, httpx.TransportError):
-        return True
-    return isinstance(error, ApiError) and (error.status_code is None or error.status_code in (408, 429)
-                                            or error.status_code >= 500)  # fmt: skip
+        return "away"
+    if isinstance(error, ApiError):
+        if error.status_code is None or error.status_code in (429, 502, 503, 504):
+            return "away"
+        if error.status_code == 408 or error.status_code >= 500:
+            return "later"
+    return None
 
 
 def per_job(indices: Sequence[int], size: int) -> Iterator[Sequence[int]]:

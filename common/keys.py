@@ -28,6 +28,8 @@ PROJECTS_WITH_CORRECTIONS = PREFIX + "projects-with-corrections"
 #: Hash predict job id -> the backend process that caches and posts its predictions when it
 #: finishes (``backend/deliveries.py``).
 DELIVERIES = PREFIX + "deliveries"
+#: Sorted set: the deliveries Label Studio did not take, by the Unix time they are tried again from.
+DELIVERY_RETRIES = PREFIX + "delivery-retries"
 
 
 #: Seconds a cancel request is kept (longer than any job asked to stop takes to notice it).

@@ -3,21 +3,28 @@ process, taken over by exactly one other when it dies, never lost to an expired 
 
 from __future__ import annotations
 
+import json
+import socket
+import threading
 import time
 
+import httpx
 import pytest
 import redis
-from rq import Queue, SimpleWorker
+from label_studio_sdk.core.api_error import ApiError
+from rq import Queue
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from backend import deliveries as deliveries_module
 from backend.deliveries import Deliveries, Delivery
 from backend.runner import QueueRunner
-from backend.serving import RedisCache, Server, predict_job
+from backend.serving import RedisCache, Server, post_failure, predict_job
 from common import keys
 from common.errors import JobFailed
+from common.jobs import PREDICT_FUNCTION, AllowListedJob
 from common.labelstudio.config import parse_label_config
+from worker.cli import PrelabelWorker
 
 CONFIG = """<View>
   <Image name="photo" value="$image"/>
@@ -97,7 +104,8 @@ def test_a_process_that_dies_between_caching_and_posting_leaves_the_posts_to_its
 def test_a_delivery_label_studio_did_not_take_waits_a_growing_delay_then_posts_what_is_left(redis_url, monkeypatch):
     """Postponed: the record keeps the cache keys still to post and its expiry (Label Studio away
     for longer than that loses the posts, not Redis memory); it is not handed out before its time,
-    then handed out with them; each failure doubles the delay, up to MAX_RETRY_DELAY."""
+    then handed out with them; each failure doubles the delay, up to MAX_RETRY_DELAY; ending it
+    leaves nothing behind."""
     clock = [1_000_000.0]
     monkeypatch.setattr(deliveries_module.time, "time", lambda: clock[0])
     connection = redis.Redis.from_url(redis_url)
@@ -122,9 +130,12 @@ def test_a_delivery_label_studio_did_not_take_waits_a_growing_delay_then_posts_w
                           8 * deliveries_module.RETRY_DELAY]  # fmt: skip
     assert max(delays) == delays[-1] == deliveries_module.MAX_RETRY_DELAY
 
-    other.postpone(again, [])  # not its delivery: changes nothing
+    assert other.postpone(again, []) is None and other.cached(again, []) is None  # not its delivery
     clock[0] += deliveries_module.MAX_RETRY_DELAY
-    assert owner.take(set())[0].unposted == again.unposted
+    (again,) = owner.take(set())
+    assert again.unposted == tuple(first.cache_keys[1:])
+    owner.done("job-1")
+    assert not connection.exists(keys.DELIVERIES, keys.delivery("job-1"), keys.DELIVERY_RETRIES)
 
 
 def test_each_heartbeat_hands_out_a_bounded_number(redis_url, monkeypatch):
@@ -144,15 +155,15 @@ def test_a_delivery_goes_to_a_thread_only_once_its_job_is_done(redis_url):
     """Taken over at once, handed out when RQ has run the job: a thread never waits on a job
     queued behind a whole import."""
     connection = redis.Redis.from_url(redis_url)
-    queue = Queue("deliveries-test", connection=connection, serializer=JSONSerializer)
-    job = queue.enqueue_call("builtins.len", args=([1, 2],))
+    queue = Queue("deliveries-test", connection=connection, serializer=JSONSerializer, job_class=AllowListedJob)
+    job = queue.enqueue_call(PREDICT_FUNCTION, args=({},))  # fails at once: done all the same
     dead, live = Deliveries(connection, ttl=600), Deliveries(connection, ttl=600)
     dead.record(delivery(job.id))
     die(dead)
     assert live.take(set()) == []  # queued
     assert connection.hget(keys.DELIVERIES, job.id).decode() == live.process  # ... but taken over
-    SimpleWorker([queue], connection=connection, serializer=JSONSerializer).work(burst=True)
-    assert job.get_status(refresh=True) == JobStatus.FINISHED
+    PrelabelWorker([queue], connection=connection, serializer=JSONSerializer).work(burst=True)
+    assert job.get_status(refresh=True) == JobStatus.FAILED
     assert live.take(set()) == [delivery(job.id)]
 
 
@@ -177,3 +188,70 @@ def test_a_canceled_jobs_delivery_ends_without_a_post(redis_url, make_settings):
         runner.wait(job_id, time.monotonic() + 5)
     with pytest.raises(JobFailed, match="expired"):
         runner.wait("no-such-job", time.monotonic() + 5)
+
+
+def test_label_studio_away_for_one_delivery_holds_the_others_back_without_a_request_each(redis_url, make_settings):
+    """Posts that find Label Studio away postpone their delivery; the other deliveries due then
+    wait too, without a request each (a Label Studio that hangs would cost each a timeout): only
+    those already posting on the other threads try."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    hangups: list[int] = []
+
+    def hang_up() -> None:  # a Label Studio that accepts and drops every connection
+        while True:
+            try:
+                peer, _ = listener.accept()
+            except OSError:
+                return
+            hangups.append(1)
+            peer.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    settings = make_settings(redis_url=redis_url, label_studio_url=f"http://127.0.0.1:{listener.getsockname()[1]}",
+                             label_studio_api_key="0" * 40)  # fmt: skip
+    connection = redis.Redis.from_url(redis_url)
+    owner = Deliveries(connection, ttl=600)
+    cache = RedisCache(connection)
+    job_ids = [f"job-{n}" for n in range(12)]
+    for job_id in job_ids:  # cached, not posted yet (no such job in RQ: done)
+        late = delivery(job_id)
+        owner.record(late)
+        cache.put_many({k: {"result": [{"type": "choices"}], "score": 0.5, "model_version": "v1"}
+                        for k in late.cache_keys})  # fmt: skip
+        owner.cached(late, late.cache_keys)
+    server = Server(settings, QueueRunner(settings, connection), cache, deliveries=owner)
+    server.start_delivering()
+    try:
+        deadline = time.monotonic() + 30
+        while connection.zcard(keys.DELIVERY_RETRIES) < len(job_ids):
+            assert time.monotonic() < deadline, "the deliveries were not postponed"
+            time.sleep(0.05)
+    finally:
+        server.stop_delivering()
+        listener.close()
+    # one post per thread at most (the SDK tries each twice), none for the others: 24 without
+    assert 1 <= len(hangups) <= 2 * server._background.workers < 2 * len(job_ids)
+    assert connection.hlen(keys.DELIVERIES) == len(job_ids)  # kept, to post later
+    for job_id in job_ids:
+        assert json.loads(connection.get(keys.delivery(job_id)))["attempts"] == 1
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (httpx.ConnectError("refused"), "away"),
+        (httpx.ReadTimeout("no answer"), "away"),
+        (ApiError(status_code=503), "away"),
+        (ApiError(status_code=502), "away"),
+        (ApiError(status_code=429), "away"),
+        (ApiError(status_code=500), "later"),
+        (ApiError(status_code=408), "later"),
+        (ApiError(status_code=404), None),
+        (ApiError(status_code=400), None),
+        (ValueError("not a prediction"), None),
+    ],
+)
+def test_which_failed_posts_are_tried_again(error, kind):
+    """Label Studio down, overloaded or behind a proxy that says so: all posts wait. Its own error
+    on one task: that post is tried again. A refusal (a deleted task, a bad prediction): not."""
+    assert post_failure(error) == kind

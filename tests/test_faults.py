@@ -29,7 +29,7 @@ from common.jobs import (
 from tests.labelstudio import free_port
 from tests.test_queue import start_worker, stop, wait_for_workers
 from tests.test_training import CONFIG
-from worker.cli import PrelabelWorker
+from worker.cli import PrelabelWorker, check
 
 pytestmark = pytest.mark.slow
 
@@ -97,19 +97,27 @@ def test_redis_down_then_back_recovers_without_restarts(own_redis, make_settings
         stop(worker)
 
 
-def test_redis_gone_just_as_a_job_ends_does_not_end_the_worker(own_redis):
+def test_redis_gone_just_as_a_job_ends_does_not_end_the_worker(own_redis, make_settings):
     """RQ's work loop waits for Redis only around its dequeue: Redis away for longer than redis-py's
     own retries (about 3 s) just as a job ended killed the worker (the heartbeat after the job, the
-    suspension check). Now the real work loop waits for Redis and registers the worker again."""
-    seen_after_restart: list[str] = []
+    suspension check). Now the real work loop waits for Redis and registers the worker again, as
+    it was at birth: its healthcheck (``prelabel-worker --check``, by host) passes again."""
+    after_restart: dict[str, object] = {}
 
     def come_back() -> None:
-        own_redis.start()  # empty: the worker must register itself again
-        connection = redis.Redis.from_url(own_redis.url)
-        deadline = time.monotonic() + 15
-        while not seen_after_restart and time.monotonic() < deadline:
-            seen_after_restart.extend(w.name for w in Worker.all(connection=connection))
-            time.sleep(0.2)
+        try:
+            own_redis.start()  # empty: the worker must register itself again
+            connection = redis.Redis.from_url(own_redis.url)
+            deadline = time.monotonic() + 15
+            with connection:
+                while time.monotonic() < deadline:
+                    if names := [w.name for w in Worker.all(connection=connection)]:
+                        after_restart["workers"] = names
+                        after_restart["check"] = check(make_settings(redis_url=own_redis.url), [PREDICT_QUEUE])
+                        return
+                    time.sleep(0.2)
+        except Exception as e:  # a Timer thread's error is otherwise lost
+            after_restart["error"] = e
 
     back = threading.Timer(5, come_back)
 
@@ -131,7 +139,8 @@ def test_redis_gone_just_as_a_job_ends_does_not_end_the_worker(own_redis):
             signal.signal(number, handler)
         if back.is_alive():
             back.join()
-    assert seen_after_restart == [worker.name]
+        connection.close()
+    assert after_restart == {"workers": [worker.name], "check": None}
 
 
 def test_a_worker_killed_mid_job_has_its_job_retried_by_another(redis_url, make_settings, label_studio, tmp_path):

@@ -65,9 +65,12 @@ class PrelabelWorker(SimpleWorker):
             super().set_state(state, pipeline)
 
     def heartbeat(self, timeout: int | None = None, pipeline=None) -> None:
-        """RQ's, and registers the worker again, so it is found after Redis restarts empty."""
+        """RQ's, and registers the worker again, with all it said at birth (its host, for
+        ``--check``), so it is found after Redis restarts empty."""
         with _logged_if_redis_away("heartbeat not sent"):
             super().heartbeat(timeout, pipeline)
+            if pipeline is None and self.birth_date and not self.connection.hexists(self.key, "birth"):
+                self.connection.hset(self.key, mapping=self.serialize())
             worker_registration.register(self, pipeline=pipeline)
 
     def check_for_suspension(self, burst: bool) -> None:
@@ -140,6 +143,8 @@ def check(settings: Settings, queues: list[str]) -> str | None:
                 return f"no live prelabel-worker on {host} serves queue '{name}'"
     except redis.exceptions.RedisError as e:
         return f"Redis at {redact_url(settings.redis_url or '')} is unreachable: {e}"
+    finally:
+        connection.close()
     return None
 
 
