@@ -237,7 +237,7 @@ def test_burst_worker_in_process_runs_what_the_backend_enqueued(redis_url, make_
     assert runner.queue.count == 1
 
     tasks.configure(settings)
-    SimpleWorker([runner.queue], connection=runner.connection, serializer=JSONSerializer).work(burst=True)
+    PrelabelWorker([runner.queue], connection=runner.connection, serializer=JSONSerializer).work(burst=True)
     queued = runner.wait(job_id, time.monotonic() + 10)
 
     inline = InlineRunner(dataclasses.replace(settings, redis_url=None))
@@ -277,7 +277,7 @@ def test_a_single_task_goes_ahead_of_queued_bulk_chunks(redis_url, make_settings
     assert runner.connection.ttl(keys.predict_request(request)) > 5
 
     tasks.configure(settings)
-    SimpleWorker([runner.queue], connection=runner.connection, serializer=JSONSerializer).work(burst=True)
+    PrelabelWorker([runner.queue], connection=runner.connection, serializer=JSONSerializer).work(burst=True)
     ended = {job_id: Job.fetch(job_id, connection=runner.connection).ended_at for job_id in [single, *bulk]}
     assert ended[single] < min(ended[job_id] for job_id in bulk)
     done = runner.progress(request)

@@ -399,7 +399,7 @@ def test_workers_switch_versions_between_jobs_without_dropping_one(trainer, redi
         for version in (settings.model_version, trained, settings.model_version, trained)
     ]
     provider = tasks.configure(settings)
-    SimpleWorker([runner.queue], connection=runner.connection, serializer=JSONSerializer).work(burst=True)
+    PrelabelWorker([runner.queue], connection=runner.connection, serializer=JSONSerializer).work(burst=True)
     results = [runner.wait(j, time.monotonic() + 5) for j in jobs]
     assert [r.model_version for r in results] == [settings.model_version, trained] * 2
     assert all(not t.error for r in results for t in r.tasks)
