@@ -136,8 +136,8 @@ def test_a_crop_keeps_the_objects_mostly_inside_it():
     assert band.objects == scene.objects and np.array_equal(band.image, np.asarray(scene.image)[top : top + side])
 
 
-@pytest.mark.parametrize("model", [TOY_CLIP, TOY_CLIP.with_name("toy-clip-v4"), TOY_CLIP.with_name("toy-clip-v5")],
-                         ids=["served", "v4", "v5"])  # fmt: skip
+@pytest.mark.parametrize("model", [TOY_CLIP, *(TOY_CLIP.with_name(f"toy-clip-{v}") for v in ("v4", "v5", "v6"))],
+                         ids=["served", "v4", "v5", "v6"])  # fmt: skip
 def test_committed_toy_clip_loads_through_the_service_and_keeps_its_scores(model: Path):
     if not (model / "training.json").is_file():
         pytest.fail(f"{model} is missing: it is committed; regenerate with `python -m bench.toy_clip`.")
