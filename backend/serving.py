@@ -155,7 +155,8 @@ class Background:
     """A few threads for late jobs that, unlike ThreadPoolExecutor's, do not hold the process open
     at exit: a gunicorn worker told to stop waited for every thread still waiting on a job (up to
     JOB_TIMEOUT), past its graceful timeout, until SIGKILL. In the queue mode whatever a thread
-    was doing is a delivery in Redis, finished by the process that takes it over."""
+    was doing is a delivery in Redis, finished by the process that takes it over; the embedded
+    mode's late posts end with its process, as its jobs and its in-memory cache do."""
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
