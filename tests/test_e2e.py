@@ -7,6 +7,7 @@ S3 server on loopback (moto), connected to Label Studio as the project's source 
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
 import shutil
@@ -165,22 +166,26 @@ def test_an_annotator_opening_a_task_is_served_ahead_of_a_bulk_selection(label_s
             prelabel.stop()
 
 
-def test_an_imports_predictions_survive_a_backend_killed_while_its_jobs_wait(label_studio, tmp_path):
-    """Photos imported while no worker runs wait in the queue as precompute jobs; the backend that
-    queued them is killed (SIGKILL, nothing cleaned up); a new backend takes over their deliveries,
-    and once a worker runs, every imported task gets its prediction in Label Studio, once."""
+@contextlib.contextmanager
+def imported_while_no_worker_runs(
+    label_studio: LabelStudio, tmp_path: Path, title: str, label_studio_url: str | None = None
+) -> Iterator[tuple[Settings, redis.Redis, Prelabel, list[int]]]:
+    """prelabel (reaching Label Studio at ``label_studio_url``, by default its own) connected to a
+    new project of one photo; then the worker stopped and the other photos imported, each a
+    precompute job waiting in the queue as a delivery. Yields the settings, Redis, prelabel's
+    services and the imported tasks' ids; stops prelabel after."""
     with claim_redis_db() as redis_url:
         settings = Settings(
-            redis_url=redis_url, label_studio_url=label_studio.url, label_studio_api_key=label_studio.legacy_token,
-            basic_auth_user="labelstudio", basic_auth_pass="s3cret-pass", webhook_secret="hook-s3cret",
-            model_checkpoint=str(TOY_CLIP), image_size=64, background_words=("sky",), distractors="none",
-            tag_min_score=0.01, max_tasks_per_job=1,
+            redis_url=redis_url, label_studio_url=label_studio_url or label_studio.url,
+            label_studio_api_key=label_studio.legacy_token, basic_auth_user="labelstudio",
+            basic_auth_pass="s3cret-pass", webhook_secret="hook-s3cret", model_checkpoint=str(TOY_CLIP),
+            image_size=64, background_words=("sky",), distractors="none", tag_min_score=0.01, max_tasks_per_job=1,
         )  # fmt: skip
         connection = redis.Redis.from_url(redis_url)
         prelabel = Prelabel(settings, tmp_path, services=("backend", "worker"))
         try:
             prelabel.wait_ready()
-            project = label_studio.create_project("prelabel restarted mid-import", CONFIG.read_text())
+            project = label_studio.create_project(title, CONFIG.read_text())
             label_studio.upload(project, shared_data() / PHOTOS[0])
             label_studio.connect_backend(project, prelabel.url, "labelstudio", "s3cret-pass")
             label_studio.wait_for_webhook_secret(project)
@@ -194,24 +199,33 @@ def test_an_imports_predictions_survive_a_backend_killed_while_its_jobs_wait(lab
                 time.sleep(0.2)
             imported = sorted(task["id"] for task in label_studio.tasks(project))[1:]
             assert all(label_studio.predictions(task) == [] for task in imported)
-
-            prelabel.kill("backend")
-            for key in connection.scan_iter(keys.backend_alive("*")):
-                connection.delete(key)  # as its expiry would, ALIVE_TTL seconds after the crash
-            prelabel.start("backend")
-            prelabel.start("worker")
-            prelabel.wait_ready()
-            deadline = time.monotonic() + 120
-            while not all(label_studio.predictions(task) for task in imported):
-                assert time.monotonic() < deadline, prelabel.backend_log.read_text()[-3000:]
-                time.sleep(1)
-            for task in imported:
-                (prediction,) = label_studio.predictions(task)  # posted once
-                assert prediction["model_version"] == settings.model_version and prediction["result"]
-            assert connection.hlen(keys.DELIVERIES) == 0
-            assert prelabel.backend_log.read_text().count("taken over from backend process") == len(imported)
+            yield settings, connection, prelabel, imported
         finally:
             prelabel.stop()
+
+
+def test_an_imports_predictions_survive_a_backend_killed_while_its_jobs_wait(label_studio, tmp_path):
+    """Photos imported while no worker runs wait in the queue as precompute jobs; the backend that
+    queued them is killed (SIGKILL, nothing cleaned up); a new backend takes over their deliveries,
+    and once a worker runs, every imported task gets its prediction in Label Studio, once."""
+    with imported_while_no_worker_runs(label_studio, tmp_path, "prelabel restarted mid-import") as (
+        settings, connection, prelabel, imported
+    ):  # fmt: skip
+        prelabel.kill("backend")
+        for key in connection.scan_iter(keys.backend_alive("*")):
+            connection.delete(key)  # as its expiry would, ALIVE_TTL seconds after the crash
+        prelabel.start("backend")
+        prelabel.start("worker")
+        prelabel.wait_ready()
+        deadline = time.monotonic() + 120
+        while not all(label_studio.predictions(task) for task in imported):
+            assert time.monotonic() < deadline, prelabel.backend_log.read_text()[-3000:]
+            time.sleep(1)
+        for task in imported:
+            (prediction,) = label_studio.predictions(task)  # posted once
+            assert prediction["model_version"] == settings.model_version and prediction["result"]
+        assert connection.hlen(keys.DELIVERIES) == 0
+        assert prelabel.backend_log.read_text().count("taken over from backend process") == len(imported)
 
 
 def test_predictions_finished_while_label_studio_is_away_are_posted_when_it_returns(label_studio, tmp_path):
@@ -219,30 +233,10 @@ def test_predictions_finished_while_label_studio_is_away_are_posted_when_it_retu
     network cut: here a relay that refuses connections). Their deliveries keep what they could not
     post and try again later; once Label Studio answers, every task gets its prediction, once."""
     gate = Gate(label_studio.port)
-    with claim_redis_db() as redis_url:
-        settings = Settings(
-            redis_url=redis_url, label_studio_url=gate.url, label_studio_api_key=label_studio.legacy_token,
-            basic_auth_user="labelstudio", basic_auth_pass="s3cret-pass", webhook_secret="hook-s3cret",
-            model_checkpoint=str(TOY_CLIP), image_size=64, background_words=("sky",), distractors="none",
-            tag_min_score=0.01, max_tasks_per_job=1,
-        )  # fmt: skip
-        connection = redis.Redis.from_url(redis_url)
-        prelabel = Prelabel(settings, tmp_path, services=("backend", "worker"))
-        try:
-            prelabel.wait_ready()
-            project = label_studio.create_project("prelabel with Label Studio away", CONFIG.read_text())
-            label_studio.upload(project, shared_data() / PHOTOS[0])
-            label_studio.connect_backend(project, prelabel.url, "labelstudio", "s3cret-pass")
-            label_studio.wait_for_webhook_secret(project)
-
-            prelabel.terminate("worker")
-            for photo in PHOTOS[1:]:
-                label_studio.upload(project, shared_data() / photo)
-            deadline = time.monotonic() + 30
-            while connection.hlen(keys.DELIVERIES) < len(PHOTOS) - 1:  # one precompute job per imported photo
-                assert time.monotonic() < deadline, prelabel.backend_log.read_text()[-3000:]
-                time.sleep(0.2)
-            imported = sorted(task["id"] for task in label_studio.tasks(project))[1:]
+    try:
+        with imported_while_no_worker_runs(label_studio, tmp_path, "prelabel with Label Studio away", gate.url) as (
+            settings, connection, prelabel, imported
+        ):  # fmt: skip
             job_ids = [j.decode() for j in connection.hkeys(keys.DELIVERIES)]
 
             # A deploy: its deliveries wait in Redis for the next backend. It exits at once (docker
@@ -275,9 +269,8 @@ def test_predictions_finished_while_label_studio_is_away_are_posted_when_it_retu
             # (reading a task to post to it makes Label Studio ask /predict, served from the cache: either way, once)
             retried = prelabel.backend_log.read_text().count("cached predictions posted to Label Studio at try")
             assert retried == len(job_ids)
-        finally:
-            prelabel.stop()
-            gate.shut()
+    finally:
+        gate.shut()
 
 
 def learn_from_corrections(label_studio: LabelStudio, project: int, backend: int, prelabel: Prelabel) -> str:
