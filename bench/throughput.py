@@ -16,7 +16,8 @@ CWR_MAX_CLASSES crops):
    time on the job);
 4. /predict answered from the prediction cache: p50/p95;
 5. CLIPSelf training: steps/s, and the time a run of TRAIN_STEPS takes (it does not depend on
-   how many corrections there are: 200 corrections or 20, a run is TRAIN_STEPS steps).
+   how many corrections there are: 200 corrections or 20, a run is TRAIN_STEPS steps); and the
+   ZegCLIP head's steps/s.
 
 Beside each images/s figure of (1) and (2), the floating-point operations per image (counted, so
 the same on every device): their ratio is what a compute-bound device, a GPU at large batch,
@@ -65,7 +66,8 @@ from worker.model.bundle import autocast
 from worker.predictor import Predictor, same_size_batches
 from worker.training.clipself import CLIPSelfConfig, train_clipself
 from worker.training.corrections import Correction
-from worker.training.zegclip import load_voc_folder
+from worker.training.zegclip import BATCH_SIZE as ZEGCLIP_BATCH
+from worker.training.zegclip import load_voc_folder, train_zegclip
 
 #: NVIDIA's dense bf16 tensor-core peak of an H100 SXM, TFLOP/s (datasheet, without sparsity).
 H100_BF16_TFLOPS = 989.4
@@ -290,16 +292,27 @@ def _serving(settings: Settings, tasks: list[dict], redis_url: str) -> dict[str,
 
 
 def training(predictor: Predictor, steps: int, batch: int, size: int, train_steps: int) -> dict[str, float]:
+    """Steps/s of the two training jobs on the shared VOC samples: CLIPSelf (fine-tunes the ViT;
+    timed last, since it changes the predictor's weights) and the ZegCLIP head (ViT frozen)."""
     samples, classes = load_voc_folder(DATA / "voc-samples")
     corrections = [Correction(i, None, {}, s.mask, s.labels, s.image) for i, s in enumerate(samples)]
     text = predictor.text.classes([(c,) for c in classes])
     index = {c: i for i, c in enumerate(classes)}
     bundle = predictor.bundle
+
+    def steps_per_second(run: Callable[[], object]) -> float:
+        started = time.perf_counter()
+        run()
+        _sync(bundle.device)
+        return steps / (time.perf_counter() - started)
+
+    zegclip = steps_per_second(lambda: train_zegclip(bundle, samples, classes, steps=steps, size=size))
     cfg = CLIPSelfConfig(steps=steps, batch_size=batch, size=size)
-    started = time.perf_counter()
-    train_clipself(bundle.visual, bundle.visual, corrections, text, index, bundle.mean, bundle.std, cfg)
-    per_second = steps / (time.perf_counter() - started)
-    return {"steps_per_s": per_second, "run_minutes": train_steps / per_second / 60, "batch": batch, "size": size}
+    per_second = steps_per_second(
+        lambda: train_clipself(bundle.visual, bundle.visual, corrections, text, index, bundle.mean, bundle.std, cfg)
+    )
+    return {"steps_per_s": per_second, "run_minutes": train_steps / per_second / 60, "batch": batch, "size": size,
+            "zegclip_steps_per_s": zegclip, "zegclip_batch": ZEGCLIP_BATCH}  # fmt: skip
 
 
 def cpu_name() -> str:
@@ -355,6 +368,9 @@ def markdown(report: dict, command: str) -> str:
             f"CLIPSelf: {t['steps_per_s']:.2f} steps/s (batch {t['batch']}, {t['size']} px); a run of "
             f"{report['train_steps']} steps takes {t['run_minutes']:.1f} min, whatever the number of corrections.",
         ]
+        if "zegclip_steps_per_s" in t:
+            lines += ["", f"ZegCLIP head: {t['zegclip_steps_per_s']:.2f} steps/s (batch {t['zegclip_batch']}, "
+                          f"{t['size']} px, the ViT frozen)."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

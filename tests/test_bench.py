@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,7 +133,9 @@ def test_throughput_benchmark_smoke_run(tiny_checkpoint, redis_url, tmp_path):
                      "--out", str(out), "--json", str(figures)])  # fmt: skip
     text = out.read_text()
     assert "| prelabel tags + masks |" in text and "| cached |" in text and "CLIPSelf:" in text
+    assert "ZegCLIP head:" in text
     report = json.loads(figures.read_text())
+    assert report["training"]["steps_per_s"] > 0 and report["training"]["zegclip_steps_per_s"] > 0
     assert report["pipeline"]["tags"] > 0 and report["pipeline"]["one 512 px image s"] > 0
     # Counted work: the pipeline runs the encoder's trunk and more (TagCLIP's block, CWR crops).
     pipeline, encoder = report["pipeline"], report["ceiling"]["working GFLOP"]
@@ -411,3 +416,23 @@ def test_the_weights_digest_names_a_model_and_changes_with_any_weight(tiny_check
     with torch.no_grad():
         model.logit_scale += 1e-3  # a 0-dim weight counts too
     assert quality.weights_digest(model) != digest
+
+
+def test_the_gpu_pack_carries_every_distribution_the_gpu_run_imports_that_the_machine_lacks():
+    """scripts/gpu-run on a lent GPU machine imports bench.throughput and bench.toy_clip beside
+    the machine's own packages and the wheels bench.gpu_pack carries: a dependency added to the
+    project without a wheel there would cost that one run."""
+    from bench import gpu_pack
+
+    imported = subprocess.run(
+        [sys.executable, "-c", "import sys, importlib.metadata as md\n"
+         "import bench.throughput, bench.toy_clip\n"
+         "dists = md.packages_distributions()\n"
+         "print('\\n'.join({d for name in list(sys.modules) for d in dists.get(name.split('.')[0], [])}))"],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1],
+    ).stdout.split()  # fmt: skip
+    needed = {gpu_pack.normalised(d) for d in imported} - {"prelabel"}
+    carried = {gpu_pack.normalised(w) for w in gpu_pack.WHEELS}
+    assert "open-clip-torch" in needed and "torch" in needed  # the closure is really read
+    assert needed - gpu_pack.ON_THE_MACHINE - gpu_pack.OPTIONAL - carried == set()
+    assert carried & gpu_pack.ON_THE_MACHINE == set()  # two versions of one package stop the install
