@@ -212,7 +212,8 @@ class Server:
         The missing tasks become jobs of at most MAX_TASKS_PER_JOB tasks. A runner that takes
         background work (the queue) gets them all at once, a single task (an annotator opening
         it) ahead of queued bulk work; a job not done by PREDICT_TIMEOUT is finished later,
-        cached and posted to Label Studio. The embedded runner, which runs one job at a time,
+        cached and posted to Label Studio, as is a bulk request's job whose process dies while
+        the request waits (``_hold``). The embedded runner, which runs one job at a time,
         gets them one after the other until PREDICT_TIMEOUT, so that an annotator's next request
         does not wait behind a whole selection; Label Studio asks again for the rest. Tasks that
         jobs queued earlier compute already are waited for, not queued again (``_lookup``).
@@ -229,24 +230,34 @@ class Server:
         ids = self._submit(jobs, cache_keys, interactive) if self.runner.background else []
         sizes = [len(chunk) for chunk, _ in jobs]
         request = self.runner.track(ids, sizes, project) if ids and not interactive else None
-        for n, (chunk, job) in enumerate(jobs):
-            if not ids and time.monotonic() >= deadline:
-                break
-            job_id = ids[n] if ids else self.runner.submit(job)
-            try:
-                result = self.runner.wait(job_id, deadline=deadline)
-            except JobTimeout as e:
-                log.warning("%s; its %d tasks will be posted to Label Studio when done", e, len(chunk))
-                self.finish_later(job_id, job, spec, [cache_keys[i] for i in chunk])
-                continue
-            except PrelabelError:  # this request fails; the jobs already queued still finish
-                for (later, later_job), later_id in zip(jobs[n + 1 :], ids[n + 1 :], strict=False):
-                    self.finish_later(later_id, later_job, spec, [cache_keys[i] for i in later])
-                raise
-            fresh = to_label_studio(result, spec, result.model_version)
-            self.cache.put_many({cache_keys[i]: p for i, p in zip(chunk, fresh, strict=True) if p})
-            for i, p in zip(chunk, fresh, strict=True):
-                answers[i] = p
+        held = self._hold(ids, jobs, spec, cache_keys) if not interactive else set()
+        try:
+            for n, (chunk, job) in enumerate(jobs):
+                if not ids and time.monotonic() >= deadline:
+                    break
+                job_id = ids[n] if ids else self.runner.submit(job)
+                try:
+                    result = self.runner.wait(job_id, deadline=deadline)
+                except JobTimeout as e:
+                    log.warning("%s; its %d tasks will be posted to Label Studio when done", e, len(chunk))
+                    held.discard(job_id)  # its delivery's thread has it now
+                    self.finish_later(job_id, job, spec, [cache_keys[i] for i in chunk])
+                    continue
+                except PrelabelError:  # this request fails; the jobs already queued still finish
+                    for (later, later_job), later_id in zip(jobs[n + 1 :], ids[n + 1 :], strict=False):
+                        held.discard(later_id)
+                        self.finish_later(later_id, later_job, spec, [cache_keys[i] for i in later])
+                    raise
+                fresh = to_label_studio(result, spec, result.model_version)
+                self.cache.put_many({cache_keys[i]: p for i, p in zip(chunk, fresh, strict=True) if p})
+                if job_id in held:  # answered: nothing left to post
+                    held.discard(job_id)
+                    self._release(job_id, ended=True)
+                for i, p in zip(chunk, fresh, strict=True):
+                    answers[i] = p
+        finally:
+            for job_id in held:  # failed or not waited for: this process's heartbeat finishes them
+                self._release(job_id, ended=False)
         self._collect(elsewhere, tasks, cache_keys, answers, spec, deadline)
         return Served([a if a is not None else [] for a in answers], cached, request)
 
@@ -259,6 +270,37 @@ class Server:
             ids.append(self.runner.submit(job, interactive))
             self.runner.claim([cache_keys[i] for i in chunk], ids[-1])
         return ids
+
+    def _hold(
+        self, ids: list[str], jobs: list[tuple[Sequence[int], PredictJob]], spec: LabelSpec, cache_keys: list[str]
+    ) -> set[str]:
+        """Record a bulk request's own jobs as deliveries while it waits for them, held by the
+        request (no thread of this process takes them): should this process die meanwhile, the
+        one that takes them over caches and posts their predictions, which Label Studio's call
+        will never receive. Single tasks are not recorded: an annotator who opens the task
+        again asks again, and the round trips would be on every opened task's path. Returns
+        the ids held."""
+        if self.deliveries is None or not ids:
+            return set()
+        held = set()
+        for job_id, (chunk, job) in zip(ids, jobs, strict=True):
+            with self._lock:
+                self._handling.add(job_id)
+            held.add(job_id)
+            try:
+                self.deliveries.record(Delivery(job_id, job, spec, [cache_keys[i] for i in chunk]))
+            except redis.exceptions.RedisError as e:  # the request still answers with it, if it lives
+                log.warning("predict job %s: delivery not recorded in Redis (a crash now would lose its "
+                            "predictions until asked again): %s", job_id, e)  # fmt: skip
+        return held
+
+    def _release(self, job_id: str, ended: bool) -> None:
+        """The request is done with its held job: answered with it (``ended``: nothing left to
+        post), or not, which leaves the delivery to this process's heartbeat once the job ends."""
+        if ended:
+            self._end(job_id)
+        with self._lock:
+            self._handling.discard(job_id)
 
     def _collect(
         self, elsewhere: dict[str, str], tasks: list[dict], cache_keys: list[str], answers: list[Any],

@@ -265,6 +265,13 @@ class Prelabel:
         _kill_group(process)
         process.wait()
 
+    def pause(self, service: str) -> None:
+        """SIGSTOP the service: it stays registered (a worker busy elsewhere) but runs nothing."""
+        os.killpg(self.processes[service].pid, signal.SIGSTOP)
+
+    def resume(self, service: str) -> None:
+        os.killpg(self.processes[service].pid, signal.SIGCONT)
+
     def terminate(self, service: str, within: float = 30) -> None:
         """SIGTERM: the service stops as on a deploy, and must exit ``within`` seconds."""
         process = self.processes.pop(service)

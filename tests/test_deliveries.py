@@ -24,6 +24,7 @@ from common import keys
 from common.errors import JobFailed
 from common.jobs import PREDICT_FUNCTION, AllowListedJob
 from common.labelstudio.config import parse_label_config
+from worker import tasks as tasks_module
 from worker.cli import PrelabelWorker
 
 CONFIG = """<View>
@@ -255,3 +256,48 @@ def test_which_failed_posts_are_tried_again(error, kind):
     """Label Studio down, overloaded or behind a proxy that says so: all posts wait. Its own error
     on one task: that post is tried again. A refusal (a deleted task, a bad prediction): not."""
     assert post_failure(error) == kind
+
+
+def test_a_bulk_requests_jobs_are_deliveries_while_it_waits_and_end_when_it_answers(
+    redis_url, make_settings, label_studio, photos
+):
+    """Retrieve Predictions on a selection: its jobs are deliveries from the moment they are
+    queued, held by the request (no thread of its process takes them, no other process while it
+    lives), so that a process dying while the request waits leaves them to another, which caches
+    and posts them (tests/test_e2e.py). Answered, they end: nothing is left to post twice."""
+    settings = make_settings(redis_url=redis_url, label_studio_url=label_studio.url,
+                             label_studio_api_key=label_studio.legacy_token, max_tasks_per_job=1)  # fmt: skip
+    connection = redis.Redis.from_url(redis_url)
+    runner = QueueRunner(settings, connection)
+    server = Server(settings, runner, RedisCache(connection), deliveries=Deliveries(connection, ttl=600))
+    spec = parse_label_config(CONFIG, 100)
+    tasks = [{"id": 20 + n, "data": {"image": label_studio.upload_path(name)}} for n, name in enumerate(photos)][:2]
+    images = [t["data"]["image"] for t in tasks]
+    listening = PrelabelWorker([runner.queue], connection=connection, serializer=JSONSerializer)
+    listening.register_birth()  # a worker is there: the request queues its jobs and waits
+    answers = []
+    request = threading.Thread(
+        target=lambda: answers.append(server.predict(tasks, spec, CONFIG, "3.1", settings.model_version, images))
+    )
+    request.start()
+    try:
+        deadline = time.monotonic() + 10
+        while connection.hlen(keys.DELIVERIES) < len(tasks):
+            assert time.monotonic() < deadline, "the request's jobs were not recorded as deliveries"
+            time.sleep(0.05)
+        assert {owner.decode() for owner in connection.hvals(keys.DELIVERIES)} == {server.deliveries.process}
+        assert server.deliveries.take(server._handling) == []  # held by the waiting request
+        assert Deliveries(connection, ttl=600).take(set()) == []  # and its process is alive
+        recorded = [json.loads(connection.get(keys.delivery(j.decode()))) for j in connection.hkeys(keys.DELIVERIES)]
+        assert sorted(t["task_id"] for body in recorded for t in body["job"]["tasks"]) == [20, 21]
+
+        tasks_module.configure(settings)
+        PrelabelWorker([runner.queue], connection=connection, serializer=JSONSerializer).work(burst=True)
+        request.join(timeout=30)
+        assert not request.is_alive()
+    finally:
+        listening.register_death()
+    (served,) = answers
+    assert all(prediction["result"] for prediction in served.predictions)  # answered in the response ...
+    assert connection.hlen(keys.DELIVERIES) == 0  # ... so nothing is left to post
+    assert not list(connection.scan_iter(keys.delivery("*"))) and not server._handling

@@ -228,6 +228,67 @@ def test_an_imports_predictions_survive_a_backend_killed_while_its_jobs_wait(lab
         assert prelabel.backend_log.read_text().count("taken over from backend process") == len(imported)
 
 
+def test_a_selections_predictions_survive_a_backend_killed_while_label_studio_waits(label_studio, tmp_path):
+    """Retrieve Predictions on photos imported before prelabel was connected (nothing precomputed),
+    while the worker is paused: the backend queues a job per photo and waits; it is killed
+    (SIGKILL) before they run, so Label Studio's call fails. A new backend takes the request's jobs
+    over as deliveries, and once the worker runs, every task gets its prediction in Label Studio,
+    once."""
+    with claim_redis_db() as redis_url:
+        settings = Settings(
+            redis_url=redis_url, label_studio_url=label_studio.url, label_studio_api_key=label_studio.legacy_token,
+            basic_auth_user="labelstudio", basic_auth_pass="s3cret-pass", webhook_secret="hook-s3cret",
+            model_checkpoint=str(TOY_CLIP), image_size=64, background_words=("sky",), distractors="none",
+            tag_min_score=0.01, max_tasks_per_job=1,
+        )  # fmt: skip
+        connection = redis.Redis.from_url(redis_url)
+        prelabel = Prelabel(settings, tmp_path, services=("backend", "worker"))
+        try:
+            prelabel.wait_ready()
+            project = label_studio.create_project("prelabel killed mid-selection", CONFIG.read_text())
+            for photo in PHOTOS:
+                label_studio.upload(project, shared_data() / photo)
+            label_studio.connect_backend(project, prelabel.url, "labelstudio", "s3cret-pass")
+            selection = sorted(task["id"] for task in label_studio.tasks(project))
+
+            prelabel.pause("worker")
+            failed: list[Exception] = []
+
+            def retrieve() -> None:
+                try:
+                    label_studio.retrieve_predictions(project)
+                except Exception as e:  # the backend dies under it
+                    failed.append(e)
+
+            bulk = threading.Thread(target=retrieve)
+            bulk.start()
+            deadline = time.monotonic() + 60
+            while connection.hlen(keys.DELIVERIES) < len(selection):  # one job per photo, held by the request
+                assert time.monotonic() < deadline and bulk.is_alive(), prelabel.backend_log.read_text()[-3000:]
+                time.sleep(0.1)
+            prelabel.kill("backend")
+            bulk.join(timeout=120)
+            assert not bulk.is_alive()
+            assert all(label_studio.predictions(task) == [] for task in selection)  # the call got nothing
+            for key in connection.scan_iter(keys.backend_alive("*")):
+                connection.delete(key)  # as its expiry would, ALIVE_TTL seconds after the crash
+
+            prelabel.resume("worker")
+            prelabel.start("backend")
+            prelabel.wait_ready()
+            deadline = time.monotonic() + 120
+            while not all(label_studio.predictions(task) for task in selection):
+                assert time.monotonic() < deadline, prelabel.backend_log.read_text()[-3000:]
+                time.sleep(1)
+            for task in selection:
+                (prediction,) = label_studio.predictions(task)  # posted once
+                assert prediction["model_version"] == settings.model_version and prediction["result"]
+            assert connection.hlen(keys.DELIVERIES) == 0
+            assert prelabel.backend_log.read_text().count("taken over from backend process") == len(selection)
+        finally:
+            prelabel.stop()
+
+
 def test_predictions_finished_while_label_studio_is_away_are_posted_when_it_returns(label_studio, tmp_path):
     """An import's precompute jobs finish while prelabel cannot reach Label Studio (a restart, a
     network cut: here a relay that refuses connections). Their deliveries keep what they could not
