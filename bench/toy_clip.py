@@ -38,6 +38,10 @@ largest one alone. ``bench/models/toy-clip-v5`` is v2's recipe with ``--main-sub
 its class token under-scores the objects its captions left out, as TagCLIP argues CLIP's does, but
 its patches lose them more, so TagCLIP's local route still trails the global embedding; not adopted
 (docs/quality.md).
+
+On a GPU (``scripts/gpu-run``, docs/benchmarks.md) the model is not what limits the pace: drawing
+scenes is, in ``--workers`` processes, which also tokenize the captions. ``--views-per-scene k``
+cuts k views from each scene drawn, about three times the views a second at k = 4.
 """
 
 from __future__ import annotations
@@ -108,11 +112,15 @@ class ToyStream(IterableDataset):
     """Endless (pixels, caption) pairs; each worker draws from its own seed. A loader's batch is
     ``batch_size`` consecutive pairs of one worker, so every ``one_colour_every``-th batch of each
     worker (0: none) can draw all its objects in one colour; ``main_subject_rate`` goes to
-    ``view_caption``."""
+    ``view_caption``. ``views_per_scene`` views are cut from each scene drawn (drawing a scene
+    is ~85 % of a view's time: what limits training on a GPU); 1 keeps v2's exact stream."""
 
-    def __init__(self, seed: int, batch_size: int = 1, one_colour_every: int = 0, main_subject_rate: float = 0.0):
+    def __init__(self, seed: int, batch_size: int = 1, one_colour_every: int = 0, main_subject_rate: float = 0.0,
+                 views_per_scene: int = 1):  # fmt: skip
+        if views_per_scene < 1 or batch_size % views_per_scene:
+            raise ValueError(f"views_per_scene={views_per_scene} must divide batch_size={batch_size}")
         self.seed, self.batch_size, self.one_colour_every = seed, batch_size, one_colour_every
-        self.main_subject_rate = main_subject_rate
+        self.main_subject_rate, self.views_per_scene = main_subject_rate, views_per_scene
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -123,10 +131,25 @@ class ToyStream(IterableDataset):
             batch, palette = count // self.batch_size, None
             if self.one_colour_every and batch % self.one_colour_every == self.one_colour_every - 1:
                 palette = (colours[np.random.default_rng((self.seed, worker, batch)).integers(len(colours))],)
-            view = random_view(render_scene(rng, SCENE_SIZE, empty_rate=EMPTY_RATE, palette=palette), rng)
-            count += 1
-            yield to_pixels(view.image, (INPUT_SIZE, INPUT_SIZE), OPENAI_DATASET_MEAN, OPENAI_DATASET_STD), \
-                view_caption(view, rng, self.main_subject_rate)  # fmt: skip
+            scene = render_scene(rng, SCENE_SIZE, empty_rate=EMPTY_RATE, palette=palette)
+            for _ in range(self.views_per_scene):
+                view = random_view(scene, rng)
+                count += 1
+                yield to_pixels(view.image, (INPUT_SIZE, INPUT_SIZE), OPENAI_DATASET_MEAN, OPENAI_DATASET_STD), \
+                    view_caption(view, rng, self.main_subject_rate)  # fmt: skip
+
+
+class Tokenized(IterableDataset):
+    """A stream's captions as token ids, made in the loader's worker processes: on a GPU the main
+    process would otherwise spend more of each step tokenizing than training."""
+
+    def __init__(self, stream: ToyStream) -> None:
+        self.stream = stream
+
+    def __iter__(self):
+        tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=TOY_CLIP["text_cfg"]["context_length"])
+        for pixels, caption in self.stream:
+            yield pixels, tokenizer([caption])[0]
 
 
 @torch.no_grad()
@@ -187,6 +210,7 @@ def train(
     one_colour_every: int = 0,
     init: Path | None = None,
     main_subject_rate: float = 0.0,
+    views_per_scene: int = 1,
 ) -> dict:
     """Train for ``minutes`` of wall time (cosine schedule over that budget) and save to ``out``;
     from random weights, or from the model directory ``init``."""
@@ -199,7 +223,7 @@ def train(
         used_tokens.update(torch.nonzero(state["token_embedding.weight"].abs().sum(1)).flatten().tolist())
     model.to(device)
     tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=TOY_CLIP["text_cfg"]["context_length"])
-    stream = ToyStream(seed, batch_size, one_colour_every, main_subject_rate)
+    stream = Tokenized(ToyStream(seed, batch_size, one_colour_every, main_subject_rate, views_per_scene))
     # On a GPU the scenes drawn by the worker processes are what limits the pace (~440 views/s a core)
     loader = DataLoader(stream, batch_size=batch_size, num_workers=workers, pin_memory=device.startswith("cuda"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
@@ -212,7 +236,7 @@ def train(
             "recipe": {"minutes": minutes, "seed": seed, "batch_size": batch_size, "lr": lr, "steps": step,
                        "scene_size": SCENE_SIZE, "input_size": INPUT_SIZE, "min_view": MIN_VIEW,
                        "empty_rate": EMPTY_RATE, "one_colour_every": one_colour_every,
-                       "main_subject_rate": main_subject_rate,
+                       "main_subject_rate": main_subject_rate, "views_per_scene": views_per_scene,
                        "init": str(init) if init else None, "device": device, "threads": torch.get_num_threads(),
                        "workers": workers},
             "zero_shot": zero_shot,
@@ -220,19 +244,18 @@ def train(
             "init_training": init_record(init),
         }  # fmt: skip
 
-    for pixels, texts in loader:
+    for pixels, tokens in loader:
         elapsed = time.monotonic() - started
         if elapsed > budget:
             break
         progress = elapsed / budget
         for group in optimizer.param_groups:  # linear warm-up, then cosine over the time budget
             group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
-        tokens = tokenizer(list(texts))
         used_tokens.update(tokens.unique().tolist())
         image = F.normalize(model.encode_image(pixels.to(device, non_blocking=True)), dim=-1)
         text = F.normalize(model.encode_text(tokens.to(device, non_blocking=True)), dim=-1)
         logits = model.logit_scale.exp().clamp(max=100) * image @ text.T
-        labels = torch.arange(len(texts), device=device)
+        labels = torch.arange(len(tokens), device=device)
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -272,9 +295,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init", type=Path, help="continue from this model directory")
     parser.add_argument("--main-subject-rate", type=float, default=0.0, help="views of several objects captioned "
                         "with their largest alone (a share)")  # fmt: skip
+    parser.add_argument("--views-per-scene", type=int, default=1, help="views cut from each scene drawn")
     args = parser.parse_args(argv)
     record = train(args.minutes, args.out, args.seed, args.batch_size, args.lr, args.checkpoint_minutes,
-                   args.device, args.workers, args.one_colour_every, args.init, args.main_subject_rate)  # fmt: skip
+                   args.device, args.workers, args.one_colour_every, args.init, args.main_subject_rate,
+                   args.views_per_scene)  # fmt: skip
     print(json.dumps({"out": str(args.out), "zero_shot": record["zero_shot"]}))
 
 

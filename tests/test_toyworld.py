@@ -3,6 +3,7 @@ through the service and still score what it scored when it was trained."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -10,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import pytest
+import torch
 
+from bench import toy_clip
 from bench.toy_clip import TOY_CLIP as TOY_CONFIG
-from bench.toy_clip import ToyStream, random_view, train, view_caption, zero_shot_accuracy
+from bench.toy_clip import Tokenized, ToyStream, random_view, train, view_caption, zero_shot_accuracy
 from bench.toyworld import BACKGROUNDS, COLOURS, MIN_VISIBLE, SHAPES, crop, render_scene, scenes
 from common.settings import Settings
 from worker.loading import load_clip
@@ -107,6 +110,28 @@ def test_one_colour_batches_tell_their_captions_apart_by_shape_only():
     assert sum(len(colours) == 1 for colours in named[1::2]) >= 3  # ... and the colour is named
     scene = render_scene(np.random.default_rng(1), 96, palette=("red",))
     assert scene.colours <= {"red"}
+
+
+def test_views_per_scene_cuts_several_views_from_each_scene_drawn(monkeypatch):
+    drawn = []
+
+    def counted(*args, **kwargs):
+        drawn.append(render_scene(*args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(toy_clip, "render_scene", counted)
+    stream = iter(ToyStream(seed=5, batch_size=8, views_per_scene=4))
+    views = [next(stream) for _ in range(8)]
+    assert len(drawn) == 2 and len({tuple(p.shape) for p, _ in views}) == 1
+    with pytest.raises(ValueError, match="must divide"):
+        ToyStream(seed=5, batch_size=6, views_per_scene=4)  # a batch would mix one-colour and other scenes
+
+
+def test_captions_are_tokenized_in_the_loader_as_the_text_tower_reads_them():
+    tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=TOY_CONFIG["text_cfg"]["context_length"])
+    captions = [caption for _, caption in itertools.islice(ToyStream(seed=3, batch_size=4), 4)]
+    tokens = [t for _, t in itertools.islice(Tokenized(ToyStream(seed=3, batch_size=4)), 4)]
+    assert torch.equal(torch.stack(tokens), tokenizer(captions))
 
 
 def test_a_continued_model_records_every_stage_that_made_it(tmp_path: Path):
