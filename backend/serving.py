@@ -44,7 +44,7 @@ from common import keys
 from common.errors import JobTimeout, PrelabelError, ServiceUnavailable
 from common.jobs import ImageTask, PredictJob
 from common.labelstudio.annotations import image_url
-from common.labelstudio.client import label_studio_client
+from common.labelstudio.client import describe_failure, label_studio_client
 from common.labelstudio.config import LabelSpec
 from common.labelstudio.predictions import to_label_studio
 from common.projects import project_id
@@ -572,7 +572,7 @@ class Server:
                     if failure == "away":  # the other deliveries wait too, instead of a timeout each
                         self._label_studio_away_until = time.monotonic() + RETRY_DELAY
                     log.warning("could not post the prediction of task %s to Label Studio: %s", task.task_id,
-                                type(e).__name__)  # fmt: skip
+                                describe_failure(e))  # fmt: skip
         return posted, unreached
 
 

@@ -23,7 +23,7 @@ import re
 import threading
 from collections.abc import Iterable
 
-from common.labelstudio.client import label_studio_client
+from common.labelstudio.client import describe_failure, label_studio_client
 from common.projects import project_id
 from common.settings import Settings
 
@@ -106,7 +106,7 @@ class WebhookSecurer:
         try:
             secured = secure_project_webhooks(self.settings, project)
         except Exception as e:  # Label Studio unreachable, key without rights...: try on a later /setup
-            log.warning("project %s: could not add the webhook secret header: %s", project, type(e).__name__)
+            log.warning("project %s: could not add the webhook secret header: %s", project, describe_failure(e))
             secured = False
         if not secured:
             with self._lock:

@@ -8,6 +8,7 @@ import contextlib
 import gzip
 import http.server
 import json
+import socket
 import ssl
 import subprocess
 import threading
@@ -17,9 +18,10 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+from label_studio_sdk.core.api_error import ApiError
 
 from common.errors import ImageFetchError
-from common.labelstudio.client import is_personal_access_token, label_studio_client
+from common.labelstudio.client import describe_failure, is_personal_access_token, label_studio_client
 from tests.lsfake import FakeLabelStudio, trickle, trickle_headers
 from worker.fetch import RETRY_BACKOFF, ImageFetcher, address_refusal, parse_strict
 
@@ -390,8 +392,10 @@ def test_the_sdk_client_checks_certificates_against_the_ca_bundle(make_settings,
         base = f"https://localhost:{server.server_address[1]}"
         settings = make_settings(label_studio_url=base, label_studio_api_key="k" * 40)
         refused = pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED")
-        with label_studio_client(settings, "A test") as client, refused:
+        with label_studio_client(settings, "A test") as client, refused as failed:
             client.tasks.get(1, request_options={"max_retries": 0})
+        said = describe_failure(failed.value)  # what the operator reads in the log
+        assert "HTTPS certificate was not accepted" in said and "REQUESTS_CA_BUNDLE" in said
         trusted = make_settings(label_studio_url=base, label_studio_api_key="k" * 40, ca_bundle=str(cert))
         with label_studio_client(trusted, "A test") as client:
             assert client.tasks.get(1).project == 3
@@ -400,6 +404,23 @@ def test_the_sdk_client_checks_certificates_against_the_ca_bundle(make_settings,
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_failed_label_studio_call_is_described_by_its_cause_without_the_url_or_key(make_settings):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there
+    settings = make_settings(label_studio_url=f"http://user:pw@127.0.0.1:{port}", label_studio_api_key="k" * 40)
+    with label_studio_client(settings, "A test") as client, pytest.raises(httpx.ConnectError) as refused:
+        client.tasks.get(1, request_options={"max_retries": 0})
+    said = describe_failure(refused.value)
+    assert said.startswith("ConnectError: ") and "refused" in said.lower()
+    assert str(port) not in said and "pw" not in said and "k" * 40 not in said
+    assert "LABEL_STUDIO_API_KEY" in describe_failure(ApiError(status_code=401, headers={}, body={"detail": "x"}))
+    assert describe_failure(ApiError(status_code=502, headers={}, body="<html>proxy</html>")) == "HTTP 502"
+    assert describe_failure(httpx.ProxyError("407 from http://u:secret@proxy:3128")) == "ProxyError"
+    assert describe_failure(ValueError("task data")) == "ValueError"
 
 
 def _flaky(statuses: list[int], body: bytes):

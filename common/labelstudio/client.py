@@ -22,6 +22,7 @@ from contextlib import contextmanager
 import certifi
 import httpx
 from label_studio_sdk import LabelStudio
+from label_studio_sdk.core.api_error import ApiError
 
 from common.errors import ImageFetchError, ServiceUnavailable
 from common.settings import Settings
@@ -57,6 +58,35 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def describe_failure(error: BaseException) -> str:
+    """Why a call to Label Studio failed, for the operator's log: the cause and what to check,
+    never the URL, a header or a body (which may carry the key or task data)."""
+    if isinstance(error, ApiError):
+        if error.status_code in (401, 403):
+            return f"HTTP {error.status_code}: Label Studio refused the API key; check LABEL_STUDIO_API_KEY"
+        return f"HTTP {error.status_code}" if error.status_code is not None else "ApiError without a status"
+    if isinstance(error, httpx.TimeoutException):
+        return f"{type(error).__name__}: no answer within {SDK_TIMEOUT:.0f} s"
+    if isinstance(error, httpx.TransportError):
+        verify = next((e for e in _causes(error) if isinstance(e, ssl.SSLCertVerificationError)), None)
+        if verify is not None:
+            return (f"its HTTPS certificate was not accepted ({verify.verify_message}); behind an internal CA, "
+                    "set REQUESTS_CA_BUNDLE to the PEM file of its certificates")  # fmt: skip
+        message = str(error)  # "[Errno 111] Connection refused", "Server disconnected without sending a response."
+        if not message or "://" in message or "@" in message:  # a URL, perhaps a proxy's with its password
+            return type(error).__name__
+        return f"{type(error).__name__}: {message}"
+    return type(error).__name__
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """``error`` and what raised it, as far as the chain goes (httpx wraps ssl's errors)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        yield seen
+        seen = seen.__cause__ or seen.__context__
 
 
 def is_personal_access_token(key: str) -> bool:
