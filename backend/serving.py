@@ -230,8 +230,11 @@ class Server:
         ids = self._submit(jobs, cache_keys, interactive) if self.runner.background else []
         sizes = [len(chunk) for chunk, _ in jobs]
         request = self.runner.track(ids, sizes, project) if ids and not interactive else None
-        held = self._hold(ids, jobs, spec, cache_keys) if not interactive else set()
+        held: dict[str, Delivery] = {}  # this request's jobs recorded as deliveries (bulk, queue mode)
+        answered: list[str] = []
         try:
+            if not interactive:
+                self._hold(ids, jobs, spec, cache_keys, held)
             for n, (chunk, job) in enumerate(jobs):
                 if not ids and time.monotonic() >= deadline:
                     break
@@ -240,25 +243,31 @@ class Server:
                     result = self.runner.wait(job_id, deadline=deadline)
                 except JobTimeout as e:
                     log.warning("%s; its %d tasks will be posted to Label Studio when done", e, len(chunk))
-                    held.discard(job_id)  # its delivery's thread has it now
+                    held.pop(job_id, None)  # its delivery's thread has it now
                     self.finish_later(job_id, job, spec, [cache_keys[i] for i in chunk])
                     continue
                 except PrelabelError:  # this request fails; the jobs already queued still finish
                     for (later, later_job), later_id in zip(jobs[n + 1 :], ids[n + 1 :], strict=False):
-                        held.discard(later_id)
+                        held.pop(later_id, None)
                         self.finish_later(later_id, later_job, spec, [cache_keys[i] for i in later])
                     raise
                 fresh = to_label_studio(result, spec, result.model_version)
-                self.cache.put_many({cache_keys[i]: p for i, p in zip(chunk, fresh, strict=True) if p})
-                if job_id in held:  # answered: nothing left to post
-                    held.discard(job_id)
-                    self._release(job_id, ended=True)
+                made = {cache_keys[i]: p for i, p in zip(chunk, fresh, strict=True) if p}
+                if job_id in held:
+                    first = self._cache_held(held[job_id], made)
+                    fresh = [p if cache_keys[i] in first else [] for i, p in zip(chunk, fresh, strict=True)]
+                    answered.append(job_id)
+                else:
+                    self.cache.put_many(made)
                 for i, p in zip(chunk, fresh, strict=True):
                     answers[i] = p
+            self._collect(elsewhere, tasks, cache_keys, answers, spec, deadline)
+            for job_id in answered:  # the answer carries their predictions: nothing left to post
+                del held[job_id]
+                self._release(job_id, ended=True)
         finally:
-            for job_id in held:  # failed or not waited for: this process's heartbeat finishes them
+            for job_id in held:  # not answered: this process's heartbeat posts them once their jobs end
                 self._release(job_id, ended=False)
-        self._collect(elsewhere, tasks, cache_keys, answers, spec, deadline)
         return Served([a if a is not None else [] for a in answers], cached, request)
 
     def _submit(
@@ -272,27 +281,41 @@ class Server:
         return ids
 
     def _hold(
-        self, ids: list[str], jobs: list[tuple[Sequence[int], PredictJob]], spec: LabelSpec, cache_keys: list[str]
-    ) -> set[str]:
-        """Record a bulk request's own jobs as deliveries while it waits for them, held by the
-        request (no thread of this process takes them): should this process die meanwhile, the
-        one that takes them over caches and posts their predictions, which Label Studio's call
-        will never receive. Single tasks are not recorded: an annotator who opens the task
-        again asks again, and the round trips would be on every opened task's path. Returns
-        the ids held."""
-        if self.deliveries is None or not ids:
-            return set()
-        held = set()
+        self, ids: list[str], jobs: list[tuple[Sequence[int], PredictJob]], spec: LabelSpec, cache_keys: list[str],
+        held: dict[str, Delivery],
+    ) -> None:  # fmt: skip
+        """Record a bulk request's own jobs as deliveries (into ``held``) while it waits for them,
+        held by the request (no thread of this process takes them): should this process die
+        before it answers, the one that takes them over caches and posts their predictions, which
+        Label Studio's call never receives. Single tasks are not recorded: an annotator who opens
+        the task again asks again, and the round trips would be on every opened task's path."""
+        if self.deliveries is None:
+            return
         for job_id, (chunk, job) in zip(ids, jobs, strict=True):
+            delivery = Delivery(job_id, job, spec, [cache_keys[i] for i in chunk])
             with self._lock:
                 self._handling.add(job_id)
-            held.add(job_id)
+            held[job_id] = delivery
             try:
-                self.deliveries.record(Delivery(job_id, job, spec, [cache_keys[i] for i in chunk]))
+                self.deliveries.record(delivery)
             except redis.exceptions.RedisError as e:  # the request still answers with it, if it lives
                 log.warning("predict job %s: delivery not recorded in Redis (a crash now would lose its "
                             "predictions until asked again): %s", job_id, e)  # fmt: skip
-        return held
+
+    def _cache_held(self, delivery: Delivery, made: dict[str, Any]) -> set[str]:
+        """Cache a held job's predictions and return the keys this request was first to cache,
+        the ones it answers with. The others reached Label Studio another way (an annotator's
+        request, a delivery of a process that took this one's over), as deliveries post only what
+        they were first to cache. The delivery records them as still to post, should the request
+        never answer (this process dies, a later job fails)."""
+        first = self.cache.put_new(made)
+        try:
+            if self.deliveries is not None and self.deliveries.cached(delivery, [k for k in delivery.cache_keys
+                                                                                 if k in first]) is None:  # fmt: skip
+                log.info("predict job %s: another backend process took its delivery over", delivery.job_id)
+        except redis.exceptions.RedisError as e:  # the request still answers with them, if it lives
+            log.warning("predict job %s: what it cached is not recorded: %s", delivery.job_id, e)
+        return first
 
     def _release(self, job_id: str, ended: bool) -> None:
         """The request is done with its held job: answered with it (``ended``: nothing left to

@@ -3,10 +3,12 @@ process, taken over by exactly one other when it dies, never lost to an expired 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -258,13 +260,12 @@ def test_which_failed_posts_are_tried_again(error, kind):
     assert post_failure(error) == kind
 
 
-def test_a_bulk_requests_jobs_are_deliveries_while_it_waits_and_end_when_it_answers(
-    redis_url, make_settings, label_studio, photos
-):
-    """Retrieve Predictions on a selection: its jobs are deliveries from the moment they are
-    queued, held by the request (no thread of its process takes them, no other process while it
-    lives), so that a process dying while the request waits leaves them to another, which caches
-    and posts them (tests/test_e2e.py). Answered, they end: nothing is left to post twice."""
+@contextlib.contextmanager
+def bulk_request_waiting(redis_url: str, make_settings, label_studio, photos) -> Iterator[tuple]:
+    """A bulk request of two tasks (one job each) waiting in a thread while no worker runs its
+    jobs yet. Yields the server, Redis, each task's (job id, cache key) as held, the request's
+    outcome (its answer or its exception, once it ends) and a function that runs the queued jobs
+    and waits for the request to end."""
     settings = make_settings(redis_url=redis_url, label_studio_url=label_studio.url,
                              label_studio_api_key=label_studio.legacy_token, max_tasks_per_job=1)  # fmt: skip
     connection = redis.Redis.from_url(redis_url)
@@ -275,29 +276,75 @@ def test_a_bulk_requests_jobs_are_deliveries_while_it_waits_and_end_when_it_answ
     images = [t["data"]["image"] for t in tasks]
     listening = PrelabelWorker([runner.queue], connection=connection, serializer=JSONSerializer)
     listening.register_birth()  # a worker is there: the request queues its jobs and waits
-    answers = []
-    request = threading.Thread(
-        target=lambda: answers.append(server.predict(tasks, spec, CONFIG, "3.1", settings.model_version, images))
-    )
+    outcome: list = []
+
+    def ask() -> None:
+        try:
+            outcome.append(server.predict(tasks, spec, CONFIG, "3.1", settings.model_version, images))
+        except Exception as e:
+            outcome.append(e)
+
+    def run_jobs() -> None:
+        tasks_module.configure(settings)
+        PrelabelWorker([runner.queue], connection=connection, serializer=JSONSerializer).work(burst=True)
+        request.join(timeout=30)
+        assert not request.is_alive()
+
+    request = threading.Thread(target=ask)
     request.start()
     try:
         deadline = time.monotonic() + 10
         while connection.hlen(keys.DELIVERIES) < len(tasks):
             assert time.monotonic() < deadline, "the request's jobs were not recorded as deliveries"
             time.sleep(0.05)
-        assert {owner.decode() for owner in connection.hvals(keys.DELIVERIES)} == {server.deliveries.process}
-        assert server.deliveries.take(server._handling) == []  # held by the waiting request
-        assert Deliveries(connection, ttl=600).take(set()) == []  # and its process is alive
-        recorded = [json.loads(connection.get(keys.delivery(j.decode()))) for j in connection.hkeys(keys.DELIVERIES)]
-        assert sorted(t["task_id"] for body in recorded for t in body["job"]["tasks"]) == [20, 21]
-
-        tasks_module.configure(settings)
-        PrelabelWorker([runner.queue], connection=connection, serializer=JSONSerializer).work(burst=True)
-        request.join(timeout=30)
-        assert not request.is_alive()
+        held = {}
+        for job_id in (j.decode() for j in connection.hkeys(keys.DELIVERIES)):
+            body = json.loads(connection.get(keys.delivery(job_id)))
+            held[body["job"]["tasks"][0]["task_id"]] = (job_id, body["cache_keys"][0])
+        yield server, connection, held, outcome, run_jobs
     finally:
         listening.register_death()
-    (served,) = answers
-    assert all(prediction["result"] for prediction in served.predictions)  # answered in the response ...
-    assert connection.hlen(keys.DELIVERIES) == 0  # ... so nothing is left to post
+        request.join(timeout=30)
+
+
+def test_a_bulk_requests_jobs_are_deliveries_while_it_waits_and_end_when_it_answers(
+    redis_url, make_settings, label_studio, photos
+):
+    """Retrieve Predictions on a selection: its jobs are deliveries from the moment they are
+    queued, held by the request (no thread of its process takes them, no other process while it
+    lives), so that a process dying while the request waits leaves them to another, which caches
+    and posts them (tests/test_e2e.py). Answered, they end. A prediction another request cached
+    meanwhile (an annotator opened the task) reached Label Studio then: it is not answered again."""
+    with bulk_request_waiting(redis_url, make_settings, label_studio, photos) as (
+        server, connection, held, outcome, run_jobs
+    ):  # fmt: skip
+        assert sorted(held) == [20, 21]
+        assert {owner.decode() for owner in connection.hvals(keys.DELIVERIES)} == {server.deliveries.process}
+        assert {job_id for job_id, _ in held.values()} <= server._handling  # no thread of its process takes them
+        assert Deliveries(connection, ttl=600).take(set()) == []  # nor another process while it lives
+        opened = {"result": [{"type": "choices"}], "score": 0.5, "model_version": "v1"}
+        RedisCache(connection).put_many({held[20][1]: opened})  # task 20 opened meanwhile
+        run_jobs()
+    (served,) = outcome
+    assert served.predictions[0] == [] and served.predictions[1]["result"]
+    assert RedisCache(connection).get_many([held[20][1]]) == [opened]
+    assert connection.hlen(keys.DELIVERIES) == 0  # nothing is left to post
     assert not list(connection.scan_iter(keys.delivery("*"))) and not server._handling
+
+
+def test_a_bulk_request_that_fails_leaves_what_it_had_cached_to_post(redis_url, make_settings, label_studio, photos):
+    """The first job answered and cached, the second canceled: the request fails, so Label Studio
+    stores nothing from it. The first job's delivery stays, recording its prediction as cached
+    and still to post; this process's heartbeat hands both out once their jobs are over."""
+    with bulk_request_waiting(redis_url, make_settings, label_studio, photos) as (
+        server, connection, held, outcome, run_jobs
+    ):  # fmt: skip
+        Job.fetch(held[21][0], connection=connection, serializer=JSONSerializer).cancel()
+        run_jobs()
+    (failed,) = outcome
+    assert isinstance(failed, JobFailed) and "canceled" in str(failed)
+    assert not server._handling
+    taken = {d.job_id: d for d in server.deliveries.take(set())}
+    assert taken[held[20][0]].unposted == (held[20][1],)  # posted from the cache by the heartbeat's thread
+    assert taken[held[21][0]].unposted is None  # its thread finds the job canceled and ends it
+    assert RedisCache(connection).get_many([held[20][1]]) != [None]
