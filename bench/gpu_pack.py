@@ -7,8 +7,9 @@ numpy, pillow and huggingface_hub, no network, and none of prelabel's other depe
 ``../shared/data`` travel with the checkout. This downloads those wheels for CPython 3.12 on x86-64
 Linux, without their dependencies (``WHEELS`` is the closure that ``bench.throughput`` and
 ``bench.toy_clip`` import, less ``ON_THE_MACHINE``; tests/test_bench.py checks it stays so), and
-copies the shared photos. ``--python 3.11 --dest .gpu-here`` packs the same for this machine's
-Python, for a dry run of ``scripts/gpu-run`` on the CPU.
+copies the shared VOC photos; it fails when the working tree and the pack would not fit in one
+call. ``--python 3.11 --dest .gpu-here`` packs the same for this machine's Python, for a dry run of
+``scripts/gpu-run`` on the CPU.
 """
 
 from __future__ import annotations
@@ -28,25 +29,30 @@ ON_THE_MACHINE = frozenset({
     "h11", "httpcore", "httpx", "huggingface-hub", "idna", "jinja2", "lxml", "markupsafe", "mpmath", "numpy",
     "opencv-python-headless", "pandas", "pillow", "prometheus-client", "pygments", "python-dateutil", "pyyaml",
     "regex", "requests", "rich", "safetensors", "setuptools", "six", "sympy", "timm", "torch", "torchvision",
-    "tqdm", "triton", "typing-extensions", "urllib3", "werkzeug", "wrapt",
+    "tqdm", "triton", "urllib3", "wrapt",
 })  # fmt: skip
 
-#: What it lacks, pinned to the versions the tests run with.
+#: What it lacks, pinned to the versions the tests run with. The machine has typing-extensions and
+#: werkzeug, of versions not recorded, perhaps older than pydantic's (4.16) and Flask's (3.1)
+#: floors: ours come first on PYTHONPATH.
 WHEELS = (
     "open_clip_torch==3.3.0", "ftfy==6.3.1", "wcwidth==0.9.5",
     "rq==3.0.0", "redis==8.2.0", "croniter==7.0.0",
-    "Flask==3.1.3", "blinker==1.9.0", "itsdangerous==2.2.0",
+    "Flask==3.1.3", "blinker==1.9.0", "itsdangerous==2.2.0", "Werkzeug==3.1.9", "typing_extensions==4.16.0",
     "label-studio-sdk==2.1.2", "pydantic==2.14.4", "pydantic_core==2.50.5", "annotated-types==0.8.0",
-    "typing-inspection==0.4.5", "Faker==40.63.0", "PyJWT==2.13.0", "appdirs==1.4.4", "boto3==1.44.18",
-    "botocore==1.44.18", "s3transfer==0.19.3", "jmespath==1.1.0", "ijson==3.6.0", "jsf==0.11.2", "rstr==3.2.2",
-    "jsonschema==4.26.0", "jsonschema-specifications==2025.9.1", "referencing==0.37.0", "rpds-py==2026.9.1",
-    "rfc3339-validator==0.1.4", "nltk==3.10.4", "smart_open==9.0.4", "ujson==6.1.0", "xmljson==0.2.1",
-    "defusedxml==0.7.1", "httpx2==2.17.0", "httpcore2==2.17.0", "truststore==0.10.5",
+    "typing-inspection==0.4.5", "Faker==40.63.0", "PyJWT==2.13.0", "appdirs==1.4.4", "ijson==3.6.0", "jsf==0.11.2",
+    "rstr==3.2.2", "jsonschema==4.26.0", "jsonschema-specifications==2025.9.1", "referencing==0.37.0",
+    "rpds-py==2026.9.1", "rfc3339-validator==0.1.4", "nltk==3.10.4", "smart_open==9.0.4", "ujson==6.1.0",
+    "xmljson==0.2.1", "defusedxml==0.7.1", "httpx2==2.17.0", "httpcore2==2.17.0", "truststore==0.10.5",
 )  # fmt: skip
 
-#: Imported here only because they are installed (PyJWT's and jsonschema's optional extras): the
-#: dry run of scripts/gpu-run ran without them.
-OPTIONAL = frozenset({"cffi", "cryptography", "jsonpointer"})
+#: Imported here only because they are installed (PyJWT's, jsonschema's and smart_open's optional
+#: extras; boto3 and botocore alone are 18 MB): the dry run of scripts/gpu-run ran without them.
+OPTIONAL = frozenset({"cffi", "cryptography", "jsonpointer", "boto3", "botocore", "s3transfer", "jmespath"})
+
+#: What one device call may carry: the working tree (tracked and untracked files git does not
+#: ignore) and the carried paths together.
+CARRY_LIMIT = 64 * 2**20
 
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64", "any")  # fmt: skip
@@ -64,11 +70,26 @@ def pack(dest: Path, python: str) -> None:
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
                     "--dest", str(wheels), "--python-version", python, "--implementation", "cp", *platforms,
                     *WHEELS], check=True)  # fmt: skip
-    for folder in ("voc-samples", "imagenet-samples"):  # bench/photos.py reads PRELABEL_SHARED_DATA
-        shutil.rmtree(dest / "data" / folder, ignore_errors=True)
-        shutil.copytree(DATA / folder, dest / "data" / folder)
-    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
-    print(f"{dest}: {size / 2**20:.0f} MiB (the working tree and what is carried travel within 64 MiB)")
+    # The VOC samples only (bench/photos.py reads PRELABEL_SHARED_DATA; the training figures need
+    # their masks): the ImageNet ones would not fit in what a call carries.
+    shutil.rmtree(dest / "data", ignore_errors=True)
+    shutil.copytree(DATA / "voc-samples", dest / "data" / "voc-samples")
+    packed, tree = _size(dest.rglob("*")), _size(REPO / f for f in _tree_files())
+    print(f"{dest}: {packed / 2**20:.1f} MiB, with the working tree's {tree / 2**20:.1f} MiB: "
+          f"{(packed + tree) / 2**20:.1f} MiB of the {CARRY_LIMIT / 2**20:.0f} MiB a device call carries")  # fmt: skip
+    if packed + tree > CARRY_LIMIT:
+        raise SystemExit("Too large for the device call: carry fewer wheels or photos (bench/gpu_pack.py).")
+
+
+def _tree_files() -> list[str]:
+    """The working tree as the device tool sends it: tracked files and untracked ones git does not ignore."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, check=True).stdout  # fmt: skip
+    return [name for name in listed.decode().split("\0") if name]
+
+
+def _size(paths) -> int:
+    return sum(path.stat().st_size for path in paths if path.is_file())
 
 
 def main(argv: list[str] | None = None) -> None:
