@@ -309,9 +309,9 @@ class Server:
         they were first to cache. The delivery records them as still to post, should the request
         never answer (this process dies, a later job fails)."""
         first = self.cache.put_new(made)
+        unposted = [key for key in delivery.cache_keys if key in first]
         try:
-            if self.deliveries is not None and self.deliveries.cached(delivery, [k for k in delivery.cache_keys
-                                                                                 if k in first]) is None:  # fmt: skip
+            if self.deliveries is not None and self.deliveries.cached(delivery, unposted) is None:
                 log.info("predict job %s: another backend process took its delivery over", delivery.job_id)
         except redis.exceptions.RedisError as e:  # the request still answers with them, if it lives
             log.warning("predict job %s: what it cached is not recorded: %s", delivery.job_id, e)
