@@ -57,7 +57,7 @@ from bench.units import Units
 from common.jobs import BrushControl, ChoicesControl, ClassLabel, TaskResult
 from common.labelstudio.brush import draw_scaled, rle_to_mask
 from common.quality import UNCHANGED_IOU, accepted_unchanged, mask_iou, mean_average_precision, micro_f1, miou
-from common.settings import TAG_SCORES, Settings
+from common.settings import PAMR_MODES, TAG_SCORES, Settings
 from worker.checkpoints import version_visual
 from worker.model import dense, vit
 from worker.model.bundle import ClipBundle
@@ -373,7 +373,7 @@ def after_corrections(predictor: Predictor, pool: CorrectedPool, chosen: np.ndar
 
 def small_label_sets(
     predictor: Predictor, held_out: Sequence[Scene], pool: Sequence[Scene], seed: int, ks: Sequence[int] = ADAPT_KS,
-    active_ks: Sequence[int] = ACTIVE_KS,
+    active_ks: Sequence[int] = ACTIVE_KS, kinds: Sequence[str] = tuple(KINDS),
 ) -> dict:  # fmt: skip
     """Section 3: projects of a few labels drawn at random (seeded), through the service's predictor,
     before and after the few-shot learner has seen K corrected pool scenes. The K scenes are random
@@ -391,6 +391,8 @@ def small_label_sets(
     pool_features = predictor.region_features(pool_prepared)
     out: dict = {}
     for kind, names in KINDS.items():
+        if kind not in kinds:  # its labels are drawn last: the others' stay the same
+            continue
         for n in SMALL_SETS:
             labels = tuple(str(name) for name in rng.choice(names, n, replace=False))
             figures = {"before": project_figures(predictor, held_out, prepared, kind, labels)}
@@ -416,7 +418,8 @@ def small_label_sets(
                 gain = {m: active[m] - figures[f"after {k}"][m] for m in GAIN_METRICS}  # paired: same seed and labels
                 figures[f"least confident {k}"] = {**active, "gain_over_random": gain}
             out[f"{kind} x{n}"] = {**figures, "labels": list(labels), "best_min_score": max(sweep, key=sweep.get)}
-    return {**out, "dense_head": predictor.settings.dense_head, "tag_scores": predictor.settings.tag_scores}
+    return {**out, "dense_head": predictor.settings.dense_head, "tag_scores": predictor.settings.tag_scores,
+            "dense_pamr": predictor.settings.dense_pamr}  # fmt: skip
 
 
 def _region_sample(scene: Scene, kind: str, labels: tuple[str, ...], features: torch.Tensor,
@@ -496,9 +499,12 @@ def run_seed(bench: Bench, predictor: Predictor | None, n_held_out: int, n_pool:
         torch.manual_seed(seed)
         return sections(bench, predictor, held_out, pool, seed, small_ks)
 
-    # section 3's tag scores name their own unit: both kinds share the folder and its section 4 rows
+    # section 3's tag scores and PAMR name their own unit: each variant shares the folder and its section 4 rows
     tag_scores = predictor.settings.tag_scores if predictor is not None else "tagclip"
-    report = units.get(f"seed{seed}" + ("" if tag_scores == "tagclip" else f"-tags-{tag_scores}"), measure)
+    pamr = predictor.settings.dense_pamr if predictor is not None else "false"
+    name = f"seed{seed}" + ("" if tag_scores == "tagclip" else f"-tags-{tag_scores}") + \
+        {"false": "", "true": "-pamr", "auto": "-pamr-auto"}[pamr]  # fmt: skip
+    report = units.get(name, measure)
     if ks:
         objects = [s for s in pool if s.objects]
         report["learning"] = learning_loop(bench, objects, held_out, ks, epochs, seed, lr, units)
@@ -642,7 +648,8 @@ def small_sets_markdown(small: dict) -> list[str]:
     lines = [
         "",
         "## 3. Small label sets, as the service decides (TAG_RULE=absolute, builtin distractors, "
-        f"TAG_SCORES={small.get('tag_scores', 'tagclip')}, DENSE_HEAD={small['dense_head']})",
+        f"TAG_SCORES={small.get('tag_scores', 'tagclip')}, DENSE_HEAD={small['dense_head']}"
+        f"{', DENSE_PAMR=' + small['dense_pamr'] if small.get('dense_pamr', 'false') != 'false' else ''})",
         "",
         "Each seed draws its own labels. Accepted = the service's definition: tags exact and every mask "
         f"within IoU {UNCHANGED_IOU} of the truth.",
@@ -651,7 +658,7 @@ def small_sets_markdown(small: dict) -> list[str]:
         "labels | accepted unchanged | best TAG_MIN_SCORE on the pool |",
         "|---|---|---|---|---|---|---|",
     ]
-    projects = {key: row for key, row in small.items() if key not in ("dense_head", "tag_scores")}
+    projects = {key: row for key, row in small.items() if key not in ("dense_head", "tag_scores", "dense_pamr")}
     for key, row in projects.items():
         b = row["before"]
         lines.append(f"| {key} | {cell(b['exact'], True)} | {cell(b['recall_several'], True)} | "
@@ -776,6 +783,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag-scores", default="tagclip", choices=TAG_SCORES,
                         help="the service's TAG_SCORES in section 3; a units folder keeps each one's sections "
                         "1-3 apart and shares section 4")  # fmt: skip
+    parser.add_argument("--dense-pamr", default="false", choices=PAMR_MODES,
+                        help="the service's DENSE_PAMR in section 3 (masks refined along the image's edges); "
+                        "false, as the committed units were measured")  # fmt: skip
     parser.add_argument("--k", type=int, nargs="*", default=[10, 50, 100], help="corrections per run (none: skip)")
     parser.add_argument(
         "--clipself-epochs",
@@ -794,7 +804,7 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = Settings(model_checkpoint=args.checkpoint, device="cpu", image_size=args.image_size,
                         background_words=BACKGROUNDS, dense_head=args.dense_head,
-                        tag_scores=args.tag_scores)  # fmt: skip
+                        tag_scores=args.tag_scores, dense_pamr=args.dense_pamr)  # fmt: skip
     bundle = load_clip(settings)
     text = TextEmbedder(bundle)
     bench = Bench(bundle, text, TagCLIPConfig(), batch_size=32, input_size=args.image_size)

@@ -32,6 +32,10 @@ DEFAULT_STORAGE_HOSTS: tuple[str, ...] = (
 
 #: Training-free dense heads for masks (see worker/model/dense.py); maskclip is the baseline.
 DENSE_HEADS = ("clearclip", "naclip", "maskclip")
+#: When masks are refined along the image's edges (PAMR): auto = those drawn with a project's
+#: region prototypes (learnt from its corrected masks), which it lifts on the toy world, and not
+#: training-free ones, which it hurts with ClearCLIP (docs/algorithms.md section 3).
+PAMR_MODES = ("auto", "true", "false")
 #: How scores become tags (see worker/model/selection.py): absolute thresholds, or TagCLIP's relative one.
 TAG_RULES = ("absolute", "relative")
 #: Where tag scores come from (see worker/model/tagclip.py): TagCLIP's local route, or the image's
@@ -112,7 +116,7 @@ class Settings:
     background_words: tuple[str, ...] = field(default=DEFAULT_BACKGROUND_WORDS, metadata={"env": "BACKGROUND_WORDS"})
     dense_head: str = field(default="clearclip", metadata={"env": "DENSE_HEAD"})
     dense_sliding: bool = field(default=True, metadata={"env": "DENSE_SLIDING"})
-    dense_pamr: bool = field(default=False, metadata={"env": "DENSE_PAMR"})
+    dense_pamr: str = field(default="auto", metadata={"env": "DENSE_PAMR"})
     mask_min_area: float = field(default=0.002, metadata={"env": "MASK_MIN_AREA"})
 
     # Learning from corrections
@@ -151,6 +155,8 @@ class Settings:
             raise SettingsError(f"IMAGE_SIZE={self.image_size} is too small (at least 32 pixels).")
         if self.dense_head not in DENSE_HEADS:
             raise SettingsError(f"DENSE_HEAD={self.dense_head} must be one of {', '.join(DENSE_HEADS)}.")
+        if self.dense_pamr not in PAMR_MODES:
+            raise SettingsError(f"DENSE_PAMR={self.dense_pamr} must be one of {', '.join(PAMR_MODES)}.")
         if self.cwr_max_classes < 0:
             raise SettingsError(f"CWR_MAX_CLASSES={self.cwr_max_classes} must be 0 (no limit) or positive.")
         if self.precision not in PRECISIONS:
@@ -293,8 +299,10 @@ class Settings:
             "dense_head": self.dense_head,
             "dense_sliding": self.dense_sliding,
             "mask_min_area": self.mask_min_area,
-            # only when on: versions from before the option stay the same, and nothing re-predicts
-            **({"dense_pamr": True} if self.dense_pamr else {}),
+            # only when always on: versions from before the option stay the same, and nothing
+            # re-predicts; auto draws a base version's masks as false does (only versions fitted on
+            # a project's corrected masks are refined, and those are versions of their own)
+            **({"dense_pamr": True} if self.dense_pamr == "true" else {}),
             # CWR runs on TagCLIP's route only
             **(
                 {"cwr_max_classes": self.cwr_max_classes}

@@ -348,6 +348,17 @@ def test_the_few_shot_learner_learns_a_project_s_masks_from_its_corrected_region
     tags_only = base.with_few_shot(dataclasses.replace(fitted.few_shot, prototypes=None))
     assert bird_iou(base.with_few_shot(fitted.few_shot)) > 0.8 > bird_iou(tags_only) + 0.2
 
+    # DENSE_PAMR=auto (the default) refines the masks the prototypes draw along the image's edges,
+    # as true does (training-free masks it leaves as false does: tests/test_app.py)
+    def rles(predictor: Predictor) -> list[str]:
+        results, _ = predictor.run([1, 2], images, JOB.choices, JOB.brushes)
+        return [m.rle for result in results for m in result.masks]
+
+    assert base.settings.dense_pamr == "auto"
+    learnt = base.with_few_shot(fitted.few_shot)
+    assert rles(learnt) == rles(learnt.for_project({"DENSE_PAMR": "true"}))
+    assert rles(learnt) != rles(learnt.for_project({"DENSE_PAMR": "false"}))
+
     job = dataclasses.replace(JOB, model_version=settings.model_version)
     summary = run_adaptation(base, registry, job, lambda *a: None, lambda: False, collect=_half_corrections)
     assert summary["status"] == "promoted", summary

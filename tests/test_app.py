@@ -334,5 +334,6 @@ def test_dense_pamr_refines_the_masks_along_the_photos_edges(app_for, label_stud
             assert interface.validate_prediction(prediction, return_errors=True) == []
         return [item["value"]["rle"] for p in results for item in p["result"] if item["type"] == "brushlabels"]
 
-    plain, refined = rles(), rles(dense_pamr=True)
+    plain, refined = rles(), rles(dense_pamr="true")
     assert plain and refined and plain != refined
+    assert rles(dense_pamr="false") == plain  # auto, the default, leaves training-free masks unrefined

@@ -77,6 +77,7 @@ def test_benchmark_smoke_run(tiny_checkpoint, monkeypatch):
     assert "naclip sliding" in report["segmentation"]
     small = dict(report["small_sets"])
     assert small.pop("dense_head") == "clearclip" and small.pop("tag_scores") == "tagclip"
+    assert small.pop("dense_pamr") == "auto"  # the service's default
     assert set(small) == {f"{k} x{n}" for k in quality.KINDS for n in quality.SMALL_SETS}
     for row in small.values():
         assert {"before", "after 2", "after 4", "least confident 2"} <= set(row)
@@ -185,6 +186,18 @@ def test_working_size_benchmark_smoke_run(tiny_checkpoint):
     rows = {row for row, _ in figures}
     assert {"64: maskclip + tags", "96: maskclip sliding + tags", "96: naclip sliding + tags", "96: seconds"} <= rows
     assert all(len(v) == 1 and 0 <= v[0] <= 1 for (row, _), v in figures.items() if not row.endswith("seconds"))
+
+
+def test_pamr_benchmark_smoke_run(tiny_checkpoint):
+    from bench import pamr
+
+    figures = pamr.measure(str(tiny_checkpoint), "maskclip", seed=0, n_held_out=6, n_pool=12, ks=(2,))
+    assert set(figures) == {"false", "true"}
+    for projects in figures.values():
+        assert set(projects) == {"colour x1", "colour x2", "colour x3", "colour x5"}  # no shape project
+        for stages in projects.values():
+            assert set(stages) == {"before", "after 2"}
+            assert all(0 <= f["accepted"] <= 1 and 0 <= f["exact"] <= 1 for f in stages.values())
 
 
 def test_the_last_block_variants_include_the_heads_they_take_apart(tiny_checkpoint):

@@ -78,6 +78,8 @@ def test_model_version_tracks_weights_and_prediction_settings():
     assert Settings.from_env({"IMAGE_SIZE": "224"}).model_version != base.model_version
     assert Settings.from_env({"CWR_MAX_CLASSES": "0"}).model_version != base.model_version
     assert Settings.from_env({"DENSE_PAMR": "true"}).model_version != base.model_version
+    # auto (the default) draws a base version's masks as false does: the same version
+    assert Settings.from_env({"DENSE_PAMR": "false"}).model_version == base.model_version
     assert Settings.from_env({"TAG_SCORES": "global"}).model_version != base.model_version
     assert Settings.from_env({"TAG_SCORES": "tagclip"}).model_version == base.model_version  # the default
     on_global = Settings.from_env({"TAG_SCORES": "global"}).model_version
@@ -140,3 +142,12 @@ def test_per_project_settings_are_named_as_in_the_environment():
         "dense_sliding": False,
     }
     assert settings.project_overrides(None) == settings.project_overrides({}) == {}
+
+
+def test_dense_pamr_is_auto_true_or_false_and_a_project_may_set_it():
+    assert Settings.from_env({}).dense_pamr == "auto"
+    assert Settings.from_env({"DENSE_PAMR": "true"}).dense_pamr == "true"
+    with pytest.raises(SettingsError, match="DENSE_PAMR=yes must be one of auto, true, false"):
+        Settings.from_env({"DENSE_PAMR": "yes"})
+    assert Settings().project_overrides({"DENSE_PAMR": False}) == {"dense_pamr": "false"}  # JSON's false
+    assert Settings().project_overrides({"dense_pamr": "true"}) == {"dense_pamr": "true"}

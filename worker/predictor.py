@@ -227,7 +227,7 @@ class Predictor:
             def masks_of(labels: tuple[ClassLabel, ...]) -> list[tuple[ClassLabel, dense.Mask]]:
                 """Controls with the same labels share one segmentation of the image."""
                 if labels not in segmented:
-                    pixels = image.pixels if self.settings.dense_pamr else None
+                    pixels = image.pixels if self.settings.dense_pamr != "false" else None
                     segmented[labels] = self._masks(labels, bank, text[mask_rows], scores[i], image.size, pixels)
                 return segmented[labels]
 
@@ -396,8 +396,9 @@ class Predictor:
     ) -> list[tuple[ClassLabel, dense.Mask]]:  # fmt: skip
         """Segment the labels of a control that the tag rule finds in the image (decided against
         every competitor), competing with the background words in ``text`` (the labels' rows, then
-        theirs); pixels a background word wins stay unlabeled. With ``pixels`` (DENSE_PAMR), the
-        training-free scores are refined along the image's edges."""
+        theirs); pixels a background word wins stay unlabeled. With ``pixels``, the scores are
+        refined along the image's edges (PAMR): always with DENSE_PAMR=true, and with auto where
+        the project's region prototypes draw the masks."""
         found, _ = select_tags(self._label_scores(control_labels, bank, scores), True, self.rule)
         labels = [label for label in control_labels if label.name in found]
         if not labels:
@@ -412,14 +413,16 @@ class Predictor:
                 assert scores.dense is not None, "dense features are computed for jobs with masks, boxes or polygons"
                 classes = torch.cat([text[rows], text[bank.n_labels :]])
                 regions = self.few_shot.prototypes
-                if regions is not None and regions.serves(self.dense_kind, [label.name for label in control_labels]):
+                learnt = regions is not None and regions.serves(self.dense_kind, [lab.name for lab in control_labels])
+                if learnt:
                     label_text = regions.blend([label.name for label in labels], text[rows]).to(text.dtype)
                     # corrected "no label" pixels compete beside the background words
                     classes = torch.cat(
                         [label_text, text[bank.n_labels :], regions.competitors(text.device).to(text.dtype)]
                     )
                 logits = dense.class_logits(scores.dense, classes, scores.grid)
-                masks = dense.masks_from_logits(logits, len(labels), size, min_area, image=pixels)
+                refine = self.settings.dense_pamr == "true" or learnt
+                masks = dense.masks_from_logits(logits, len(labels), size, min_area, image=pixels if refine else None)
         return [(labels[m.index], m) for m in masks]
 
 
