@@ -387,7 +387,9 @@ def test_units_refuse_a_folder_of_another_configuration(tmp_path):
 
 
 def test_a_stopped_run_goes_on_where_it_left_off(tiny_checkpoint, tmp_path, monkeypatch):
-    settings = Settings(model_checkpoint=str(tiny_checkpoint), device="cpu", background_words=quality.BACKGROUNDS)
+    settings = Settings(
+        model_checkpoint=str(tiny_checkpoint), device="cpu", background_words=quality.BACKGROUNDS, dense_pamr="false"
+    )  # as the committed units were measured: their unit names
     bundle = load_clip(settings)
     text = TextEmbedder(bundle)
     bench = quality.Bench(bundle, text, TagCLIPConfig(), batch_size=4)
