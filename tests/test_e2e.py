@@ -166,6 +166,35 @@ def test_an_annotator_opening_a_task_is_served_ahead_of_a_bulk_selection(label_s
             prelabel.stop()
 
 
+def one_job_per_photo(label_studio: LabelStudio, redis_url: str, label_studio_url: str | None = None) -> Settings:
+    """The delivery tests' prelabel: the toy CLIP, one predict job per photo, reaching Label Studio
+    at ``label_studio_url`` (by default its own)."""
+    return Settings(
+        redis_url=redis_url, label_studio_url=label_studio_url or label_studio.url,
+        label_studio_api_key=label_studio.legacy_token, basic_auth_user="labelstudio",
+        basic_auth_pass="s3cret-pass", webhook_secret="hook-s3cret", model_checkpoint=str(TOY_CLIP),
+        image_size=64, background_words=("sky",), distractors="none", tag_min_score=0.01, max_tasks_per_job=1,
+    )  # fmt: skip
+
+
+def forget_backends(connection: redis.Redis) -> None:
+    """What ALIVE_TTL seconds after a backend's crash do: its heartbeat key expires."""
+    for key in connection.scan_iter(keys.backend_alive("*")):
+        connection.delete(key)
+
+
+def assert_each_posted_once(label_studio: LabelStudio, prelabel: Prelabel, settings: Settings,
+                            tasks: list[int]) -> None:  # fmt: skip
+    """Within 120 s every task holds exactly one prediction of prelabel's version."""
+    deadline = time.monotonic() + 120
+    while not all(label_studio.predictions(task) for task in tasks):
+        assert time.monotonic() < deadline, prelabel.backend_log.read_text()[-3000:]
+        time.sleep(1)
+    for task in tasks:
+        (prediction,) = label_studio.predictions(task)  # posted once
+        assert prediction["model_version"] == settings.model_version and prediction["result"]
+
+
 @contextlib.contextmanager
 def imported_while_no_worker_runs(
     label_studio: LabelStudio, tmp_path: Path, title: str, label_studio_url: str | None = None
@@ -175,12 +204,7 @@ def imported_while_no_worker_runs(
     precompute job waiting in the queue as a delivery. Yields the settings, Redis, prelabel's
     services and the imported tasks' ids; stops prelabel after."""
     with claim_redis_db() as redis_url:
-        settings = Settings(
-            redis_url=redis_url, label_studio_url=label_studio_url or label_studio.url,
-            label_studio_api_key=label_studio.legacy_token, basic_auth_user="labelstudio",
-            basic_auth_pass="s3cret-pass", webhook_secret="hook-s3cret", model_checkpoint=str(TOY_CLIP),
-            image_size=64, background_words=("sky",), distractors="none", tag_min_score=0.01, max_tasks_per_job=1,
-        )  # fmt: skip
+        settings = one_job_per_photo(label_studio, redis_url, label_studio_url)
         connection = redis.Redis.from_url(redis_url)
         prelabel = Prelabel(settings, tmp_path, services=("backend", "worker"))
         try:
@@ -212,18 +236,11 @@ def test_an_imports_predictions_survive_a_backend_killed_while_its_jobs_wait(lab
         settings, connection, prelabel, imported
     ):  # fmt: skip
         prelabel.kill("backend")
-        for key in connection.scan_iter(keys.backend_alive("*")):
-            connection.delete(key)  # as its expiry would, ALIVE_TTL seconds after the crash
+        forget_backends(connection)
         prelabel.start("backend")
         prelabel.start("worker")
         prelabel.wait_ready()
-        deadline = time.monotonic() + 120
-        while not all(label_studio.predictions(task) for task in imported):
-            assert time.monotonic() < deadline, prelabel.backend_log.read_text()[-3000:]
-            time.sleep(1)
-        for task in imported:
-            (prediction,) = label_studio.predictions(task)  # posted once
-            assert prediction["model_version"] == settings.model_version and prediction["result"]
+        assert_each_posted_once(label_studio, prelabel, settings, imported)
         assert connection.hlen(keys.DELIVERIES) == 0
         assert prelabel.backend_log.read_text().count("taken over from backend process") == len(imported)
 
@@ -235,12 +252,7 @@ def test_a_selections_predictions_survive_a_backend_killed_while_label_studio_wa
     over as deliveries, and once the worker runs, every task gets its prediction in Label Studio,
     once."""
     with claim_redis_db() as redis_url:
-        settings = Settings(
-            redis_url=redis_url, label_studio_url=label_studio.url, label_studio_api_key=label_studio.legacy_token,
-            basic_auth_user="labelstudio", basic_auth_pass="s3cret-pass", webhook_secret="hook-s3cret",
-            model_checkpoint=str(TOY_CLIP), image_size=64, background_words=("sky",), distractors="none",
-            tag_min_score=0.01, max_tasks_per_job=1,
-        )  # fmt: skip
+        settings = one_job_per_photo(label_studio, redis_url)
         connection = redis.Redis.from_url(redis_url)
         prelabel = Prelabel(settings, tmp_path, services=("backend", "worker"))
         try:
@@ -252,13 +264,10 @@ def test_a_selections_predictions_survive_a_backend_killed_while_label_studio_wa
             selection = sorted(task["id"] for task in label_studio.tasks(project))
 
             prelabel.pause("worker")
-            failed: list[Exception] = []
 
             def retrieve() -> None:
-                try:
+                with contextlib.suppress(Exception):  # the backend dies under it
                     label_studio.retrieve_predictions(project)
-                except Exception as e:  # the backend dies under it
-                    failed.append(e)
 
             bulk = threading.Thread(target=retrieve)
             bulk.start()
@@ -270,19 +279,12 @@ def test_a_selections_predictions_survive_a_backend_killed_while_label_studio_wa
             bulk.join(timeout=120)
             assert not bulk.is_alive()
             assert all(label_studio.predictions(task) == [] for task in selection)  # the call got nothing
-            for key in connection.scan_iter(keys.backend_alive("*")):
-                connection.delete(key)  # as its expiry would, ALIVE_TTL seconds after the crash
+            forget_backends(connection)
 
             prelabel.resume("worker")
             prelabel.start("backend")
             prelabel.wait_ready()
-            deadline = time.monotonic() + 120
-            while not all(label_studio.predictions(task) for task in selection):
-                assert time.monotonic() < deadline, prelabel.backend_log.read_text()[-3000:]
-                time.sleep(1)
-            for task in selection:
-                (prediction,) = label_studio.predictions(task)  # posted once
-                assert prediction["model_version"] == settings.model_version and prediction["result"]
+            assert_each_posted_once(label_studio, prelabel, settings, selection)
             assert connection.hlen(keys.DELIVERIES) == 0
             assert prelabel.backend_log.read_text().count("taken over from backend process") == len(selection)
         finally:
@@ -319,13 +321,7 @@ def test_predictions_finished_while_label_studio_is_away_are_posted_when_it_retu
             assert all(label_studio.predictions(task) == [] for task in imported)
 
             gate.open()
-            deadline = time.monotonic() + 120
-            while not all(label_studio.predictions(task) for task in imported):
-                assert time.monotonic() < deadline, prelabel.backend_log.read_text()[-3000:]
-                time.sleep(1)
-            for task in imported:
-                (prediction,) = label_studio.predictions(task)  # posted once
-                assert prediction["model_version"] == settings.model_version and prediction["result"]
+            assert_each_posted_once(label_studio, prelabel, settings, imported)
             assert connection.hlen(keys.DELIVERIES) == 0
             # (reading a task to post to it makes Label Studio ask /predict, served from the cache: either way, once)
             retried = prelabel.backend_log.read_text().count("cached predictions posted to Label Studio at try")
