@@ -139,6 +139,11 @@ class ToyStream(IterableDataset):
                     view_caption(view, rng, self.main_subject_rate)  # fmt: skip
 
 
+def toy_tokenizer():
+    """open_clip's CLIP tokenizer at the toy text tower's context length."""
+    return open_clip.get_tokenizer("ViT-B-16", context_length=TOY_CLIP["text_cfg"]["context_length"])
+
+
 class Tokenized(IterableDataset):
     """A stream's captions as token ids, made in the loader's worker processes: on a GPU the main
     process would otherwise spend more of each step tokenizing than training."""
@@ -147,7 +152,7 @@ class Tokenized(IterableDataset):
         self.stream = stream
 
     def __iter__(self):
-        tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=TOY_CLIP["text_cfg"]["context_length"])
+        tokenizer = toy_tokenizer()
         for pixels, caption in self.stream:
             yield pixels, tokenizer([caption])[0]
 
@@ -222,9 +227,8 @@ def train(
         model.load_state_dict(state)  # fp16 on disk, copied into the fp32 parameters
         used_tokens.update(torch.nonzero(state["token_embedding.weight"].abs().sum(1)).flatten().tolist())
     model.to(device)
-    tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=TOY_CLIP["text_cfg"]["context_length"])
+    tokenizer = toy_tokenizer()
     stream = Tokenized(ToyStream(seed, batch_size, one_colour_every, main_subject_rate, views_per_scene))
-    # On a GPU the scenes drawn by the worker processes are what limits the pace (~440 views/s a core)
     loader = DataLoader(stream, batch_size=batch_size, num_workers=workers, pin_memory=device.startswith("cuda"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     budget, started = minutes * 60, time.monotonic()

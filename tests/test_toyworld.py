@@ -128,7 +128,7 @@ def test_views_per_scene_cuts_several_views_from_each_scene_drawn(monkeypatch):
 
 
 def test_captions_are_tokenized_in_the_loader_as_the_text_tower_reads_them():
-    tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=TOY_CONFIG["text_cfg"]["context_length"])
+    tokenizer = toy_clip.toy_tokenizer()
     captions = [caption for _, caption in itertools.islice(ToyStream(seed=3, batch_size=4), 4)]
     tokens = [t for _, t in itertools.islice(Tokenized(ToyStream(seed=3, batch_size=4)), 4)]
     assert torch.equal(torch.stack(tokens), tokenizer(captions))

@@ -227,8 +227,7 @@ class Predictor:
             def masks_of(labels: tuple[ClassLabel, ...]) -> list[tuple[ClassLabel, dense.Mask]]:
                 """Controls with the same labels share one segmentation of the image."""
                 if labels not in segmented:
-                    pixels = image.pixels if self.settings.dense_pamr != "false" else None
-                    segmented[labels] = self._masks(labels, bank, text[mask_rows], scores[i], image.size, pixels)
+                    segmented[labels] = self._masks(labels, bank, text[mask_rows], scores[i], image.size, image.pixels)
                 return segmented[labels]
 
             masks = tuple(
@@ -392,13 +391,13 @@ class Predictor:
 
     def _masks(
         self, control_labels: Sequence[ClassLabel], bank: ClassBank, text: Tensor, scores: ImageScores,
-        size: tuple[int, int], pixels: Tensor | None = None,
+        size: tuple[int, int], pixels: Tensor,
     ) -> list[tuple[ClassLabel, dense.Mask]]:  # fmt: skip
         """Segment the labels of a control that the tag rule finds in the image (decided against
         every competitor), competing with the background words in ``text`` (the labels' rows, then
-        theirs); pixels a background word wins stay unlabeled. With ``pixels``, the scores are
-        refined along the image's edges (PAMR): always with DENSE_PAMR=true, and with auto where
-        the project's region prototypes draw the masks."""
+        theirs); pixels a background word wins stay unlabeled. The scores are refined along the
+        edges of ``pixels`` (the image the model saw; PAMR) with DENSE_PAMR=true, and with auto
+        where the project's region prototypes draw the masks."""
         found, _ = select_tags(self._label_scores(control_labels, bank, scores), True, self.rule)
         labels = [label for label in control_labels if label.name in found]
         if not labels:
@@ -421,7 +420,8 @@ class Predictor:
                         [label_text, text[bank.n_labels :], regions.competitors(text.device).to(text.dtype)]
                     )
                 logits = dense.class_logits(scores.dense, classes, scores.grid)
-                refine = self.settings.dense_pamr == "true" or learnt
+                mode = self.settings.dense_pamr
+                refine = mode == "true" or (mode == "auto" and learnt)
                 masks = dense.masks_from_logits(logits, len(labels), size, min_area, image=pixels if refine else None)
         return [(labels[m.index], m) for m in masks]
 
