@@ -5,10 +5,11 @@ When corrections arrive (the annotation webhook), an ``adapt`` job:
 
 1. pulls the project's corrections from Label Studio and fetches their images, as training does;
 2. holds out the same tasks as training (a fifth, by a hash of the task id);
-3. scores and embeds the other corrections with the active version, and fits on them, leave one
-   out, the few-shot adapter's blend (``alpha``, ``beta``; ``alpha`` 0 is no cache) and one tag
-   threshold per label (the cut that gets most of them right); with corrected masks and no ZegCLIP
-   head, also the region prototypes' weight (``gamma``; 0 is none) that draws their masks best;
+3. scores and embeds the other corrections with the active version, and fits on them one tag
+   threshold per label (in the middle of the gap between the tasks that hold it and those that do
+   not) and the few-shot adapter's blend (``alpha``, ``beta``; ``alpha`` 0 is no cache), judged on
+   tasks the thresholds were not fitted on; with corrected masks and no ZegCLIP head, also the
+   region prototypes' weight (``gamma``; 0 is none) that draws their masks best;
 4. measures the candidate and the active version on the held-out corrections and promotes the
    candidate only through the gate training runs use, and only when it is better on some metric
    (each promotion makes Label Studio predict the project's tasks again).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,6 +48,13 @@ log = logging.getLogger(__name__)
 #: The blends tried (Tip-Adapter searches its alpha and beta on validation data the same way).
 ALPHAS = (0.0, 0.25, 0.5, 0.75)
 BETAS = (1.0, 3.0, 5.5, 10.0, 30.0)  # 5.5 is Tip-Adapter's default; sharper ones for large caches
+#: Tag thresholds: how wide (in logits) the band is in which a corrected score on the wrong side of a
+#: cut counts as partly an error, and how many errors above the fewest a cut nearer the default may
+#: make (``best_threshold``). Chosen on the toy world's small projects (docs/quality.md section 3b).
+SOFTNESS, TOLERANCE = 0.5, 0.1
+#: Blends are judged on tasks their thresholds were not fitted on, in this many folds; a cache must
+#: get CACHE_MARGIN more tag sets right than thresholds alone, or this share of the tasks if more.
+FOLDS, CACHE_MARGIN, CACHE_MARGIN_SHARE = 5, 3, 0.05
 #: The weights of a label's region prototype tried against its text embedding (0: text only).
 GAMMAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 #: A patch's target in ``RegionSample``: no label applies; nothing is known.
@@ -58,7 +67,7 @@ REGION_SAMPLES = 100
 @dataclass(frozen=True)
 class Fitted:
     few_shot: FewShot  # adapter None: the cache did not help on the training corrections
-    exact: float  # share of training corrections (left out in turn) whose tag set the fit gets right
+    exact: float  # share of training corrections whose tag set thresholds fitted without them get right
     region_miou: dict[float, float] = dataclasses.field(default_factory=dict)  # gamma -> masks' mIoU, left out
 
 
@@ -108,7 +117,7 @@ def leave_one_out(scores: Tensor, embeddings: Tensor, truth: Tensor, alpha: floa
     return (1 - alpha) * scores.float() + alpha * cache
 
 
-def best_threshold(scores: np.ndarray, truth: np.ndarray, default: float) -> float:
+def fewest_errors(scores: np.ndarray, truth: np.ndarray, default: float) -> float:
     """The cut that classifies most of ``scores`` right, the one nearest ``default`` among ties
     (a label never present in the corrections keeps ``default`` if no correction scored above it,
     else its cut goes just over the highest one: the model was wrong on each of them)."""
@@ -119,24 +128,81 @@ def best_threshold(scores: np.ndarray, truth: np.ndarray, default: float) -> flo
     return float(best[np.argmin(np.abs(best - default))])
 
 
+def best_threshold(scores: np.ndarray, truth: np.ndarray, default: float) -> float:
+    """A label's tag threshold from the corrected tasks' ``scores`` and whether each holds it.
+
+    Counting errors alone ties a whole gap between the classes and put the cut at its edge, just
+    past the nearest corrected score, where the next task's score falls on the wrong side. Each
+    score here counts as an error by how near it lies to the cut on the wrong side (a logistic of
+    the distance in logits, ``SOFTNESS`` wide; scores are probabilities spread over decades), which
+    puts the cut in the middle of the gap and lets one outlier stay wrong rather than squeeze the
+    cut beside it; among cuts within ``TOLERANCE`` of the fewest, the one nearest ``default``. A
+    label always or never present has no gap to sit in: ``fewest_errors``."""
+    if truth.all() or not truth.any():
+        return fewest_errors(scores, truth, default)
+    z, centre = _logit(scores), float(_logit(np.array(default)))
+    cuts = np.concatenate([[centre], np.linspace(z.min() - 2, z.max() + 2, 201)])
+    wrong = _sigmoid((cuts[:, None] - z[truth][None]) / SOFTNESS).sum(1) + \
+        _sigmoid((z[~truth][None] - cuts[:, None]) / SOFTNESS).sum(1)  # fmt: skip
+    near_fewest = cuts[wrong <= wrong.min() + TOLERANCE]
+    return float(_sigmoid(near_fewest[np.argmin(np.abs(near_fewest - centre))]))
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p.astype(np.float64), 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-x))
+
+
 def fit(scores: Tensor, embeddings: Tensor, truth: np.ndarray, names: Sequence[str], default: float,
         tag_scores: str = "tagclip") -> Fitted:  # fmt: skip
-    """The blend and thresholds that get the most tag sets right (leave one out), the plainest
-    (smallest alpha) among ties; ``scores`` are of the kind ``tag_scores`` (TAG_SCORES)."""
+    """The blend and thresholds that get the most tag sets right out of fold; ``scores`` are of the
+    kind ``tag_scores`` (TAG_SCORES).
+
+    Each blend is judged on tasks its thresholds were not fitted on (``FOLDS``-fold; the cache
+    leave one out throughout), and a cache is kept only when it gets ``cache_margin(n)`` more tag
+    sets right than thresholds alone. Judged on the tasks it was fitted on, a cache won by chance:
+    on the toy world it was chosen on up to half the projects and raised false tags on images
+    with none of the labels (docs/quality.md section 3b)."""
     target = torch.from_numpy(truth)
-    best: tuple[tuple[float, float], Fitted] | None = None
+    fold = np.arange(len(truth)) % FOLDS
+    plain = -1
+    best: tuple[int, np.ndarray, float, float] | None = None  # tag sets right, blended, alpha, beta
     for alpha in ALPHAS:
         for beta in BETAS if alpha > 0 else BETAS[:1]:
             blended = leave_one_out(scores, embeddings, target, alpha, beta).numpy()
-            cuts = [best_threshold(blended[:, i], truth[:, i], default) for i in range(len(names))]
-            predicted = blended >= np.array(cuts)
-            exact = float((predicted == truth).all(axis=1).mean())
-            rank = (exact, float((predicted == truth).mean()))
-            if best is None or rank > best[0]:
-                adapter = TipAdapter(embeddings.float(), target.float(), tuple(names), alpha, beta) if alpha else None
-                best = rank, Fitted(FewShot(dict(zip(names, cuts, strict=True)), adapter, tag_scores=tag_scores), exact)
+            right = _right_out_of_fold(blended, truth, fold, default)
+            if alpha == 0:
+                plain = right
+            elif right < plain + cache_margin(len(truth)):
+                continue
+            if best is None or right > best[0]:
+                best = right, blended, alpha, beta
     assert best is not None
-    return best[1]
+    right, blended, alpha, beta = best
+    cuts = [best_threshold(blended[:, i], truth[:, i], default) for i in range(len(names))]
+    adapter = TipAdapter(embeddings.float(), target.float(), tuple(names), alpha, beta) if alpha else None
+    return Fitted(FewShot(dict(zip(names, cuts, strict=True)), adapter, tag_scores=tag_scores), right / len(truth))
+
+
+def cache_margin(tasks: int) -> int:
+    """How many more tag sets, of ``tasks``, a cache must get right out of fold to be kept."""
+    return max(CACHE_MARGIN, math.ceil(CACHE_MARGIN_SHARE * tasks))
+
+
+def _right_out_of_fold(blended: np.ndarray, truth: np.ndarray, fold: np.ndarray, default: float) -> int:
+    """How many tasks' tag sets the thresholds fitted on the other folds get exactly right."""
+    right = 0
+    for k in np.unique(fold):
+        held, rest = fold == k, fold != k
+        if not rest.any():
+            continue  # a single task: nothing to fit its thresholds on
+        cuts = np.array([best_threshold(blended[rest, i], truth[rest, i], default) for i in range(truth.shape[1])])
+        right += int(((blended[held] >= cuts) == truth[held]).all(axis=1).sum())
+    return right
 
 
 def patch_targets(correction: Correction, names: Sequence[str], grid: tuple[int, int]) -> Tensor:
