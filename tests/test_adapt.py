@@ -29,6 +29,7 @@ from worker.training.adapt import (
     UNKNOWN,
     RegionSample,
     best_threshold,
+    fewest_errors,
     fit,
     fit_adapter,
     fit_prototypes,
@@ -76,7 +77,7 @@ def test_leave_one_out_never_reads_a_task_s_own_labels():
     assert torch.allclose(blended, torch.tensor([[1 / 3], [2 / 3], [1 / 3], [2 / 3]]))
 
 
-def test_threshold_is_the_cut_that_gets_most_right_nearest_the_default():
+def test_threshold_separates_the_corrected_tasks_and_keeps_the_default_without_evidence():
     scores = np.array([0.02, 0.05, 0.08, 0.12, 0.15, 0.2])
     truth = np.array([False, False, False, True, True, True])
     cut = best_threshold(scores, truth, default=0.3)
@@ -84,6 +85,7 @@ def test_threshold_is_the_cut_that_gets_most_right_nearest_the_default():
     assert best_threshold(scores, np.zeros(6, dtype=bool), 0.3) == 0.3  # never present, never over the default
     assert 0.2 < best_threshold(scores, np.zeros(6, dtype=bool), 0.1) < 0.2001  # never present, but tagged
     assert 0.0199 < best_threshold(scores, np.ones(6, dtype=bool), 0.3) < 0.02  # always present: all of them
+    assert best_threshold(np.array([0.1, np.nan, 0.2]), np.array([False, True, True]), 0.3) == 0.3  # broken scores
 
 
 def test_a_threshold_leaves_a_lone_outlier_wrong_rather_than_squeeze_beside_it():
@@ -93,6 +95,18 @@ def test_a_threshold_leaves_a_lone_outlier_wrong_rather_than_squeeze_beside_it()
     scores = np.array([0.01, 0.011, 0.012, 0.0125, 0.013, 0.2, 0.3, 0.4])
     truth = np.array([False] * 4 + [True] * 4)
     assert 0.03 < best_threshold(scores, truth, default=0.15) < 0.2
+
+
+def test_a_threshold_makes_at_most_one_error_more_than_the_fewest_however_many_tasks():
+    # a rare label among hundreds of tasks: a smoothed count alone would let the many tasks without
+    # it push the cut over most of the few that hold it
+    for seed, (n, share) in enumerate([(20, 0.3), (100, 0.1), (400, 0.05), (500, 0.02)]):
+        rng = np.random.default_rng(seed)
+        truth = rng.random(n) < share
+        truth[0] = True
+        scores = 1 / (1 + np.exp(-np.where(truth, rng.normal(-1, 0.7, n), rng.normal(-3, 0.7, n))))
+        cut, fewest = best_threshold(scores, truth, 0.3), fewest_errors(scores, truth, 0.3)
+        assert ((scores >= cut) != truth).sum() <= ((scores >= fewest) != truth).sum() + 1
 
 
 def test_a_cache_is_kept_only_when_it_gets_more_tag_sets_right_out_of_fold():

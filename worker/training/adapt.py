@@ -6,10 +6,10 @@ When corrections arrive (the annotation webhook), an ``adapt`` job:
 1. pulls the project's corrections from Label Studio and fetches their images, as training does;
 2. holds out the same tasks as training (a fifth, by a hash of the task id);
 3. scores and embeds the other corrections with the active version, and fits on them one tag
-   threshold per label (in the middle of the gap between the tasks that hold it and those that do
-   not) and the few-shot adapter's blend (``alpha``, ``beta``; ``alpha`` 0 is no cache), judged on
-   tasks the thresholds were not fitted on; with corrected masks and no ZegCLIP head, also the
-   region prototypes' weight (``gamma``; 0 is none) that draws their masks best;
+   threshold per label (inside the gap between the tasks that hold it and those that do not) and
+   the few-shot adapter's blend (``alpha``, ``beta``; ``alpha`` 0 is no cache), judged on tasks
+   neither saw; with corrected masks and no ZegCLIP head, also the region prototypes' weight
+   (``gamma``; 0 is none) that draws their masks best;
 4. measures the candidate and the active version on the held-out corrections and promotes the
    candidate only through the gate training runs use, and only when it is better on some metric
    (each promotion makes Label Studio predict the project's tasks again).
@@ -48,10 +48,11 @@ log = logging.getLogger(__name__)
 #: The blends tried (Tip-Adapter searches its alpha and beta on validation data the same way).
 ALPHAS = (0.0, 0.25, 0.5, 0.75)
 BETAS = (1.0, 3.0, 5.5, 10.0, 30.0)  # 5.5 is Tip-Adapter's default; sharper ones for large caches
-#: Tag thresholds: how wide (in logits) the band is in which a corrected score on the wrong side of a
-#: cut counts as partly an error, and how many errors above the fewest a cut nearer the default may
-#: make (``best_threshold``). Chosen on the toy world's small projects (docs/quality.md section 3b).
-SOFTNESS, TOLERANCE = 0.5, 0.1
+#: Tag thresholds (``best_threshold``): how many errors above the fewest a cut may make on the
+#: corrected tasks, how wide (in logits) the band is in which a score on the wrong side of a cut
+#: counts as partly an error, and by how much a cut nearer the default may exceed the least such
+#: count. Chosen on the toy world's small projects (docs/algorithms.md section 6).
+EXTRA_ERRORS, SOFTNESS, TOLERANCE = 1, 0.5, 0.1
 #: Blends are judged on tasks their thresholds were not fitted on, in this many folds; a cache must
 #: get CACHE_MARGIN more tag sets right than thresholds alone, or this share of the tasks if more.
 FOLDS, CACHE_MARGIN, CACHE_MARGIN_SHARE = 5, 3, 0.05
@@ -66,7 +67,7 @@ REGION_SAMPLES = 100
 
 @dataclass(frozen=True)
 class Fitted:
-    few_shot: FewShot  # adapter None: the cache did not help on the training corrections
+    few_shot: FewShot  # adapter None: the cache did not win out of fold by cache_margin
     exact: float  # share of training corrections whose tag set thresholds fitted without them get right
     region_miou: dict[float, float] = dataclasses.field(default_factory=dict)  # gamma -> masks' mIoU, left out
 
@@ -123,7 +124,7 @@ def fewest_errors(scores: np.ndarray, truth: np.ndarray, default: float) -> floa
     else its cut goes just over the highest one: the model was wrong on each of them)."""
     values = np.unique(scores)
     cuts = np.concatenate([[default], (values[:-1] + values[1:]) / 2, [values[0] - 1e-6, values[-1] + 1e-6]])
-    right = np.array([((scores >= cut) == truth).sum() for cut in cuts])
+    right = ((scores[None] >= cuts[:, None]) == truth[None]).sum(axis=1)
     best = cuts[right == right.max()]
     return float(best[np.argmin(np.abs(best - default))])
 
@@ -131,30 +132,36 @@ def fewest_errors(scores: np.ndarray, truth: np.ndarray, default: float) -> floa
 def best_threshold(scores: np.ndarray, truth: np.ndarray, default: float) -> float:
     """A label's tag threshold from the corrected tasks' ``scores`` and whether each holds it.
 
-    Counting errors alone ties a whole gap between the classes and put the cut at its edge, just
-    past the nearest corrected score, where the next task's score falls on the wrong side. Each
-    score here counts as an error by how near it lies to the cut on the wrong side (a logistic of
-    the distance in logits, ``SOFTNESS`` wide; scores are probabilities spread over decades), which
-    puts the cut in the middle of the gap and lets one outlier stay wrong rather than squeeze the
-    cut beside it; among cuts within ``TOLERANCE`` of the fewest, the one nearest ``default``. A
-    label always or never present has no gap to sit in: ``fewest_errors``."""
+    Counting errors alone ties a whole gap between the classes and put the cut at the edge of the
+    gap nearest ``default``, just past a corrected score, where the next task's score falls on the
+    wrong side. Here each score also counts as an error by how near it lies to the cut on the wrong
+    side (a Gaussian-smoothed count, ``SOFTNESS`` wide in logits: scores are probabilities spread
+    over decades), which keeps the cut off the corrected scores and may leave one outlier wrong
+    rather than squeeze the cut beside it. The cut makes at most ``EXTRA_ERRORS`` more errors than
+    the fewest, the least smoothed ones among those, and among cuts within ``TOLERANCE`` of that,
+    the one nearest ``default``. A label always or never present has no gap: ``fewest_errors``."""
+    if not np.isfinite(scores).all():
+        return default  # a broken score says nothing
     if truth.all() or not truth.any():
         return fewest_errors(scores, truth, default)
     z, centre = _logit(scores), float(_logit(np.array(default)))
-    cuts = np.concatenate([[centre], np.linspace(z.min() - 2, z.max() + 2, 201)])
-    wrong = _sigmoid((cuts[:, None] - z[truth][None]) / SOFTNESS).sum(1) + \
-        _sigmoid((z[~truth][None] - cuts[:, None]) / SOFTNESS).sum(1)  # fmt: skip
-    near_fewest = cuts[wrong <= wrong.min() + TOLERANCE]
-    return float(_sigmoid(near_fewest[np.argmin(np.abs(near_fewest - centre))]))
+    values = np.unique(z)
+    cuts = np.concatenate([[centre], (values[:-1] + values[1:]) / 2, np.linspace(z.min() - 2, z.max() + 2, 201)])
+    errors = (z[truth][None] < cuts[:, None]).sum(1) + (z[~truth][None] >= cuts[:, None]).sum(1)
+    cuts = cuts[errors <= errors.min() + EXTRA_ERRORS]
+    smoothed = _normal_cdf((cuts[:, None] - z[truth][None]) / SOFTNESS).sum(1) + \
+        _normal_cdf((z[~truth][None] - cuts[:, None]) / SOFTNESS).sum(1)  # fmt: skip
+    near_fewest = cuts[smoothed <= smoothed.min() + TOLERANCE]
+    return float(1 / (1 + np.exp(-near_fewest[np.argmin(np.abs(near_fewest - centre))])))
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p.astype(np.float64), 1e-6, 1 - 1e-6)
+    p = np.clip(p.astype(np.float64), 1e-12, 1 - 1e-12)
     return np.log(p / (1 - p))
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1 / (1 + np.exp(-x))
+def _normal_cdf(x: np.ndarray) -> np.ndarray:
+    return torch.special.ndtr(torch.from_numpy(x)).numpy()
 
 
 def fit(scores: Tensor, embeddings: Tensor, truth: np.ndarray, names: Sequence[str], default: float,
@@ -162,27 +169,22 @@ def fit(scores: Tensor, embeddings: Tensor, truth: np.ndarray, names: Sequence[s
     """The blend and thresholds that get the most tag sets right out of fold; ``scores`` are of the
     kind ``tag_scores`` (TAG_SCORES).
 
-    Each blend is judged on tasks its thresholds were not fitted on (``FOLDS``-fold; the cache
-    leave one out throughout), and a cache is kept only when it gets ``cache_margin(n)`` more tag
-    sets right than thresholds alone. Judged on the tasks it was fitted on, a cache won by chance:
-    on the toy world it was chosen on up to half the projects and raised false tags on images
-    with none of the labels (docs/quality.md section 3b)."""
+    Each blend is judged on tasks neither its thresholds nor its cache saw (``FOLDS``-fold), and a
+    cache is kept only when it gets ``cache_margin(n)`` more tag sets right than thresholds alone,
+    the plainest blend among ties. Judged on the tasks it was fitted on, a cache won by chance: on
+    the toy world it raised false tags on images with none of the labels (docs/algorithms.md
+    section 6). The thresholds served are fitted on every task (the cache leave one out)."""
     target = torch.from_numpy(truth)
     fold = np.arange(len(truth)) % FOLDS
-    plain = -1
-    best: tuple[int, np.ndarray, float, float] | None = None  # tag sets right, blended, alpha, beta
+    plain = _right_out_of_fold(scores, embeddings, target, fold, default, 0.0, 0.0)
+    best = plain, 0.0, 0.0
     for alpha in ALPHAS:
-        for beta in BETAS if alpha > 0 else BETAS[:1]:
-            blended = leave_one_out(scores, embeddings, target, alpha, beta).numpy()
-            right = _right_out_of_fold(blended, truth, fold, default)
-            if alpha == 0:
-                plain = right
-            elif right < plain + cache_margin(len(truth)):
-                continue
-            if best is None or right > best[0]:
-                best = right, blended, alpha, beta
-    assert best is not None
-    right, blended, alpha, beta = best
+        for beta in BETAS if alpha > 0 else ():
+            right = _right_out_of_fold(scores, embeddings, target, fold, default, alpha, beta)
+            if right >= plain + cache_margin(len(truth)) and right > best[0]:
+                best = right, alpha, beta
+    right, alpha, beta = best
+    blended = leave_one_out(scores, embeddings, target, alpha, beta).numpy()
     cuts = [best_threshold(blended[:, i], truth[:, i], default) for i in range(len(names))]
     adapter = TipAdapter(embeddings.float(), target.float(), tuple(names), alpha, beta) if alpha else None
     return Fitted(FewShot(dict(zip(names, cuts, strict=True)), adapter, tag_scores=tag_scores), right / len(truth))
@@ -193,15 +195,23 @@ def cache_margin(tasks: int) -> int:
     return max(CACHE_MARGIN, math.ceil(CACHE_MARGIN_SHARE * tasks))
 
 
-def _right_out_of_fold(blended: np.ndarray, truth: np.ndarray, fold: np.ndarray, default: float) -> int:
-    """How many tasks' tag sets the thresholds fitted on the other folds get exactly right."""
+def _right_out_of_fold(scores: Tensor, embeddings: Tensor, target: Tensor, fold: np.ndarray, default: float,
+                       alpha: float, beta: float) -> int:  # fmt: skip
+    """How many tasks' tag sets a blend gets exactly right when its thresholds are fitted, and its
+    cache built, on the other folds."""
     right = 0
     for k in np.unique(fold):
-        held, rest = fold == k, fold != k
+        held, rest = torch.from_numpy(fold == k), torch.from_numpy(fold != k)
         if not rest.any():
             continue  # a single task: nothing to fit its thresholds on
-        cuts = np.array([best_threshold(blended[rest, i], truth[rest, i], default) for i in range(truth.shape[1])])
-        right += int(((blended[held] >= cuts) == truth[held]).all(axis=1).sum())
+        fitted_on = leave_one_out(scores[rest], embeddings[rest], target[rest], alpha, beta).numpy()
+        truth = target[rest].numpy()
+        cuts = np.array([best_threshold(fitted_on[:, i], truth[:, i], default) for i in range(truth.shape[1])])
+        judged = scores[held].float()
+        if alpha > 0:
+            cache = TipAdapter(embeddings[rest].float(), target[rest].float(), (), alpha, beta)
+            judged = cache.blend(judged, embeddings[held])
+        right += int(((judged.numpy() >= cuts) == target[held].numpy()).all(axis=1).sum())
     return right
 
 
