@@ -193,7 +193,9 @@ def test_a_canceled_jobs_delivery_ends_without_a_post(redis_url, make_settings):
         runner.wait("no-such-job", time.monotonic() + 5)
 
 
-def test_label_studio_away_for_one_delivery_holds_the_others_back_without_a_request_each(redis_url, make_settings):
+def test_label_studio_away_for_one_delivery_holds_the_others_back_without_a_request_each(
+    redis_url, make_settings, caplog
+):
     """Posts that find Label Studio away postpone their delivery; the other deliveries due then
     wait too, without a request each (a Label Studio that hangs would cost each a timeout): only
     those already posting on the other threads try."""
@@ -232,8 +234,10 @@ def test_label_studio_away_for_one_delivery_holds_the_others_back_without_a_requ
     finally:
         server.stop_delivering()
         listener.close()
-    # one post per thread at most (the SDK tries each twice), none for the others: 24 without
-    assert 1 <= len(hangups) <= 2 * server._background.workers < 2 * len(job_ids)
+    # one failed post per thread at most, none for the others (12 without; connections are no
+    # measure: the SDK retries some drops twice)
+    failed = [r for r in caplog.records if r.getMessage().startswith("could not post the prediction")]
+    assert hangups and 1 <= len(failed) <= server._background.workers < len(job_ids)
     assert connection.hlen(keys.DELIVERIES) == len(job_ids)  # kept, to post later
     for job_id in job_ids:
         assert json.loads(connection.get(keys.delivery(job_id)))["attempts"] == 1
