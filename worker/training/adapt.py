@@ -53,8 +53,8 @@ BETAS = (1.0, 3.0, 5.5, 10.0, 30.0)  # 5.5 is Tip-Adapter's default; sharper one
 #: counts as partly an error, and by how much a cut nearer the default may exceed the least such
 #: count. Chosen on the toy world's small projects (docs/algorithms.md section 6).
 EXTRA_ERRORS, SOFTNESS, TOLERANCE = 1, 0.5, 0.1
-#: Blends are judged on tasks their thresholds were not fitted on, in this many folds; a cache must
-#: get CACHE_MARGIN more tag sets right than thresholds alone, or this share of the tasks if more.
+#: Blends are judged on tasks neither their thresholds nor their cache saw, in this many folds; a
+#: cache must get CACHE_MARGIN more tag sets right than thresholds alone, or this share if more.
 FOLDS, CACHE_MARGIN, CACHE_MARGIN_SHARE = 5, 3, 0.05
 #: The weights of a label's region prototype tried against its text embedding (0: text only).
 GAMMAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -178,8 +178,8 @@ def fit(scores: Tensor, embeddings: Tensor, truth: np.ndarray, names: Sequence[s
     fold = np.arange(len(truth)) % FOLDS
     plain = _right_out_of_fold(scores, embeddings, target, fold, default, 0.0, 0.0)
     best = plain, 0.0, 0.0
-    for alpha in ALPHAS:
-        for beta in BETAS if alpha > 0 else ():
+    for alpha in (a for a in ALPHAS if a > 0):
+        for beta in BETAS:
             right = _right_out_of_fold(scores, embeddings, target, fold, default, alpha, beta)
             if right >= plain + cache_margin(len(truth)) and right > best[0]:
                 best = right, alpha, beta
