@@ -24,12 +24,12 @@ from worker.loading import load_clip
 from worker.model.adapter import FewShot, RegionPrototypes, TipAdapter
 from worker.predictor import Predictor
 from worker.provider import ModelProvider
+from worker.training import adapt
 from worker.training.adapt import (
     NO_LABEL,
     UNKNOWN,
     RegionSample,
-    best_threshold,
-    fewest_errors,
+    best_thresholds,
     fit,
     fit_adapter,
     fit_prototypes,
@@ -40,6 +40,7 @@ from worker.training.adapt import (
     run_adaptation,
 )
 from worker.training.corrections import Correction
+from worker.training.loop import TrainingCancelled
 
 
 def test_cache_scores_are_tip_adapters_affinities_normalised():
@@ -77,6 +78,11 @@ def test_leave_one_out_never_reads_a_task_s_own_labels():
     assert torch.allclose(blended, torch.tensor([[1 / 3], [2 / 3], [1 / 3], [2 / 3]]))
 
 
+def best_threshold(scores: np.ndarray, truth: np.ndarray, default: float) -> float:
+    """One label's threshold."""
+    return float(best_thresholds(scores[:, None], truth[:, None], default)[0])
+
+
 def test_threshold_separates_the_corrected_tasks_and_keeps_the_default_without_evidence():
     scores = np.array([0.02, 0.05, 0.08, 0.12, 0.15, 0.2])
     truth = np.array([False, False, False, True, True, True])
@@ -105,8 +111,32 @@ def test_a_threshold_makes_at_most_one_error_more_than_the_fewest_however_many_t
         truth = rng.random(n) < share
         truth[0] = True
         scores = 1 / (1 + np.exp(-np.where(truth, rng.normal(-1, 0.7, n), rng.normal(-3, 0.7, n))))
-        cut, fewest = best_threshold(scores, truth, 0.3), fewest_errors(scores, truth, 0.3)
-        assert ((scores >= cut) != truth).sum() <= ((scores >= fewest) != truth).sum() + 1
+        fewest = min(((scores >= cut) != truth).sum() for cut in [*scores, np.inf])
+        assert ((scores >= best_threshold(scores, truth, 0.3)) != truth).sum() <= fewest + 1
+
+
+def test_labels_fitted_together_get_the_thresholds_each_gets_alone(monkeypatch):
+    rng = np.random.default_rng(0)
+    truth = rng.random((60, 9)) < 0.3
+    truth[:, 0], truth[:, 1] = True, False  # always and never present
+    scores = 1 / (1 + np.exp(-np.where(truth, rng.normal(-1, 1, truth.shape), rng.normal(-3, 1, truth.shape))))
+    scores[:, 2] = np.round(scores[:, 2], 1)  # ties
+    scores[5, 3] = np.nan  # a broken score
+    alone = [best_threshold(scores[:, i], truth[:, i], 0.15) for i in range(9)]
+    assert best_thresholds(scores, truth, 0.15).tolist() == alone
+    monkeypatch.setattr(adapt, "CELLS", 1)  # one label per block
+    assert best_thresholds(scores, truth, 0.15).tolist() == alone
+    assert alone[3] == 0.15 and len(set(alone)) > 5
+
+
+def test_fitting_stops_between_blends_when_asked():
+    asked = []
+    generator = torch.Generator().manual_seed(0)
+    scores, embeddings = torch.rand(20, 3, generator=generator), F.normalize(torch.randn(20, 8, generator=generator))
+    with pytest.raises(TrainingCancelled, match="fitting the few-shot blend"):
+        fit(scores, embeddings, np.eye(20, 3, dtype=bool), ["a", "b", "c"], 0.3,
+            should_stop=lambda: asked.append(1) or len(asked) > 2)  # fmt: skip
+    assert len(asked) == 3
 
 
 def test_a_cache_is_kept_only_when_it_gets_more_tag_sets_right_out_of_fold():

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 #: The blends tried (Tip-Adapter searches its alpha and beta on validation data the same way).
 ALPHAS = (0.0, 0.25, 0.5, 0.75)
 BETAS = (1.0, 3.0, 5.5, 10.0, 30.0)  # 5.5 is Tip-Adapter's default; sharper ones for large caches
-#: Tag thresholds (``best_threshold``): how many errors above the fewest a cut may make on the
+#: Tag thresholds (``best_thresholds``): how many errors above the fewest a cut may make on the
 #: corrected tasks, how wide (in logits) the band is in which a score on the wrong side of a cut
 #: counts as partly an error, and by how much a cut nearer the default may exceed the least such
 #: count. Chosen on the toy world's small projects (docs/algorithms.md section 6).
@@ -56,6 +56,8 @@ EXTRA_ERRORS, SOFTNESS, TOLERANCE = 1, 0.5, 0.1
 #: Blends are judged on tasks neither their thresholds nor their cache saw, in this many folds; a
 #: cache must get CACHE_MARGIN more tag sets right than thresholds alone, or this share if more.
 FOLDS, CACHE_MARGIN, CACHE_MARGIN_SHARE = 5, 3, 0.05
+#: Cells ([cuts, tasks, labels]) a block of labels' thresholds is fitted in at once: tens of MB.
+CELLS = 1 << 22
 #: The weights of a label's region prototype tried against its text embedding (0: text only).
 GAMMAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 #: A patch's target in ``RegionSample``: no label applies; nothing is known.
@@ -118,19 +120,9 @@ def leave_one_out(scores: Tensor, embeddings: Tensor, truth: Tensor, alpha: floa
     return (1 - alpha) * scores.float() + alpha * cache
 
 
-def fewest_errors(scores: np.ndarray, truth: np.ndarray, default: float) -> float:
-    """The cut that classifies most of ``scores`` right, the one nearest ``default`` among ties
-    (a label never present in the corrections keeps ``default`` if no correction scored above it,
-    else its cut goes just over the highest one: the model was wrong on each of them)."""
-    values = np.unique(scores)
-    cuts = np.concatenate([[default], (values[:-1] + values[1:]) / 2, [values[0] - 1e-6, values[-1] + 1e-6]])
-    right = ((scores[None] >= cuts[:, None]) == truth[None]).sum(axis=1)
-    best = cuts[right == right.max()]
-    return float(best[np.argmin(np.abs(best - default))])
-
-
-def best_threshold(scores: np.ndarray, truth: np.ndarray, default: float) -> float:
-    """A label's tag threshold from the corrected tasks' ``scores`` and whether each holds it.
+def best_thresholds(scores: np.ndarray, truth: np.ndarray, default: float) -> np.ndarray:
+    """[L] tag thresholds from the corrected tasks' ``scores`` [n, L] and whether each holds each
+    label (``truth`` [n, L]).
 
     Counting errors alone ties a whole gap between the classes and put the cut at the edge of the
     gap nearest ``default``, just past a corrected score, where the next task's score falls on the
@@ -139,20 +131,65 @@ def best_threshold(scores: np.ndarray, truth: np.ndarray, default: float) -> flo
     over decades), which keeps the cut off the corrected scores and may leave one outlier wrong
     rather than squeeze the cut beside it. The cut makes at most ``EXTRA_ERRORS`` more errors than
     the fewest, the least smoothed ones among those, and among cuts within ``TOLERANCE`` of that,
-    the one nearest ``default``. A label always or never present has no gap: ``fewest_errors``."""
-    if not np.isfinite(scores).all():
-        return default  # a broken score says nothing
-    if truth.all() or not truth.any():
-        return fewest_errors(scores, truth, default)
+    the one nearest ``default``. A label always or never present has no gap: ``_fewest_errors``.
+    A label with a broken (non-finite) score keeps ``default``. Labels are fitted a block at a time,
+    each block's work bounded by ``CELLS``."""
+    cuts = np.full(scores.shape[1], float(default))
+    finite = np.isfinite(scores).all(axis=0)
+    mixed = finite & truth.any(axis=0) & ~truth.all(axis=0)
+    block = max(1, CELLS // ((len(scores) + 203) * max(1, len(scores))))
+    for rule, columns in ((_fewest_errors, np.flatnonzero(finite & ~mixed)), (_inside_gap, np.flatnonzero(mixed))):
+        for i in range(0, len(columns), block):
+            part = columns[i : i + block]
+            cuts[part] = rule(scores[:, part], truth[:, part], default)
+    return cuts
+
+
+def _candidate_cuts(values: np.ndarray, first: float, extra: Sequence[np.ndarray]) -> np.ndarray:
+    """[C, L] cuts: ``first``, the midpoints between each column's distinct ``values`` (NaN where
+    two are equal), then the rows of ``extra``."""
+    ordered = np.sort(values, axis=0)
+    midpoints = np.where(ordered[1:] > ordered[:-1], (ordered[:-1] + ordered[1:]) / 2, np.nan)
+    return np.concatenate([np.full((1, values.shape[1]), first), midpoints, *extra])
+
+
+def _nearest(cuts: np.ndarray, allowed: np.ndarray, target: float) -> np.ndarray:
+    """[L]: per column, the allowed cut nearest ``target`` (the first of ties)."""
+    distance = np.where(allowed, np.abs(cuts - target), np.inf)
+    return cuts[distance.argmin(axis=0), np.arange(cuts.shape[1])]
+
+
+def _fewest_errors(scores: np.ndarray, truth: np.ndarray, default: float) -> np.ndarray:
+    """[L]: the cuts that classify most of each column of ``scores`` right, the one nearest
+    ``default`` among ties (a label never present in the corrections keeps ``default`` if no
+    correction scored above it, else its cut goes just over the highest one: the model was wrong
+    on each of them)."""
+    low, high = scores.min(axis=0, keepdims=True) - 1e-6, scores.max(axis=0, keepdims=True) + 1e-6
+    cuts = _candidate_cuts(scores, default, [low, high])
+    right = truth.sum(axis=0) - _below(scores, truth, cuts) + _below(scores, ~truth, cuts)
+    right[np.isnan(cuts)] = -1
+    return _nearest(cuts, right == right.max(axis=0), default)
+
+
+def _below(values: np.ndarray, where: np.ndarray, cuts: np.ndarray) -> np.ndarray:
+    """[C, L]: how many of each column's ``values`` [n, L] marked in ``where`` lie below each cut."""
+    kept = np.sort(np.where(where, values.astype(np.float64), np.inf), axis=0)
+    return torch.searchsorted(torch.from_numpy(kept.T.copy()), torch.from_numpy(cuts.T.copy())).numpy().T
+
+
+def _inside_gap(scores: np.ndarray, truth: np.ndarray, default: float) -> np.ndarray:
+    """[L]: ``best_thresholds`` of labels both present and absent in the corrections."""
     z, centre = _logit(scores), float(_logit(np.array(default)))
-    values = np.unique(z)
-    cuts = np.concatenate([[centre], (values[:-1] + values[1:]) / 2, np.linspace(z.min() - 2, z.max() + 2, 201)])
-    errors = (z[truth][None] < cuts[:, None]).sum(1) + (z[~truth][None] >= cuts[:, None]).sum(1)
-    cuts = cuts[errors <= errors.min() + EXTRA_ERRORS]
-    smoothed = _normal_cdf((cuts[:, None] - z[truth][None]) / SOFTNESS).sum(1) + \
-        _normal_cdf((z[~truth][None] - cuts[:, None]) / SOFTNESS).sum(1)  # fmt: skip
-    near_fewest = cuts[smoothed <= smoothed.min() + TOLERANCE]
-    return float(1 / (1 + np.exp(-near_fewest[np.argmin(np.abs(near_fewest - centre))])))
+    cuts = _candidate_cuts(z, centre, [np.linspace(z.min(axis=0) - 2, z.max(axis=0) + 2, 201)])
+    errors = _below(z, truth, cuts) + (~truth).sum(axis=0) - _below(z, ~truth, cuts)
+    errors[np.isnan(cuts)] = len(z) + EXTRA_ERRORS + 1
+    allowed = errors <= errors.min(axis=0) + EXTRA_ERRORS
+    row, column = np.nonzero(allowed)  # the smoothed count only where it can matter
+    above = (z[:, column].T - cuts[row, column][:, None]) / SOFTNESS  # [K, n] each score above each cut
+    smoothed = np.full(cuts.shape, np.inf)
+    smoothed[row, column] = _normal_cdf(np.where(truth[:, column].T, -above, above)).sum(1)
+    chosen = _nearest(cuts, smoothed <= smoothed.min(axis=0) + TOLERANCE, centre)
+    return 1 / (1 + np.exp(-chosen))
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -165,7 +202,7 @@ def _normal_cdf(x: np.ndarray) -> np.ndarray:
 
 
 def fit(scores: Tensor, embeddings: Tensor, truth: np.ndarray, names: Sequence[str], default: float,
-        tag_scores: str = "tagclip") -> Fitted:  # fmt: skip
+        tag_scores: str = "tagclip", should_stop: ShouldStop | None = None) -> Fitted:  # fmt: skip
     """The blend and thresholds that get the most tag sets right out of fold; ``scores`` are of the
     kind ``tag_scores`` (TAG_SCORES).
 
@@ -173,21 +210,23 @@ def fit(scores: Tensor, embeddings: Tensor, truth: np.ndarray, names: Sequence[s
     cache is kept only when it gets ``cache_margin(n)`` more tag sets right than thresholds alone,
     the plainest blend among ties. Judged on the tasks it was fitted on, a cache won by chance: on
     the toy world it raised false tags on images with none of the labels (docs/algorithms.md
-    section 6). The thresholds served are fitted on every task (the cache leave one out)."""
+    section 6). The thresholds served are fitted on every task (the cache leave one out).
+    ``should_stop`` is asked between blends (with a thousand labels each takes seconds)."""
     target = torch.from_numpy(truth)
     fold = np.arange(len(truth)) % FOLDS
     plain = _right_out_of_fold(scores, embeddings, target, fold, default, 0.0, 0.0)
     best = plain, 0.0, 0.0
     for alpha in (a for a in ALPHAS if a > 0):
         for beta in BETAS:
+            check_stop(should_stop, "while fitting the few-shot blend")
             right = _right_out_of_fold(scores, embeddings, target, fold, default, alpha, beta)
             if right >= plain + cache_margin(len(truth)) and right > best[0]:
                 best = right, alpha, beta
     right, alpha, beta = best
     blended = leave_one_out(scores, embeddings, target, alpha, beta).numpy()
-    cuts = [best_threshold(blended[:, i], truth[:, i], default) for i in range(len(names))]
+    cuts = dict(zip(names, best_thresholds(blended, truth, default).tolist(), strict=True))
     adapter = TipAdapter(embeddings.float(), target.float(), tuple(names), alpha, beta) if alpha else None
-    return Fitted(FewShot(dict(zip(names, cuts, strict=True)), adapter, tag_scores=tag_scores), right / len(truth))
+    return Fitted(FewShot(cuts, adapter, tag_scores=tag_scores), right / len(truth))
 
 
 def cache_margin(tasks: int) -> int:
@@ -205,8 +244,7 @@ def _right_out_of_fold(scores: Tensor, embeddings: Tensor, target: Tensor, fold:
         if not rest.any():
             continue  # a single task: nothing to fit its thresholds on
         fitted_on = leave_one_out(scores[rest], embeddings[rest], target[rest], alpha, beta).numpy()
-        truth = target[rest].numpy()
-        cuts = np.array([best_threshold(fitted_on[:, i], truth[:, i], default) for i in range(truth.shape[1])])
+        cuts = best_thresholds(fitted_on, target[rest].numpy(), default)
         judged = scores[held].float()
         if alpha > 0:
             cache = TipAdapter(embeddings[rest].float(), target[rest].float(), (), alpha, beta)
@@ -304,7 +342,7 @@ def _prototypes(sums: Tensor, counts: Tensor, names: Sequence[str], gamma: float
 
 def fit_adapter(
     predictor: Predictor, corrections: Sequence[Correction], labels: Sequence[ClassLabel],
-    mask_names: Sequence[str] = (),
+    mask_names: Sequence[str] = (), should_stop: ShouldStop | None = None,
 ) -> Fitted:  # fmt: skip
     """Score and embed ``corrections`` with ``predictor`` (before any adapter of its own) and fit;
     with labels that masks hold (``mask_names``) and no ZegCLIP head, also the region prototypes."""
@@ -313,7 +351,7 @@ def fit_adapter(
         scores, embeddings = predictor.label_scores(prepared, labels)
     names = [label.name for label in labels]
     fitted = fit(scores, embeddings, presence(corrections, names), names, predictor.settings.tag_min_score,
-                 predictor.settings.tag_scores)  # fmt: skip
+                 predictor.settings.tag_scores, should_stop)  # fmt: skip
     painted = [label for label in labels if label.name in mask_names]
     with_masks = [i for i, c in enumerate(corrections) if c.mask is not None][-REGION_SAMPLES:]
     if predictor.head is not None or not painted or not with_masks:
@@ -373,7 +411,7 @@ def run_adaptation(
 
     check_stop(should_stop, "before fitting")
     progress("fitting", 0, 0, None)
-    fitted = fit_adapter(active, parts.train, project_labels(job), names)
+    fitted = fit_adapter(active, parts.train, project_labels(job), names, should_stop)
     candidate = active.with_few_shot(fitted.few_shot)
 
     check_stop(should_stop, "before evaluating")

@@ -111,7 +111,9 @@ def run_training(
     check_stop(should_stop, "before fitting the few-shot adapter")
     progress("fitting", 0, 0, None)
     # its cache must come from the new ViT; as many corrections as the few-shot learner reads
-    fitted = fit_adapter(candidate, newest(parts.train, settings.adapt_max_corrections), project_labels(job), names)
+    fitted = fit_adapter(
+        candidate, newest(parts.train, settings.adapt_max_corrections), project_labels(job), names, should_stop
+    )
     candidate = candidate.with_few_shot(fitted.few_shot)
 
     check_stop(should_stop, "before evaluating")
