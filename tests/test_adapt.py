@@ -391,6 +391,21 @@ def _half_corrections(settings, project, image_key, choices, brushes, regions=()
     return out
 
 
+def test_a_project_s_fit_stops_after_scoring_between_blends_and_before_the_prototypes(adapter_setup):
+    settings, base, registry = adapter_setup
+    corrections = [dataclasses.replace(c, image=_decode_uri(c.image_url))
+                   for c in _half_corrections(settings, UID, "image", JOB.choices, JOB.brushes)]  # fmt: skip
+
+    def stop_at(call: int):
+        calls = []
+        return lambda: calls.append(1) or len(calls) == call
+
+    blends = sum(alpha > 0 for alpha in adapt.ALPHAS) * len(adapt.BETAS)  # one question before each
+    for call, where in ((1, "after scoring"), (2, "blend"), (2 + blends, "before the region prototypes")):
+        with pytest.raises(TrainingCancelled, match=where):
+            fit_adapter(base, corrections, project_labels(JOB), LABELS, stop_at(call))
+
+
 def test_the_few_shot_learner_learns_a_project_s_masks_from_its_corrected_regions(adapter_setup):
     settings, base, registry = adapter_setup
     labels = project_labels(JOB)

@@ -56,8 +56,10 @@ EXTRA_ERRORS, SOFTNESS, TOLERANCE = 1, 0.5, 0.1
 #: Blends are judged on tasks neither their thresholds nor their cache saw, in this many folds; a
 #: cache must get CACHE_MARGIN more tag sets right than thresholds alone, or this share if more.
 FOLDS, CACHE_MARGIN, CACHE_MARGIN_SHARE = 5, 3, 0.05
-#: Cells ([cuts, tasks, labels]) a block of labels' thresholds is fitted in at once: tens of MB.
-CELLS = 1 << 22
+#: The candidate cuts of a label besides its scores' midpoints: a grid over its scores' range.
+GRID = 201
+#: The most cells an array of a threshold fit holds (float64: 8 MB; a few exist at once).
+CELLS = 1 << 20
 #: The weights of a label's region prototype tried against its text embedding (0: text only).
 GAMMAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 #: A patch's target in ``RegionSample``: no label applies; nothing is known.
@@ -132,12 +134,12 @@ def best_thresholds(scores: np.ndarray, truth: np.ndarray, default: float) -> np
     rather than squeeze the cut beside it. The cut makes at most ``EXTRA_ERRORS`` more errors than
     the fewest, the least smoothed ones among those, and among cuts within ``TOLERANCE`` of that,
     the one nearest ``default``. A label always or never present has no gap: ``_fewest_errors``.
-    A label with a broken (non-finite) score keeps ``default``. Labels are fitted a block at a time,
-    each block's work bounded by ``CELLS``."""
+    A label with a broken (non-finite) score keeps ``default``. Labels are fitted together, a block
+    at a time, so that no array holds more than ``CELLS`` cells."""
     cuts = np.full(scores.shape[1], float(default))
     finite = np.isfinite(scores).all(axis=0)
     mixed = finite & truth.any(axis=0) & ~truth.all(axis=0)
-    block = max(1, CELLS // ((len(scores) + 203) * max(1, len(scores))))
+    block = max(1, CELLS // (len(scores) + GRID + 2))  # [cuts, labels] arrays
     for rule, columns in ((_fewest_errors, np.flatnonzero(finite & ~mixed)), (_inside_gap, np.flatnonzero(mixed))):
         for i in range(0, len(columns), block):
             part = columns[i : i + block]
@@ -167,12 +169,13 @@ def _fewest_errors(scores: np.ndarray, truth: np.ndarray, default: float) -> np.
     low, high = scores.min(axis=0, keepdims=True) - 1e-6, scores.max(axis=0, keepdims=True) + 1e-6
     cuts = _candidate_cuts(scores, default, [low, high])
     right = truth.sum(axis=0) - _below(scores, truth, cuts) + _below(scores, ~truth, cuts)
-    right[np.isnan(cuts)] = -1
+    right[np.isnan(cuts)] = -1  # no cut: fewer than any cut gets right
     return _nearest(cuts, right == right.max(axis=0), default)
 
 
 def _below(values: np.ndarray, where: np.ndarray, cuts: np.ndarray) -> np.ndarray:
-    """[C, L]: how many of each column's ``values`` [n, L] marked in ``where`` lie below each cut."""
+    """[C, L]: how many of each column's ``values`` [n, L] marked in ``where`` lie below each cut,
+    by binary search (torch's searchsorted takes a sorted row per label; NumPy's one array)."""
     kept = np.sort(np.where(where, values.astype(np.float64), np.inf), axis=0)
     return torch.searchsorted(torch.from_numpy(kept.T.copy()), torch.from_numpy(cuts.T.copy())).numpy().T
 
@@ -180,14 +183,17 @@ def _below(values: np.ndarray, where: np.ndarray, cuts: np.ndarray) -> np.ndarra
 def _inside_gap(scores: np.ndarray, truth: np.ndarray, default: float) -> np.ndarray:
     """[L]: ``best_thresholds`` of labels both present and absent in the corrections."""
     z, centre = _logit(scores), float(_logit(np.array(default)))
-    cuts = _candidate_cuts(z, centre, [np.linspace(z.min(axis=0) - 2, z.max(axis=0) + 2, 201)])
+    cuts = _candidate_cuts(z, centre, [np.linspace(z.min(axis=0) - 2, z.max(axis=0) + 2, GRID)])
     errors = _below(z, truth, cuts) + (~truth).sum(axis=0) - _below(z, ~truth, cuts)
-    errors[np.isnan(cuts)] = len(z) + EXTRA_ERRORS + 1
+    errors[np.isnan(cuts)] = len(z) + EXTRA_ERRORS + 1  # no cut: more than any cut makes
     allowed = errors <= errors.min(axis=0) + EXTRA_ERRORS
-    row, column = np.nonzero(allowed)  # the smoothed count only where it can matter
-    above = (z[:, column].T - cuts[row, column][:, None]) / SOFTNESS  # [K, n] each score above each cut
-    smoothed = np.full(cuts.shape, np.inf)
-    smoothed[row, column] = _normal_cdf(np.where(truth[:, column].T, -above, above)).sum(1)
+    smoothed = np.full(cuts.shape, np.inf)  # computed only where it can matter: the allowed cuts
+    pairs = np.nonzero(allowed)
+    step = max(1, CELLS // len(z))
+    for i in range(0, len(pairs[0]), step):
+        row, column = pairs[0][i : i + step], pairs[1][i : i + step]
+        above = (z[:, column].T - cuts[row, column][:, None]) / SOFTNESS  # [pairs, n] each score over its cut
+        smoothed[row, column] = _normal_cdf(np.where(truth[:, column].T, -above, above)).sum(1)
     chosen = _nearest(cuts, smoothed <= smoothed.min(axis=0) + TOLERANCE, centre)
     return 1 / (1 + np.exp(-chosen))
 
@@ -224,9 +230,9 @@ def fit(scores: Tensor, embeddings: Tensor, truth: np.ndarray, names: Sequence[s
                 best = right, alpha, beta
     right, alpha, beta = best
     blended = leave_one_out(scores, embeddings, target, alpha, beta).numpy()
-    cuts = dict(zip(names, best_thresholds(blended, truth, default).tolist(), strict=True))
+    thresholds = dict(zip(names, best_thresholds(blended, truth, default).tolist(), strict=True))
     adapter = TipAdapter(embeddings.float(), target.float(), tuple(names), alpha, beta) if alpha else None
-    return Fitted(FewShot(cuts, adapter, tag_scores=tag_scores), right / len(truth))
+    return Fitted(FewShot(thresholds, adapter, tag_scores=tag_scores), right / len(truth))
 
 
 def cache_margin(tasks: int) -> int:
@@ -345,10 +351,12 @@ def fit_adapter(
     mask_names: Sequence[str] = (), should_stop: ShouldStop | None = None,
 ) -> Fitted:  # fmt: skip
     """Score and embed ``corrections`` with ``predictor`` (before any adapter of its own) and fit;
-    with labels that masks hold (``mask_names``) and no ZegCLIP head, also the region prototypes."""
+    with labels that masks hold (``mask_names``) and no ZegCLIP head, also the region prototypes.
+    ``should_stop`` is asked between these stages and between the fit's blends."""
     prepared = list(predictor.prepare([c.image for c in corrections]))
     with torch.inference_mode():
         scores, embeddings = predictor.label_scores(prepared, labels)
+    check_stop(should_stop, "after scoring the corrections")
     names = [label.name for label in labels]
     fitted = fit(scores, embeddings, presence(corrections, names), names, predictor.settings.tag_min_score,
                  predictor.settings.tag_scores, should_stop)  # fmt: skip
@@ -356,6 +364,7 @@ def fit_adapter(
     with_masks = [i for i, c in enumerate(corrections) if c.mask is not None][-REGION_SAMPLES:]
     if predictor.head is not None or not painted or not with_masks:
         return fitted  # a ZegCLIP head draws this version's masks, or there is nothing to fit
+    check_stop(should_stop, "before the region prototypes")
     region_names = [label.name for label in painted]
     features = predictor.region_features([prepared[i] for i in with_masks])
     samples = [RegionSample(f, patch_targets(corrections[i], region_names, grid))
