@@ -168,9 +168,16 @@ def _fewest_errors(scores: np.ndarray, truth: np.ndarray, default: float) -> np.
     on each of them)."""
     low, high = scores.min(axis=0, keepdims=True) - 1e-6, scores.max(axis=0, keepdims=True) + 1e-6
     cuts = _candidate_cuts(scores, default, [low, high])
-    right = truth.sum(axis=0) - _below(scores, truth, cuts) + _below(scores, ~truth, cuts)
-    right[np.isnan(cuts)] = -1  # no cut: fewer than any cut gets right
-    return _nearest(cuts, right == right.max(axis=0), default)
+    errors = _errors(scores, truth, cuts)
+    return _nearest(cuts, errors == errors.min(axis=0), default)
+
+
+def _errors(values: np.ndarray, truth: np.ndarray, cuts: np.ndarray) -> np.ndarray:
+    """[C, L]: how many tasks each cut classifies wrongly (a task holds the label when its value is
+    at least the cut); a NaN cut (no cut) more than the worst cut, with ``EXTRA_ERRORS`` to spare."""
+    errors = _below(values, truth, cuts) + (~truth).sum(axis=0) - _below(values, ~truth, cuts)
+    errors[np.isnan(cuts)] = len(values) + EXTRA_ERRORS + 1
+    return errors
 
 
 def _below(values: np.ndarray, where: np.ndarray, cuts: np.ndarray) -> np.ndarray:
@@ -184,8 +191,7 @@ def _inside_gap(scores: np.ndarray, truth: np.ndarray, default: float) -> np.nda
     """[L]: ``best_thresholds`` of labels both present and absent in the corrections."""
     z, centre = _logit(scores), float(_logit(np.array(default)))
     cuts = _candidate_cuts(z, centre, [np.linspace(z.min(axis=0) - 2, z.max(axis=0) + 2, GRID)])
-    errors = _below(z, truth, cuts) + (~truth).sum(axis=0) - _below(z, ~truth, cuts)
-    errors[np.isnan(cuts)] = len(z) + EXTRA_ERRORS + 1  # no cut: more than any cut makes
+    errors = _errors(z, truth, cuts)
     allowed = errors <= errors.min(axis=0) + EXTRA_ERRORS
     smoothed = np.full(cuts.shape, np.inf)  # computed only where it can matter: the allowed cuts
     pairs = np.nonzero(allowed)
@@ -217,7 +223,7 @@ def fit(scores: Tensor, embeddings: Tensor, truth: np.ndarray, names: Sequence[s
     the plainest blend among ties. Judged on the tasks it was fitted on, a cache won by chance: on
     the toy world it raised false tags on images with none of the labels (docs/algorithms.md
     section 6). The thresholds served are fitted on every task (the cache leave one out).
-    ``should_stop`` is asked between blends (with a thousand labels each takes seconds)."""
+    ``should_stop`` is asked between blends (with a thousand labels each takes about a second)."""
     target = torch.from_numpy(truth)
     fold = np.arange(len(truth)) % FOLDS
     plain = _right_out_of_fold(scores, embeddings, target, fold, default, 0.0, 0.0)
