@@ -54,8 +54,10 @@ BETAS = (1.0, 3.0, 5.5, 10.0, 30.0)  # 5.5 is Tip-Adapter's default; sharper one
 #: count. Chosen on the toy world's small projects (docs/algorithms.md section 6).
 EXTRA_ERRORS, SOFTNESS, TOLERANCE = 1, 0.5, 0.1
 #: Blends are judged on tasks neither their thresholds nor their cache saw, in this many folds; a
-#: cache must get CACHE_MARGIN more tag sets right than thresholds alone, or this share if more.
-FOLDS, CACHE_MARGIN, CACHE_MARGIN_SHARE = 5, 3, 0.05
+#: cache must get CACHE_MARGIN more tag sets right than thresholds alone, or this share if more,
+#: and win more of the tasks where the two differ than chance would (one-sided sign test at
+#: CACHE_P: fifteen blends are tried, so a lone chance win is likely at 5 %).
+FOLDS, CACHE_MARGIN, CACHE_MARGIN_SHARE, CACHE_P = 5, 3, 0.05, 0.01
 #: The candidate cuts of a label besides its scores' midpoints: a grid over its scores' range.
 GRID = 201
 #: The most cells an array of a threshold fit holds (float64: 8 MB; a few exist at once).
@@ -71,7 +73,7 @@ REGION_SAMPLES = 100
 
 @dataclass(frozen=True)
 class Fitted:
-    few_shot: FewShot  # adapter None: the cache did not win out of fold by cache_margin
+    few_shot: FewShot  # adapter None: the cache did not win out of fold (cache_wins)
     exact: float  # share of training corrections whose tag set thresholds fitted without them get right
     region_miou: dict[float, float] = dataclasses.field(default_factory=dict)  # gamma -> masks' mIoU, left out
 
@@ -219,21 +221,24 @@ def fit(scores: Tensor, embeddings: Tensor, truth: np.ndarray, names: Sequence[s
     kind ``tag_scores`` (TAG_SCORES).
 
     Each blend is judged on tasks neither its thresholds nor its cache saw (``FOLDS``-fold), and a
-    cache is kept only when it gets ``cache_margin(n)`` more tag sets right than thresholds alone,
-    the plainest blend among ties. Judged on the tasks it was fitted on, a cache won by chance: on
-    the toy world it raised false tags on images with none of the labels (docs/algorithms.md
-    section 6). The thresholds served are fitted on every task (the cache leave one out).
-    ``should_stop`` is asked between blends (with a thousand labels each takes about a second)."""
+    cache is kept only when it gets ``cache_margin(n)`` more tag sets right than thresholds alone
+    and its wins outnumber its losses beyond chance (``cache_wins``), the plainest blend among
+    ties. Judged on the tasks it was fitted on, a cache won by chance: on the toy world it raised
+    false tags on images with none of the labels; judged out of fold by the margin alone, one of
+    the fifteen blends still won by chance on a few projects of ten to fifty corrections
+    (docs/algorithms.md section 6). The thresholds served are fitted on every task (the cache
+    leave one out). ``should_stop`` is asked between blends (with a thousand labels each takes
+    about a second)."""
     target = torch.from_numpy(truth)
     fold = np.arange(len(truth)) % FOLDS
     plain = _right_out_of_fold(scores, embeddings, target, fold, default, 0.0, 0.0)
-    best = plain, 0.0, 0.0
+    best = int(plain.sum()), 0.0, 0.0
     for alpha in (a for a in ALPHAS if a > 0):
         for beta in BETAS:
             check_stop(should_stop, "while fitting the few-shot blend")
             right = _right_out_of_fold(scores, embeddings, target, fold, default, alpha, beta)
-            if right >= plain + cache_margin(len(truth)) and right > best[0]:
-                best = right, alpha, beta
+            if cache_wins(right, plain) and right.sum() > best[0]:
+                best = int(right.sum()), alpha, beta
     right, alpha, beta = best
     blended = leave_one_out(scores, embeddings, target, alpha, beta).numpy()
     thresholds = dict(zip(names, best_thresholds(blended, truth, default).tolist(), strict=True))
@@ -246,11 +251,23 @@ def cache_margin(tasks: int) -> int:
     return max(CACHE_MARGIN, math.ceil(CACHE_MARGIN_SHARE * tasks))
 
 
+def cache_wins(cache: np.ndarray, plain: np.ndarray) -> bool:
+    """Whether a cache that gets the tag sets ``cache`` right (out of fold, [n] booleans) is worth
+    keeping over thresholds alone (``plain``): ``cache_margin`` more right, and the tasks only it
+    gets right outnumber those only thresholds alone get right beyond chance (exact one-sided sign
+    test, as McNemar's, at ``CACHE_P``)."""
+    wins, losses = int((cache & ~plain).sum()), int((plain & ~cache).sum())
+    if wins - losses < cache_margin(len(cache)):
+        return False
+    tail = sum(math.comb(wins + losses, k) for k in range(wins, wins + losses + 1))
+    return tail <= CACHE_P * 2 ** (wins + losses)
+
+
 def _right_out_of_fold(scores: Tensor, embeddings: Tensor, target: Tensor, fold: np.ndarray, default: float,
-                       alpha: float, beta: float) -> int:  # fmt: skip
-    """How many tasks' tag sets a blend gets exactly right when its thresholds are fitted, and its
-    cache built, on the other folds."""
-    right = 0
+                       alpha: float, beta: float) -> np.ndarray:  # fmt: skip
+    """[n] booleans: which tasks' tag sets a blend gets exactly right when its thresholds are
+    fitted, and its cache built, on the other folds."""
+    right = np.zeros(len(target), dtype=bool)
     for k in np.unique(fold):
         held, rest = torch.from_numpy(fold == k), torch.from_numpy(fold != k)
         if not rest.any():
@@ -261,7 +278,7 @@ def _right_out_of_fold(scores: Tensor, embeddings: Tensor, target: Tensor, fold:
         if alpha > 0:
             cache = TipAdapter(embeddings[rest].float(), target[rest].float(), (), alpha, beta)
             judged = cache.blend(judged, embeddings[held])
-        right += int(((judged.numpy() >= cuts) == target[held].numpy()).all(axis=1).sum())
+        right[fold == k] = ((judged.numpy() >= cuts) == target[held].numpy()).all(axis=1)
     return right
 
 
