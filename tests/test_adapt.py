@@ -172,7 +172,9 @@ def test_a_cache_must_win_by_the_margin_and_beyond_chance():
     assert cache_margin(400) == 20
     assert not cache_wins(*_outcomes(300, 19, 0, 81))  # significant, but under 5 % of 400
     assert cache_wins(*_outcomes(300, 60, 30, 10))  # p = 0.001
-    assert not cache_wins(*_outcomes(250, 80, 60, 10))  # 20 more right, p = 0.05
+    assert not cache_wins(*_outcomes(250, 80, 60, 10))  # 20 more right, p = 0.054
+    assert cache_wins(*_outcomes(0, 700, 400, 0))  # over a thousand tasks where they differ
+    assert not cache_wins(*_outcomes(0, 550, 500, 100))  # 50 more right of 1,150: under the margin (58)
 
 
 def test_fit_recalibrates_scores_that_miss_the_default_threshold():

@@ -56,7 +56,7 @@ EXTRA_ERRORS, SOFTNESS, TOLERANCE = 1, 0.5, 0.1
 #: Blends are judged on tasks neither their thresholds nor their cache saw, in this many folds; a
 #: cache must get CACHE_MARGIN more tag sets right than thresholds alone, or this share if more,
 #: and win more of the tasks where the two differ than chance would (one-sided sign test at
-#: CACHE_P: fifteen blends are tried, so a lone chance win is likely at 5 %).
+#: CACHE_P, a conservative level: fifteen blends are tried).
 FOLDS, CACHE_MARGIN, CACHE_MARGIN_SHARE, CACHE_P = 5, 3, 0.05, 0.01
 #: The candidate cuts of a label besides its scores' midpoints: a grid over its scores' range.
 GRID = 201
@@ -255,12 +255,13 @@ def cache_wins(cache: np.ndarray, plain: np.ndarray) -> bool:
     """Whether a cache that gets the tag sets ``cache`` right (out of fold, [n] booleans) is worth
     keeping over thresholds alone (``plain``): ``cache_margin`` more right, and the tasks only it
     gets right outnumber those only thresholds alone get right beyond chance (exact one-sided sign
-    test, as McNemar's, at ``CACHE_P``)."""
+    test, as McNemar's, at ``CACHE_P``; nominal, as a fold's tasks share their thresholds)."""
+    cache, plain = np.asarray(cache, dtype=bool), np.asarray(plain, dtype=bool)
     wins, losses = int((cache & ~plain).sum()), int((plain & ~cache).sum())
     if wins - losses < cache_margin(len(cache)):
         return False
     tail = sum(math.comb(wins + losses, k) for k in range(wins, wins + losses + 1))
-    return tail <= CACHE_P * 2 ** (wins + losses)
+    return tail / 2 ** (wins + losses) <= CACHE_P  # exact integers: a float 2 ** n overflows past 1,023
 
 
 def _right_out_of_fold(scores: Tensor, embeddings: Tensor, target: Tensor, fold: np.ndarray, default: float,
