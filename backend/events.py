@@ -12,6 +12,7 @@ from typing import Any
 
 from backend.state import State
 from common.errors import AnnotationError, BadRequest
+from common.labelstudio.annotations import is_task
 from common.labelstudio.config import LabelSpec, parse_label_config
 from common.projects import project_uid
 
@@ -50,7 +51,7 @@ def handle(body: dict[str, Any], state: State) -> dict[str, Any]:
         return answer | ({"refused": refused} if refused else {})
     if action == "TASKS_CREATED":
         project, spec = _project(body, state)
-        tasks = [t for t in body.get("tasks") or [] if isinstance(t, dict) and "id" in t]
+        tasks = [t for t in _list(body, "tasks") if is_task(t)]
         label_config = body["project"]["label_config"]
         if not state.runner.background:
             return {"action": action, "status": "ignored", "detail": "embedded mode predicts tasks when opened"}
@@ -65,11 +66,21 @@ def handle(body: dict[str, Any], state: State) -> dict[str, Any]:
         return answer | ({"not_precomputed": len(later)} if later else {})
     if action == "ANNOTATIONS_DELETED" and state.feedback is not None:
         project = project_uid(body.get("project"))
-        ids = [a.get("id") for a in body.get("annotations") or [] if isinstance(a, dict)]
+        ids = [a.get("id") for a in _list(body, "annotations") if isinstance(a, dict)]
         state.feedback.forget(project, ids)
         return {"action": action, "status": "recorded", "deleted": len(ids)}
     log.info("webhook %.60r acknowledged", action)
     return {"action": action, "status": "ignored"}
+
+
+def _list(body: dict[str, Any], field: str) -> list[Any]:
+    """A webhook's list field: empty when absent, a bad request when it is not a list."""
+    value = body.get(field)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise BadRequest(f"The webhook's {field!r} must be a list, not {type(value).__name__}.")
+    return value
 
 
 def _project(body: dict[str, Any], state: State) -> tuple[str, LabelSpec]:

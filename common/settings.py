@@ -126,6 +126,7 @@ class Settings:
     train_interval: int = field(default=0, metadata={"env": "TRAIN_INTERVAL"})
     train_timeout: int = field(default=4 * 3600, metadata={"env": "TRAIN_TIMEOUT"})
     train_min_corrections: int = field(default=10, metadata={"env": "TRAIN_MIN_CORRECTIONS"})
+    train_max_corrections: int = field(default=2000, metadata={"env": "TRAIN_MAX_CORRECTIONS"})
     train_holdout: float = field(default=0.2, metadata={"env": "TRAIN_HOLDOUT"})
     train_steps: int = field(default=300, metadata={"env": "TRAIN_STEPS"})
     train_lr: float = field(default=1e-5, metadata={"env": "TRAIN_LR"})
@@ -181,8 +182,9 @@ class Settings:
         if self.train_every < 0 or self.train_interval < 0 or self.adapt_every < 0:
             raise SettingsError("TRAIN_EVERY, TRAIN_INTERVAL and ADAPT_EVERY must be 0 (off) or positive.")
         positive = ("job_timeout", "result_ttl", "max_image_bytes", "max_image_pixels", "batch_size", "train_timeout",
-                    "train_min_corrections", "train_steps", "zegclip_min_masks", "zegclip_epochs", "zegclip_max_steps",
-                    "max_tasks_per_job", "adapt_min_corrections", "adapt_max_corrections", "max_labels")  # fmt: skip
+                    "train_min_corrections", "train_max_corrections", "train_steps", "zegclip_min_masks",
+                    "zegclip_epochs", "zegclip_max_steps", "max_tasks_per_job", "adapt_min_corrections",
+                    "adapt_max_corrections", "max_labels")  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()} must be a positive number.")

@@ -100,7 +100,7 @@ def test_single_choice_control_gets_exactly_one_label(client, label_studio):
     [
         ("{not json", 400, "must be a JSON object"),
         ({"label_config": "<View/>"}, 400, "'tasks' must be a non-empty list"),
-        ({"tasks": [{"data": {}}], "label_config": "<View/>"}, 400, "each with an 'id'"),
+        ({"tasks": [{"data": {}}], "label_config": "<View/>"}, 400, "each with an integer 'id'"),
         ({"tasks": [{"id": 1, "data": {}}], "label_config": "<View><Image name='i' value='$i'/></View>"}, 400,
          "no control prelabel can predict"),
     ],

@@ -111,6 +111,8 @@ def test_a_checked_region_decodes_to_its_painted_pixels():
         ({"original_width": 10**2200, "original_height": 10**2200}, "sides are over MAX_IMAGE_PIXELS"),
         ({"original_width": -(10**2200)}, "a number of over 12 digits"),
         ({"original_width": 0}, "positive integer"),
+        ({"original_width": 6_000_000, "original_height": 1}, "at most 50 times the short one"),
+        ({"original_width": 1, "original_height": 51}, "at most 50 times the short one"),
         ({"original_width": -60}, "positive integer"),
         ({"original_width": 60.0}, "positive integer"),
         ({"original_width": True}, "positive integer"),

@@ -47,7 +47,13 @@ from worker.predictor import Predictor
 from worker.progress import SHUTTING_DOWN, JobProgress, naming_shutdown
 from worker.provider import ModelProvider
 from worker.training.clipself import CLIPSelfConfig, _box_weights, train_clipself
-from worker.training.corrections import Correction, fetch_images, from_annotation, mark_boxes_unknown
+from worker.training.corrections import (
+    UNKNOWN_PIXEL,
+    Correction,
+    fetch_images,
+    from_annotation,
+    mark_boxes_unknown,
+)
 from worker.training.evaluate import GATED, evaluate, gate
 from worker.training.loop import TrainingCancelled
 from worker.training.run import run_training
@@ -347,11 +353,24 @@ def test_rollback_and_manual_promotion_through_the_http_route(trainer, redis_url
     assert rollback.status_code == 200 and registry.active(UID) == settings.model_version
 
 
+def test_a_run_reads_at_most_train_max_corrections(trainer):
+    settings, base, registry = trainer
+    asked = []
+
+    def newest(*args, limit=None):
+        asked.append(limit)
+        return _corrections(*args, limit=limit)[:3]
+
+    job = dataclasses.replace(JOB, model_version=settings.model_version)
+    summary = run_training(base, base, registry, job, _noop, lambda: False, collect=newest)
+    assert asked == [settings.train_max_corrections] and summary["status"] == "skipped"
+
+
 def test_a_crash_or_a_cancel_leaves_the_active_version_alone(trainer):
     settings, base, registry = trainer
     job = dataclasses.replace(JOB, model_version=settings.model_version)
 
-    def broken(*args):
+    def broken(*args, **kwargs):
         raise ConnectionError("Label Studio went away")
 
     with pytest.raises(ConnectionError):
@@ -552,6 +571,35 @@ def test_polygons_are_masks_and_boxes_are_weak_labels(make_settings):
     assert cat[:31, :41].all() and not cat[34:, :].any() and not cat[:, 44:].any()  # the top-left quarter
     assert not (correction.mask == 1).any()  # a box says where a bird is, not which pixels
     assert correction.boxes == [("bird", pytest.approx((0.6, 0.1, 0.8, 0.4)))]
+
+
+def test_boxes_keep_their_control_s_labels_once(make_settings):
+    settings = make_settings()
+    spec = parse_label_config(REGIONS_CONFIG, max_labels=1000)
+    value = {"x": 60, "y": 10, "width": 20, "height": 30, "rotation": 0, "rectanglelabels": ["bird", "dog", "bird"]}
+    box = {"from_name": "boxes", "type": "rectanglelabels", "original_width": 1600, "original_height": 1200,
+           "value": value}  # fmt: skip
+    correction = from_annotation(7, None, [box, box], spec.choices, spec.brushes, settings.max_image_pixels,
+                                 settings.image_size, spec.regions)  # fmt: skip
+    assert correction.boxes == [("bird", pytest.approx((0.6, 0.1, 0.8, 0.4)))]  # no "dog": not a label of boxes
+
+
+def test_a_label_past_the_254th_is_unknown_in_the_mask(make_settings):
+    settings = make_settings()
+    labels = "".join(f'<Label value="l{i}"/>' for i in range(300))
+    config = f'<View><Image name="image" value="$image"/><PolygonLabels name="outlines" toName="image">{labels}' \
+             "</PolygonLabels></View>"  # fmt: skip
+    spec = parse_label_config(config, max_labels=1000)
+
+    def polygon(label: str, x: int) -> dict:
+        points = [[x, 0], [x + 40, 0], [x + 40, 90], [x, 90]]
+        return {"from_name": "outlines", "type": "polygonlabels", "original_width": 1600, "original_height": 1200,
+                "value": {"points": points, "polygonlabels": [label]}}  # fmt: skip
+
+    correction = from_annotation(7, None, [polygon("l299", 0), polygon("l253", 50)], spec.choices, spec.brushes,
+                                 settings.max_image_pixels, settings.image_size, spec.regions)  # fmt: skip
+    assert correction.mask is not None and set(np.unique(correction.mask).tolist()) == {0, 254, UNKNOWN_PIXEL}
+    assert correction.mask[5, 5] == UNKNOWN_PIXEL and correction.mask[5, -5] == 0
 
 
 def test_boxes_steer_clipself_and_polygons_are_scored_as_masks(make_settings):

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from common.errors import ImageDecodeError
+from common.labelstudio.brush import MAX_ASPECT_RATIO
 
 #: The formats a task image may be in. Pillow tries no others: EPS would run Ghostscript, and every
 #: decoder left out is attack surface left out. (Phones' multi-picture JPEGs open as JPEG.)
@@ -20,9 +21,6 @@ Image.init()  # registers the plugins, so ``formats=`` finds WEBP and TIFF
 #: Scans a JPEG may have: a progressive JPEG has about ten, and each scan costs a pass over every
 #: pixel, so a 200 kB file of a thousand tiny scans decodes for a minute.
 MAX_JPEG_SCANS = 64
-#: The longest side may be this many times the shortest: the masks Label Studio gets are encoded
-#: row by row at the image's size, so a 1 x 60,000,000 strip (a 240 kB PNG) would cost gigabytes.
-MAX_ASPECT_RATIO = 50
 _START_OF_SCAN = b"\xff\xda"  # a JPEG marker; entropy-coded data stuffs every 0xFF with 0x00
 #: Seconds a decode waits for room in the pixel budget before its task fails.
 BUDGET_WAIT = 120.0

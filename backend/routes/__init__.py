@@ -20,10 +20,19 @@ from common.projects import project_uid
 
 
 def json_body() -> dict[str, Any]:
-    body = request.get_json(silent=True)
+    body = parsed_json()
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.")
     return body
+
+
+def parsed_json() -> Any:
+    """The request's JSON, or None when it is not JSON; a body nested too deeply for the parser
+    (its RecursionError escapes Flask's ``silent``) is a bad request too."""
+    try:
+        return request.get_json(silent=True)
+    except RecursionError:
+        raise BadRequest("The request body is nested too deeply.") from None
 
 
 def optional_project(value: Any) -> str | None:

@@ -13,7 +13,7 @@ from backend.prometheus import record_predict
 from backend.routes import json_body, optional_project
 from backend.state import state
 from common.errors import BadRequest, ServiceUnavailable
-from common.labelstudio.annotations import image_url
+from common.labelstudio.annotations import image_url, is_task
 from common.labelstudio.config import parse_label_config
 from common.settings import project_version
 
@@ -65,8 +65,8 @@ def predict():
     current = state()
     body = json_body()
     tasks = body.get("tasks")
-    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, dict) and "id" in t for t in tasks):
-        raise BadRequest("'tasks' must be a non-empty list of task objects, each with an 'id'.")
+    if not isinstance(tasks, list) or not tasks or not all(is_task(t) for t in tasks):
+        raise BadRequest("'tasks' must be a non-empty list of task objects, each with an integer 'id'.")
     label_config = body.get("label_config") or ""
     spec = parse_label_config(label_config, current.settings.max_labels)
     project = optional_project(body.get("project"))

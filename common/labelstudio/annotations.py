@@ -12,6 +12,12 @@ from common.labelstudio.brush import region_size
 from common.labelstudio.regions import MAX_REGIONS, MAX_TOTAL_POINTS, REGION_LABELS, region_labels, region_outline
 
 
+def is_task(task: Any) -> bool:
+    """Whether ``task`` is a task object with Label Studio's kind of id: a non-negative integer
+    (it names cache keys and the predictions posted back)."""
+    return isinstance(task, dict) and type(task.get("id")) is int and 0 <= task["id"] < 2**63
+
+
 def image_url(task: dict[str, Any], key: str) -> str | None:
     """The task's image value under ``key`` (the ``<Image value="$key">`` of the config), or None."""
     data = task.get("data")

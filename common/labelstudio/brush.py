@@ -43,6 +43,10 @@ _RUNS_PER_CHUNK = 1 << 16  # bounds the [runs, 32] bit matrix to a few MB
 #: Codes (runs and literal groups) a brush RLE may hold. Decoding reads them one at a time (about
 #: 2 us each); a person's brush strokes, or a mask upsampled from a patch grid, have far fewer.
 MAX_RLE_CODES = 2_000_000
+#: The longest side of an image may be this many times the shortest, and so may the size a region
+#: says it was drawn at: masks are encoded row by row at the image's size, so a 1 x 60,000,000
+#: strip (a 240 kB PNG, a 200-byte polygon) would cost gigabytes.
+MAX_ASPECT_RATIO = 50
 #: Pixels of literal groups decoded per vectorised pass (bounds its index arrays to a few MB).
 _PIXELS_PER_PASS = 1 << 18
 
@@ -157,10 +161,10 @@ def _bits(codes: np.ndarray, widths: np.ndarray) -> np.ndarray:
 
 def original_size(item: Mapping[str, Any], max_pixels: int) -> tuple[int, int]:
     """``(width, height)`` of the image a region was drawn on, checked: positive integers within
-    ``max_pixels``.
+    ``max_pixels`` and ``MAX_ASPECT_RATIO``, as the images prelabel reads.
 
     Raises:
-        AnnotationError: sizes missing, not positive integers or over ``max_pixels``.
+        AnnotationError: sizes missing, not positive integers, over ``max_pixels`` or too narrow.
     """
     width, height = item.get("original_width"), item.get("original_height")
     kind = "A brush region" if item.get("type") == "brushlabels" else "A region"
@@ -174,6 +178,11 @@ def original_size(item: Mapping[str, Any], max_pixels: int) -> tuple[int, int]:
         raise AnnotationError(
             f"{kind} of {width}x{height} = {width * height:,} pixels is over MAX_IMAGE_PIXELS={max_pixels:,}."
         )
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise AnnotationError(
+            f"{kind} drawn on a {width}x{height} image: prelabel reads images whose long side is at most "
+            f"{MAX_ASPECT_RATIO} times the short one."
+        )
     return width, height
 
 
@@ -182,8 +191,9 @@ def region_size(item: Mapping[str, Any], max_pixels: int) -> tuple[int, int]:
     vectorised pass over its bytes).
 
     Raises:
-        AnnotationError: sizes missing, not positive integers or over ``max_pixels``; an RLE that is
-            not a list of bytes, too short for its header, or whose header announces another size.
+        AnnotationError: sizes missing, not positive integers, over ``max_pixels`` or too narrow;
+            an RLE that is not a list of bytes, too short for its header, or whose header announces
+            another size.
     """
     width, height = original_size(item, max_pixels)
     rle = (item.get("value") or {}).get("rle") if isinstance(item.get("value"), Mapping) else None

@@ -35,15 +35,22 @@ class LabelSpec:
     regions: tuple[RegionControl, ...] = ()  # boxes and polygons, drawn from the masks
 
 
-@functools.lru_cache(maxsize=64)
 def parse_label_config(xml: str, max_labels: int) -> LabelSpec:
     """Parse ``xml`` (cached: Label Studio sends the same config with every request).
 
     Raises:
-        LabelConfigError: the config is too large, declares a DTD or entities, cannot be parsed,
-            has more than ``max_labels`` labels (``MAX_LABELS``) or no control prelabel supports.
+        LabelConfigError: the config is not a string or too large, declares a DTD or entities,
+            cannot be parsed, has more than ``max_labels`` labels (``MAX_LABELS``) or no control
+            prelabel supports.
     """
-    if not isinstance(xml, str) or not xml.strip():
+    if not isinstance(xml, str):  # before the cache, which cannot hash a list or an object
+        raise LabelConfigError(f"The label config must be an XML string, not {type(xml).__name__}.")
+    return _parse_label_config(xml, max_labels)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_label_config(xml: str, max_labels: int) -> LabelSpec:
+    if not xml.strip():
         raise LabelConfigError("The label config is empty.")
     size = len(xml.encode())
     if size > MAX_LABEL_CONFIG_BYTES:

@@ -39,7 +39,14 @@ from common.versions import Registry
 from worker.checkpoints import carry_over, write_adapter
 from worker.model.adapter import FewShot, RegionPrototypes, TipAdapter
 from worker.predictor import Predictor
-from worker.training.corrections import Correction, fetch_images, mask_labels, pull_corrections, split
+from worker.training.corrections import (
+    MASK_LABELS,
+    Correction,
+    fetch_images,
+    mask_labels,
+    pull_corrections,
+    split,
+)
 from worker.training.evaluate import GATED, judge
 from worker.training.loop import ShouldStop, check_stop
 
@@ -290,7 +297,7 @@ def patch_targets(correction: Correction, names: Sequence[str], grid: tuple[int,
     pixels are UNKNOWN, not NO_LABEL."""
     assert correction.mask is not None
     lookup = np.full(256, UNKNOWN, dtype=np.int64)
-    painted = correction.mask_labels[:254]  # a uint8 mask holds no more (255: unknown)
+    painted = correction.mask_labels[:MASK_LABELS]  # a uint8 mask holds no more
     present = np.unique(correction.mask)
     drawn = {painted[k - 1] for k in present.tolist() if 0 < k <= len(painted)}
     said = correction.all_tags | {label for label, _ in correction.boxes}

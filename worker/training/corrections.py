@@ -31,12 +31,17 @@ from worker.training.loop import ShouldStop, check_stop
 
 log = logging.getLogger(__name__)
 
+#: A correction's mask is uint8: 0 no label, 1-254 its labels, 255 unknown (also the pixels of a
+#: label past the 254th, which it cannot hold).
+MASK_LABELS, UNKNOWN_PIXEL = 254, 255
+
 
 @dataclass
 class Correction:
     """One task as an annotator left it, at training size (short side at most ``IMAGE_SIZE``, so
-    a project of phone photos fits in memory). ``mask`` (uint8) holds 0 where no label applies
-    and k for ``mask_labels[k - 1]``, from brush regions and polygons; it is None until known (a
+    a project of phone photos fits in memory). ``mask`` (uint8) holds 0 where no label applies,
+    k for ``mask_labels[k - 1]`` (up to ``MASK_LABELS``) and ``UNKNOWN_PIXEL`` where nothing is
+    known, from brush regions and polygons; it is None until known (a
     project with BrushLabels or PolygonLabels whose annotation has no region gets an all-zero mask
     once the image size is known). ``boxes`` are weak labels: (label, (x0, y0, x1, y1) as fractions
     of the image), where the label is somewhere in the box. ``size`` is the (width, height) the
@@ -82,8 +87,9 @@ def from_annotation(
     choice_names = {c.from_name for c in choices}
     painted = {b.from_name: "brushlabels" for b in brushes}
     painted |= {r.from_name: r.type for r in regions if r.type == "polygonlabels"}
-    boxed = {r.from_name for r in regions if r.type == "rectanglelabels"}
+    boxed = {r.from_name: {label.name for label in r.labels} for r in regions if r.type == "rectanglelabels"}
     labels = mask_labels(brushes, regions)
+    values = {label: min(k, UNKNOWN_PIXEL) for k, label in enumerate(labels, start=1)}
     tags = chosen(result)
     correction = Correction(task_id, image_url, tags={name: tags.get(name, set()) for name in choice_names},
                             mask_labels=labels)  # fmt: skip
@@ -91,7 +97,7 @@ def from_annotation(
         kind, name = item.get("type"), item.get("from_name")
         if kind == "rectanglelabels" and name in boxed:
             box = box_extent(item)
-            correction.boxes += [(label, box) for label in region_labels(item) if (label, box) not in correction.boxes]
+            correction.boxes += [(label, box) for label in region_labels(item) if label in boxed[name]]
             continue
         if painted.get(name) != kind:
             continue
@@ -110,8 +116,9 @@ def from_annotation(
         else:
             small = draw_outline(region_outline(item), work)
         for label in region_labels(item):
-            if label in labels:
-                correction.mask[small] = labels.index(label) + 1
+            if label in values:
+                correction.mask[small] = values[label]
+    correction.boxes = list(dict.fromkeys(correction.boxes))  # each (label, box) once, in order
     return correction
 
 
@@ -151,6 +158,8 @@ def pull_corrections(
                                                    regions))  # fmt: skip
             except AnnotationError as e:
                 log.warning("task %s left out of training: %s", task["id"], e)
+            except Exception:  # an input nobody foresaw costs this task, not the run
+                log.exception("task %s left out of training: unexpected error reading its annotation", task["id"])
     log.info("project %s: %d corrected tasks in Label Studio", project, len(corrections))
     return corrections
 

@@ -63,7 +63,8 @@ def run_training(
     settings = base.settings
     started = time.perf_counter()
     progress("collecting corrections", 0, 0, None)
-    corrections = collect(settings, job.project, job.image_key, job.choices, job.brushes, job.regions)
+    limit = settings.train_max_corrections  # each held in memory with its image: bounded
+    corrections = collect(settings, job.project, job.image_key, job.choices, job.brushes, job.regions, limit=limit)
     names = mask_labels(job.brushes, job.regions)  # what corrected masks (brush, polygons) can hold
     corrections = fetch_images(base, corrections, with_masks=bool(names), should_stop=should_stop)
     if len(corrections) < settings.train_min_corrections:
