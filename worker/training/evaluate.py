@@ -73,16 +73,24 @@ def _box_miou(results: Sequence[TaskResult], corrections: Sequence[Correction], 
     """Mean over labels of the IoU between predicted and corrected boxes (each label's union of
     boxes per image, summed over the images); None when no label has a box on either side."""
     ious = []
+    corrected = [_by_label(c.boxes) for c in corrections]  # once: a correction may hold many boxes
     for label in labels:
         predicted = [
             _box_union([box_extent({"type": r.type, "value": r.value}) for r in result.regions
                         if r.type == "rectanglelabels" and r.label == label])
             for result in results
         ]  # fmt: skip
-        truth = [_box_union([box for name, box in c.boxes if name == label]) for c in corrections]
+        truth = [_box_union(boxes.get(label, [])) for boxes in corrected]
         ious.append(iou_table(predicted, truth, classes=1)[1])
     present = [iou for iou in ious if not np.isnan(iou)]
     return float(np.mean(present)) if present else None
+
+
+def _by_label(boxes: Sequence[tuple[str, tuple[float, float, float, float]]]) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for label, box in boxes:
+        out.setdefault(label, []).append(box)
+    return out
 
 
 def _box_union(boxes: Sequence[tuple[float, float, float, float]]) -> np.ndarray:
