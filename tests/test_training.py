@@ -7,6 +7,7 @@ import base64
 import dataclasses
 import io
 import json
+import logging
 import signal
 import threading
 import time
@@ -554,6 +555,16 @@ REGIONS_CONFIG = """<View><Image name="image" value="$image"/>
   <RectangleLabels name="boxes" toName="image"><Label value="bird"/><Label value="cat"/></RectangleLabels>
   <PolygonLabels name="outlines" toName="image"><Label value="bird"/><Label value="cat"/></PolygonLabels>
 </View>"""
+
+
+def test_fetching_stops_at_its_share_of_the_time_limit_and_keeps_what_it_has(make_settings, caplog):
+    settings = make_settings()
+    predictor = Predictor(settings, load_clip(settings))
+    corrections = [Correction(i, _photo_uri((96, 64)), {}) for i in range(3)]
+    assert [c.task_id for c in fetch_images(predictor, corrections, with_masks=False, seconds=60)] == [0, 1, 2]
+    with caplog.at_level(logging.WARNING, logger="worker.training.corrections"):
+        assert fetch_images(predictor, corrections, with_masks=False, seconds=0) == []
+    assert "0 of 3 corrections fetched, 0 usable; the rest wait for the next run" in caplog.text
 
 
 def test_polygons_are_masks_and_boxes_are_weak_labels(make_settings):

@@ -40,6 +40,7 @@ from worker.checkpoints import carry_over, write_adapter
 from worker.model.adapter import FewShot, RegionPrototypes, TipAdapter
 from worker.predictor import Predictor
 from worker.training.corrections import (
+    FETCH_SHARE,
     MASK_LABELS,
     Correction,
     fetch_images,
@@ -441,7 +442,8 @@ def run_adaptation(
     corrections = newest(corrections, limit)
     names = mask_labels(job.brushes, job.regions)
     if len(corrections) >= settings.adapt_min_corrections:  # else no image is worth fetching
-        corrections = fetch_images(active, corrections, with_masks=bool(names), should_stop=should_stop)
+        corrections = fetch_images(active, corrections, with_masks=bool(names), should_stop=should_stop,
+                                   seconds=FETCH_SHARE * settings.job_timeout)  # fmt: skip
     if len(corrections) < settings.adapt_min_corrections:
         reason = (f"{len(corrections)} usable corrections; "
                   f"the few-shot learner starts at {settings.adapt_min_corrections}")  # fmt: skip

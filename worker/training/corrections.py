@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,9 @@ from worker.training.loop import ShouldStop, check_stop
 
 log = logging.getLogger(__name__)
 
+#: The share of its job's time limit a run may spend fetching images: a slow image host costs the
+#: run the images not fetched in time, not the run itself (its job timing out before it learns).
+FETCH_SHARE = 0.5
 #: A correction's mask is uint8: 0 no label, 1-254 its labels, 255 unknown (also the pixels of a
 #: label past the 254th, which it cannot hold).
 MASK_LABELS, UNKNOWN_PIXEL = 254, 255
@@ -191,16 +195,24 @@ def split(corrections: list[Correction], fraction: float) -> Split:
 
 
 def fetch_images(
-    predictor: Predictor, corrections: list[Correction], with_masks: bool, should_stop: ShouldStop | None = None
-) -> list[Correction]:
+    predictor: Predictor, corrections: list[Correction], with_masks: bool, should_stop: ShouldStop | None = None,
+    seconds: float | None = None,
+) -> list[Correction]:  # fmt: skip
     """Attach decoded images at training size (short side at most IMAGE_SIZE: a project of phone
     photos stays a few hundred kB per task); drop tasks whose image cannot be had (logged); a
     project with BrushLabels or PolygonLabels reads "no region" as "nothing to label here" (and a
-    corrected box's uncovered pixels as unknown)."""
+    corrected box's uncovered pixels as unknown). After ``seconds`` (when given) no more images
+    are fetched: the run goes on with those it has (logged)."""
     settings = predictor.settings
     kept = []
-    for correction in corrections:
+    started = time.monotonic()
+    for done, correction in enumerate(corrections):
         check_stop(should_stop, "while fetching images")
+        if seconds is not None and time.monotonic() - started >= seconds:
+            log.warning("fetching stopped after %.0f s, its share of the job's time limit: %d of %d corrections "
+                        "fetched, %d usable; the rest wait for the next run", time.monotonic() - started, done,
+                        len(corrections), len(kept))  # fmt: skip
+            break
         if correction.image_url is None:
             continue
         try:

@@ -28,7 +28,14 @@ from worker.predictor import Predictor
 from worker.progress import thin
 from worker.training.adapt import fit_adapter, fitted_config, newest, project_labels
 from worker.training.clipself import CLIPSelfConfig, train_clipself
-from worker.training.corrections import Correction, fetch_images, mask_labels, pull_corrections, split
+from worker.training.corrections import (
+    FETCH_SHARE,
+    Correction,
+    fetch_images,
+    mask_labels,
+    pull_corrections,
+    split,
+)
 from worker.training.evaluate import judge
 from worker.training.loop import ShouldStop, check_stop
 from worker.training.zegclip import (
@@ -66,7 +73,8 @@ def run_training(
     limit = settings.train_max_corrections  # each held in memory with its image: bounded
     corrections = collect(settings, job.project, job.image_key, job.choices, job.brushes, job.regions, limit=limit)
     names = mask_labels(job.brushes, job.regions)  # what corrected masks (brush, polygons) can hold
-    corrections = fetch_images(base, corrections, with_masks=bool(names), should_stop=should_stop)
+    corrections = fetch_images(base, corrections, with_masks=bool(names), should_stop=should_stop,
+                               seconds=FETCH_SHARE * settings.train_timeout)  # fmt: skip
     if len(corrections) < settings.train_min_corrections:
         reason = f"{len(corrections)} usable corrections; training starts at {settings.train_min_corrections}"
         log.info("project %s: not training: %s", job.project, reason)
