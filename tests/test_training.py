@@ -401,7 +401,11 @@ def test_a_cancel_is_honoured_at_every_stage(trainer, stage):
 def test_too_few_corrections_train_nothing(trainer):
     settings, base, registry = trainer
     job = dataclasses.replace(JOB, model_version=settings.model_version)
-    summary = run_training(base, base, registry, job, _noop, lambda: False, collect=lambda *a: _corrections(*a)[:2])
+
+    def two(*args, **kwargs) -> list[Correction]:
+        return _corrections(*args, **kwargs)[:2]
+
+    summary = run_training(base, base, registry, job, _noop, lambda: False, collect=two)
     assert summary["status"] == "skipped" and "training starts at 4" in summary["reason"]
 
 
