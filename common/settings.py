@@ -188,6 +188,12 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()} must be a positive number.")
+        for learner in ("train", "adapt"):
+            least, most = getattr(self, f"{learner}_min_corrections"), getattr(self, f"{learner}_max_corrections")
+            if least > most:
+                name = learner.upper()
+                raise SettingsError(f"{name}_MIN_CORRECTIONS={least} is over {name}_MAX_CORRECTIONS={most}: "
+                                    "it would never run.")  # fmt: skip
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:

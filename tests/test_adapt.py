@@ -491,7 +491,7 @@ def test_a_learner_never_undoes_a_version_promoted_while_it_ran(adapter_setup):
 
 def test_too_few_corrections_fit_nothing_and_fetch_no_image(adapter_setup):
     settings, base, registry = adapter_setup
-    settings = dataclasses.replace(settings, adapt_min_corrections=1000)
+    settings = dataclasses.replace(settings, adapt_min_corrections=1000, adapt_max_corrections=1000)
     summary = run_adaptation(Predictor(settings, base.bundle), registry, JOB, lambda *a: None, lambda: False,
                              collect=_corrections)  # fmt: skip
     assert summary["status"] == "skipped" and "starts at 1000" in summary["reason"]

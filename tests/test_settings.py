@@ -54,6 +54,8 @@ def test_environment_names_and_types():
         ({"FETCH_THREADS": "-2"}, r"FETCH_THREADS=-2 must be 0 \(automatic\) or positive"),
         ({"MAX_TASKS_PER_JOB": "0"}, "MAX_TASKS_PER_JOB must be a positive number"),
         ({"MAX_LABELS": "-5"}, "MAX_LABELS must be a positive number"),
+        ({"TRAIN_MIN_CORRECTIONS": "3000"}, "TRAIN_MIN_CORRECTIONS=3000 is over TRAIN_MAX_CORRECTIONS=2000"),
+        ({"ADAPT_MAX_CORRECTIONS": "5"}, "ADAPT_MIN_CORRECTIONS=10 is over ADAPT_MAX_CORRECTIONS=5"),
         ({"FETCH_RETRIES": "50"}, "FETCH_RETRIES=50 must be between 0"),
         ({"REQUESTS_CA_BUNDLE": "/nonexistent/ca.pem"}, "REQUESTS_CA_BUNDLE=/nonexistent/ca.pem is not a file"),
         ({"VERIFY_SSL": "perhaps"}, "VERIFY_SSL='perhaps' is not a valid bool"),

@@ -44,6 +44,7 @@ from tests.conftest import shared_data
 from worker import tasks
 from worker.cli import PrelabelWorker
 from worker.loading import load_clip
+from worker.model.zegclip import IGNORE, NO_CLASS
 from worker.predictor import Predictor
 from worker.progress import SHUTTING_DOWN, JobProgress, naming_shutdown
 from worker.provider import ModelProvider
@@ -58,7 +59,7 @@ from worker.training.corrections import (
 from worker.training.evaluate import GATED, evaluate, gate
 from worker.training.loop import TrainingCancelled
 from worker.training.run import run_training
-from worker.training.zegclip import schedule
+from worker.training.zegclip import TrainingSample, schedule, target_map
 
 PROJECT = {"id": 4, "created_at": "2026-11-23T06:15:25Z", "title": "photos", "label_config": ""}
 UID = "4.1795414525"
@@ -568,7 +569,7 @@ def test_fetching_stops_at_its_share_of_the_time_limit_and_keeps_what_it_has(mak
     assert [c.task_id for c in fetch_images(predictor, corrections, with_masks=False, seconds=60)] == [0, 1, 2]
     with caplog.at_level(logging.WARNING, logger="worker.training.corrections"):
         assert fetch_images(predictor, corrections, with_masks=False, seconds=0) == []
-    assert "0 of 3 corrections fetched, 0 usable; the rest wait for the next run" in caplog.text
+    assert "0 of 3 corrections fetched (the newest), 0 usable; the older ones are left out" in caplog.text
 
 
 def test_polygons_are_masks_and_boxes_are_weak_labels(make_settings):
@@ -615,6 +616,10 @@ def test_a_label_past_the_254th_is_unknown_in_the_mask(make_settings):
                                  settings.max_image_pixels, settings.image_size, spec.regions)  # fmt: skip
     assert correction.mask is not None and set(np.unique(correction.mask).tolist()) == {0, 254, UNKNOWN_PIXEL}
     assert correction.mask[5, 5] == UNKNOWN_PIXEL and correction.mask[5, -5] == 0
+    assert len(correction.mask_labels) == 254  # what the mask can name: every reader's lookup fits
+    sample = TrainingSample(Image.new("RGB", (1, 1)), correction.mask, correction.mask_labels)
+    classes = [f"l{i}" for i in range(300)]
+    assert set(np.unique(target_map(sample, classes)).tolist()) == {NO_CLASS, 253, IGNORE}
 
 
 def test_boxes_steer_clipself_and_polygons_are_scored_as_masks(make_settings):

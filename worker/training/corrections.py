@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
+from rq.timeouts import BaseTimeoutException
 
 from common.errors import AnnotationError, ImageError
 from common.jobs import BrushControl, ChoicesControl, RegionControl, TaskId
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 #: run the images not fetched in time, not the run itself (its job timing out before it learns).
 FETCH_SHARE = 0.5
 #: A correction's mask is uint8: 0 no label, 1-254 its labels, 255 unknown (also the pixels of a
-#: label past the 254th, which it cannot hold).
+#: label past the 254th, which it cannot hold: such labels teach masks nothing).
 MASK_LABELS, UNKNOWN_PIXEL = 254, 255
 
 
@@ -96,7 +97,7 @@ def from_annotation(
     values = {label: min(k, UNKNOWN_PIXEL) for k, label in enumerate(labels, start=1)}
     tags = chosen(result)
     correction = Correction(task_id, image_url, tags={name: tags.get(name, set()) for name in choice_names},
-                            mask_labels=labels)  # fmt: skip
+                            mask_labels=labels[:MASK_LABELS])  # fmt: skip
     for item in regions_of(result, ("rectanglelabels", "brushlabels", "polygonlabels")):
         kind, name = item.get("type"), item.get("from_name")
         if kind == "rectanglelabels" and name in boxed:
@@ -162,6 +163,8 @@ def pull_corrections(
                                                    regions))  # fmt: skip
             except AnnotationError as e:
                 log.warning("task %s left out of training: %s", task["id"], e)
+            except BaseTimeoutException:
+                raise  # the job's time is up: not this task's fault
             except Exception:  # an input nobody foresaw costs this task, not the run
                 log.exception("task %s left out of training: unexpected error reading its annotation", task["id"])
     log.info("project %s: %d corrected tasks in Label Studio", project, len(corrections))
@@ -202,16 +205,16 @@ def fetch_images(
     photos stays a few hundred kB per task); drop tasks whose image cannot be had (logged); a
     project with BrushLabels or PolygonLabels reads "no region" as "nothing to label here" (and a
     corrected box's uncovered pixels as unknown). After ``seconds`` (when given) no more images
-    are fetched: the run goes on with those it has (logged)."""
+    are fetched: the run goes on with those it has (logged), the newest, as they are fetched first."""
     settings = predictor.settings
     kept = []
     started = time.monotonic()
-    for done, correction in enumerate(corrections):
+    for done, correction in enumerate(reversed(corrections)):  # newest first
         check_stop(should_stop, "while fetching images")
         if seconds is not None and time.monotonic() - started >= seconds:
             log.warning("fetching stopped after %.0f s, its share of the job's time limit: %d of %d corrections "
-                        "fetched, %d usable; the rest wait for the next run", time.monotonic() - started, done,
-                        len(corrections), len(kept))  # fmt: skip
+                        "fetched (the newest), %d usable; the older ones are left out of this run",
+                        time.monotonic() - started, done, len(corrections), len(kept))  # fmt: skip
             break
         if correction.image_url is None:
             continue
@@ -221,6 +224,8 @@ def fetch_images(
         except ImageError as e:
             log.warning("task %s left out of training: %s", correction.task_id, e)
             continue
+        except BaseTimeoutException:
+            raise  # the job's time is up: not this task's fault
         except Exception:  # an input nobody foresaw costs this task, not the run
             log.exception("task %s left out of training: unexpected error fetching its image", correction.task_id)
             continue
@@ -240,7 +245,7 @@ def fetch_images(
         if correction.mask is not None:
             mark_boxes_unknown(correction.mask, correction.boxes)
         kept.append(correction)
-    return kept
+    return kept[::-1]
 
 
 def mark_boxes_unknown(mask: np.ndarray, boxes: list[tuple[str, tuple[float, float, float, float]]]) -> None:
