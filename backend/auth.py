@@ -7,8 +7,8 @@ import hmac
 
 from flask import Request, Response, jsonify
 
+from backend.routes import parsed_json
 from backend.webhook_secret import SECRET_HEADER, project_secret, secret_project
-from common.errors import BadRequest
 from common.settings import Settings
 
 #: Label Studio calls /health without credentials when listing backends; it reveals nothing secret.
@@ -62,10 +62,7 @@ def _webhook_secret_matches(request: Request, secret: str) -> bool:
     claimed = secret_project(given)
     if claimed is None or not _same(given, project_secret(secret, claimed)):
         return False
-    try:
-        body = request.get_json(silent=True)
-    except RecursionError:  # escapes Flask's ``silent``
-        raise BadRequest("The request body is nested too deeply.") from None
+    body = parsed_json(request)
     project = body.get("project") if isinstance(body, dict) else None
     pid = project.get("id") if isinstance(project, dict) else None
     return isinstance(pid, int) and not isinstance(pid, bool) and pid == claimed

@@ -13,24 +13,24 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from flask import request
+from flask import Request, request
 
 from common.errors import BadRequest, NotFound
 from common.projects import project_uid
 
 
 def json_body() -> dict[str, Any]:
-    body = parsed_json()
+    body = parsed_json(request)
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.")
     return body
 
 
-def parsed_json() -> Any:
+def parsed_json(source: Request) -> Any:
     """The request's JSON, or None when it is not JSON; a body nested too deeply for the parser
     (its RecursionError escapes Flask's ``silent``) is a bad request too."""
     try:
-        return request.get_json(silent=True)
+        return source.get_json(silent=True)
     except RecursionError:
         raise BadRequest("The request body is nested too deeply.") from None
 

@@ -94,7 +94,7 @@ def from_annotation(
     painted |= {r.from_name: r.type for r in regions if r.type == "polygonlabels"}
     boxed = {r.from_name: {label.name for label in r.labels} for r in regions if r.type == "rectanglelabels"}
     labels = mask_labels(brushes, regions)
-    values = {label: min(k, UNKNOWN_PIXEL) for k, label in enumerate(labels, start=1)}
+    values = {label: k if k <= MASK_LABELS else UNKNOWN_PIXEL for k, label in enumerate(labels, start=1)}
     tags = chosen(result)
     correction = Correction(task_id, image_url, tags={name: tags.get(name, set()) for name in choice_names},
                             mask_labels=labels[:MASK_LABELS])  # fmt: skip
