@@ -258,6 +258,21 @@ def test_prototypes_draw_the_masks_text_cannot_and_are_fitted_left_out():
     assert prototypes.prototypes.argmax(dim=1).tolist() == [0, 1] and int(prototypes.background.argmax()) == 2
 
 
+def test_left_out_masks_are_judged_per_image_so_a_small_region_counts_as_much_as_a_large_one():
+    # text alone draws "a" exactly where it covers half an image, and misses it where it is one
+    # patch that looks like the background: IoU 1 and 0, so 0.5 (summed over images: 8/9)
+    text, background = torch.eye(8)[[0]], torch.eye(8)[[5]]
+    large = torch.full((16,), NO_LABEL)
+    large[:8] = 0
+    small = torch.full((16,), NO_LABEL)
+    small[0] = 0
+    samples = [RegionSample(torch.eye(8)[torch.where(large == 0, 0, 5)], large),
+               RegionSample(torch.eye(8)[[5] * 16], small)]  # fmt: skip
+    _, scores = fit_prototypes(samples, text, background, ["a"], "clearclip")
+    assert scores[0.0] == pytest.approx(0.5)
+    assert set(scores) == set(adapt.GAMMAS) == {0.0, 1.0}  # text alone, or the prototype alone
+
+
 def test_prototypes_serve_only_the_features_and_labels_they_were_fitted_on():
     regions = RegionPrototypes(("cat",), torch.eye(4)[:1], None, 0.5, ("cat", "dog"), "clearclip+sliding")
     assert regions.serves("clearclip+sliding", ["cat", "dog"]) and regions.serves("clearclip+sliding", ["dog"])
@@ -461,7 +476,10 @@ def test_the_few_shot_learner_learns_a_project_s_masks_from_its_corrected_region
         return [m.rle for result in results for m in result.masks]
 
     assert base.settings.dense_pamr == "auto"
-    learnt = base.with_few_shot(fitted.few_shot)
+    # half text, half prototype: masks with a boundary for PAMR to move (the fitted prototypes alone
+    # draw these two-colour images exactly, with or without it)
+    blurred = dataclasses.replace(fitted.few_shot.prototypes, gamma=0.5)
+    learnt = base.with_few_shot(dataclasses.replace(fitted.few_shot, prototypes=blurred))
     assert rles(learnt) == rles(learnt.for_project({"DENSE_PAMR": "true"}))
     assert rles(learnt) != rles(learnt.for_project({"DENSE_PAMR": "false"}))
 

@@ -64,7 +64,8 @@ class RegionPrototypes:
     labels: tuple[str, ...]
     prototypes: Tensor  # [L, E] normalised mean dense feature of each label's corrected regions
     background: Tensor | None  # [E] normalised mean feature of corrected "no label" pixels
-    gamma: float  # weight of the prototype in a label's blended embedding, in (0, 1]
+    gamma: float  # weight of the prototype in a label's blended embedding, in (0, 1]: 1 (the prototype alone)
+    #               as fitted now; versions fitted before 2026-12-07 may hold 0.25-0.75
     painted: tuple[str, ...]  # every label the corrected masks could hold when they were fitted
     features: str  # the dense features they are means of (``dense_kind``): others are another space
 

@@ -8,8 +8,8 @@ When corrections arrive (the annotation webhook), an ``adapt`` job:
 3. scores and embeds the other corrections with the active version, and fits on them one tag
    threshold per label (inside the gap between the tasks that hold it and those that do not) and
    the few-shot adapter's blend (``alpha``, ``beta``; ``alpha`` 0 is no cache), judged on tasks
-   neither saw; with corrected masks and no ZegCLIP head, also the region prototypes' weight
-   (``gamma``; 0 is none) that draws their masks best;
+   neither saw; with corrected masks and no ZegCLIP head, also the region prototypes, kept when
+   they draw the corrected masks better than text alone, each image left out in turn;
 4. measures the candidate and the active version on the held-out corrections and promotes the
    candidate only through the gate training runs use, and only when it is better on some metric
    (each promotion makes Label Studio predict the project's tasks again).
@@ -70,8 +70,11 @@ FOLDS, CACHE_MARGIN, CACHE_MARGIN_SHARE, CACHE_P = 5, 3, 0.05, 0.01
 GRID = 201
 #: The most cells an array of a threshold fit holds (float64: 8 MB; a few exist at once).
 CELLS = 1 << 20
-#: The weights of a label's region prototype tried against its text embedding (0: text only).
-GAMMAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: A label's region prototype replaces its text embedding in the masks (gamma 1), kept only when
+#: that draws the corrected masks better than text alone (gamma 0). Intermediate weights chosen on
+#: the corrected masks chased noise: on the toy world's colour projects each was worse on held-out
+#: images than the prototype alone (docs/algorithms.md section 6).
+GAMMAS = (0.0, 1.0)
 #: A patch's target in ``RegionSample``: no label applies; nothing is known.
 NO_LABEL, UNKNOWN = -1, -2
 #: Corrected masks the region prototypes are fitted on (the newest tasks): their dense features
@@ -326,11 +329,12 @@ def _masks_iou(
     samples: Sequence[RegionSample], sums: Tensor, counts: Tensor, text: Tensor, background: Tensor,
     names: Sequence[str], gamma: float,
 ) -> float:  # fmt: skip
-    """Mean IoU over labels of the patch maps drawn with each sample's labels (the ones it holds, as
-    when its tags are right), every sample's prototypes made from the other samples only and
+    """Mean IoU of the patch maps drawn with each sample's labels (the ones it holds, as when its
+    tags are right), per image and label as the service's masks are judged (a small region counts
+    as much as a large one), every sample's prototypes made from the other samples only and
     blended as the predictor blends them."""
     n_labels = text.shape[0]
-    inter, union = torch.zeros(n_labels), torch.zeros(n_labels)
+    ious: list[float] = []
     total, total_counts = sums.sum(dim=0), counts.sum(dim=0)
     for i, sample in enumerate(samples):
         present = torch.nonzero(counts[i, :n_labels]).flatten().tolist()
@@ -345,18 +349,17 @@ def _masks_iou(
         known_patch = sample.target != UNKNOWN
         for j, label in enumerate(present):
             predicted, truth = (best == j) & known_patch, sample.target == label
-            inter[label] += (predicted & truth).sum()
-            union[label] += (predicted | truth).sum()
-    seen = union > 0
-    return float((inter[seen] / union[seen]).mean()) if seen.any() else 0.0
+            ious.append(float((predicted & truth).sum() / (predicted | truth).sum()))  # truth: >= 1 patch
+    return sum(ious) / len(ious) if ious else 0.0
 
 
 def fit_prototypes(
     samples: Sequence[RegionSample], text: Tensor, background: Tensor, names: Sequence[str], features: str
 ) -> tuple[RegionPrototypes | None, dict[float, float]]:
     """The region prototypes of ``names`` (text embeddings ``text`` [L, E], competing with the
-    background words' ``background`` [B, E]) at the weight that draws the samples' masks best,
-    each left out in turn, and that mIoU per weight tried; None when text alone is as good.
+    background words' ``background`` [B, E]) when they draw the samples' masks better than text
+    alone, each sample left out in turn, and that mean IoU per weight tried (``GAMMAS``); None
+    when text alone is as good.
     ``features`` names the dense features the samples hold (``dense_kind``)."""
     if not samples:
         return None, {}
