@@ -42,7 +42,7 @@ import platform
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -385,19 +385,40 @@ def small_label_sets(
                          f"not {len(pool)}")  # fmt: skip
     if not set(active_ks) <= set(ks):
         raise ValueError(f"each K of {tuple(active_ks)} (least confident) must also be run at random: {tuple(ks)}")
-    rng = np.random.default_rng(seed)
     prepared = list(predictor.prepare([s.image for s in held_out]))
+    out: dict = {}
+    for corrected, pool_results, random_order in corrected_projects(predictor, pool, seed, kinds):
+        kind, labels = corrected.kind, corrected.labels
+        figures = {"before": project_figures(predictor, held_out, prepared, kind, labels)}
+        sweep = tag_sweep(pool, pool_results, kind, labels)
+        unsure_first = np.argsort([r.score for r in pool_results], kind="stable")
+        for k in ks:
+            figures[f"after {k}"] = after_corrections(predictor, corrected, random_order[:k], held_out, prepared,
+                                                      tags_alone=k <= TAGS_ALONE_UP_TO)  # fmt: skip
+        for k in active_ks:
+            active = after_corrections(predictor, corrected, unsure_first[:k], held_out, prepared, tags_alone=False)
+            gain = {m: active[m] - figures[f"after {k}"][m] for m in GAIN_METRICS}  # paired: same seed and labels
+            figures[f"least confident {k}"] = {**active, "gain_over_random": gain}
+        out[f"{kind} x{len(labels)}"] = {**figures, "labels": list(labels), "best_min_score": max(sweep, key=sweep.get)}
+    return {**out, "dense_head": predictor.settings.dense_head, "tag_scores": predictor.settings.tag_scores,
+            "dense_pamr": predictor.settings.dense_pamr}  # fmt: skip
+
+
+def corrected_projects(
+    predictor: Predictor, pool: Sequence[Scene], seed: int, kinds: Sequence[str] = tuple(KINDS)
+) -> Iterator[tuple[CorrectedPool, list[TaskResult], np.ndarray]]:
+    """Section 3's projects of ``seed`` (labels drawn at random, seeded): each as the few-shot
+    learner reads its pool scenes once corrected, the service's pre-labels of those scenes (as Label
+    Studio gets them, before any correction) and the random order an annotator corrects them in."""
+    rng = np.random.default_rng(seed)
     pool_prepared = list(predictor.prepare([s.image for s in pool]))
     pool_features = predictor.region_features(pool_prepared)
-    out: dict = {}
     for kind, names in KINDS.items():
         if kind not in kinds:  # its labels are drawn last: the others' stay the same
             continue
         for n in SMALL_SETS:
             labels = tuple(str(name) for name in rng.choice(names, n, replace=False))
-            figures = {"before": project_figures(predictor, held_out, prepared, kind, labels)}
-            pool_results = _predict(predictor, pool_prepared, kind, labels, masks=True)  # as Label Studio gets them
-            sweep = tag_sweep(pool, pool_results, kind, labels)
+            pool_results = _predict(predictor, pool_prepared, kind, labels, masks=True)
             project = [ClassLabel(x, (x,)) for x in labels]
             with torch.inference_mode():
                 scores, embeddings = predictor.label_scores(pool_prepared, project)
@@ -408,18 +429,7 @@ def small_label_sets(
                 regions=[_region_sample(s, kind, labels, *f) for s, f in zip(pool, pool_features, strict=True)],
                 text=text, background=background,
             )  # fmt: skip
-            random_order = rng.permutation(len(pool))
-            unsure_first = np.argsort([r.score for r in pool_results], kind="stable")
-            for k in ks:
-                figures[f"after {k}"] = after_corrections(predictor, corrected, random_order[:k], held_out, prepared,
-                                                          tags_alone=k <= TAGS_ALONE_UP_TO)  # fmt: skip
-            for k in active_ks:
-                active = after_corrections(predictor, corrected, unsure_first[:k], held_out, prepared, tags_alone=False)
-                gain = {m: active[m] - figures[f"after {k}"][m] for m in GAIN_METRICS}  # paired: same seed and labels
-                figures[f"least confident {k}"] = {**active, "gain_over_random": gain}
-            out[f"{kind} x{n}"] = {**figures, "labels": list(labels), "best_min_score": max(sweep, key=sweep.get)}
-    return {**out, "dense_head": predictor.settings.dense_head, "tag_scores": predictor.settings.tag_scores,
-            "dense_pamr": predictor.settings.dense_pamr}  # fmt: skip
+            yield corrected, pool_results, rng.permutation(len(pool))
 
 
 def _region_sample(scene: Scene, kind: str, labels: tuple[str, ...], features: torch.Tensor,

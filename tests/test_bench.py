@@ -23,6 +23,7 @@ from worker.model.selection import TagRule
 from worker.model.tagclip import TagCLIPConfig
 from worker.model.text import TextEmbedder
 from worker.predictor import Predictor
+from worker.training import adapt
 
 
 def test_mean_average_precision_on_known_rankings():
@@ -186,6 +187,29 @@ def test_working_size_benchmark_smoke_run(tiny_checkpoint):
     rows = {row for row, _ in figures}
     assert {"64: maskclip + tags", "96: maskclip sliding + tags", "96: naclip sliding + tags", "96: seconds"} <= rows
     assert all(len(v) == 1 and 0 <= v[0] <= 1 for (row, _), v in figures.items() if not row.endswith("seconds"))
+
+
+def test_region_weight_study_draws_every_weight_and_reports_the_learner_s_pick(tiny_checkpoint):
+    from bench import region_weight
+
+    settings = Settings(model_checkpoint=str(tiny_checkpoint), device="cpu", image_size=quality.SIZE,
+                        background_words=quality.BACKGROUNDS, dense_head="maskclip", dense_pamr="auto")  # fmt: skip
+    bundle = load_clip(settings)
+    rows = region_weight.measure(Predictor(settings, bundle), seed=0, n_held_out=6, n_pool=12, ks=(2, 4),
+                                 active_ks=(2,))  # fmt: skip
+    assert [(r["project"], r["chosen"], r["k"]) for r in rows][:3] == [
+        ("colour x1", "random", 2),
+        ("colour x1", "random", 4),
+        ("colour x1", "least confident", 2),
+    ]
+    assert {r["project"] for r in rows} == {"colour x1", "colour x2", "colour x3", "colour x5"}
+    for row in rows:
+        assert set(row["held_out"]) == set(region_weight.WEIGHTS) and row["picked"] in region_weight.WEIGHTS
+        assert set(row["left_out"]) == set(adapt.GAMMAS)
+        for f in row["held_out"].values():  # no IoU (NaN) where six scenes show none of the labels
+            assert (math.isnan(f["mask_iou"]) or 0 <= f["mask_iou"] <= 1) and 0 <= f["accepted"] <= 1
+    lines = region_weight.table(rows)
+    assert lines[0].startswith("| project | fits | picked | gamma 0.0 |") and lines[-1].startswith("| all | 12 |")
 
 
 def test_pamr_benchmark_smoke_run(tiny_checkpoint):

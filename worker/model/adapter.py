@@ -54,8 +54,9 @@ class TipAdapter:
 class RegionPrototypes:
     """Masks from a project's corrected regions: each label's prototype (the mean dense feature of
     the patches annotators painted with it) is blended into its text embedding,
-    ``normalize((1 - gamma) * text + gamma * prototype)``, and the mean feature of the patches they
-    left unlabelled competes beside the background words, so pixels like those stay unlabelled.
+    ``normalize((1 - gamma) * text + gamma * prototype)`` (the learner fits gamma 1: the prototype
+    alone), and the mean feature of the patches they left unlabelled competes beside the background
+    words, so pixels like those stay unlabelled.
 
     The same idea as Tip-Adapter's cache, for pixels: nothing trains, the prototypes are the
     corrections themselves (prototype classifiers of this kind are how few-shot segmentation
@@ -64,8 +65,7 @@ class RegionPrototypes:
     labels: tuple[str, ...]
     prototypes: Tensor  # [L, E] normalised mean dense feature of each label's corrected regions
     background: Tensor | None  # [E] normalised mean feature of corrected "no label" pixels
-    gamma: float  # weight of the prototype in a label's blended embedding, in (0, 1]: 1 (the prototype alone)
-    #               as fitted now; versions fitted before 2026-12-07 may hold 0.25-0.75
+    gamma: float  # weight of the prototype in a label's embedding, in (0, 1] (earlier versions: 0.25-0.75)
     painted: tuple[str, ...]  # every label the corrected masks could hold when they were fitted
     features: str  # the dense features they are means of (``dense_kind``): others are another space
 

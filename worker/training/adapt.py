@@ -366,10 +366,19 @@ def fit_prototypes(
     sums, counts = _region_sums(samples, len(names))
     scores = {gamma: _masks_iou(samples, sums, counts, text, background, names, gamma) for gamma in GAMMAS}
     gamma = max(GAMMAS, key=lambda g: (scores[g], -g))  # the plainest among ties
+    return (region_prototypes(samples, names, gamma, features) if gamma > 0 else None), scores
+
+
+def region_prototypes(
+    samples: Sequence[RegionSample], names: Sequence[str], gamma: float, features: str
+) -> RegionPrototypes | None:
+    """The prototypes of ``names`` made from every sample, at weight ``gamma`` (in (0, 1]);
+    None when no sample holds a patch of any of them."""
+    sums, counts = _region_sums(samples, len(names))
     total_counts = counts.sum(dim=0)
-    if gamma == 0 or not total_counts[: len(names)].any():
-        return None, scores
-    return _prototypes(sums.sum(dim=0), total_counts, names, gamma, features), scores
+    if not total_counts[: len(names)].any():
+        return None
+    return _prototypes(sums.sum(dim=0), total_counts, names, gamma, features)
 
 
 def _prototypes(sums: Tensor, counts: Tensor, names: Sequence[str], gamma: float, features: str) -> RegionPrototypes:
