@@ -65,7 +65,7 @@ class RegionPrototypes:
     labels: tuple[str, ...]
     prototypes: Tensor  # [L, E] normalised mean dense feature of each label's corrected regions
     background: Tensor | None  # [E] normalised mean feature of corrected "no label" pixels
-    gamma: float  # weight of the prototype in a label's embedding, in (0, 1] (earlier versions: 0.25-0.75)
+    gamma: float  # weight of the prototype in a label's embedding, in (0, 1] (fitted now: 1; earlier versions: 0.25-1)
     painted: tuple[str, ...]  # every label the corrected masks could hold when they were fitted
     features: str  # the dense features they are means of (``dense_kind``): others are another space
 
