@@ -333,8 +333,7 @@ def _masks_iou(
     """Mean IoU of the patch maps drawn with each sample's labels (the ones it holds, as when its
     tags are right), per image and label as an annotator meets them (a small region counts as
     much as a large one; accepted unchanged is decided image by image), every sample's prototypes
-    made from the other samples only and
-    blended as the predictor blends them."""
+    made from the other samples only and blended as the predictor blends them."""
     n_labels = text.shape[0]
     ious: list[float] = []
     total, total_counts = sums.sum(dim=0), counts.sum(dim=0)
@@ -368,7 +367,7 @@ def fit_prototypes(
     sums, counts = _region_sums(samples, len(names))
     scores = {gamma: _masks_iou(samples, sums, counts, text, background, names, gamma) for gamma in GAMMAS}
     gamma = max(GAMMAS, key=lambda g: (scores[g], -g))  # the plainest among ties
-    return (region_prototypes(samples, names, gamma, features) if gamma > 0 else None), scores
+    return (_summed_prototypes(sums, counts, names, gamma, features) if gamma > 0 else None), scores
 
 
 def region_prototypes(
@@ -376,7 +375,13 @@ def region_prototypes(
 ) -> RegionPrototypes | None:
     """The prototypes of ``names`` made from every sample, at weight ``gamma`` (in (0, 1]);
     None when no sample holds a patch of any of them."""
-    sums, counts = _region_sums(samples, len(names))
+    return _summed_prototypes(*_region_sums(samples, len(names)), names, gamma, features)
+
+
+def _summed_prototypes(
+    sums: Tensor, counts: Tensor, names: Sequence[str], gamma: float, features: str
+) -> RegionPrototypes | None:
+    """``region_prototypes`` from the samples' ``_region_sums``."""
     total_counts = counts.sum(dim=0)
     if not total_counts[: len(names)].any():
         return None
